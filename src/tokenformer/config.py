@@ -1,0 +1,174 @@
+"""One configuration dataclass for every TokenFormer language model, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .pattention import NORMS
+
+PROJECTIONS = ("pattention", "linear")
+TOKEN_KINDS = ("qkv", "proj", "ffn")
+
+
+@dataclass
+class TokenformerConfig:
+    """Architecture of a TokenFormer LM (or, with ``projection="linear"``, its Transformer twin).
+
+    ``qkv_tokens``, ``proj_tokens`` and ``ffn_tokens`` are the parameter-token counts of the
+    query/key/value, output-projection and feed-forward Pattentions. With ``projection="linear"``
+    Q/K/V/O are bias-free ``nn.Linear(d_model, d_model)`` and ``ffn_tokens`` is the hidden width of
+    a Linear-GELU-Linear MLP. ``layer_tokens`` overrides the counts per layer after a growth that
+    touched only some layers (``None``: every layer uses the three fields).
+    """
+
+    vocab_size: int = 50304
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    qkv_tokens: int = 768
+    proj_tokens: int = 768
+    ffn_tokens: int = 3072
+    max_seq_len: int = 2048
+    rotary_pct: float = 0.25
+    rope_base: float = 10000.0
+    norm: str = "l2_norm_gelu"
+    projection: str = "pattention"
+    layernorm_eps: float = 1e-5
+    init_std: float = 0.02
+    layer_tokens: Optional[list[dict[str, int]]] = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "qkv_tokens", "proj_tokens", "ffn_tokens", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"config field n_heads={self.n_heads} must divide d_model={self.d_model}; "
+                f"allowed: a divisor of {self.d_model}"
+            )
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"config field rotary_pct must lie in [0, 1], got {self.rotary_pct!r}")
+        if self.rotary_dims % 2:
+            raise ValueError(
+                f"rotary dims must be even: rotary_pct={self.rotary_pct} of head_dim={self.head_dim} "
+                f"gives {self.rotary_dims}; choose rotary_pct so that head_dim * rotary_pct is even"
+            )
+        if self.rope_base <= 0:
+            raise ValueError(f"config field rope_base must be positive, got {self.rope_base!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"config field norm={self.norm!r} is unknown; allowed: {', '.join(NORMS)}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(
+                f"config field projection={self.projection!r} is unknown; allowed: {', '.join(PROJECTIONS)}"
+            )
+        if self.layer_tokens is not None:
+            if len(self.layer_tokens) != self.n_layers:
+                raise ValueError(
+                    f"config field layer_tokens has {len(self.layer_tokens)} entries; it needs one per layer "
+                    f"(n_layers={self.n_layers}) or None"
+                )
+            for i, counts in enumerate(self.layer_tokens):
+                if sorted(counts) != sorted(TOKEN_KINDS) or any(not isinstance(v, int) or v < 1 for v in counts.values()):
+                    raise ValueError(
+                        f"config field layer_tokens[{i}]={counts!r} must map each of {TOKEN_KINDS} to a positive integer"
+                    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def value_init_std(self) -> float:
+        """GPT-NeoX's "wang init" std for layers that write into the residual stream."""
+        return 2.0 / (self.n_layers * math.sqrt(self.d_model))
+
+    def tokens(self, layer: int) -> dict[str, int]:
+        """Parameter-token counts of one layer: ``{"qkv": .., "proj": .., "ffn": ..}``."""
+        if self.layer_tokens is not None:
+            return dict(self.layer_tokens[layer])
+        return {"qkv": self.qkv_tokens, "proj": self.proj_tokens, "ffn": self.ffn_tokens}
+
+    def replace(self, **changes: Any) -> "TokenformerConfig":
+        return dataclasses.replace(self, **changes)
+
+    def parameter_matched_linear(self) -> "TokenformerConfig":
+        """The ``projection="linear"`` Transformer with (almost) the same non-embedding parameters.
+
+        A Pattention block holds ``2d(3q + p + f)`` weights, a linear block ``4d^2 + 2dh``;
+        the MLP hidden width ``h`` absorbs the difference (``6d`` for the released shapes).
+        """
+        if self.layer_tokens is not None:
+            raise ValueError("parameter_matched_linear needs uniform token counts (layer_tokens=None)")
+        hidden = 3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens - 2 * self.d_model
+        if hidden < 1:
+            raise ValueError(f"token counts too small to match with a linear block of d_model={self.d_model}")
+        return self.replace(projection="linear", ffn_tokens=hidden)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TokenformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TokenformerConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TokenformerConfig":
+        key = name.lower()
+        if key not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+        return cls(**{**_PRESETS[key], **overrides})
+
+
+def _released(n_layers: int, d: int, n_heads: int) -> dict[str, Any]:
+    return dict(n_layers=n_layers, d_model=d, n_heads=n_heads, qkv_tokens=d, proj_tokens=d, ffn_tokens=4 * d)
+
+
+def _paper_path(qkv: int) -> dict[str, Any]:
+    # The paper's OpenWebText scaling path: 12 layers, d 768, seq 1024, ffn tokens = 4 x qkv tokens.
+    return dict(n_layers=12, d_model=768, n_heads=12, qkv_tokens=qkv, proj_tokens=qkv, ffn_tokens=4 * qkv, max_seq_len=1024)
+
+
+def _cpu(n_layers: int, d: int, n_heads: int) -> dict[str, Any]:
+    return dict(_released(n_layers, d, n_heads), vocab_size=8192, max_seq_len=256)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Released Pile models (GPT-NeoX-20B tokenizer, embedding padded to 50304, seq 2048).
+    "150M": _released(12, 768, 12),
+    "450M": _released(24, 1024, 16),
+    "900M": _released(32, 1280, 16),
+    "1.5B": _released(40, 1536, 16),
+    # The paper's incremental-scaling path 124M -> 354M -> 757M -> 1.4B.
+    "paper-124M": _paper_path(576),
+    "paper-354M": _paper_path(2140),
+    "paper-757M": _paper_path(4872),
+    "paper-1.4B": _paper_path(9232),
+    # Small sizes that train on a laptop CPU (~0.3M, ~1M, ~5M non-embedding parameters).
+    "cpu-0.3M": _cpu(5, 64, 4),
+    "cpu-1M": _cpu(4, 128, 4),
+    "cpu-5M": _cpu(5, 256, 8),
+}
+_PRESETS = {name.lower(): values for name, values in PRESETS.items()}

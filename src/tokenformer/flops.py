@@ -1,0 +1,50 @@
+"""Parameter and FLOP accounting from the config alone (no model is built).
+
+FLOPs count matrix multiplications (2 per multiply-add), the convention of Kaplan et al. and
+PaLM: a weight matrix costs ``2 * params`` per token forward; the tied output head costs
+``2 * d * vocab``; token-token attention costs ``2 * 2 * seq_len * d`` per token per layer
+(``QK^T`` and ``AV`` over the full context, not halved for the causal mask, as in PaLM's MFU).
+Backward costs twice the forward, so training is 3x forward. The Pattention normalisation and
+GeLU are elementwise and not counted.
+"""
+
+from __future__ import annotations
+
+from .config import TokenformerConfig
+
+
+def _block_weights(config: TokenformerConfig, layer: int) -> int:
+    d = config.d_model
+    tokens = config.tokens(layer)
+    if config.projection == "pattention":
+        # Each Pattention holds n keys of width d and n values of width d.
+        return 2 * d * (3 * tokens["qkv"] + tokens["proj"] + tokens["ffn"])
+    return 4 * d * d + 2 * d * tokens["ffn"]
+
+
+def count_parameters(config: TokenformerConfig, non_embedding: bool = False) -> int:
+    """Trainable parameters; ``non_embedding`` leaves out the (tied) word embedding."""
+    blocks = sum(_block_weights(config, i) for i in range(config.n_layers))
+    final_norm = 2 * config.d_model
+    embedding = 0 if non_embedding else config.vocab_size * config.d_model
+    return blocks + final_norm + embedding
+
+
+def forward_flops_per_token(config: TokenformerConfig, seq_len: int | None = None) -> int:
+    seq_len = config.max_seq_len if seq_len is None else seq_len
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    weights = sum(_block_weights(config, i) for i in range(config.n_layers))
+    head = config.d_model * config.vocab_size
+    attention = 2 * 2 * seq_len * config.d_model * config.n_layers
+    return 2 * (weights + head) + attention
+
+
+def training_flops_per_token(config: TokenformerConfig, seq_len: int | None = None) -> int:
+    """Forward + backward FLOPs per trained token."""
+    return 3 * forward_flops_per_token(config, seq_len)
+
+
+def training_flops(config: TokenformerConfig, tokens: int, seq_len: int | None = None) -> int:
+    """FLOPs to train ``config`` on ``tokens`` tokens of sequences of ``seq_len``."""
+    return tokens * training_flops_per_token(config, seq_len)

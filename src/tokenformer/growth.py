@@ -1,0 +1,279 @@
+"""Incremental scaling: append parameter tokens to a trained model without changing its function.
+
+Why zero keys preserve the function: a new token's score ``x . k_new`` is 0, ``GeLU(0) = 0``, and
+a zero adds nothing to the row norm of the scores, so every old score is normalised exactly as
+before -- provided ``tau`` stays at ``sqrt(n_old)``, which is why Pattention freezes it at
+creation. New *values* must be non-zero: with zero keys and zero values no gradient reaches
+either (a dead saddle).
+
+``softmax`` cannot be grown this way: ``exp(0 - max)`` is never 0, so zero-key tokens take
+probability mass from the old ones and every output changes.
+
+Growth resizes parameters in place (``param.data`` is replaced), so optimizer param groups,
+hooks and references stay valid; ``carry_optimizer_state`` pads the optimizer's moments.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from .config import TOKEN_KINDS
+from .model import MLP, TokenformerLM
+from .pattention import Pattention
+
+KEY_INITS = ("zeros", "random")
+
+
+@dataclass
+class GrownParameter:
+    """One parameter that grew along ``dim`` from ``old_size`` rows/columns."""
+
+    name: str
+    param: nn.Parameter
+    dim: int
+    old_size: int
+
+
+@dataclass
+class GrowthRecord:
+    """What one call of :func:`grow` changed."""
+
+    before: list[dict[str, int]]
+    after: list[dict[str, int]]
+    key_init: str
+    function_preserving: bool
+    grown: list[GrownParameter] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "before": self.before,
+            "after": self.after,
+            "key_init": self.key_init,
+            "function_preserving": self.function_preserving,
+        }
+
+
+def _modules_of_kind(block: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
+    if kind == "qkv":
+        return [(f"attention.{n}", getattr(block.attention, n)) for n in ("query", "key", "value")]
+    if kind == "proj":
+        return [("attention.proj", block.attention.proj)]
+    return [("mlp", block.mlp)]
+
+
+def _append_rows(param: nn.Parameter, new: torch.Tensor, dim: int) -> None:
+    param.data = torch.cat((param.data, new.to(param.dtype)), dim=dim)
+    if param.grad is not None:
+        param.grad = None
+
+
+def _grow_pattention(
+    layer: Pattention, num_tokens: int, key_init: str, value_std: float, generator: torch.Generator | None, name: str
+) -> list[GrownParameter]:
+    old = layer.num_tokens
+    extra = num_tokens - old
+    keys, values = layer.key_param_tokens, layer.value_param_tokens
+    new_keys = keys.new_zeros(extra, layer.in_features)
+    if key_init == "random":
+        new_keys.normal_(std=layer.key_std, generator=generator)
+    new_values = values.new_empty(extra, layer.out_features).normal_(std=value_std, generator=generator)
+    _append_rows(keys, new_keys, 0)
+    _append_rows(values, new_values, 0)
+    # tau is deliberately left at sqrt(n_old): see the module docstring.
+    return [
+        GrownParameter(f"{name}.key_param_tokens", keys, 0, old),
+        GrownParameter(f"{name}.value_param_tokens", values, 0, old),
+    ]
+
+
+def _grow_mlp(mlp: MLP, hidden: int, key_init: str, std: float, generator: torch.Generator | None, name: str) -> list[GrownParameter]:
+    # Net2Net-style widening: new hidden units get random incoming weights and zero outgoing
+    # weights, so the output is unchanged and both receive gradient.
+    old = mlp.fc1.out_features
+    extra = hidden - old
+    w1, w2 = mlp.fc1.weight, mlp.fc2.weight
+    _append_rows(w1, w1.new_empty(extra, w1.shape[1]).normal_(std=std, generator=generator), 0)
+    outgoing = w2.new_zeros(w2.shape[0], extra)
+    if key_init == "random":
+        outgoing.normal_(std=std, generator=generator)
+    _append_rows(w2, outgoing, 1)
+    mlp.fc1.out_features = mlp.fc2.in_features = hidden
+    return [GrownParameter(f"{name}.fc1.weight", w1, 0, old), GrownParameter(f"{name}.fc2.weight", w2, 1, old)]
+
+
+def layer_tokens(model: TokenformerLM) -> list[dict[str, int]]:
+    """Current token counts (hidden width for a linear MLP) of every layer."""
+    config = model.config
+    return [config.tokens(i) for i in range(config.n_layers)]
+
+
+def growth_summary(model: TokenformerLM) -> list[dict]:
+    """Per layer: token counts and tau of every Pattention (what a checkpoint records)."""
+    summary = []
+    for i, block in enumerate(model.layers):
+        entry: dict = {"layer": i}
+        for kind in TOKEN_KINDS:
+            for name, module in _modules_of_kind(block, kind):
+                if isinstance(module, Pattention):
+                    entry[name] = {"tokens": module.num_tokens, "tau": float(module.tau)}
+                elif isinstance(module, MLP):
+                    entry[name] = {"hidden": module.fc1.out_features}
+        summary.append(entry)
+    return summary
+
+
+def grow(
+    model: TokenformerLM,
+    qkv_tokens: int | None = None,
+    proj_tokens: int | None = None,
+    ffn_tokens: int | None = None,
+    *,
+    layers: Iterable[int] | None = None,
+    key_init: Literal["zeros", "random"] = "zeros",
+    value_std: float | None = None,
+    generator: torch.Generator | None = None,
+) -> GrowthRecord:
+    """Append parameter tokens to every Pattention of a kind, in all layers or in ``layers``.
+
+    Each count is the new total (``None`` leaves that kind alone). New keys are zero
+    (function-preserving) or, with ``key_init="random"``, drawn like fresh keys (as the released
+    GPU code does; the function changes). New values are ``N(0, value_std)``, by default the
+    model's value init std. On a ``projection="linear"`` model only ``ffn_tokens`` (the MLP hidden
+    width) can grow, Net2Net style. Updates ``model.config`` to the new counts.
+    """
+    config = model.config
+    if key_init not in KEY_INITS:
+        raise ValueError(f"unknown key_init {key_init!r}; allowed: {', '.join(KEY_INITS)}")
+    targets = {"qkv": qkv_tokens, "proj": proj_tokens, "ffn": ffn_tokens}
+    targets = {kind: n for kind, n in targets.items() if n is not None}
+    if not targets:
+        raise ValueError("grow needs at least one of qkv_tokens, proj_tokens, ffn_tokens")
+    if config.projection == "linear" and set(targets) - {"ffn"}:
+        raise ValueError(
+            f"a projection='linear' model has no parameter tokens in its attention; "
+            f"got {sorted(set(targets) - {'ffn'})}, allowed: ffn_tokens only (widens the MLP)"
+        )
+    chosen = sorted(set(range(config.n_layers) if layers is None else layers))
+    bad_layers = [i for i in chosen if not 0 <= i < config.n_layers]
+    if bad_layers:
+        raise ValueError(f"layers {bad_layers} out of range; allowed: 0..{config.n_layers - 1}")
+    before = layer_tokens(model)
+    for i in chosen:
+        for kind, n in targets.items():
+            if not isinstance(n, int) or n < before[i][kind]:
+                raise ValueError(
+                    f"grow cannot shrink: {kind}_tokens={n!r} is below layer {i}'s current {before[i][kind]}; "
+                    f"allowed: an integer >= {before[i][kind]}"
+                )
+    std = config.value_init_std if value_std is None else value_std
+    grown: list[GrownParameter] = []
+    after = [dict(counts) for counts in before]
+    with torch.no_grad():
+        for i in chosen:
+            block = model.layers[i]
+            for kind, n in targets.items():
+                if n == before[i][kind]:
+                    continue
+                for name, module in _modules_of_kind(block, kind):
+                    prefix = f"layers.{i}.{name}"
+                    if isinstance(module, Pattention):
+                        grown += _grow_pattention(module, n, key_init, std, generator, prefix)
+                    else:
+                        grown += _grow_mlp(module, n, key_init, std, generator, prefix)
+                after[i][kind] = n
+    _set_config_tokens(model, after)
+    softmax = config.projection == "pattention" and config.norm == "softmax"
+    if softmax and grown:
+        warnings.warn("growing a softmax Pattention changes its outputs: zero keys still take probability mass")
+    preserving = not grown or (key_init == "zeros" and not softmax)
+    return GrowthRecord(before, after, key_init, preserving, grown)
+
+
+def _set_config_tokens(model: TokenformerLM, counts: list[dict[str, int]]) -> None:
+    if all(c == counts[0] for c in counts):
+        uniform = counts[0]
+        model.config = model.config.replace(
+            qkv_tokens=uniform["qkv"], proj_tokens=uniform["proj"], ffn_tokens=uniform["ffn"], layer_tokens=None
+        )
+    else:
+        model.config = model.config.replace(layer_tokens=[dict(c) for c in counts])
+
+
+def carry_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
+    """Pad every per-parameter state tensor (AdamW moments, ...) to its grown parameter's shape.
+
+    Old tokens keep their moments; new rows/columns start at zero; scalar state such as the
+    step count is kept, so training resumes without a restart. Returns how many tensors grew.
+    """
+    padded = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key, value in state.items():
+                if not torch.is_tensor(value) or value.shape == param.shape or value.dim() != param.dim():
+                    continue
+                if any(old > new for old, new in zip(value.shape, param.shape)):
+                    raise ValueError(f"optimizer state {key!r} of shape {tuple(value.shape)} is larger than its parameter {tuple(param.shape)}")
+                grown = value.new_zeros(param.shape)
+                grown[tuple(slice(0, s) for s in value.shape)] = value
+                state[key] = grown
+                padded += 1
+    return padded
+
+
+class TokenUpdateScale:
+    """Scale the optimizer's update of old and new parameter tokens separately.
+
+    ``old_scale=0`` freezes the tokens that existed before growth; ``new_scale`` is the new
+    tokens' learning rate as a multiple of the group's. Old and new tokens share one tensor, so
+    param groups cannot tell them apart: this snapshots each grown tensor before ``step()`` and
+    rescales the step's change afterwards. The step of AdamW (decoupled weight decay included),
+    Adam and SGD is proportional to the learning rate, so this equals a per-token learning rate.
+    Frozen rows also get zero gradients, so they do not count towards gradient clipping.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, record: GrowthRecord, old_scale: float = 1.0, new_scale: float = 1.0) -> None:
+        if old_scale < 0 or new_scale < 0:
+            raise ValueError(f"update scales must be >= 0, got old_scale={old_scale}, new_scale={new_scale}")
+        self.grown = record.grown
+        self.old_scale, self.new_scale = old_scale, new_scale
+        self._before: list[torch.Tensor] = []
+        self._handles = [
+            optimizer.register_step_pre_hook(self._snapshot),
+            optimizer.register_step_post_hook(self._rescale),
+        ]
+        if old_scale == 0:
+            self._handles += [g.param.register_hook(self._zero_old_grad(g)) for g in self.grown]
+
+    @staticmethod
+    def _zero_old_grad(g: GrownParameter):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad.narrow(g.dim, 0, g.old_size).zero_()
+            return grad
+
+        return hook
+
+    def _snapshot(self, *_) -> None:
+        self._before = [g.param.detach().clone() for g in self.grown]
+
+    @torch.no_grad()
+    def _rescale(self, *_) -> None:
+        for g, before in zip(self.grown, self._before):
+            delta = g.param - before
+            delta.narrow(g.dim, 0, g.old_size).mul_(self.old_scale)
+            delta.narrow(g.dim, g.old_size, g.param.shape[g.dim] - g.old_size).mul_(self.new_scale)
+            g.param.copy_(before + delta)
+        self._before = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

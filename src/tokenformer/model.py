@@ -1,0 +1,293 @@
+"""The TokenFormer causal language model, exactly as released.
+
+Per layer, pre-norm, two residuals, no biases, no dropout::
+
+    h = x + Proj(CausalSelfAttention(Q(LN(x)), K(LN(x)), V(LN(x))))
+    y = h + FFN(LN(h))
+
+Q, K, V, Proj and FFN are five Pattentions; ``LN`` has no weight or bias; the final norm is an
+ordinary LayerNorm; rotary embeddings (GPT-NeoX rotate-half) cover the first ``rotary_pct`` of
+each head's dims; the output head is the transposed word embedding. ``projection="linear"``
+gives the standard Transformer with the same code path (bias-free Linear Q/K/V/O, a
+Linear-GELU-Linear MLP of hidden width ``ffn_tokens``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TokenformerConfig
+from .pattention import Pattention
+
+
+def make_projection(config: TokenformerConfig, num_tokens: int, out_std: float) -> nn.Module:
+    """A ``d_model -> d_model`` projection: a Pattention, or a bias-free Linear for the baseline."""
+    if config.projection == "pattention":
+        return Pattention(
+            config.d_model, config.d_model, num_tokens, config.norm, key_std=config.init_std, value_std=config.value_init_std
+        )
+    linear = nn.Linear(config.d_model, config.d_model, bias=False)
+    nn.init.normal_(linear.weight, std=out_std)
+    return linear
+
+
+class MLP(nn.Module):
+    """The baseline's feed-forward block: Linear -> GELU -> Linear, no biases."""
+
+    def __init__(self, config: TokenformerConfig, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, config.d_model, bias=False)
+        nn.init.normal_(self.fc1.weight, std=config.init_std)
+        nn.init.normal_(self.fc2.weight, std=config.value_init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def make_ffn(config: TokenformerConfig, num_tokens: int) -> nn.Module:
+    # With Pattention the FFN is a single Pattention: its GeLU is the only non-linearity.
+    if config.projection == "pattention":
+        return make_projection(config, num_tokens, config.value_init_std)
+    return MLP(config, num_tokens)
+
+
+def rotary_cos_sin(
+    config: TokenformerConfig, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[T, rotary_dims]`` for the given absolute positions."""
+    dims = config.rotary_dims
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = config.rope_base ** (-torch.arange(0, dims, 2, device=positions.device, dtype=compute) / dims)
+    freqs = positions.to(compute)[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x [B, H, T, head_dim]`` (NeoX rotate-half)."""
+    dims = cos.shape[-1]
+    if dims == 0:
+        return x
+    rot, rest = x[..., :dims], x[..., dims:]
+    first, second = rot.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    rot = (rot.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
+    return torch.cat((rot, rest), dim=-1)
+
+
+class KVCache:
+    """Keys and values of the token-token attention, per layer, for incremental decoding.
+
+    Parameter tokens are weights, so only the ``[B, H, T, head_dim]`` keys and values of the
+    input tokens are cached.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: TokenformerConfig, tokens: dict[str, int]) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.query = make_projection(config, tokens["qkv"], config.init_std)
+        self.key = make_projection(config, tokens["qkv"], config.init_std)
+        self.value = make_projection(config, tokens["qkv"], config.init_std)
+        self.proj = make_projection(config, tokens["proj"], config.value_init_std)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        batch, length, d_model = x.shape
+        q = apply_rotary(self._heads(self.query(x)), cos, sin)
+        k = apply_rotary(self._heads(self.key(x)), cos, sin)
+        v = self._heads(self.value(x))
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(layer, k, v)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif length == 1:  # one new token sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            rows = torch.arange(start, start + length, device=x.device)[:, None]
+            mask = torch.arange(start + length, device=x.device)[None, :] <= rows
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TokenformerConfig, layer: int) -> None:
+        super().__init__()
+        tokens = config.tokens(layer)
+        self.layer = layer
+        self.eps = config.layernorm_eps
+        self.attention = CausalSelfAttention(config, tokens)
+        self.mlp = make_ffn(config, tokens["ffn"])
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # The release's in-block LayerNorm has no learnable weight or bias.
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self._norm(x), cos, sin, cache, self.layer)
+        return h + self.mlp(self._norm(h))
+
+
+class TokenformerLM(nn.Module):
+    def __init__(self, config: TokenformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layernorm_eps)
+        nn.init.normal_(self.word_embeddings.weight, std=config.init_std)
+
+    def _check_input(self, input_ids: torch.Tensor, start: int) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be an integer tensor of shape [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        end = start + input_ids.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {end} exceeds max_seq_len={self.config.max_seq_len}; "
+                f"allowed: at most {self.config.max_seq_len} tokens (cached and new together)"
+            )
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} out of range; allowed: 0 <= id < vocab_size={self.config.vocab_size}")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, T, vocab]``; with ``targets`` (``-100`` ignored) also the mean cross-entropy."""
+        start = cache.length if cache is not None else 0
+        self._check_input(input_ids, start)
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        cos, sin = rotary_cos_sin(self.config, positions, self.word_embeddings.weight.dtype)
+        x = self.word_embeddings(input_ids)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        logits = F.linear(self.final_norm(x), self.word_embeddings.weight)  # tied head
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: matrices (embedding, parameter tokens, linears) decay; norms do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``input_ids [B, T]`` by up to ``max_new_tokens`` tokens with a KV cache.
+
+        ``temperature=0`` is greedy decoding. Rows that emit ``eos_token_id`` are padded with it;
+        generation stops early once every row has.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, top_p)
+        total = input_ids.shape[-1] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({input_ids.shape[-1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                f"max_seq_len={self.config.max_seq_len}"
+            )
+        cache = KVCache(self.config.n_layers, total)
+        logits = self(input_ids, cache=cache)[:, -1]
+        out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done |= token == eos_token_id
+            out.append(token[:, None])
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = self(token[:, None], cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of ``logits [B, vocab]``: greedy, temperature, top-k and nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,177 @@
+import pytest
+import torch
+
+from tokenformer import (
+    TokenUpdateScale,
+    TokenformerConfig,
+    TokenformerLM,
+    carry_optimizer_state,
+    count_parameters,
+    grow,
+    growth_summary,
+)
+from tokenformer.io import load_weights, save_weights
+
+from conftest import tiny_config
+
+
+def trained(model, steps=3, lr=1e-2):
+    """A few AdamW steps, so that growth is tested on weights that moved from their init."""
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=lr)
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (2, 16))
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])
+def test_growth_preserves_logits_on_1m_preset(norm):
+    model = TokenformerLM(TokenformerConfig.from_preset("cpu-1M", norm=norm))
+    trained(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    with torch.no_grad():
+        before = model(ids)
+        record = grow(model, qkv_tokens=192, proj_tokens=160, ffn_tokens=768)
+        after = model(ids)
+    assert record.function_preserving
+    assert (after - before).abs().max().item() <= 1e-5
+    assert model.config.qkv_tokens == 192 and model.config.ffn_tokens == 768
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(model.config)
+
+
+def test_growth_keeps_old_tokens_and_tau():
+    model = TokenformerLM(tiny_config())
+    layer = model.layers[1].attention.key
+    old_keys, old_values, old_tau = layer.key_param_tokens.detach().clone(), layer.value_param_tokens.detach().clone(), layer.tau.item()
+    grow(model, qkv_tokens=30)
+    assert layer.num_tokens == 30 and layer.tau.item() == old_tau
+    assert torch.equal(layer.key_param_tokens[:24], old_keys) and torch.equal(layer.value_param_tokens[:24], old_values)
+    assert torch.count_nonzero(layer.key_param_tokens[24:]) == 0
+    assert torch.count_nonzero(layer.value_param_tokens[24:]) == 6 * 32  # not a dead saddle
+    assert model.layers[0].attention.proj.num_tokens == 20  # other kinds untouched
+
+
+def test_new_tokens_receive_gradient():
+    model = TokenformerLM(tiny_config())
+    grow(model, ffn_tokens=48)
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    mlp = model.layers[0].mlp
+    assert mlp.key_param_tokens.grad[40:].abs().sum() > 0
+    assert mlp.value_param_tokens.grad[40:].abs().sum() == 0  # zero scores: values learn once keys move
+
+
+def test_softmax_growth_is_not_function_preserving():
+    model = TokenformerLM(tiny_config(norm="softmax"))
+    ids = torch.randint(0, 97, (1, 10))
+    before = model(ids)
+    with pytest.warns(UserWarning, match="softmax"):
+        record = grow(model, qkv_tokens=40)
+    assert not record.function_preserving
+    assert (model(ids) - before).abs().max() > 1e-5
+
+
+def test_random_key_init_changes_function():
+    model = TokenformerLM(tiny_config())
+    ids = torch.randint(0, 97, (1, 10))
+    before = model(ids)
+    record = grow(model, ffn_tokens=64, key_init="random")
+    assert not record.function_preserving
+    assert (model(ids) - before).abs().max() > 1e-4
+
+
+def test_grown_model_survives_save_and_load(tmp_path):
+    model = TokenformerLM(tiny_config())
+    trained(model)
+    grow(model, qkv_tokens=32, ffn_tokens=56, layers=[1])
+    assert model.config.layer_tokens[0] == {"qkv": 24, "proj": 20, "ffn": 40}
+    assert model.config.layer_tokens[1] == {"qkv": 32, "proj": 20, "ffn": 56}
+    save_weights(model.state_dict(), tmp_path / "model.safetensors")
+    model.config.save(tmp_path / "config.json")
+    restored = TokenformerLM(TokenformerConfig.load(tmp_path / "config.json"))
+    restored.load_state_dict(load_weights(tmp_path / "model.safetensors"))
+    ids = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(restored(ids), model(ids), rtol=0, atol=0)
+    # tau stays at sqrt of the count at creation, not of the count now.
+    assert restored.layers[1].attention.query.tau.item() == pytest.approx(24**0.5)
+    assert growth_summary(restored)[1]["attention.query"] == {"tokens": 32, "tau": pytest.approx(24**0.5)}
+
+
+def test_linear_baseline_grows_mlp_net2net_style():
+    model = TokenformerLM(tiny_config(projection="linear"))
+    trained(model)
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        before = model(ids)
+        record = grow(model, ffn_tokens=64)
+        after = model(ids)
+    assert record.function_preserving
+    assert (after - before).abs().max().item() <= 1e-6
+    assert model.layers[0].mlp.fc1.weight.shape == (64, 32) and model.layers[0].mlp.fc2.weight.shape == (32, 64)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(model.config)
+
+
+def test_growth_errors():
+    model = TokenformerLM(tiny_config())
+    with pytest.raises(ValueError, match="cannot shrink: qkv_tokens=10 is below layer 0's current 24"):
+        grow(model, qkv_tokens=10)
+    with pytest.raises(ValueError, match=r"layers \[5\] out of range; allowed: 0..1"):
+        grow(model, ffn_tokens=50, layers=[5])
+    with pytest.raises(ValueError, match="unknown key_init 'ones'"):
+        grow(model, ffn_tokens=50, key_init="ones")
+    with pytest.raises(ValueError, match="at least one of"):
+        grow(model)
+    linear = TokenformerLM(tiny_config(projection="linear"))
+    with pytest.raises(ValueError, match=r"no parameter tokens in its attention; got \['qkv'\]"):
+        grow(linear, qkv_tokens=30)
+
+
+def test_optimizer_state_carried_across_growth():
+    model = TokenformerLM(tiny_config())
+    opt = trained(model)
+    param = model.layers[0].mlp.key_param_tokens
+    old_avg = opt.state[param]["exp_avg"].clone()
+    step = opt.state[param]["step"].clone()
+    grow(model, ffn_tokens=48)
+    assert carry_optimizer_state(opt) == 2 * 2 * 2  # 2 layers x (keys, values) x (exp_avg, exp_avg_sq)
+    state = opt.state[param]
+    assert state["exp_avg"].shape == (48, 32)
+    assert torch.equal(state["exp_avg"][:40], old_avg) and torch.count_nonzero(state["exp_avg"][40:]) == 0
+    assert torch.equal(state["step"], step)
+    # The same optimizer object keeps working on the grown tensors.
+    ids = torch.randint(0, 97, (2, 16))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    opt.step()
+    assert torch.isfinite(param).all() and opt.state[param]["exp_avg"][40:].abs().sum() > 0
+
+
+def _twin_step(old_scale, new_scale):
+    torch.manual_seed(3)
+    model = TokenformerLM(tiny_config())
+    opt = trained(model)
+    record = grow(model, ffn_tokens=48)
+    carry_optimizer_state(opt)
+    scaler = TokenUpdateScale(opt, record, old_scale=old_scale, new_scale=new_scale)
+    param = model.layers[0].mlp.key_param_tokens
+    before = param.detach().clone()
+    ids = torch.randint(0, 97, (2, 16))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    opt.step()
+    scaler.remove()
+    return before, param.detach().clone()
+
+
+def test_freezing_old_tokens_keeps_them_exactly():
+    before, after = _twin_step(0.0, 1.0)
+    assert torch.equal(after[:40], before[:40])  # weight decay and old moments included
+    assert (after[40:] - before[40:]).abs().sum() > 0
+
+
+def test_separate_learning_rate_for_new_tokens():
+    base_before, base_after = _twin_step(1.0, 1.0)
+    before, after = _twin_step(1.0, 0.25)
+    torch.testing.assert_close(after[:40], base_after[:40])
+    torch.testing.assert_close(after[40:] - before[40:], 0.25 * (base_after[40:] - base_before[40:]))

@@ -1,0 +1,248 @@
+import math
+
+import pytest
+import torch
+
+from tokenformer import TokenformerConfig, TokenformerLM, count_parameters
+from tokenformer.model import apply_rotary, rotary_cos_sin
+
+from conftest import tiny_config
+
+
+def reference_logits(model: TokenformerLM, ids: torch.Tensor) -> torch.Tensor:
+    """The released forward pass written out plainly in float64, one sequence at a time,
+    with rotary positions applied pair by pair by hand (no shared code with the model)."""
+    cfg = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    d, heads = cfg.d_model, cfg.n_heads
+    hd = d // heads
+    rot = int(hd * cfg.rotary_pct)
+    half = rot // 2
+
+    def gelu(t):
+        return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
+
+    def patt(x, prefix):
+        a = x @ sd[prefix + ".key_param_tokens"].T
+        s = gelu(a / a.norm(dim=-1, keepdim=True) * sd[prefix + ".tau"])
+        return s @ sd[prefix + ".value_param_tokens"]
+
+    def ln(x):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + cfg.layernorm_eps)
+
+    def rotate(t):  # t [T, heads, hd]
+        out = t.clone()
+        for pos in range(t.shape[0]):
+            for i in range(half):
+                theta = pos * cfg.rope_base ** (-2 * i / rot)
+                a, b = t[pos, :, i], t[pos, :, i + half]
+                out[pos, :, i] = a * math.cos(theta) - b * math.sin(theta)
+                out[pos, :, i + half] = b * math.cos(theta) + a * math.sin(theta)
+        return out
+
+    results = []
+    for seq in ids:
+        x = sd["word_embeddings.weight"][seq]
+        T = x.shape[0]
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            h = ln(x)
+            q = rotate(patt(h, p + "attention.query").view(T, heads, hd))
+            k = rotate(patt(h, p + "attention.key").view(T, heads, hd))
+            v = patt(h, p + "attention.value").view(T, heads, hd)
+            scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+            scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+            att = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, d)
+            x = x + patt(att, p + "attention.proj")
+            x = x + patt(ln(x), p + "mlp")
+        x = ln(x) * sd["final_norm.weight"] + sd["final_norm.bias"]
+        results.append(x @ sd["word_embeddings.weight"].T)
+    return torch.stack(results)
+
+
+def test_logits_match_plain_float64_reference():
+    model = TokenformerLM(tiny_config()).double()
+    ids = torch.randint(0, 97, (2, 11))
+    logits = model(ids)
+    assert logits.shape == (2, 11, 97)
+    expected = reference_logits(model, ids)
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() < 1e-10
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    cfg = tiny_config()
+    q, k = torch.randn(1, 1, 1, cfg.head_dim), torch.randn(1, 1, 1, cfg.head_dim)
+
+    def score(m, n):
+        cm, sm = rotary_cos_sin(cfg, torch.tensor([m]))
+        cn, sn = rotary_cos_sin(cfg, torch.tensor([n]))
+        return (apply_rotary(q, cm, sm) * apply_rotary(k, cn, sn)).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(27, 23), rel=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)
+
+
+def test_logits_depend_on_order_of_earlier_tokens():
+    # A batch-first port that slices the release's rotary cache by batch applies position 0's
+    # rotation (the identity) everywhere: a one-layer model then cannot tell the order of the
+    # earlier tokens. Ours must, and must not without rotary.
+    ids = torch.tensor([[3, 9, 4, 7]])
+    swapped = torch.tensor([[9, 3, 4, 7]])
+    for rotary_pct, differs in ((0.25, True), (0.0, False)):
+        model = TokenformerLM(tiny_config(n_layers=1, rotary_pct=rotary_pct))
+        gap = (model(ids)[0, -1] - model(swapped)[0, -1]).abs().max().item()
+        assert (gap > 1e-4) if differs else (gap < 1e-6), (rotary_pct, gap)
+
+
+def test_causal():
+    model = TokenformerLM(tiny_config())
+    ids = torch.randint(0, 97, (1, 10))
+    changed = ids.clone()
+    changed[0, 7] = (ids[0, 7] + 1) % 97
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-6
+
+
+def test_loss_with_targets():
+    model = TokenformerLM(tiny_config())
+    ids = torch.randint(0, 97, (2, 8))
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    logits, loss = model(ids, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    # Fresh init: the loss is close to log(vocab).
+    assert abs(loss.item() - math.log(97)) < 0.5
+
+
+def test_chunked_prefill_with_cache_matches_full_forward():
+    from tokenformer.model import KVCache
+
+    model = TokenformerLM(tiny_config())
+    ids = torch.randint(0, 97, (2, 12))
+    full = model(ids)
+    cache = KVCache(model.config.n_layers, 12)
+    parts = [model(ids[:, :5], cache=cache), model(ids[:, 5:9], cache=cache), model(ids[:, 9:], cache=cache)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def step_by_step_greedy(model, ids, n):
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("projection", ["pattention", "linear"])
+def test_cached_greedy_generation_equals_full_forward(projection):
+    model = TokenformerLM(tiny_config(projection=projection)).eval()
+    prompt = torch.randint(0, 97, (3, 4))
+    out = model.generate(prompt, 20, temperature=0)
+    assert out.shape == (3, 24)
+    assert torch.equal(out, step_by_step_greedy(model, prompt, 20))
+
+
+def test_sampling_options():
+    model = TokenformerLM(tiny_config()).eval()
+    prompt = torch.randint(0, 97, (2, 3))
+    greedy = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(model.generate(prompt, 8, top_k=1), greedy)
+    assert torch.equal(model.generate(prompt, 8, top_p=1e-6), greedy)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(model.generate(prompt, 8, temperature=1.5, generator=g1), model.generate(prompt, 8, temperature=1.5, generator=g2))
+    sampled = torch.stack([model.generate(prompt, 8, temperature=5.0, top_k=40) for _ in range(4)])
+    assert sampled.unique().numel() > greedy.unique().numel()
+
+
+def test_eos_pads_finished_rows():
+    model = TokenformerLM(tiny_config()).eval()
+    prompt = torch.randint(0, 97, (1, 3))
+    first = model.generate(prompt, 1, temperature=0)[0, -1].item()
+    out = model.generate(prompt, 10, temperature=0, eos_token_id=first)
+    assert out.shape == (1, 4) and out[0, -1].item() == first
+
+
+def test_linear_baseline_shares_code_path():
+    cfg = tiny_config(projection="linear")
+    model = TokenformerLM(cfg)
+    assert not any("param_tokens" in n for n, _ in model.named_parameters())
+    assert model.layers[0].mlp.fc1.weight.shape == (cfg.ffn_tokens, cfg.d_model)
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model(torch.randint(0, 97, (1, 5))).shape == (1, 5, 97)
+
+
+def test_parameter_matched_linear():
+    cfg = TokenformerConfig.from_preset("cpu-1M")
+    matched = cfg.parameter_matched_linear()
+    assert matched.projection == "linear" and matched.ffn_tokens == 6 * cfg.d_model
+    assert count_parameters(matched) == count_parameters(cfg)
+
+
+RELEASED = {"150M": 151.88e6, "450M": 454.17e6, "900M": 903.25e6, "1.5B": 1.587e9}
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_preset_parameter_counts(name):
+    cfg = TokenformerConfig.from_preset(name)
+    with torch.device("meta"):
+        model = TokenformerLM(cfg)
+    built = sum(p.numel() for p in model.parameters())
+    assert built == count_parameters(cfg)
+    digits = 3 if name == "1.5B" else 2
+    scale = 1e9 if name == "1.5B" else 1e6
+    assert round(built / scale, digits) == round(RELEASED[name] / scale, digits)
+
+
+@pytest.mark.parametrize("name,target", [("cpu-0.3M", 0.3e6), ("cpu-1M", 1e6), ("cpu-5M", 5e6)])
+def test_cpu_presets_sizes(name, target):
+    n = count_parameters(TokenformerConfig.from_preset(name), non_embedding=True)
+    assert 0.8 * target <= n <= 1.25 * target
+
+
+def test_config_errors_name_value_and_allowed():
+    with pytest.raises(ValueError, match="n_heads=5 must divide d_model=32"):
+        tiny_config(n_heads=5)
+    with pytest.raises(ValueError, match="rotary dims must be even.*gives 3"):
+        tiny_config(rotary_pct=3 / 8)
+    with pytest.raises(ValueError, match="norm='relu' is unknown; allowed: l2_norm_gelu"):
+        tiny_config(norm="relu")
+    with pytest.raises(ValueError, match="projection='mlp' is unknown; allowed: pattention, linear"):
+        tiny_config(projection="mlp")
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'; allowed: 150M"):
+        TokenformerConfig.from_preset("gpt5")
+    with pytest.raises(ValueError, match="d_model must be a positive integer, got 0"):
+        tiny_config(d_model=0)
+
+
+def test_input_errors():
+    model = TokenformerLM(tiny_config())
+    with pytest.raises(ValueError, match="token id 97 out of range; allowed: 0 <= id < vocab_size=97"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token id -1 out of range"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="sequence length 65 exceeds max_seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="top_p must lie in"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 2, top_p=1.5)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = tiny_config(norm="gelu_l2_norm")
+    cfg.save(tmp_path / "config.json")
+    assert TokenformerConfig.load(tmp_path / "config.json") == cfg
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['colour'\]"):
+        TokenformerConfig.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+def test_param_groups_no_decay_on_norms():
+    model = TokenformerLM(tiny_config())
+    decay, no_decay = model.param_groups(0.1)
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    assert ids(no_decay) == {id(model.final_norm.weight), id(model.final_norm.bias)}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    assert id(model.word_embeddings.weight) in ids(decay)
+    assert len(ids(decay)) + len(ids(no_decay)) == len(list(model.parameters()))

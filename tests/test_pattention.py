@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from tokenformer import NORMS, Pattention
+
+
+def reference(x, keys, values, norm, tau):
+    """The facts-file formulas, written out in float64."""
+    x, keys, values = x.double(), keys.double(), values.double()
+    a = x @ keys.T
+    gelu = lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))  # noqa: E731
+    if norm == "l2_norm_gelu":
+        s = gelu(a / a.norm(dim=-1, keepdim=True) * tau)
+    elif norm == "gelu_l2_norm":
+        g = gelu(a)
+        s = g / g.norm(dim=-1, keepdim=True) * tau
+    else:
+        e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
+        s = e / e.sum(dim=-1, keepdim=True) * tau**2
+    return s @ values
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_matches_formula_in_float64(norm):
+    layer = Pattention(12, 7, 30, norm).double()
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    out = layer(x)
+    assert out.shape == (3, 5, 7)
+    assert layer.tau.item() == pytest.approx(math.sqrt(30), rel=1e-7)
+    expected = reference(x, layer.key_param_tokens, layer.value_param_tokens, norm, layer.tau)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck_float64(norm):
+    layer = Pattention(6, 5, 9, norm).double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    fn = lambda inp, k, v: torch.func.functional_call(layer, {"key_param_tokens": k, "value_param_tokens": v}, (inp,))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, layer.key_param_tokens, layer.value_param_tokens))
+
+
+def test_softmax_stable_for_huge_scores():
+    layer = Pattention(4, 3, 8, "softmax")
+    with torch.no_grad():
+        layer.key_param_tokens.fill_(0).add_(torch.eye(8, 4) * 1e4)
+    x = torch.ones(2, 4) * 1.0
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    # All mass lands on the 4 keys with score 1e4, each weighted n/4.
+    expected = layer.value_param_tokens[:4].sum(0) * 8 / 4
+    torch.testing.assert_close(out[0], expected.detach())
+
+
+def test_drop_in_for_linear_on_any_leading_shape():
+    layer = Pattention(16, 8, 32)
+    for shape in [(16,), (2, 16), (2, 3, 4, 16)]:
+        assert layer(torch.randn(shape)).shape == shape[:-1] + (8,)
+    assert not any(name.endswith("bias") for name, _ in layer.named_parameters())
+    assert sorted(n for n, _ in layer.named_parameters()) == ["key_param_tokens", "value_param_tokens"]
+
+
+def test_zero_input_gives_zero_output_not_nan():
+    for norm in NORMS:
+        out = Pattention(8, 4, 16, norm)(torch.zeros(3, 8))
+        assert torch.isfinite(out).all()
+
+
+def test_tau_fixed_at_creation_and_saved():
+    layer = Pattention(8, 8, 64)
+    assert layer.tau.item() == pytest.approx(8.0)
+    state = layer.state_dict()
+    assert "tau" in state
+    other = Pattention(8, 8, 64)
+    state["tau"] = torch.tensor(5.0)
+    other.load_state_dict(state)
+    assert other.tau.item() == 5.0
+    torch.testing.assert_close(other(torch.ones(2, 8)), reference(torch.ones(2, 8), other.key_param_tokens, other.value_param_tokens, "l2_norm_gelu", 5.0).float())
+
+
+def test_released_initialisation():
+    layer = Pattention(256, 256, 4096, key_std=0.02, value_std=0.005)
+    assert layer.key_param_tokens.std().item() == pytest.approx(0.02, rel=0.02)
+    assert layer.value_param_tokens.std().item() == pytest.approx(0.005, rel=0.02)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown Pattention norm 'relu'.*l2_norm_gelu"):
+        Pattention(4, 4, 4, "relu")
+    with pytest.raises(ValueError, match="num_tokens must be a positive integer, got 0"):
+        Pattention(4, 4, 0)
+
+
+def test_bf16_autocast_close_to_fp32():
+    layer = Pattention(64, 32, 128)
+    x = torch.randn(8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), layer(x), rtol=0.05, atol=0.02)
+
+
+def test_backward_reaches_keys_and_values():
+    layer = Pattention(8, 8, 16)
+    layer(torch.randn(4, 8)).sum().backward()
+    assert layer.key_param_tokens.grad.abs().sum() > 0 and layer.value_param_tokens.grad.abs().sum() > 0
