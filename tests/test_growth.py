@@ -175,3 +175,17 @@ def test_separate_learning_rate_for_new_tokens():
     before, after = _twin_step(1.0, 0.25)
     torch.testing.assert_close(after[:40], base_after[:40])
     torch.testing.assert_close(after[40:] - before[40:], 0.25 * (base_after[40:] - base_before[40:]))
+
+
+def test_save_model_load_model_round_trip_of_grown_model(tmp_path):
+    from tokenformer.io import load_model, save_model
+
+    model = TokenformerLM(tiny_config())
+    grow(model, ffn_tokens=48, layers=[0])
+    save_model(model, tmp_path / "m")
+    restored = load_model(tmp_path / "m")
+    ids = torch.randint(0, 97, (1, 9))
+    assert torch.equal(restored(ids), model(ids))
+    assert restored.config == model.config
+    with pytest.raises(FileNotFoundError, match="no config.json in"):
+        load_model(tmp_path / "missing")

@@ -63,3 +63,45 @@ def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
         return load_file(str(path), device=str(device))
     except (SafetensorError, ValueError, OSError) as exc:
         raise ValueError(f"cannot read weights file {path} (truncated or corrupted?): {exc}") from exc
+
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Keys that Hugging Face transformers adds to a config.json; the directory format is shared.
+HF_CONFIG_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map")
+
+
+def save_model(model, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` of a ``TokenformerLM`` into ``directory``.
+
+    The same directory loads with :func:`load_model` and, with the ``[hf]`` extra, with
+    ``transformers.AutoModelForCausalLM.from_pretrained``. Weights are written before the config,
+    each atomically, so a directory with a config always has complete weights beside it.
+    """
+    import json
+
+    directory = Path(directory)
+    save_weights(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    config = {**model.config.to_dict(), "model_type": "tokenformer", "architectures": ["TokenformerForCausalLM"]}
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu"):
+    """Load a ``TokenformerLM`` written by :func:`save_model` (grown models keep their tau)."""
+    import json
+
+    from .config import TokenformerConfig
+    from .model import TokenformerLM
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a tokenformer model directory")
+    data = json.loads(config_path.read_text())
+    config = TokenformerConfig.from_dict({k: v for k, v in data.items() if k not in HF_CONFIG_KEYS})
+    with torch.device("meta"):
+        model = TokenformerLM(config)
+    state = load_weights(directory / WEIGHTS_NAME, device)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device)
