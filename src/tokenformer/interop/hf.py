@@ -3,7 +3,7 @@
 The transformers model registers the LM's own modules under the LM's own names, so its state
 dict is ``TokenformerLM``'s key for key (tau included) and ``from_pretrained``/``save_pretrained``
 read and write the directory of :func:`tokenformer.io.save_model`. The forward pass is the LM's:
-transformers' cache is handed to it through the two members the LM's attention uses.
+transformers' cache reaches it through the two members of ``KVCache`` the LM uses (``length``, ``update``).
 """
 
 from __future__ import annotations
