@@ -1,9 +1,15 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from tokenformer import TokenformerConfig
 
 torch.set_flush_denormal(True)
+
+# Data shared by the project's checkouts, beside the repository: <parent>/shared/data.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GPT_NEOX_TOKENIZER = SHARED_DATA / "gpt-neox-20b-tokenizer.json"
 
 
 @pytest.fixture(autouse=True)

@@ -7,59 +7,7 @@ from tokenformer import TokenformerConfig, TokenformerLM, count_parameters
 from tokenformer.model import apply_rotary, rotary_cos_sin
 
 from conftest import tiny_config
-
-
-def reference_logits(model: TokenformerLM, ids: torch.Tensor) -> torch.Tensor:
-    """The released forward pass written out plainly in float64, one sequence at a time,
-    with rotary positions applied pair by pair by hand (no shared code with the model)."""
-    cfg = model.config
-    sd = {k: v.double() for k, v in model.state_dict().items()}
-    d, heads = cfg.d_model, cfg.n_heads
-    hd = d // heads
-    rot = int(hd * cfg.rotary_pct)
-    half = rot // 2
-
-    def gelu(t):
-        return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
-
-    def patt(x, prefix):
-        a = x @ sd[prefix + ".key_param_tokens"].T
-        s = gelu(a / a.norm(dim=-1, keepdim=True) * sd[prefix + ".tau"])
-        return s @ sd[prefix + ".value_param_tokens"]
-
-    def ln(x):
-        mu = x.mean(-1, keepdim=True)
-        var = ((x - mu) ** 2).mean(-1, keepdim=True)
-        return (x - mu) / torch.sqrt(var + cfg.layernorm_eps)
-
-    def rotate(t):  # t [T, heads, hd]
-        out = t.clone()
-        for pos in range(t.shape[0]):
-            for i in range(half):
-                theta = pos * cfg.rope_base ** (-2 * i / rot)
-                a, b = t[pos, :, i], t[pos, :, i + half]
-                out[pos, :, i] = a * math.cos(theta) - b * math.sin(theta)
-                out[pos, :, i + half] = b * math.cos(theta) + a * math.sin(theta)
-        return out
-
-    results = []
-    for seq in ids:
-        x = sd["word_embeddings.weight"][seq]
-        T = x.shape[0]
-        for i in range(cfg.n_layers):
-            p = f"layers.{i}."
-            h = ln(x)
-            q = rotate(patt(h, p + "attention.query").view(T, heads, hd))
-            k = rotate(patt(h, p + "attention.key").view(T, heads, hd))
-            v = patt(h, p + "attention.value").view(T, heads, hd)
-            scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
-            scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
-            att = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, d)
-            x = x + patt(att, p + "attention.proj")
-            x = x + patt(ln(x), p + "mlp")
-        x = ln(x) * sd["final_norm.weight"] + sd["final_norm.bias"]
-        results.append(x @ sd["word_embeddings.weight"].T)
-    return torch.stack(results)
+from reference import our_weights, reference_logits
 
 
 def test_logits_match_plain_float64_reference():
@@ -67,7 +15,8 @@ def test_logits_match_plain_float64_reference():
     ids = torch.randint(0, 97, (2, 11))
     logits = model(ids)
     assert logits.shape == (2, 11, 97)
-    expected = reference_logits(model, ids)
+    cfg = model.config
+    expected = reference_logits(our_weights(model.state_dict(), cfg.n_layers), ids, cfg.n_heads, cfg.rotary_pct, cfg.rope_base, cfg.layernorm_eps)
     assert ((logits - expected).abs().max() / expected.abs().max()).item() < 1e-10
 
 

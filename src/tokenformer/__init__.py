@@ -3,6 +3,7 @@
 from .config import PRESETS, TokenformerConfig
 from .flops import count_parameters, training_flops, training_flops_per_token
 from .growth import TokenUpdateScale, carry_optimizer_state, grow, growth_summary
+from .interop.registration import install as _register_with_transformers
 from .model import TokenformerLM
 from .pattention import NORMS, Pattention
 
@@ -17,8 +18,28 @@ __all__ = [
     "TokenformerLM",
     "carry_optimizer_state",
     "count_parameters",
+    "from_hf",
     "grow",
     "growth_summary",
+    "to_hf",
     "training_flops",
     "training_flops_per_token",
 ]
+
+# AutoConfig/AutoModelForCausalLM learn "tokenformer" when transformers loads them.
+_register_with_transformers()
+
+# Loaded on first use, as they import transformers.
+_LAZY = {"to_hf": "tokenformer.interop.hf", "from_hf": "tokenformer.interop.hf"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ImportError as exc:
+            raise ImportError(f"tokenformer.{name} needs transformers: pip install 'tokenformer[hf]' ({exc})") from exc
+        return getattr(module, name)
+    raise AttributeError(f"module 'tokenformer' has no attribute {name!r}")

@@ -65,6 +65,16 @@ def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
         raise ValueError(f"cannot read weights file {path} (truncated or corrupted?): {exc}") from exc
 
 
+def file_or_inside(path: str | Path, name: str, what: str) -> Path:
+    """``path`` when it is a file, ``path / name`` when it is a directory; an error naming ``what`` if absent."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}; allowed: a {name} or a directory with one")
+    return path
+
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # Keys that Hugging Face transformers adds to a config.json; the directory format is shared.

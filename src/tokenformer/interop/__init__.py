@@ -1,0 +1,33 @@
+"""Interoperability: released checkpoints, Hugging Face transformers, lm-evaluation-harness.
+
+- :mod:`.released`: the released ``pytorch_model.bin`` key layout to and from ``TokenformerLM``.
+- :mod:`.convert`: a released checkpoint (local or on the hub) to a model directory of ours.
+- :mod:`.tokenizer`: the GPT-NeoX-20B tokenizer, stored beside a model for ``AutoTokenizer``.
+- :mod:`.hf` (extra ``[hf]``): ``TokenformerForCausalLM`` for transformers, ``to_hf``/``from_hf``.
+- :mod:`.harness` (extra ``[eval]``): lm-evaluation-harness on our model directories.
+
+Nothing here imports transformers until it is used.
+"""
+
+from .convert import convert_from_hub, convert_released
+from .released import (
+    HUB_MODELS,
+    CheckpointMismatchError,
+    infer_config,
+    load_released,
+    ours_to_released,
+    read_released,
+    released_to_ours,
+)
+
+__all__ = [
+    "HUB_MODELS",
+    "CheckpointMismatchError",
+    "convert_from_hub",
+    "convert_released",
+    "infer_config",
+    "load_released",
+    "ours_to_released",
+    "read_released",
+    "released_to_ours",
+]

@@ -1,0 +1,120 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from tokenformer import TokenformerLM, from_hf, grow, to_hf  # noqa: E402
+from tokenformer.interop import convert_released  # noqa: E402
+from tokenformer.interop.hf import TokenformerForCausalLM  # noqa: E402
+from tokenformer.io import load_model, save_model  # noqa: E402
+
+from conftest import GPT_NEOX_TOKENIZER, tiny_config  # noqa: E402
+from reference import random_released_state_dict  # noqa: E402
+
+
+def grown_model() -> TokenformerLM:
+    """A model grown in one layer only: per-layer token counts and a tau that is not sqrt(n)."""
+    model = TokenformerLM(tiny_config())
+    grow(model, qkv_tokens=30, ffn_tokens=48, layers=[1])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # new zero keys get weight, so every token matters
+    return model.eval()
+
+
+def test_save_pretrained_and_from_pretrained_keep_logits_of_a_grown_model(tmp_path):
+    model = grown_model()
+    ids = torch.randint(0, 97, (2, 12))
+    save_model(model, tmp_path / "ours")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert isinstance(hf, TokenformerForCausalLM)
+    assert hf.config.layer_tokens == model.config.layer_tokens
+    assert float(hf.layers[1].attention.query.tau) == float(model.layers[1].attention.query.tau) == pytest.approx(24**0.5)
+    assert torch.equal(hf(ids).logits, model(ids))
+    hf.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits, model(ids))
+    assert torch.equal(load_model(tmp_path / "hf")(ids), model(ids))
+
+
+def test_to_hf_and_back_share_the_model():
+    model = grown_model()
+    hf = to_hf(model)
+    ids = torch.randint(0, 97, (1, 8))
+    assert torch.equal(hf(ids).logits, model(ids))
+    assert hf.word_embeddings.weight.data_ptr() == model.word_embeddings.weight.data_ptr()
+    back = from_hf(hf)
+    assert isinstance(back, TokenformerLM) and back.config == model.config
+    assert back.word_embeddings is hf.word_embeddings
+    assert torch.equal(back(ids), model(ids))
+
+
+def test_loss_uses_transformers_label_convention():
+    hf = to_hf(grown_model())
+    ids = torch.randint(0, 97, (2, 10))
+    out = hf(ids, labels=ids)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_greedy_generate_equals_tokenformer_generate_and_uses_the_cache():
+    model = grown_model()
+    hf = to_hf(model)
+    prompt = torch.randint(1, 97, (2, 5))  # without the pad id, so transformers masks nothing
+    lengths = []
+    hook = hf.word_embeddings.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    out = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    hook.remove()
+    assert torch.equal(out, model.generate(prompt, 20, temperature=0))
+    # One prefill of the prompt, then one token per step: the cache is used.
+    assert lengths == [5] + [1] * 19
+
+
+def test_padded_batches_are_refused():
+    hf = to_hf(grown_model())
+    ids = torch.randint(1, 97, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with pytest.raises(ValueError, match="does not support padded batches"):
+        hf(ids, attention_mask=mask)
+
+
+def test_converted_release_loads_with_auto_classes(tmp_path):
+    tokens = {"qkv": 24, "proj": 20, "ffn": 40}
+    state = random_released_state_dict(97, 32, [tokens, tokens])
+    tokenizer = GPT_NEOX_TOKENIZER if GPT_NEOX_TOKENIZER.is_file() else None
+    convert_released(state, tmp_path, n_heads=4, tokenizer=tokenizer)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "tokenformer"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (1, 9))
+    assert torch.equal(hf(ids).logits, load_model(tmp_path)(ids))
+    if tokenizer is not None:
+        assert AutoTokenizer.from_pretrained(tmp_path)("Hello world")["input_ids"] == [12092, 1533]
+
+
+def test_importing_tokenformer_does_not_import_transformers():
+    code = "import sys, tokenformer; print('transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]
+
+
+def test_registration_when_transformers_was_loaded_first(monkeypatch):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from tokenformer.interop import registration
+    from tokenformer.interop.hf_config import TokenformerHFConfig
+
+    # As in a process that imported transformers' Auto classes before tokenformer.
+    monkeypatch.setattr(CONFIG_MAPPING, "_extra_content", {})
+    monkeypatch.setattr(MODEL_FOR_CAUSAL_LM_MAPPING, "_extra_content", {})
+    assert "tokenformer" not in CONFIG_MAPPING
+    registration.install()
+    assert CONFIG_MAPPING["tokenformer"] is TokenformerHFConfig
+    assert MODEL_FOR_CAUSAL_LM_MAPPING[TokenformerHFConfig] is TokenformerForCausalLM
