@@ -98,6 +98,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # without it, tiny activations make CPU training ~7x slower
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.run_dir = Path(config.out_dir)
         checkpoint = self._find_resume_checkpoint(load_model)
         if checkpoint is not None and checkpoint.tokenizer_json is not None and tokenizer is None:
