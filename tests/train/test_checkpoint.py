@@ -86,3 +86,12 @@ def test_keep_last_and_stale_staging_folders(tmp_path, corpus_file, cache_dir):
     trainer.fit()
     trainer.close()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_outputs_get_ordinary_permissions(run):
+    from tokenformer.io import DIR_MODE, FILE_MODE
+
+    checkpoint = list_checkpoints(run[0])[-1]
+    assert checkpoint.stat().st_mode & 0o777 == DIR_MODE  # not tempfile's private 0700
+    assert (checkpoint / "model.safetensors").stat().st_mode & 0o777 == FILE_MODE
+    assert (run[0] / "metrics.jsonl").stat().st_mode & 0o777 == FILE_MODE

@@ -107,8 +107,10 @@ class TrainConfig:
         _check(self, "device", lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps", "xpu"), "auto, cpu, cuda[:N], mps or xpu")
         _check(self, "data", lambda v: bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)), "a corpus name, path or glob, or a list of them")
         _check(self, "resume", lambda v: v is None or (isinstance(v, str) and v != ""), "auto, a checkpoint or run directory, or null")
-        if self.resume is None:
-            self.model_config()  # an unknown preset or a bad override fails here, before any work
+        if self.resume in (None, "auto"):
+            # An unknown preset or a bad override fails here, before any work. A run resumed from
+            # a given checkpoint uses that checkpoint's model instead.
+            self.model_config()
 
     def model_config(self, vocab_size: int | None = None) -> TokenformerConfig:
         """The preset with ``model_overrides``; ``vocab_size`` (the tokenizer's) unless overridden."""
