@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+TF := $(VENV)/bin/tokenformer
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo bench clean
@@ -19,8 +20,18 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Train a small TokenFormer on the embedded corpus, grow it (validation perplexity unchanged),
+# train on with AdamW's state carried over, and sample from it. Outputs: runs/demo.
 demo: $(STAMP)
-	$(VENV)/bin/tokenformer presets
+	rm -rf runs/demo
+	@echo "== 1/4 train cpu-0.3M for 150 steps"
+	$(TF) train --config configs/demo.yaml --max_steps 150
+	@echo "== 2/4 grow: qkv/proj tokens 64 -> 128, ffn tokens 256 -> 512"
+	$(TF) grow --checkpoint runs/demo --out runs/demo/grown --qkv_tokens 128 --proj_tokens 128 --ffn_tokens 512
+	@echo "== 3/4 train the grown model to step 300"
+	$(TF) train --config configs/demo.yaml --resume runs/demo/grown
+	@echo "== 4/4 sample"
+	$(TF) generate --model runs/demo --prompt "And God said" --max_new_tokens 60 --seed 0
 
 bench: $(STAMP)
 	$(PY) benchmarks/pattention.py

@@ -21,3 +21,50 @@ def tiny_config(**overrides) -> TokenformerConfig:
     """A model small enough for float64 references: distinct token counts per kind."""
     base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, qkv_tokens=24, proj_tokens=20, ffn_tokens=40, max_seq_len=64)
     return TokenformerConfig(**{**base, **overrides})
+
+
+NEOX_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/gpt-neox-20b-tokenizer.json"
+# A model and batches small enough that a training step takes milliseconds.
+TINY_MODEL = dict(n_layers=2, d_model=32, n_heads=2, qkv_tokens=16, proj_tokens=16, ffn_tokens=32)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """About 200 KB of the embedded corpus as a user's text file."""
+    from tokenformer.data import kjv_documents
+
+    path = tmp_path_factory.mktemp("corpus") / "genesis-exodus.txt"
+    path.write_text("".join(doc.text for doc in kjv_documents()[:2]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Shared by the tests so that the tiny BPE is trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_train_options(corpus_file: Path, cache_dir: Path, out_dir: Path, **overrides) -> dict:
+    base = dict(
+        model="cpu-0.3M", model_overrides=dict(TINY_MODEL), data=str(corpus_file), vocab_size=512, cache_dir=str(cache_dir),
+        seq_len=32, batch_size=4, max_steps=12, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=4, eval_batches=2,
+        log_interval=1, ckpt_interval=4, keep_last=10, out_dir=str(out_dir), device="cpu", progress=False,
+    )
+    return {**base, **overrides}
+
+
+def cli_flags(options: dict) -> list[str]:
+    """The same options as ``tokenformer train`` flags."""
+    import json
+
+    return [item for key, value in options.items() for item in (f"--{key}", json.dumps(value) if not isinstance(value, str) else value)]
+
+
+@pytest.fixture
+def one_thread():
+    """For training tiny models: a second intra-op thread only adds synchronisation, and on a
+    busy machine waiting for it dominates each step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

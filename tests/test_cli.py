@@ -5,3 +5,86 @@ def test_presets_lists_released_sizes(capsys):
     main(["presets"])
     out = capsys.readouterr().out
     assert "150M" in out and "151.88M" in out and "cpu-1M" in out
+
+
+import pytest
+
+from tokenformer.train import list_checkpoints, read_metrics
+
+from conftest import cli_flags, tiny_train_options
+
+
+def test_help_lists_every_training_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for option, default in [("--lr", "0.002"), ("--precision", "fp32"), ("--resume", "null"), ("--data", "kjv"), ("--keep_last", "3")]:
+        assert option in out and f"default: {default}" in out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_grow_train_keeps_validation_loss_across_growth(tmp_path, corpus_file, cache_dir, capsys):
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=6, eval_interval=6, ckpt_interval=6)
+    main(["train", *cli_flags(options)])
+    main(["grow", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "grown"), "--qkv_tokens", "24", "--ffn_tokens", "48"])
+    out = capsys.readouterr().out
+    assert "function preserving: True" in out
+    main(["eval", "--model", str(tmp_path / "run" / "checkpoints" / "step-00000006"), "--max_windows", "16"])
+    main(["eval", "--model", str(tmp_path / "grown"), "--max_windows", "16"])
+    before, after = [line for line in capsys.readouterr().out.splitlines() if line.startswith("perplexity")]
+    assert before == after  # same loss to the printed 4 decimals, same perplexity to 3
+
+    main(["train", *cli_flags({**options, "max_steps": 10, "resume": str(tmp_path / "grown")})])
+    assert "resumed from" in capsys.readouterr().out
+    val = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
+    assert [s for s, _ in val] == [6, 10]
+    latest = list_checkpoints(tmp_path / "run")[-1]
+    assert latest.name == "step-00000010"
+    import json
+
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["growth_history"][0]["after"][0] == {"qkv": 24, "proj": 16, "ffn": 48}
+    assert state["layers"][1]["mlp"] == {"tokens": 48, "tau": pytest.approx(32**0.5)}  # tau frozen at the old count
+
+    text = main(["generate", "--model", str(tmp_path / "run"), "--prompt", "In the beginning", "--max_new_tokens", "8"])
+    assert capsys.readouterr().out.startswith("In the beginning")
+    main(["eval", "--model", str(tmp_path / "run"), "--data", str(corpus_file), "--max_windows", "4"])
+    assert "over 128 tokens of 1 document(s)" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_grow_refuses_an_existing_output(tmp_path, corpus_file, cache_dir, capsys):
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=2, eval_interval=2, ckpt_interval=2)
+    main(["train", *cli_flags(options)])
+    (tmp_path / "grown").mkdir()
+    with pytest.raises(SystemExit):
+        main(["grow", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "grown"), "--ffn_tokens", "48", "--evaluate", "false"])
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_eval_harness_passes_options_to_lm_eval(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from tokenformer.interop import harness
+    from tokenformer.io import save_model
+
+    from conftest import tiny_config
+    from tokenformer import TokenformerLM
+
+    save_model(TokenformerLM(tiny_config()), tmp_path / "m")
+    calls = []
+
+    def fake_evaluate(model, tasks, **options):
+        calls.append((model, tasks, options))
+        return {"results": {"piqa": {"acc,none": 0.5}}}
+
+    monkeypatch.setattr(harness, "evaluate", fake_evaluate)
+    monkeypatch.setattr(harness, "table", lambda results: f"table of {sorted(results['results'])}")
+    main(["eval", "--model", str(tmp_path / "m"), "--harness", "true", "--tasks", "[piqa,arc_easy]", "--limit", "10", "--device", "cpu"])
+    (model, tasks, options) = calls[0]
+    assert model == tmp_path / "m" and tasks == ["piqa", "arc_easy"]
+    assert options["limit"] == 10 and options["device"] == "cpu" and options["batch_size"] == 8
+    assert "piqa" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path / "m"), "--harness", "true"])
+    assert "--harness needs --tasks" in capsys.readouterr().err

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -9,6 +11,13 @@ from tokenformer.io import load_model
 
 from conftest import GPT_NEOX_TOKENIZER, tiny_config
 from reference import random_released_state_dict, reference_logits, released_weights
+
+
+def cli_error(args, capsys) -> str:
+    """Run the command line expecting it to fail; its error message."""
+    with pytest.raises(SystemExit):
+        cli(args)
+    return capsys.readouterr().err
 
 # Distinct counts for qkv, proj and ffn, as in tiny_config.
 TOKENS = {"qkv": 24, "proj": 20, "ffn": 40}
@@ -90,28 +99,27 @@ def test_reverse_map_round_trips_and_refuses_grown_tau():
         ours_to_released(model)
 
 
-def test_convert_writes_our_format_with_per_layer_tokens(tmp_path):
+def test_convert_writes_our_format_with_per_layer_tokens(tmp_path, capsys):
     path, _ = released_file(tmp_path, layer_tokens=(TOKENS, {**TOKENS, "ffn": 48}))
     expected = load_released(path, n_heads=4)
-    with pytest.raises(ValueError, match="pass n_heads"):
-        cli(["convert", str(path), str(tmp_path / "out")])
-    cli(["convert", str(path), str(tmp_path / "out"), "--n_heads", "4"])
+    assert "pass n_heads" in cli_error(["convert", "--src", str(path), "--dst", str(tmp_path / "out")], capsys)
+    cli(["convert", "--src", str(path), "--dst", str(tmp_path / "out"), "--n_heads", "4"])
     model = load_model(tmp_path / "out")
     assert model.config.layer_tokens == [TOKENS, {**TOKENS, "ffn": 48}]
     ids = torch.randint(0, 97, (2, 7))
     assert torch.equal(model(ids), expected(ids))
-    with pytest.raises(FileExistsError, match="already holds a model.*--overwrite"):
-        cli(["convert", str(path), str(tmp_path / "out"), "--n_heads", "4"])
-    cli(["convert", str(path), str(tmp_path / "out"), "--n_heads", "4", "--overwrite", "true"])
+    error = cli_error(["convert", "--src", str(path), "--dst", str(tmp_path / "out"), "--n_heads", "4"], capsys)
+    assert re.search("already holds a model.*--overwrite", error)
+    cli(["convert", "--src", str(path), "--dst", str(tmp_path / "out"), "--n_heads", "4", "--overwrite", "true"])
 
 
-def test_from_hub_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
+def test_from_hub_offline_fails_with_a_clear_message(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    with pytest.raises(ConnectionError, match=r"'Haiyang-W/TokenFormer-150M': the hub is unreachable .*pass the local path"):
-        cli(["convert", "150M", str(tmp_path / "out"), "--from_hub", "true"])
+    error = cli_error(["convert", "--src", "150M", "--dst", str(tmp_path / "out"), "--from_hub", "true"], capsys)
+    assert re.search(r"'Haiyang-W/TokenFormer-150M': the hub is unreachable .*pass the local path", error)
     assert not (tmp_path / "out").exists()
 
 
@@ -125,7 +133,7 @@ def test_gpt_neox_tokenizer_encodes_hello_world():
 @needs_tokenizer
 def test_released_model_generates_text(tmp_path):
     path, _ = released_file(tmp_path, vocab_size=50304)
-    cli(["convert", str(path), str(tmp_path / "out"), "--n_heads", "4", "--tokenizer", str(GPT_NEOX_TOKENIZER)])
+    cli(["convert", "--src", str(path), "--dst", str(tmp_path / "out"), "--n_heads", "4", "--tokenizer", str(GPT_NEOX_TOKENIZER)])
     tokenizer = load_tokenizer(tmp_path / "out" / TOKENIZER_NAME)
     model = load_model(tmp_path / "out").eval()
     prompt = torch.tensor([tokenizer.encode("Hello world").ids])

@@ -1,11 +1,18 @@
-"""The ``tokenformer`` command line. Subcommands are plain functions; jsonargparse builds the
-parser (flags, ``--config`` YAML files and ``--help`` with defaults) from their signatures."""
+"""The ``tokenformer`` command line.
+
+Each subcommand is a plain function (or, for ``train``, the :class:`TrainConfig` dataclass);
+jsonargparse builds its flags, ``--config`` YAML support and ``--help`` with every default from
+the signature and docstring. A new subcommand is one more entry in :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
 
-from jsonargparse import CLI
+import numpy as np
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .config import PRESETS, TokenformerConfig
 from .flops import count_parameters, training_flops_per_token
@@ -21,6 +28,186 @@ def presets() -> None:
             f"{count_parameters(c) / 1e6:>9.2f}M {count_parameters(c, non_embedding=True) / 1e6:>9.2f}M "
             f"{training_flops_per_token(c) / 1e9:>16.3f}"
         )
+
+
+def train(config) -> None:
+    """Train a TokenFormer language model (from scratch, or resumed from a checkpoint)."""
+    from .train import Trainer
+
+    trainer = Trainer(config)
+    if trainer.resumed_from is not None:
+        print(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    last = trainer.state.val_history[-1] if trainer.state.val_history else None
+    if last is not None:
+        print(f"step {last['step']}: validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f}")
+    print(f"checkpoint: {trainer.last_checkpoint}")
+
+
+def grow(
+    checkpoint: str,
+    out: str,
+    qkv_tokens: Optional[int] = None,
+    proj_tokens: Optional[int] = None,
+    ffn_tokens: Optional[int] = None,
+    layers: Optional[list[int]] = None,
+    key_init: Literal["zeros", "random"] = "zeros",
+    evaluate: bool = True,
+    device: str = "auto",
+) -> None:
+    """Append parameter tokens to a trained checkpoint; write the grown checkpoint, optimizer state carried.
+
+    Args:
+        checkpoint: A training checkpoint, or a run directory (its newest complete checkpoint).
+        out: Directory for the grown checkpoint (must not exist); continue with ``train --resume OUT``.
+        qkv_tokens: New total of query/key/value parameter tokens (null: unchanged).
+        proj_tokens: New total of output-projection parameter tokens (null: unchanged).
+        ffn_tokens: New total of feed-forward parameter tokens (null: unchanged).
+        layers: Grow only these layers (null: all).
+        key_init: ``zeros`` keeps the function exactly; ``random`` initialises new keys like the released GPU code.
+        evaluate: Print the validation loss before and right after growth.
+        device: ``auto``, ``cpu``, ``cuda``, ...
+    """
+    from .train import Trainer, TrainConfig, resolve_checkpoint
+    from .train.checkpoint import read_train_config
+
+    source = resolve_checkpoint(checkpoint)
+    config = TrainConfig.from_dict({**read_train_config(source), "resume": str(source), "device": device, "progress": False})
+    trainer = Trainer(config)
+    before = trainer.evaluate() if evaluate else None
+    record = trainer.grow(qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init)
+    after = trainer.evaluate() if evaluate else None
+    path = trainer.save_checkpoint(out)
+    print(f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer "
+          f"({count_parameters(trainer.model.config) / 1e6:.2f}M parameters, function preserving: {record.function_preserving})")
+    if before is not None:
+        print(f"validation loss before growth {before['val_loss']:.6f} (perplexity {before['val_ppl']:.2f}), "
+              f"right after {after['val_loss']:.6f} (perplexity {after['val_ppl']:.2f})")
+    print(f"grown checkpoint: {path}")
+
+
+def generate(
+    model: str,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+    tokenizer: Optional[str] = None,
+    device: str = "auto",
+) -> str:
+    """Continue a prompt with a trained model (KV-cached sampling) and print the text.
+
+    Args:
+        model: A checkpoint, a run directory (newest checkpoint) or a model directory (config.json + model.safetensors).
+        prompt: Text to continue; empty starts from the end-of-text token.
+        max_new_tokens: Tokens to generate.
+        temperature: Sampling temperature; 0 is greedy.
+        top_k: Sample among the k most likely tokens (null: all).
+        top_p: Nucleus sampling mass (null: off).
+        seed: Seed of the sampler.
+        tokenizer: A tokenizer.json (default: the one saved with the model).
+        device: ``auto``, ``cpu``, ``cuda``, ...
+    """
+    import torch
+
+    from .train.trainer import resolve_device
+
+    target = resolve_device(device)
+    net, tok, _ = load_for_inference(model, tokenizer, target)
+    ids = tok.encode(prompt) if prompt else ([tok.eos_id] if tok.eos_id is not None else [])
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no end-of-text token to start from; pass --prompt")
+    generator = torch.Generator(device=target).manual_seed(seed)
+    out = net.generate(torch.tensor([ids], device=target), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    text = tok.decode(out[0, len(ids) :].tolist())
+    print(prompt + text)
+    return prompt + text
+
+
+def evaluate(
+    model: str,
+    data: Optional[Union[str, list[str]]] = None,
+    split: Literal["train", "val"] = "val",
+    seq_len: Optional[int] = None,
+    batch_size: int = 8,
+    max_windows: Optional[int] = None,
+    tokenizer: Optional[str] = None,
+    precision: Literal["fp32", "bf16-mixed"] = "fp32",
+    device: str = "auto",
+    harness: bool = False,
+    tasks: Optional[list[str]] = None,
+    num_fewshot: Optional[int] = None,
+    limit: Optional[float] = None,
+    include_path: Optional[str] = None,
+) -> dict[str, Any]:
+    """Perplexity of a model on its training corpus's split, or on other text; or lm-eval tasks with --harness.
+
+    Args:
+        model: A checkpoint, a run directory (newest checkpoint) or a model directory.
+        data: Text files, directories, globs, ``kjv`` or ``hf:NAME`` to evaluate on, whole
+            (null: the ``split`` of the corpus the checkpoint was trained on).
+        split: Split of the training corpus when ``data`` is null.
+        seq_len: Window length (default: the training seq_len, else the model's max_seq_len).
+        batch_size: Windows per forward pass.
+        max_windows: Evaluate at most this many windows, spread evenly (null: all).
+        tokenizer: A tokenizer.json (default: the one saved with the model).
+        precision: ``fp32`` or ``bf16-mixed``.
+        device: ``auto``, ``cpu``, ``cuda``, ...
+        harness: Run lm-evaluation-harness tasks instead (needs the ``[eval]`` extra).
+        tasks: lm-eval task names with --harness, e.g. ``[piqa,arc_easy]``; the paper's six:
+            lambada_openai, hellaswag, piqa, arc_easy, arc_challenge, winogrande.
+        num_fewshot: Few-shot examples per task with --harness (null: the task's default).
+        limit: Evaluate at most this many examples per task (a fraction if < 1) with --harness.
+        include_path: A folder of extra lm-eval task YAML files with --harness.
+    """
+    import contextlib
+
+    import torch
+
+    if harness:
+        if not tasks:
+            raise ValueError("--harness needs --tasks, e.g. --tasks '[piqa,arc_easy]'")
+        from .interop.harness import evaluate as run_harness
+        from .interop.harness import table
+        from .train.trainer import resolve_device
+
+        results = run_harness(
+            model_directory(model), tasks, tokenizer=tokenizer, num_fewshot=num_fewshot,
+            batch_size=batch_size, limit=limit, device=str(resolve_device(device)), include_path=include_path,
+        )
+        print(table(results))
+        return results
+
+    from .data import even_windows, load_documents
+    from .train import TrainConfig, evaluate_windows, prepare_data
+    from .train.trainer import resolve_device
+
+    target = resolve_device(device)
+    net, tok, saved = load_for_inference(model, tokenizer, target)
+    seq_len = seq_len or (saved["seq_len"] if saved else net.config.max_seq_len)
+    if data is None:
+        if saved is None:
+            raise ValueError(f"{model} is not a training checkpoint, so it has no corpus of its own; pass --data")
+        shards, _ = prepare_data(TrainConfig.from_dict({**saved, "resume": None}), tok)
+        windows = shards.even_windows(split, seq_len, max_windows)
+        what = f"the {split} split of {saved['data']}"
+    else:
+        docs = load_documents(data)
+        eos = [tok.eos_id] if tok.eos_id is not None else []
+        arrays = [np.asarray(tok.encode_long(d.text) + eos) for d in docs]
+        windows = even_windows(arrays, seq_len, max_windows)
+        what = f"{len(docs)} document(s)"
+    autocast = torch.autocast(target.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    net.eval()
+    with autocast:
+        metrics = evaluate_windows(net, windows, batch_size, target)
+    print(f"perplexity {metrics['val_ppl']:.3f} (loss {metrics['val_loss']:.4f} nats/token over {metrics['val_tokens']} tokens of {what})")
+    return metrics
 
 
 def convert(
@@ -57,8 +244,74 @@ def convert(
     print(f"wrote {path}")
 
 
+def model_directory(path: str) -> Path:
+    """The folder with config.json + model.safetensors: a model directory as given, a training
+    checkpoint (verified against its manifest) or a run directory's newest complete checkpoint."""
+    from .train.checkpoint import CHECKPOINTS, MANIFEST, resolve_checkpoint, verify_checkpoint
+
+    directory = Path(path).expanduser()
+    if (directory / MANIFEST).is_file() or (directory / CHECKPOINTS).is_dir():
+        directory = resolve_checkpoint(directory)
+        verify_checkpoint(directory)
+    return directory
+
+
+def load_for_inference(path: str, tokenizer: Optional[str], device) -> tuple[Any, Any, Optional[dict]]:
+    """Model, tokenizer and (for a training checkpoint) its training config, from a directory."""
+    from .data import load_tokenizer
+    from .io import load_model
+    from .train.checkpoint import MANIFEST, read_train_config
+
+    directory = model_directory(path)
+    saved = read_train_config(directory) if (directory / MANIFEST).is_file() else None
+    net = load_model(directory, device)
+    tokenizer_path = Path(tokenizer) if tokenizer else directory / "tokenizer.json"
+    if not tokenizer_path.exists():
+        raise FileNotFoundError(f"{directory} has no tokenizer.json; pass --tokenizer PATH")
+    return net, load_tokenizer(tokenizer_path), saved
+
+
+COMMANDS: dict[str, Callable[..., Any] | type] = {
+    "presets": presets,
+    "train": train,
+    "grow": grow,
+    "generate": generate,
+    "eval": evaluate,
+    "convert": convert,
+}
+
+
+def build_parser() -> ArgumentParser:
+    from .train import TrainConfig
+
+    parser = ArgumentParser(prog="tokenformer", description="TokenFormer: train, grow, evaluate and sample language models.")
+    subcommands = parser.add_subcommands()
+    for name, command in COMMANDS.items():
+        sub = ArgumentParser(description=(command.__doc__ or "").split("\n\n")[0])
+        sub.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; later flags override it.")
+        if command is train:
+            sub.add_class_arguments(TrainConfig, None, as_group=False)
+        else:
+            sub.add_function_arguments(command, None, as_group=False)
+        subcommands.add_subcommand(name, sub, help=(command.__doc__ or "").split("\n")[0])
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    CLI({"presets": presets, "convert": convert}, args=argv)
+    from .train import CheckpointError, TrainConfig, TrainingDiverged
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    name = args.subcommand
+    options = {k: v for k, v in args[name].items() if k != "config"}
+    try:
+        if name == "train":
+            train(TrainConfig(**options))
+        else:
+            COMMANDS[name](**options)
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, CheckpointError, TrainingDiverged, ImportError, RuntimeError) as exc:
+        print(f"tokenformer {name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

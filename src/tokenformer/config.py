@@ -119,11 +119,7 @@ class TokenformerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TokenformerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "config field")
 
     def save(self, path: str | Path) -> None:
         from .io import atomic_write_text
@@ -140,6 +136,15 @@ class TokenformerConfig:
         if key not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
         return cls(**{**_PRESETS[key], **overrides})
+
+
+def dataclass_from_dict(cls, data: dict[str, Any], what: str):
+    """``cls(**data)``, with unknown keys named in the error instead of a bare TypeError."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**data)
 
 
 def _released(n_layers: int, d: int, n_heads: int) -> dict[str, Any]:

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# tempfile creates private (0600 / 0700) entries; what is renamed into place gets the
+# permissions that a plain open() or mkdir() would have given it.
+_UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -30,6 +45,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # after writing: some writers replace the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,3 +131,51 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     state = load_weights(directory / WEIGHTS_NAME, device)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under ``directory`` (files written without :func:`atomic_write`)."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            with open(Path(root) / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Build a directory in a hidden staging folder beside ``path``, then rename it into place.
+
+    Readers see no directory or the complete one: a crash leaves only a ``.<name>.tmp-*`` folder,
+    which :func:`remove_stale_staging` deletes later. ``path`` must not exist yet.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(staging, DIR_MODE)
+    try:
+        yield staging
+        fsync_tree(staging)
+        os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_directory(path: str | Path) -> None:
+    """Delete a directory so that it never looks complete halfway: rename it aside, then delete."""
+    path = Path(path)
+    doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.rename(path, doomed / path.name)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed)
+
+
+def remove_stale_staging(parent: str | Path) -> None:
+    """Delete staging folders left by a process killed inside :func:`atomic_directory`."""
+    for stale in Path(parent).glob(".*.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)

@@ -9,23 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import atomic_write_text, file_or_inside
+from ..data.tokenizer import EOS_TOKEN, TOKENIZER_NAME
+from ..io import atomic_write_text
 
-TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 GPT_NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
-EOS_TOKEN = "<|endoftext|>"
 
 
 def load_tokenizer(path: str | Path):
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` or a directory holding one."""
-    from tokenizers import Tokenizer
+    from ..data.tokenizer import load_tokenizer as load_wrapped
 
-    path = file_or_inside(path, TOKENIZER_NAME, "tokenizer file")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a plain Exception for malformed files
-        raise ValueError(f"cannot read tokenizer {path}: {exc}") from exc
+    return load_wrapped(path).backend
 
 
 def hf_tokenizer_config(tokenizer, model_max_length: int) -> dict:

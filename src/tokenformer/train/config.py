@@ -1,0 +1,166 @@
+"""The training configuration: one flat dataclass, the same for the Python API, YAML files and flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from ..config import TokenformerConfig, dataclass_from_dict
+
+Precision = Literal["fp32", "bf16-mixed"]
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run.
+
+    Args:
+        model: Preset name of the model to train from scratch (``tokenformer presets`` lists
+            them). Ignored when resuming: the checkpoint's own (possibly grown) model is used.
+        model_overrides: Fields of TokenformerConfig to change on the preset, e.g.
+            ``{n_layers: 2, d_model: 64}``. ``vocab_size`` defaults to the tokenizer's, rounded up to 128.
+        data: Corpus: ``kjv`` (the embedded King James Bible), text files, directories, globs,
+            or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``[datasets]`` extra and network access).
+        tokenizer: ``bpe`` trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
+        vocab_size: Vocabulary size of the trained BPE.
+        val_fraction: Share of the corpus held out for validation (deterministic, spread evenly).
+        cache_dir: Where tokenizers and token shards are cached (default ``$TOKENFORMER_CACHE`` or ``~/.cache/tokenformer``).
+        seq_len: Tokens per training sequence.
+        batch_size: Sequences per micro-batch.
+        grad_accum: Micro-batches per optimizer step.
+        max_steps: Optimizer steps of the whole run; resuming continues up to this step.
+        lr: Peak learning rate (reached after warmup).
+        min_lr: Learning rate at the end of the cosine decay.
+        warmup_steps: Steps of linear warmup from 0 to lr.
+        weight_decay: AdamW decoupled weight decay (matrices only; norms and biases get none).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        grad_clip: Clip the global gradient norm to this value (0 disables clipping).
+        precision: ``fp32``, or ``bf16-mixed`` (bf16 autocast, fp32 weights and optimizer state).
+        compile: Run the model through ``torch.compile``.
+        device: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1``, ...
+        threads: CPU threads for PyTorch's intra-op parallelism (null: PyTorch's default). On a
+            busy machine, fewer threads than cores can be much faster for small models.
+        seed: Seeds the model init and every batch (batch i depends only on seed and i).
+        out_dir: Run directory: checkpoints/, metrics.jsonl, loss_curve.png, TensorBoard events.
+        resume: ``auto`` (newest complete checkpoint in out_dir, if any), a checkpoint or run
+            directory, or null to start from scratch.
+        eval_interval: Validate every this many steps (and at the end).
+        eval_batches: Validation batches of batch_size windows, the same windows every time.
+        log_interval: Log the training loss every this many steps.
+        ckpt_interval: Write a checkpoint every this many steps (and at the end).
+        keep_last: Checkpoints to keep in out_dir/checkpoints (older ones are deleted).
+        progress: Show a progress bar.
+    """
+
+    model: str = "cpu-1M"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: Union[str, list[str]] = "kjv"
+    tokenizer: str = "bpe"
+    vocab_size: int = 8192
+    val_fraction: float = 0.05
+    cache_dir: Optional[str] = None
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Precision = "fp32"
+    compile: bool = False
+    device: str = "auto"
+    threads: Optional[int] = None
+    seed: int = 1337
+    out_dir: str = "runs/tokenformer"
+    resume: Optional[str] = None
+    eval_interval: int = 100
+    eval_batches: int = 8
+    log_interval: int = 10
+    ckpt_interval: int = 100
+    keep_last: int = 3
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_last")
+        for name in positive:
+            _check(self, name, lambda v: _is_int(v) and v >= 1, "a positive integer")
+        for name in ("warmup_steps", "seed"):
+            _check(self, name, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            _check(self, name, lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
+        _check(self, "lr", lambda v: v > 0, "a number > 0")
+        _check(self, "min_lr", lambda v: v <= self.lr, f"a number <= lr ({self.lr})")
+        for name in ("beta1", "beta2"):
+            _check(self, name, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "threads", lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null")
+        _check(self, "val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
+        allowed = typing.get_args(Precision)
+        _check(self, "precision", lambda v: v in allowed, " or ".join(allowed))
+        _check(self, "device", lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps", "xpu"), "auto, cpu, cuda[:N], mps or xpu")
+        _check(self, "data", lambda v: bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)), "a corpus name, path or glob, or a list of them")
+        _check(self, "resume", lambda v: v is None or (isinstance(v, str) and v != ""), "auto, a checkpoint or run directory, or null")
+        if self.resume in (None, "auto"):
+            # An unknown preset or a bad override fails here, before any work. A run resumed from
+            # a given checkpoint uses that checkpoint's model instead.
+            self.model_config()
+
+    def model_config(self, vocab_size: int | None = None) -> TokenformerConfig:
+        """The preset with ``model_overrides``; ``vocab_size`` (the tokenizer's) unless overridden."""
+        overrides = dict(self.model_overrides)
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = padded_vocab(vocab_size)
+        try:
+            config = TokenformerConfig.from_preset(self.model, **overrides)
+        except TypeError as exc:  # an override that is not a config field
+            allowed = ", ".join(f.name for f in dataclasses.fields(TokenformerConfig))
+            raise ValueError(f"model_overrides={self.model_overrides!r}: {exc}; allowed fields: {allowed}") from exc
+        if self.seq_len > config.max_seq_len:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds the model's max_seq_len={config.max_seq_len}; "
+                f"allowed: seq_len <= max_seq_len (or set model_overrides: {{max_seq_len: {self.seq_len}}})"
+            )
+        if vocab_size is not None and config.vocab_size < vocab_size:
+            raise ValueError(f"model vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        return config
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else list(self.data)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return dataclass_from_dict(cls, data, "training option")
+
+
+def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
+    """Round the embedding up like GPT-NeoX (50,277 ids -> 50,304 rows) for aligned matmuls."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(config: TrainConfig, name: str, ok, allowed: str) -> None:
+    value = getattr(config, name)
+    if not ok(value):
+        raise ValueError(f"training option {name}={value!r} is invalid; allowed: {allowed}")

@@ -1,0 +1,74 @@
+"""Causal language modelling as a training task: corpus -> tokenizer -> token shards -> batches."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import TokenShards, Tokenizer, build_shards, default_cache_dir, get_tokenizer, load_documents, windows_to_batch
+from ..flops import training_flops_per_token
+from .config import TrainConfig
+from .task import batch_seed
+
+
+class LanguageModelingTask:
+    """Next-token prediction on random windows of the train split; validation on fixed, evenly
+    spaced windows of the validation split (the same every time, so curves are comparable and
+    a function-preserving growth leaves the validation loss unchanged)."""
+
+    def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, seed: int, eval_batches: int) -> None:
+        shards.check_window("train", seq_len)
+        self.shards, self.batch_size, self.seq_len, self.seed = shards, batch_size, seq_len, seed
+        self.eval_windows = shards.even_windows("val", seq_len, eval_batches * batch_size)
+
+    def train_batch(self, step: int, micro: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, step, micro))
+        x, y = self.shards.random_windows("train", self.batch_size, self.seq_len, generator)
+        return x.to(device), y.to(device)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return model(*batch)[1]
+
+    def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[1].numel()
+
+    def flops_per_item(self, model: nn.Module) -> int:
+        return training_flops_per_token(model.config, self.seq_len)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        return evaluate_windows(model, self.eval_windows, self.batch_size, device)
+
+
+@torch.no_grad()
+def evaluate_windows(model: nn.Module, windows: Sequence[np.ndarray], batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean next-token loss and perplexity over ``windows`` (arrays of ``seq_len + 1`` ids)."""
+    if not windows:
+        raise ValueError("nothing to evaluate: no window of seq_len + 1 tokens fits the data")
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        x, y = windows_to_batch(windows[start : start + batch_size])
+        loss = model(x.to(device), y.to(device))[1]
+        total += float(loss) * y.numel()
+        count += y.numel()
+    mean = total / count
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_tokens": count}
+
+
+def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[TokenShards, Tokenizer]:
+    """Documents -> tokenizer (trained or loaded, unless given) -> cached token shards."""
+    documents = load_documents(config.sources)
+    cache = config.cache_dir or default_cache_dir()
+    if tokenizer is None:
+        tokenizer = get_tokenizer(config.tokenizer, documents, config.vocab_size, cache)
+    shards = TokenShards.open(build_shards(documents, tokenizer, cache, config.val_fraction))
+    return shards, tokenizer
+
+
+def language_modeling_task(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[LanguageModelingTask, Tokenizer]:
+    shards, tokenizer = prepare_data(config, tokenizer)
+    task = LanguageModelingTask(shards, config.batch_size, config.seq_len, config.seed, config.eval_batches)
+    return task, tokenizer

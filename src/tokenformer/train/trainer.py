@@ -1,0 +1,294 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, precision, checkpoints.
+
+Usable from Python as well as from the command line::
+
+    trainer = Trainer(TrainConfig(model="cpu-1M", max_steps=500))
+    trainer.fit(250)                       # train up to step 250
+    trainer.grow(qkv_tokens=192, ffn_tokens=768)
+    trainer.fit()                          # continue, optimizer state carried, to max_steps
+    trainer.state.val_history              # [{"step", "tokens", "flops", "val_loss", ...}, ...]
+
+What is specific to a problem sits behind :class:`~tokenformer.train.task.Task`; how the model
+is wrapped for execution (``torch.compile``, DDP, FSDP) is the ``wrap_model`` hook. The trainer
+keeps the bare model for growth and checkpoints and runs the wrapped one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import io
+from ..data import Tokenizer
+from ..growth import GrowthRecord, carry_optimizer_state, grow, growth_summary
+from ..model import TokenformerLM
+from .checkpoint import (
+    CHECKPOINTS,
+    Checkpoint,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .metrics import MetricsLogger, plot_loss_curve
+from .task import Task
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; no checkpoint was written for that step."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0  # items trained on: tokens for a language model
+    flops: float = 0.0
+    val_history: list[dict[str, float]] = field(default_factory=list)
+    growth_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.max_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+class Trainer:
+    """Trains ``model`` on ``task`` as ``config`` says; resumes when ``config.resume`` is set.
+
+    Without ``task`` the trainer builds the language-modelling task from ``config.data``;
+    without ``model`` it builds the ``config.model`` preset (or loads the resumed checkpoint's
+    model). ``wrap_model(model) -> module`` is applied for execution and again after growth;
+    by default it compiles when ``config.compile`` is set. ``load_model(dir, device)`` reads a
+    checkpoint's model directory (default: :func:`tokenformer.io.load_model`).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        task: Task | None = None,
+        model: nn.Module | None = None,
+        tokenizer: Tokenizer | None = None,
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        load_model: Callable[[Path, Any], nn.Module] = io.load_model,
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # without it, tiny activations make CPU training ~7x slower
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.run_dir = Path(config.out_dir)
+        checkpoint = self._find_resume_checkpoint(load_model)
+        if checkpoint is not None and checkpoint.tokenizer_json is not None and tokenizer is None:
+            tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
+        if task is None:
+            from .lm import language_modeling_task
+
+            task, tokenizer = language_modeling_task(config, tokenizer)
+        self.task, self.tokenizer = task, tokenizer
+        torch.manual_seed(config.seed)
+        if checkpoint is not None:
+            model = checkpoint.model
+        elif model is None:
+            model = TokenformerLM(config.model_config(tokenizer.vocab_size if tokenizer else None))
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.param_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
+        )
+        self.state = TrainState()
+        self.resumed_from: Path | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self._wrap_model = wrap_model or self._default_wrap
+        self.wrapped = self._wrap_model(self.model)
+        self.last_checkpoint: Path | None = self.resumed_from
+        self._metrics: MetricsLogger | None = None
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _find_resume_checkpoint(self, load_model) -> Checkpoint | None:
+        resume = self.config.resume
+        if resume is None:
+            return None
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else resolve_checkpoint(resume)
+        if path is None:
+            return None  # "auto" in a run directory without checkpoints: a fresh start
+        return load_checkpoint(path, self.device, load_model)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self._apply_hyperparameters()  # the config in force wins over the saved one
+        saved = checkpoint.trainer_state
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        restore_rng(checkpoint.rng)
+        self.resumed_from = checkpoint.path
+
+    def _apply_hyperparameters(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["betas"] = (self.config.beta1, self.config.beta2)
+            if group["weight_decay"] != 0.0:
+                group["weight_decay"] = self.config.weight_decay
+
+    def _default_wrap(self, model: nn.Module) -> nn.Module:
+        return torch.compile(model) if self.config.compile else model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- training -----------------------------------------------------------------------------
+
+    def fit(self, until_step: int | None = None) -> TrainState:
+        """Train up to optimizer step ``until_step`` (default ``config.max_steps``).
+
+        Validates every ``eval_interval`` steps and checkpoints every ``ckpt_interval`` steps,
+        and both at ``until_step``. Raises :class:`TrainingDiverged` on a NaN/inf loss.
+        """
+        config = self.config
+        target = config.max_steps if until_step is None else until_step
+        if target > config.max_steps:
+            raise ValueError(f"until_step={target} is beyond max_steps={config.max_steps}")
+        self._metrics = self._metrics or MetricsLogger(self.run_dir, start_step=self.state.step)
+        bar = tqdm(total=target, initial=self.state.step, disable=not config.progress, unit="step", dynamic_ncols=True)
+        window_items, window_start = 0, time.perf_counter()
+        try:
+            while self.state.step < target:
+                loss, items = self._train_step()
+                window_items += items
+                step = self.state.step
+                if step % config.log_interval == 0 or step == target:
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_items / elapsed if elapsed > 0 else float("nan")
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self._metrics.log(step, "train", loss=loss, lr=lr, tokens=self.state.tokens, flops=self.state.flops, tokens_per_s=rate)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                    window_items, window_start = 0, time.perf_counter()
+                bar.update(1)
+                if step % config.eval_interval == 0 or step == target:
+                    metrics = self.evaluate()
+                    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+                if step % config.ckpt_interval == 0 or step == target:
+                    self.save_checkpoint()
+                if window_items == 0:  # throughput counts training only, not validation or saving
+                    window_start = time.perf_counter()
+        finally:
+            bar.close()
+        plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
+        return self.state
+
+    def _train_step(self) -> tuple[float, int]:
+        config, step = self.config, self.state.step
+        lr = lr_at(step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total, items = torch.zeros((), device=self.device), 0
+        for micro in range(config.grad_accum):
+            batch = self.task.train_batch(step, micro, self.device)
+            with self._no_sync(micro < config.grad_accum - 1), self.autocast():
+                loss = self.task.loss(self.wrapped, batch)
+            (loss / config.grad_accum).backward()
+            total += loss.detach().float()
+            items += self.task.count(batch)
+        loss_value = float(total) / config.grad_accum
+        self._check_finite("loss", loss_value, step)
+        if config.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+            self._check_finite("gradient norm", norm, step)
+        self.optimizer.step()
+        self.state.step += 1
+        self.state.tokens += items
+        self.state.flops += float(items) * self.task.flops_per_item(self.model)
+        return loss_value, items
+
+    def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
+        # Data-parallel wrappers reduce gradients on every backward unless told to wait for the
+        # last micro-batch of an accumulation.
+        no_sync = getattr(self.wrapped, "no_sync", None)
+        return no_sync() if skip and no_sync is not None else contextlib.nullcontext()
+
+    def _check_finite(self, what: str, value: float, step: int) -> None:
+        if math.isfinite(value):
+            return
+        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{what} is {value} at step {step + 1}; training stopped before updating the weights; {kept}")
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics of the current model; recorded in ``state.val_history`` and the logs."""
+        was_training = self.wrapped.training
+        self.wrapped.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                metrics = self.task.evaluate(self.wrapped, self.device)
+        finally:
+            self.wrapped.train(was_training)
+        self.state.val_history.append({"step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops, **metrics})
+        if self._metrics is not None:
+            self._metrics.log(self.state.step, "val", **{k.removeprefix("val_"): v for k, v in metrics.items()})
+        return metrics
+
+    # -- growth -------------------------------------------------------------------------------
+
+    def grow(self, **tokens: Any) -> GrowthRecord:
+        """:func:`tokenformer.grow` the model, carry AdamW's moments over, and re-wrap the model."""
+        record = grow(self.model, **tokens)
+        carry_optimizer_state(self.optimizer)
+        self.wrapped = self._wrap_model(self.model)  # compiled graphs and DDP buckets know the old shapes
+        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
+        return record
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            **asdict(self.state),
+            "data_position": {"step": self.state.step, "note": "batch i is a pure function of (seed, i)"},
+            "layers": growth_summary(self.model) if isinstance(self.model, TokenformerLM) else None,
+            "train_config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint (default: ``<out_dir>/checkpoints/step-N``, keeping the last ``keep_last``)."""
+        in_run = path is None
+        if in_run:
+            folder = self.run_dir / CHECKPOINTS
+            path = folder / checkpoint_name(self.state.step)
+            io.remove_stale_staging(folder)
+            if path.exists():  # this step was checkpointed already (e.g. fit called again)
+                self.last_checkpoint = path
+                return path
+        tokenizer_json = self.tokenizer.json_text if self.tokenizer is not None else None
+        path = save_checkpoint(path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json)
+        if in_run:
+            prune_checkpoints(self.run_dir, self.config.keep_last)
+        self.last_checkpoint = path
+        return path
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None

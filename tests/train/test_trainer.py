@@ -1,0 +1,131 @@
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from tokenformer.train import Trainer, TrainConfig, TrainingDiverged, language_modeling_task, list_checkpoints, read_metrics, verify_checkpoint
+
+from conftest import tiny_train_options
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_trainer(tmp_path, corpus_file, cache_dir, **overrides) -> Trainer:
+    return Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / "run", **overrides)))
+
+
+def test_training_lowers_validation_loss_and_writes_outputs(tmp_path, corpus_file, cache_dir):
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=30, eval_interval=30, ckpt_interval=30)
+    initial = trainer.evaluate()["val_loss"]
+    assert initial == pytest.approx(math.log(512), abs=0.3)  # an untrained model is near uniform
+    trainer.fit()
+    trainer.close()
+    assert trainer.state.val_history[-1]["val_loss"] < initial - 0.5
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 31))
+    assert {"loss", "lr", "tokens", "flops", "tokens_per_s"} <= set(records[0])
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert trainer.state.flops == pytest.approx(30 * 4 * 32 * trainer.task.flops_per_item(trainer.model))
+
+
+class NaNAtStep:
+    """The language-modelling task, except that the loss of one step is NaN."""
+
+    def __init__(self, task, bad_step):
+        self.task, self.bad_step = task, bad_step
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, batch):
+        loss = self.task.loss(model, batch)
+        return loss * float("nan") if self.bad_step == self.current else loss
+
+    def train_batch(self, step, micro, device):
+        self.current = step + 1
+        return self.task.train_batch(step, micro, device)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, corpus_file, cache_dir):
+    config = TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / "run", ckpt_interval=2))
+    task, tokenizer = language_modeling_task(config)
+    trainer = Trainer(config, task=NaNAtStep(task, bad_step=5), tokenizer=tokenizer)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5; .*last good checkpoint is .*step-00000004"):
+        trainer.fit()
+    trainer.close()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002", "step-00000004"]
+    verify_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000004")
+
+
+class HalvesOfOneBatch:
+    """Micro-batch ``m`` of every step is half ``m`` of one fixed batch of 4 (or all of it)."""
+
+    def __init__(self, task, accum):
+        x, y = task.train_batch(0, 0, torch.device("cpu"))
+        self.task, self.x, self.y, self.accum = task, x, y, accum
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def train_batch(self, step, micro, device):
+        size = 4 // self.accum
+        return self.x[micro * size : (micro + 1) * size], self.y[micro * size : (micro + 1) * size]
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, corpus_file, cache_dir):
+    weights = []
+    for accum in (1, 2):
+        config = TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / f"run{accum}", grad_accum=accum, max_steps=3, eval_interval=3, ckpt_interval=3))
+        task, tokenizer = language_modeling_task(config)
+        trainer = Trainer(config, task=HalvesOfOneBatch(task, accum), tokenizer=tokenizer)
+        trainer.fit()
+        trainer.close()
+        weights.append(trainer.model.state_dict())
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_grow_in_python_keeps_validation_loss_and_continues(tmp_path, corpus_file, cache_dir):
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=8, eval_interval=8)
+    trainer.fit(4)  # validates at its last step
+    before = trainer.state.val_history[-1]["val_loss"]
+    record = trainer.grow(qkv_tokens=24, ffn_tokens=48)
+    assert record.function_preserving
+    assert trainer.evaluate()["val_loss"] == pytest.approx(before, abs=1e-5)
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            assert trainer.optimizer.state[p]["exp_avg"].shape == p.shape
+    trainer.fit()
+    trainer.close()
+    assert trainer.state.step == 8 and trainer.state.growth_history[0]["step"] == 4
+    assert [r["step"] for r in trainer.state.val_history] == [4, 4, 8]
+    assert trainer.model.layers[0].mlp.num_tokens == 48
+
+
+def test_bf16_mixed_precision_trains(tmp_path, corpus_file, cache_dir):
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, precision="bf16-mixed", max_steps=4, eval_interval=4, ckpt_interval=4)
+    trainer.fit()
+    trainer.close()
+    assert math.isfinite(trainer.state.val_history[-1]["val_loss"])
+    assert next(trainer.model.parameters()).dtype == torch.float32  # weights stay fp32
+
+
+def test_resume_in_process_reproduces_the_losses(tmp_path, corpus_file, cache_dir):
+    full = make_trainer(tmp_path / "a", corpus_file, cache_dir)
+    full.fit()
+    full.close()
+    part = make_trainer(tmp_path / "b", corpus_file, cache_dir)
+    part.fit(5)  # checkpoints at 4 and 5; steps after 5 never happen in this process
+    part.close()
+    resumed = make_trainer(tmp_path / "b", corpus_file, cache_dir, resume="auto")
+    assert resumed.state.step == 5
+    resumed.fit()
+    resumed.close()
+    losses = [[(r["step"], r["loss"]) for r in read_metrics(t / "run" / "metrics.jsonl") if r["kind"] == "train"] for t in (tmp_path / "a", tmp_path / "b")]
+    assert [s for s, _ in losses[1]] == list(range(1, 13))
+    for (_, a), (_, b) in zip(*losses):
+        assert abs(a - b) <= 1e-6
