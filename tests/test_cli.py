@@ -46,7 +46,7 @@ def test_train_grow_train_keeps_validation_loss_across_growth(tmp_path, corpus_f
     assert state["growth_history"][0]["after"][0] == {"qkv": 24, "proj": 16, "ffn": 48}
     assert state["layers"][1]["mlp"] == {"tokens": 48, "tau": pytest.approx(32**0.5)}  # tau frozen at the old count
 
-    text = main(["generate", "--model", str(tmp_path / "run"), "--prompt", "In the beginning", "--max_new_tokens", "8"])
+    main(["generate", "--model", str(tmp_path / "run"), "--prompt", "In the beginning", "--max_new_tokens", "8"])
     assert capsys.readouterr().out.startswith("In the beginning")
     main(["eval", "--model", str(tmp_path / "run"), "--data", str(corpus_file), "--max_windows", "4"])
     assert "over 128 tokens of 1 document(s)" in capsys.readouterr().out

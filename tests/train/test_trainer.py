@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from tokenformer.train import Trainer, TrainConfig, TrainingDiverged, language_modeling_task, list_checkpoints, read_metrics, verify_checkpoint
 
@@ -27,6 +28,7 @@ def test_training_lowers_validation_loss_and_writes_outputs(tmp_path, corpus_fil
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 31))
     assert {"loss", "lr", "tokens", "flops", "tokens_per_s"} <= set(records[0])
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert TrainConfig(**yaml.safe_load((run / "train_config.yaml").read_text())) == trainer.config
     if importlib.util.find_spec("tensorboard") is not None:
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert trainer.state.flops == pytest.approx(30 * 4 * 32 * trainer.task.flops_per_item(trainer.model))

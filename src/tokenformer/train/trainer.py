@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,6 +45,9 @@ from .checkpoint import (
 from .config import TrainConfig
 from .metrics import MetricsLogger, plot_loss_curve
 from .task import Task
+
+
+TRAIN_CONFIG = "train_config.yaml"
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,8 +82,8 @@ class Trainer:
     """Trains ``model`` on ``task`` as ``config`` says; resumes when ``config.resume`` is set.
 
     Without ``task`` the trainer builds the language-modelling task from ``config.data``;
-    without ``model`` it builds the ``config.model`` preset (or loads the resumed checkpoint's
-    model). ``wrap_model(model) -> module`` is applied for execution and again after growth;
+    without ``model`` it builds the ``config.model`` preset. When resuming, the checkpoint's
+    model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is applied for execution and again after growth;
     by default it compiles when ``config.compile`` is set. ``load_model(dir, device)`` reads a
     checkpoint's model directory (default: :func:`tokenformer.io.load_model`).
     """
@@ -116,7 +120,7 @@ class Trainer:
             model = TokenformerLM(config.model_config(tokenizer.vocab_size if tokenizer else None))
         self.model = model.to(self.device)
         self.optimizer = torch.optim.AdamW(
-            self.model.param_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=False
+            self.model.param_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2)
         )
         self.state = TrainState()
         self.resumed_from: Path | None = None
@@ -172,7 +176,10 @@ class Trainer:
         target = config.max_steps if until_step is None else until_step
         if target > config.max_steps:
             raise ValueError(f"until_step={target} is beyond max_steps={config.max_steps}")
-        self._metrics = self._metrics or MetricsLogger(self.run_dir, start_step=self.state.step)
+        if self._metrics is None:
+            self._metrics = MetricsLogger(self.run_dir, start_step=self.state.step)
+            # The resolved options, reusable as `tokenformer train --config <out_dir>/train_config.yaml`.
+            io.atomic_write_text(self.run_dir / TRAIN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
         bar = tqdm(total=target, initial=self.state.step, disable=not config.progress, unit="step", dynamic_ncols=True)
         window_items, window_start = 0, time.perf_counter()
         try:
