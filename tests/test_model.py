@@ -6,7 +6,7 @@ import torch
 from tokenformer import TokenformerConfig, TokenformerLM, count_parameters
 from tokenformer.model import apply_rotary, rotary_cos_sin
 
-from conftest import tiny_config
+from conftest import reference_ops, tiny_config
 
 
 def reference_logits(model: TokenformerLM, ids: torch.Tensor) -> torch.Tensor:
@@ -19,18 +19,7 @@ def reference_logits(model: TokenformerLM, ids: torch.Tensor) -> torch.Tensor:
     rot = int(hd * cfg.rotary_pct)
     half = rot // 2
 
-    def gelu(t):
-        return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
-
-    def patt(x, prefix):
-        a = x @ sd[prefix + ".key_param_tokens"].T
-        s = gelu(a / a.norm(dim=-1, keepdim=True) * sd[prefix + ".tau"])
-        return s @ sd[prefix + ".value_param_tokens"]
-
-    def ln(x):
-        mu = x.mean(-1, keepdim=True)
-        var = ((x - mu) ** 2).mean(-1, keepdim=True)
-        return (x - mu) / torch.sqrt(var + cfg.layernorm_eps)
+    patt, ln = reference_ops(sd, cfg.layernorm_eps)
 
     def rotate(t):  # t [T, heads, hd]
         out = t.clone()
