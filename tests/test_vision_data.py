@@ -101,6 +101,9 @@ def test_fashion_mnist_errors(tmp_path):
     write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((10, 32, 32), np.uint8), compress=True)
     with pytest.raises(ValueError, match=r"expected uint8 images of shape \[N, 28, 28\], got uint8 \[10, 32, 32\]"):
         load_fashion_mnist(root, "test")
+    write_idx(root / "train-labels-idx1-ubyte", np.full(30, 10, np.uint8))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte: labels must lie in 0..9 \(10 classes\), found 10"):
+        load_fashion_mnist(root, "train")
     with pytest.raises(ValueError, match="unknown split 'valid'; allowed: train, test"):
         load_fashion_mnist(root, "valid")
     with pytest.raises(ValueError, match="unknown image dataset 'mnist'; allowed: fashion-mnist, cifar10"):
@@ -190,6 +193,9 @@ def test_cifar10_errors(tmp_path):
     fake_cifar_archive(tmp_path / "wrong.tar.gz", members={"test_batch": wrong})
     with pytest.raises(ValueError, match=r"test_batch: expected b'data' as a uint8 array \[N, 3072\], got uint8 \[2, 100\]"):
         load_cifar10(tmp_path / "wrong.tar.gz", "test")
+    fake_cifar_archive(tmp_path / "labels.tar.gz", members={"test_batch": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]})})
+    with pytest.raises(ValueError, match=r"test_batch: labels must lie in 0..9 \(10 classes\), found 0..12"):
+        load_cifar10(tmp_path / "labels.tar.gz", "test")
     fake_cifar_archive(tmp_path / "cut.tar.gz", members={"test_batch": pickle.dumps({b"a": 1})[:-3]})
     with pytest.raises(ValueError, match="test_batch: not a readable pickle"):
         load_cifar10(tmp_path / "cut.tar.gz", "test")

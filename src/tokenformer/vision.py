@@ -39,14 +39,16 @@ class VisionConfig(BlockConfig):
 
     The defaults are the B/16 shape (224x224 RGB, 16x16 patches, d 768, 12 layers, every token
     count d, FFN 4d). ``patch_tokens`` and ``head_tokens`` are the parameter-token counts of the
-    patch projection and the classifier head (ignored by ``projection="linear"``).
+    patch projection and the classifier head (ignored by ``projection="linear"``). ``pool`` is
+    ``"mean"`` by default: the paper trained with the MAE recipe, whose fine-tuning averages the
+    patch tokens; ``"cls"`` adds ViT's class token.
     """
 
     image_size: int = 224
     patch_size: int = 16
     in_channels: int = 3
     num_classes: int = 1000
-    pool: str = "cls"
+    pool: str = "mean"
     patch_tokens: int = 768
     head_tokens: int = 768
 

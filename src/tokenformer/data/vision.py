@@ -143,6 +143,8 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR, split: str = "train
             f"{labels_path}: expected {len(images)} uint8 labels (one per image in {images_path.name}), "
             f"got {labels.dtype} {list(labels.shape)}"
         )
+    if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{labels_path}: labels must lie in 0..9 (10 classes), found {labels.max()}")
     return ImageDataset(torch.from_numpy(images)[:, None], torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES)
 
 
@@ -208,6 +210,8 @@ def _cifar_batch(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{source}: expected b'labels' as {len(images)} integers, got {labels.dtype} {list(labels.shape)}")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < len(CIFAR10_CLASSES):
+        raise ValueError(f"{source}: labels must lie in 0..9 (10 classes), found {labels.min()}..{labels.max()}")
     return images.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
