@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 TF := $(VENV)/bin/tokenformer
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean fashion-mnist
+
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,9 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,hf,eval]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) fashion-mnist
 
-test: $(STAMP)
+test: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q
 
 # Train a small TokenFormer on the embedded corpus, grow it (validation perplexity unchanged),
@@ -35,6 +37,16 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/pattention.py
+
+# Fashion-MNIST for the vision model; Debian and Ubuntu package its IDX files. Not fatal: without
+# apt (or root) the tests that need it are skipped, and training takes the files' directory.
+fashion-mnist:
+	@if [ -d $(FASHION_MNIST_DIR) ]; then echo "Fashion-MNIST: $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		($$SUDO apt-get install -y -q dataset-fashion-mnist || ($$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist)) \
+			|| echo "Fashion-MNIST not installed (apt-get failed); the tests that need it will be skipped"; \
+	else echo "no apt-get: put Fashion-MNIST's four IDX files in a directory and pass it to the loader"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

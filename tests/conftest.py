@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def reference_ops(state: dict[str, torch.Tensor], eps: float):
+    """Pattention (``l2_norm_gelu``) and weight-free LayerNorm written out from the paper's
+    formulas over a float64 state dict, for reference forward passes that share no code with
+    the models."""
+
+    def gelu(t):
+        return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
+
+    def pattention(x, prefix):
+        a = x @ state[prefix + ".key_param_tokens"].T
+        s = gelu(a / a.norm(dim=-1, keepdim=True) * state[prefix + ".tau"])
+        return s @ state[prefix + ".value_param_tokens"]
+
+    def layer_norm(x):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + eps)
+
+    return pattention, layer_norm

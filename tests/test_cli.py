@@ -1,17 +1,16 @@
+import pytest
+
 from tokenformer.cli import main
+from tokenformer.train import list_checkpoints, read_metrics
+
+from conftest import cli_flags, tiny_train_options
 
 
 def test_presets_lists_released_sizes(capsys):
     main(["presets"])
     out = capsys.readouterr().out
     assert "150M" in out and "151.88M" in out and "cpu-1M" in out
-
-
-import pytest
-
-from tokenformer.train import list_checkpoints, read_metrics
-
-from conftest import cli_flags, tiny_train_options
+    assert "fmnist-0.3M      1x28x28" in out and "0.28M" in out and "cifar-1M" in out
 
 
 def test_help_lists_every_training_option_with_its_default(capsys):

@@ -6,6 +6,7 @@ from .growth import TokenUpdateScale, carry_optimizer_state, grow, growth_summar
 from .interop.registration import install as _register_with_transformers
 from .model import TokenformerLM
 from .pattention import NORMS, Pattention
+from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,9 @@ __all__ = [
     "TokenUpdateScale",
     "TokenformerConfig",
     "TokenformerLM",
+    "TokenformerViT",
+    "VISION_PRESETS",
+    "VisionConfig",
     "carry_optimizer_state",
     "count_parameters",
     "from_hf",

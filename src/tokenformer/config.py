@@ -1,4 +1,4 @@
-"""One configuration dataclass for every TokenFormer language model, with named presets."""
+"""Configuration dataclasses: the shared transformer blocks and the language model, with named presets."""
 
 from __future__ import annotations
 
@@ -7,17 +7,47 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .pattention import NORMS
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 PROJECTIONS = ("pattention", "linear")
 TOKEN_KINDS = ("qkv", "proj", "ffn")
 
 
+def check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+
+
+def check_divides(config: Any, divisor: str, total: str) -> None:
+    d, t = getattr(config, divisor), getattr(config, total)
+    if t % d:
+        raise ValueError(f"config field {divisor}={d} must divide {total}={t}; allowed: a divisor of {t}")
+
+
+def check_choice(config: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in allowed:
+        raise ValueError(f"config field {name}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def lookup_preset(presets: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """A preset's fields by case-insensitive name; an unknown name lists the allowed ones."""
+    lowered = {key.lower(): values for key, values in presets.items()}
+    if name.lower() not in lowered:
+        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
+    return lowered[name.lower()]
+
+
 @dataclass
-class TokenformerConfig:
-    """Architecture of a TokenFormer LM (or, with ``projection="linear"``, its Transformer twin).
+class BlockConfig:
+    """The transformer blocks that the language and the vision model share.
 
     ``qkv_tokens``, ``proj_tokens`` and ``ffn_tokens`` are the parameter-token counts of the
     query/key/value, output-projection and feed-forward Pattentions. With ``projection="linear"``
@@ -26,16 +56,12 @@ class TokenformerConfig:
     touched only some layers (``None``: every layer uses the three fields).
     """
 
-    vocab_size: int = 50304
     d_model: int = 768
     n_layers: int = 12
     n_heads: int = 12
     qkv_tokens: int = 768
     proj_tokens: int = 768
     ffn_tokens: int = 3072
-    max_seq_len: int = 2048
-    rotary_pct: float = 0.25
-    rope_base: float = 10000.0
     norm: str = "l2_norm_gelu"
     projection: str = "pattention"
     layernorm_eps: float = 1e-5
@@ -43,30 +69,10 @@ class TokenformerConfig:
     layer_tokens: Optional[list[dict[str, int]]] = field(default=None)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "qkv_tokens", "proj_tokens", "ffn_tokens", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"config field n_heads={self.n_heads} must divide d_model={self.d_model}; "
-                f"allowed: a divisor of {self.d_model}"
-            )
-        if not 0.0 <= self.rotary_pct <= 1.0:
-            raise ValueError(f"config field rotary_pct must lie in [0, 1], got {self.rotary_pct!r}")
-        if self.rotary_dims % 2:
-            raise ValueError(
-                f"rotary dims must be even: rotary_pct={self.rotary_pct} of head_dim={self.head_dim} "
-                f"gives {self.rotary_dims}; choose rotary_pct so that head_dim * rotary_pct is even"
-            )
-        if self.rope_base <= 0:
-            raise ValueError(f"config field rope_base must be positive, got {self.rope_base!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"config field norm={self.norm!r} is unknown; allowed: {', '.join(NORMS)}")
-        if self.projection not in PROJECTIONS:
-            raise ValueError(
-                f"config field projection={self.projection!r} is unknown; allowed: {', '.join(PROJECTIONS)}"
-            )
+        check_positive_ints(self, ("d_model", "n_layers", "n_heads", "qkv_tokens", "proj_tokens", "ffn_tokens"))
+        check_divides(self, "n_heads", "d_model")
+        check_choice(self, "norm", NORMS)
+        check_choice(self, "projection", PROJECTIONS)
         if self.layer_tokens is not None:
             if len(self.layer_tokens) != self.n_layers:
                 raise ValueError(
@@ -84,10 +90,6 @@ class TokenformerConfig:
         return self.d_model // self.n_heads
 
     @property
-    def rotary_dims(self) -> int:
-        return int(self.head_dim * self.rotary_pct)
-
-    @property
     def value_init_std(self) -> float:
         """GPT-NeoX's "wang init" std for layers that write into the residual stream."""
         return 2.0 / (self.n_layers * math.sqrt(self.d_model))
@@ -98,10 +100,10 @@ class TokenformerConfig:
             return dict(self.layer_tokens[layer])
         return {"qkv": self.qkv_tokens, "proj": self.proj_tokens, "ffn": self.ffn_tokens}
 
-    def replace(self, **changes: Any) -> "TokenformerConfig":
+    def replace(self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)
 
-    def parameter_matched_linear(self) -> "TokenformerConfig":
+    def parameter_matched_linear(self) -> Self:
         """The ``projection="linear"`` Transformer with (almost) the same non-embedding parameters.
 
         A Pattention block holds ``2d(3q + p + f)`` weights, a linear block ``4d^2 + 2dh``;
@@ -118,7 +120,7 @@ class TokenformerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TokenformerConfig":
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         return dataclass_from_dict(cls, data, "config field")
 
     def save(self, path: str | Path) -> None:
@@ -127,15 +129,39 @@ class TokenformerConfig:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenformerConfig":
+    def load(cls, path: str | Path) -> Self:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class TokenformerConfig(BlockConfig):
+    """Architecture of a TokenFormer LM (or, with ``projection="linear"``, its Transformer twin)."""
+
+    vocab_size: int = 50304
+    max_seq_len: int = 2048
+    rotary_pct: float = 0.25
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_ints(self, ("vocab_size", "max_seq_len"))
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"config field rotary_pct must lie in [0, 1], got {self.rotary_pct!r}")
+        if self.rotary_dims % 2:
+            raise ValueError(
+                f"rotary dims must be even: rotary_pct={self.rotary_pct} of head_dim={self.head_dim} "
+                f"gives {self.rotary_dims}; choose rotary_pct so that head_dim * rotary_pct is even"
+            )
+        if self.rope_base <= 0:
+            raise ValueError(f"config field rope_base must be positive, got {self.rope_base!r}")
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "TokenformerConfig":
-        key = name.lower()
-        if key not in _PRESETS:
-            raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-        return cls(**{**_PRESETS[key], **overrides})
+        return cls(**{**lookup_preset(PRESETS, name), **overrides})
 
 
 def dataclass_from_dict(cls, data: dict[str, Any], what: str):
@@ -176,4 +202,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-1M": _cpu(4, 128, 4),
     "cpu-5M": _cpu(5, 256, 8),
 }
-_PRESETS = {name.lower(): values for name, values in PRESETS.items()}

@@ -10,10 +10,10 @@ GeLU are elementwise and not counted.
 
 from __future__ import annotations
 
-from .config import TokenformerConfig
+from .config import BlockConfig, TokenformerConfig
 
 
-def _block_weights(config: TokenformerConfig, layer: int) -> int:
+def _block_weights(config: BlockConfig, layer: int) -> int:
     d = config.d_model
     tokens = config.tokens(layer)
     if config.projection == "pattention":
@@ -22,9 +22,14 @@ def _block_weights(config: TokenformerConfig, layer: int) -> int:
     return 4 * d * d + 2 * d * tokens["ffn"]
 
 
+def block_parameters(config: BlockConfig) -> int:
+    """Weights of all transformer blocks (their LayerNorms have none)."""
+    return sum(_block_weights(config, i) for i in range(config.n_layers))
+
+
 def count_parameters(config: TokenformerConfig, non_embedding: bool = False) -> int:
     """Trainable parameters; ``non_embedding`` leaves out the (tied) word embedding."""
-    blocks = sum(_block_weights(config, i) for i in range(config.n_layers))
+    blocks = block_parameters(config)
     final_norm = 2 * config.d_model
     embedding = 0 if non_embedding else config.vocab_size * config.d_model
     return blocks + final_norm + embedding
@@ -34,7 +39,7 @@ def forward_flops_per_token(config: TokenformerConfig, seq_len: int | None = Non
     seq_len = config.max_seq_len if seq_len is None else seq_len
     if seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    weights = sum(_block_weights(config, i) for i in range(config.n_layers))
+    weights = block_parameters(config)
     head = config.d_model * config.vocab_size
     attention = 2 * 2 * seq_len * config.d_model * config.n_layers
     return 2 * (weights + head) + attention

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import TOKEN_KINDS
-from .model import MLP, TokenformerLM
+from .model import MLP
 from .pattention import Pattention
 
 KEY_INITS = ("zeros", "random")
@@ -106,13 +106,13 @@ def _grow_mlp(mlp: MLP, hidden: int, key_init: str, std: float, generator: torch
     return [GrownParameter(f"{name}.fc1.weight", w1, 0, old), GrownParameter(f"{name}.fc2.weight", w2, 1, old)]
 
 
-def layer_tokens(model: TokenformerLM) -> list[dict[str, int]]:
+def layer_tokens(model: nn.Module) -> list[dict[str, int]]:
     """Current token counts (hidden width for a linear MLP) of every layer."""
     config = model.config
     return [config.tokens(i) for i in range(config.n_layers)]
 
 
-def growth_summary(model: TokenformerLM) -> list[dict]:
+def growth_summary(model: nn.Module) -> list[dict]:
     """Per layer: token counts and tau of every Pattention (what a checkpoint records)."""
     summary = []
     for i, block in enumerate(model.layers):
@@ -128,7 +128,7 @@ def growth_summary(model: TokenformerLM) -> list[dict]:
 
 
 def grow(
-    model: TokenformerLM,
+    model: nn.Module,
     qkv_tokens: int | None = None,
     proj_tokens: int | None = None,
     ffn_tokens: int | None = None,
@@ -139,6 +139,9 @@ def grow(
     generator: torch.Generator | None = None,
 ) -> GrowthRecord:
     """Append parameter tokens to every Pattention of a kind, in all layers or in ``layers``.
+
+    ``model`` is a ``TokenformerLM`` or a ``TokenformerViT``: anything with a ``config`` and
+    ``layers`` of blocks. The vision model's patch projection and classifier head keep their size.
 
     Each count is the new total (``None`` leaves that kind alone). New keys are zero
     (function-preserving) or, with ``key_init="random"``, drawn like fresh keys (as the released
@@ -194,7 +197,7 @@ def grow(
     return GrowthRecord(before, after, key_init, preserving, grown)
 
 
-def _set_config_tokens(model: TokenformerLM, counts: list[dict[str, int]]) -> None:
+def _set_config_tokens(model: nn.Module, counts: list[dict[str, int]]) -> None:
     if all(c == counts[0] for c in counts):
         uniform = counts[0]
         model.config = model.config.replace(

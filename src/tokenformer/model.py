@@ -18,17 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TokenformerConfig
+from .config import BlockConfig, TokenformerConfig
 from .pattention import Pattention
 
 
-def make_projection(config: TokenformerConfig, num_tokens: int, out_std: float) -> nn.Module:
-    """A ``d_model -> d_model`` projection: a Pattention, or a bias-free Linear for the baseline."""
+def make_projection(
+    config: BlockConfig, num_tokens: int, out_std: float, in_features: int | None = None, out_features: int | None = None
+) -> nn.Module:
+    """A projection (``d_model -> d_model`` unless given): a Pattention, or a bias-free Linear for the baseline."""
+    in_features = config.d_model if in_features is None else in_features
+    out_features = config.d_model if out_features is None else out_features
     if config.projection == "pattention":
         return Pattention(
-            config.d_model, config.d_model, num_tokens, config.norm, key_std=config.init_std, value_std=config.value_init_std
+            in_features, out_features, num_tokens, config.norm, key_std=config.init_std, value_std=config.value_init_std
         )
-    linear = nn.Linear(config.d_model, config.d_model, bias=False)
+    linear = nn.Linear(in_features, out_features, bias=False)
     nn.init.normal_(linear.weight, std=out_std)
     return linear
 
@@ -36,7 +40,7 @@ def make_projection(config: TokenformerConfig, num_tokens: int, out_std: float) 
 class MLP(nn.Module):
     """The baseline's feed-forward block: Linear -> GELU -> Linear, no biases."""
 
-    def __init__(self, config: TokenformerConfig, hidden: int) -> None:
+    def __init__(self, config: BlockConfig, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.d_model, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, config.d_model, bias=False)
@@ -47,7 +51,7 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def make_ffn(config: TokenformerConfig, num_tokens: int) -> nn.Module:
+def make_ffn(config: BlockConfig, num_tokens: int) -> nn.Module:
     # With Pattention the FFN is a single Pattention: its GeLU is the only non-linearity.
     if config.projection == "pattention":
         return make_projection(config, num_tokens, config.value_init_std)
@@ -102,9 +106,12 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: TokenformerConfig, tokens: dict[str, int]) -> None:
+class SelfAttention(nn.Module):
+    """Multi-head token-token attention; ``causal=False`` (vision) lets every token see every other."""
+
+    def __init__(self, config: BlockConfig, tokens: dict[str, int], causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.query = make_projection(config, tokens["qkv"], config.init_std)
@@ -133,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             start = cache.length
             k, v = cache.update(layer, k, v)
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         elif length == 1:  # one new token sees every cached one
             y = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -144,12 +151,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: TokenformerConfig, layer: int) -> None:
+    def __init__(self, config: BlockConfig, layer: int, causal: bool = True) -> None:
         super().__init__()
         tokens = config.tokens(layer)
         self.layer = layer
         self.eps = config.layernorm_eps
-        self.attention = CausalSelfAttention(config, tokens)
+        self.attention = SelfAttention(config, tokens, causal)
         self.mlp = make_ffn(config, tokens["ffn"])
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,11 +219,7 @@ class TokenformerLM(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: matrices (embedding, parameter tokens, linears) decay; norms do not."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        return weight_decay_groups(self, weight_decay)
 
     @torch.no_grad()
     def generate(
@@ -257,6 +260,16 @@ class TokenformerLM(nn.Module):
                 break
             logits = self(token[:, None], cache=cache)[:, -1]
         return torch.cat(out, dim=1)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float, exclude: tuple[nn.Parameter, ...] = ()) -> list[dict]:
+    """Two AdamW groups: matrices decay; vectors (norms) and the parameters in ``exclude`` do not."""
+    skip = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in skip], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2 or id(p) in skip], "weight_decay": 0.0},
+    ]
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

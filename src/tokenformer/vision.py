@@ -1,0 +1,183 @@
+"""The TokenFormer vision classifier: a ViT whose every linear is a Pattention.
+
+The paper's ImageNet models are ViTs with every projection replaced by Pattention,
+weight-free LayerNorm inside blocks and a parametric final norm; the blocks here are the
+language model's blocks with bidirectional attention::
+
+    x = PatchProj(patches) + pos            # [B, N, d], a class token in front with pool="cls"
+    x = Block(x) ...                        # h = x + Proj(Attn(QKV(LN(x)))); y = h + FFN(LN(h))
+    logits = Head(FinalNorm(pool(x)))       # pool: the class token or the mean over patches
+
+``PatchProj`` (``C * p * p -> d``) and ``Head`` (``d -> num_classes``) are Pattentions too, or
+bias-free Linears with ``projection="linear"`` (the ViT baseline on the same code path).
+Positions are a learned embedding, as in ViT; the blocks get no rotary embedding.
+
+Note that an l2-normalised Pattention is blind to the scale of its input (``x`` and ``2x`` give
+the same scores after normalisation), so the patch projection sees the pattern of a patch, not
+its overall contrast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BlockConfig, check_choice, check_divides, check_positive_ints, lookup_preset
+from .flops import block_parameters
+from .model import Block, make_projection, weight_decay_groups
+
+POOLS = ("cls", "mean")
+
+
+@dataclass
+class VisionConfig(BlockConfig):
+    """Architecture of a TokenFormer ViT; the block fields are the language model's.
+
+    The defaults are the B/16 shape (224x224 RGB, 16x16 patches, d 768, 12 layers, every token
+    count d, FFN 4d). ``patch_tokens`` and ``head_tokens`` are the parameter-token counts of the
+    patch projection and the classifier head (ignored by ``projection="linear"``). ``pool`` is
+    ``"mean"`` by default: the paper trained with the MAE recipe, whose fine-tuning averages the
+    patch tokens; ``"cls"`` adds ViT's class token.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    pool: str = "mean"
+    patch_tokens: int = 768
+    head_tokens: int = 768
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_ints(self, ("image_size", "patch_size", "in_channels", "num_classes", "patch_tokens", "head_tokens"))
+        check_divides(self, "patch_size", "image_size")
+        check_choice(self, "pool", POOLS)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per image: the patches and, with ``pool="cls"``, the class token."""
+        return self.num_patches + (self.pool == "cls")
+
+    def parameter_matched_linear(self) -> "VisionConfig":
+        """The ``projection="linear"`` ViT with (almost) the same number of parameters.
+
+        Blocks, patch projection and head all differ between the two; the MLP hidden width of
+        the baseline absorbs the whole difference.
+        """
+        if self.layer_tokens is not None:
+            raise ValueError("parameter_matched_linear needs uniform token counts (layer_tokens=None)")
+        per_hidden_unit = 2 * self.d_model * self.n_layers
+        without_mlp = count_vision_parameters(self.replace(projection="linear", ffn_tokens=1)) - per_hidden_unit
+        hidden = round((count_vision_parameters(self) - without_mlp) / per_hidden_unit)
+        if hidden < 1:
+            raise ValueError(f"token counts too small to match with a linear ViT of d_model={self.d_model}")
+        return self.replace(projection="linear", ffn_tokens=hidden)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "VisionConfig":
+        return cls(**{**lookup_preset(VISION_PRESETS, name), **overrides})
+
+
+def _small(image_size: int, patch_size: int, in_channels: int, n_layers: int, d: int, n_heads: int) -> dict[str, Any]:
+    # Every token count d and FFN 4d, the released ratios.
+    return dict(
+        image_size=image_size, patch_size=patch_size, in_channels=in_channels, num_classes=10, n_layers=n_layers,
+        d_model=d, n_heads=n_heads, qkv_tokens=d, proj_tokens=d, ffn_tokens=4 * d, patch_tokens=d, head_tokens=d,
+    )
+
+
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    # Fashion-MNIST (28x28 grey, 10 classes): 16 patches of 7x7, or 49 of 4x4.
+    "fmnist-0.3M": _small(28, 7, 1, 4, 64, 4),
+    "fmnist-1M": _small(28, 4, 1, 4, 128, 4),
+    # CIFAR-10 (32x32 RGB, 10 classes): 64 patches of 4x4.
+    "cifar-1M": _small(32, 4, 3, 4, 128, 4),
+}
+
+
+def count_vision_parameters(config: VisionConfig) -> int:
+    """Trainable parameters of a ``TokenformerViT`` built from ``config``."""
+    d = config.d_model
+    if config.projection == "pattention":
+        patch = config.patch_tokens * (config.patch_dim + d)
+        head = config.head_tokens * (d + config.num_classes)
+    else:
+        patch = config.patch_dim * d
+        head = d * config.num_classes
+    class_token = d if config.pool == "cls" else 0
+    return patch + class_token + config.seq_len * d + block_parameters(config) + 2 * d + head
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, N, C * p * p]``, patches in raster order, channel-major inside a patch."""
+    batch, channels, height, width = images.shape
+    p = patch_size
+    patches = images.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // p) * (width // p), channels * p * p)
+
+
+class TokenformerViT(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.patch_proj = make_projection(config, config.patch_tokens, config.init_std, config.patch_dim, d)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, d)) if config.pool == "cls" else None
+        self.pos_embedding = nn.Parameter(torch.empty(1, config.seq_len, d))
+        self.layers = nn.ModuleList(Block(config, i, causal=False) for i in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(d, eps=config.layernorm_eps)
+        self.head = make_projection(config, config.head_tokens, config.init_std, d, config.num_classes)
+        nn.init.normal_(self.pos_embedding, std=config.init_std)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=config.init_std)
+
+    def _check_input(self, images: torch.Tensor) -> None:
+        c = self.config
+        expected = (c.in_channels, c.image_size, c.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected or not images.is_floating_point():
+            raise ValueError(
+                f"images must be a float tensor of shape [batch, {', '.join(map(str, expected))}] "
+                f"(config in_channels, image_size, image_size), got {images.dtype} {tuple(images.shape)}"
+            )
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's output ``[B, seq_len, d]`` (class token first with ``pool="cls"``)."""
+        self._check_input(images)
+        x = self.patch_proj(patchify(images, self.config.patch_size))
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+        x = x + self.pos_embedding
+        # Zero-width rotary tables: apply_rotary is then the identity (positions are learned).
+        no_rotary = x.new_empty(x.shape[1], 0)
+        for block in self.layers:
+            x = block(x, no_rotary, no_rotary)
+        return x
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, num_classes]``; with ``labels`` also the mean cross-entropy."""
+        x = self.features(images)
+        pooled = x[:, 0] if self.config.pool == "cls" else x.mean(dim=1)
+        logits = self.head(self.final_norm(pooled))
+        if labels is None:
+            return logits
+        return logits, F.cross_entropy(logits.float(), labels)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: matrices decay; norms, the position embedding and the class token do not (as in ViT)."""
+        exclude = (self.pos_embedding,) if self.cls_token is None else (self.pos_embedding, self.cls_token)
+        return weight_decay_groups(self, weight_decay, exclude)

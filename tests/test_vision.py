@@ -1,0 +1,221 @@
+import math
+
+import pytest
+import torch
+
+from tokenformer import grow, growth_summary
+from tokenformer.io import load_weights, save_weights
+from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig, count_vision_parameters, patchify
+
+from conftest import reference_ops
+
+
+def tiny_vit(**overrides) -> VisionConfig:
+    """Small enough for float64 references; distinct token counts per kind."""
+    base = dict(
+        image_size=12, patch_size=4, in_channels=2, num_classes=5, d_model=32, n_layers=2, n_heads=4,
+        qkv_tokens=24, proj_tokens=20, ffn_tokens=40, patch_tokens=18, head_tokens=14,
+    )
+    return VisionConfig(**{**base, **overrides})
+
+
+def images_for(cfg: VisionConfig, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+
+
+def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tensor:
+    """The forward pass written out plainly in float64, one image and one patch at a time."""
+    cfg = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    d, heads, p = cfg.d_model, cfg.n_heads, cfg.patch_size
+    hd = d // heads
+
+    patt, ln = reference_ops(sd, cfg.layernorm_eps)
+
+    results = []
+    for image in images.double():
+        rows = []
+        for top in range(0, cfg.image_size, p):
+            for left in range(0, cfg.image_size, p):
+                rows.append(image[:, top : top + p, left : left + p].reshape(-1))
+        x = patt(torch.stack(rows), "patch_proj")
+        if cfg.pool == "cls":
+            x = torch.cat([sd["cls_token"][0], x])
+        x = x + sd["pos_embedding"][0]
+        T = x.shape[0]
+        for i in range(cfg.n_layers):
+            pre = f"layers.{i}."
+            h = ln(x)
+            q, k, v = (patt(h, pre + f"attention.{n}").view(T, heads, hd) for n in ("query", "key", "value"))
+            scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)  # no mask: every patch sees every patch
+            att = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, d)
+            x = x + patt(att, pre + "attention.proj")
+            x = x + patt(ln(x), pre + "mlp")
+        pooled = x[0] if cfg.pool == "cls" else x.mean(0)
+        pooled = ln(pooled) * sd["final_norm.weight"] + sd["final_norm.bias"]
+        results.append(patt(pooled, "head"))
+    return torch.stack(results)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_logits_match_plain_float64_reference(pool):
+    model = TokenformerViT(tiny_vit(pool=pool)).double()
+    images = images_for(model.config).double()
+    torch.testing.assert_close(model(images), reference_logits(model, images), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,pool", [(name, "mean") for name in VISION_PRESETS] + [("fmnist-0.3M", "cls")])
+def test_preset_shapes(name, pool):
+    cfg = VisionConfig.from_preset(name, pool=pool)
+    model = TokenformerViT(cfg)
+    images = images_for(cfg, 2)
+    assert model(images).shape == (2, 10)
+    assert model.features(images).shape == (2, cfg.seq_len, cfg.d_model)
+    assert cfg.seq_len == (cfg.image_size // cfg.patch_size) ** 2 + (pool == "cls")
+    assert sum(p.numel() for p in model.parameters()) == count_vision_parameters(cfg)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_attention_is_bidirectional(pool):
+    # A causal mask would hide the last patch from every earlier position.
+    model = TokenformerViT(tiny_vit(pool=pool))
+    images = images_for(model.config, 1)
+    changed = images.clone()
+    changed[:, :, -4:, -4:] += 1.0  # the last patch in raster order
+    before, after = model.features(images), model.features(changed)
+    assert (after[:, 0] - before[:, 0]).abs().max() > 1e-4  # the first position (class token or first patch)
+    assert (model(changed) - model(images)).abs().max() > 1e-4
+    assert not any(layer.attention.causal for layer in model.layers)
+
+
+def test_patchify_raster_order_channel_major():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    patches = patchify(images, 4)
+    assert patches.shape == (2, 4, 48)
+    # Patch 1 is the top-right one; inside a patch: channel, then row, then column.
+    torch.testing.assert_close(patches[1, 1], images[1, :, 0:4, 4:8].reshape(-1))
+    torch.testing.assert_close(patches[0, 2], images[0, :, 4:8, 0:4].reshape(-1))
+
+
+def test_linear_baseline_shares_code_path():
+    cfg = tiny_vit(projection="linear")
+    model = TokenformerViT(cfg)
+    assert not any("param_tokens" in n for n, _ in model.named_parameters())
+    assert model.patch_proj.weight.shape == (32, cfg.patch_dim) and model.head.weight.shape == (5, 32)
+    assert model.layers[0].mlp.fc1.weight.shape == (cfg.ffn_tokens, 32)
+    assert model(images_for(cfg)).shape == (3, 5)
+    assert sum(p.numel() for p in model.parameters()) == count_vision_parameters(cfg)
+
+
+@pytest.mark.parametrize("name", list(VISION_PRESETS))
+def test_parameter_matched_linear(name):
+    cfg = VisionConfig.from_preset(name)
+    matched = cfg.parameter_matched_linear()
+    assert matched.projection == "linear"
+    n, m = count_vision_parameters(cfg), count_vision_parameters(matched)
+    assert abs(n - m) <= cfg.d_model * cfg.n_layers  # half a hidden unit of rounding at most
+
+
+def trained(model, steps=3, lr=1e-2):
+    """A few AdamW steps, so growth is tested on weights that moved from their init."""
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=lr)
+    cfg = model.config
+    for _ in range(steps):
+        _, loss = model(images_for(cfg, 4), torch.randint(0, cfg.num_classes, (4,)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])
+def test_growth_preserves_logits(norm, pool):
+    model = TokenformerViT(tiny_vit(norm=norm, pool=pool))
+    trained(model)
+    images = images_for(model.config, 4)
+    with torch.no_grad():
+        before = model(images)
+        record = grow(model, qkv_tokens=40, proj_tokens=32, ffn_tokens=96)
+        after = model(images)
+    assert record.function_preserving
+    assert (after - before).abs().max().item() <= 1e-5
+    assert model.config.qkv_tokens == 40 and model.config.ffn_tokens == 96
+    assert model.patch_proj.num_tokens == 18 and model.head.num_tokens == 14  # outside the blocks: unchanged
+    assert sum(p.numel() for p in model.parameters()) == count_vision_parameters(model.config)
+
+
+def test_linear_vit_grows_mlp_net2net_style():
+    model = TokenformerViT(tiny_vit(projection="linear"))
+    trained(model)
+    images = images_for(model.config, 4)
+    with torch.no_grad():
+        before = model(images)
+        record = grow(model, ffn_tokens=64)
+        after = model(images)
+    assert record.function_preserving
+    assert (after - before).abs().max().item() <= 1e-6
+    assert model.layers[1].mlp.fc1.weight.shape == (64, 32)
+
+
+def test_grown_vit_survives_save_and_load(tmp_path):
+    model = TokenformerViT(tiny_vit())
+    trained(model)
+    grow(model, ffn_tokens=56, layers=[1])
+    save_weights(model.state_dict(), tmp_path / "model.safetensors")
+    model.config.save(tmp_path / "config.json")
+    restored = TokenformerViT(VisionConfig.load(tmp_path / "config.json"))
+    restored.load_state_dict(load_weights(tmp_path / "model.safetensors"))
+    assert restored.config == model.config and restored.config.layer_tokens[1]["ffn"] == 56
+    images = images_for(model.config)
+    assert torch.equal(restored(images), model(images))
+    assert growth_summary(restored)[1]["mlp"] == {"tokens": 56, "tau": pytest.approx(40**0.5)}
+
+
+def test_loss_and_bf16_autocast():
+    model = TokenformerViT(tiny_vit())
+    images, labels = images_for(model.config, 6), torch.randint(0, 5, (6,))
+    logits, loss = model(images, labels)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
+    assert abs(loss.item() - math.log(5)) < 0.5  # fresh init: close to uniform
+    with torch.autocast("cpu", torch.bfloat16):
+        low_logits, low_loss = model(images, labels)
+    assert low_loss.dtype == torch.float32 and torch.isfinite(low_loss)
+    assert (low_logits.float() - logits).abs().max() < 0.05
+
+
+def test_param_groups_skip_position_embedding_and_class_token():
+    model = TokenformerViT(tiny_vit(pool="cls"))
+    decay, no_decay = model.param_groups(0.05)
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    assert ids(no_decay) == {id(p) for p in (model.pos_embedding, model.cls_token, model.final_norm.weight, model.final_norm.bias)}
+    assert id(model.patch_proj.key_param_tokens) in ids(decay)
+    assert len(ids(decay)) + len(ids(no_decay)) == len(list(model.parameters()))
+    mean_pool = TokenformerViT(tiny_vit(pool="mean"))
+    assert mean_pool.cls_token is None and len(mean_pool.param_groups(0.05)[1]["params"]) == 3
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ValueError, match="patch_size=5 must divide image_size=12"):
+        tiny_vit(patch_size=5)
+    with pytest.raises(ValueError, match="pool='max' is unknown; allowed: cls, mean"):
+        tiny_vit(pool="max")
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+        tiny_vit(num_classes=0)
+    with pytest.raises(ValueError, match="n_heads=5 must divide d_model=32"):
+        tiny_vit(n_heads=5)
+    with pytest.raises(ValueError, match="unknown preset 'imagenet'; allowed: fmnist-0.3M"):
+        VisionConfig.from_preset("imagenet")
+    model = TokenformerViT(tiny_vit())
+    with pytest.raises(ValueError, match=r"images must be a float tensor of shape \[batch, 2, 12, 12\].*got torch.float32 \(3, 1, 12, 12\)"):
+        model(torch.randn(3, 1, 12, 12))
+    with pytest.raises(ValueError, match="got torch.uint8"):
+        model(torch.zeros(3, 2, 12, 12, dtype=torch.uint8))
+
+
+def test_config_round_trip(tmp_path):
+    cfg = VisionConfig.from_preset("cifar-1M", pool="mean")
+    cfg.save(tmp_path / "config.json")
+    assert VisionConfig.load(tmp_path / "config.json") == cfg
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['vocab_size'\]"):
+        VisionConfig.from_dict({**cfg.to_dict(), "vocab_size": 10})
