@@ -5,6 +5,10 @@ Every arm of a comparison is timed in the same rounds, one call each, in an orde
 from round to round, so that load from other processes falls on all arms alike. Reported:
 the median time per arm and the median over rounds of each arm's time divided by the
 baseline's time in the same round.
+
+``--clock cpu`` times the CPU seconds this process used instead of wall-clock seconds: on a
+machine shared with other jobs, with ``--threads 1``, it leaves out the time the process waited
+for a core (with several threads it would count threads spinning at barriers).
 """
 
 from __future__ import annotations
@@ -31,15 +35,22 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--repeats-bf16", type=int, default=None, help="timed rounds for bf16 cases (default: --repeats)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation happens here)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall-clock or process CPU time (CPU only)")
     parser.add_argument("--out", default=None, help="write the markdown report here")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def setup(args: argparse.Namespace) -> torch.device:
+    device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit(f"--clock cpu measures CPU work; it cannot time a {device.type} device (use --clock wall)")
     # Denormals in late training steps slow CPU kernels by up to 7x.
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return torch.device(args.device)
+    return device
 
 
 def repeats_for(args: argparse.Namespace, dtype: str) -> int:
@@ -52,20 +63,21 @@ def synchronize(device: torch.device) -> None:
 
 
 def interleaved_times(
-    arms: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+    arms: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """Seconds per call of each arm, ``repeats`` rounds after ``warmup`` untimed rounds."""
+    now = CLOCKS[clock]
     names = list(arms)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
-            start = time.perf_counter()
+            start = now()
             arms[name]()
             synchronize(device)
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     return times
 
 
@@ -164,13 +176,14 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str | None, title: str, device: torch.device, body: str) -> str:
+def write_report(path: str | None, title: str, device: torch.device, clock: str, body: str) -> str:
     """The report as markdown; written atomically to ``path`` when one is given."""
+    timing = "wall-clock seconds" if clock == "wall" else "CPU seconds of this process (--clock cpu)"
     text = (
         f"# {title}\n\n"
         f"Command (from the repository root):\n\n    {command_line()}\n\n"
         f"Machine:\n\n{machine_description(device)}\n"
-        f"- Run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{body}\n"
+        f"- Times are {timing}; run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{body}\n"
     )
     if path:
         from tokenformer.io import atomic_write_text

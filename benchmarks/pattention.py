@@ -106,7 +106,7 @@ class Case:
 def run_case(shape, dtype, device, args) -> list[list[object]]:
     case = Case(shape, dtype, device, args.compile)
     arms = {name: (lambda name=name: case.step(name)) for name in case.forwards}
-    times = interleaved_times(arms, repeats_for(args, dtype), args.warmup, device)
+    times = interleaved_times(arms, repeats_for(args, dtype), args.warmup, device, args.clock)
     saved = {
         name: saved_activation_bytes(lambda name=name: case.forward(name), case.weights_and_input())
         for name in case.forwards
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         "by the floor's time in the same round (the floor is eager in every row). Saved and peak "
         "memory are measured on the eager arms.\n\n" + markdown_table(HEADERS, rows)
     )
-    print(write_report(args.out, "Pattention layer: time and memory against the matmul floor and an MLP", device, body))
+    title = "Pattention layer: time and memory against the matmul floor and an MLP"
+    print(write_report(args.out, title, device, args.clock, body))
 
 
 if __name__ == "__main__":

@@ -42,11 +42,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
-def matmul_peak_flops(device: torch.device, precision: str, size: int, repeats: int) -> float:
+def matmul_peak_flops(device: torch.device, precision: str, size: int, repeats: int, clock: str) -> float:
     """FLOP/s of a ``size``-cubed matmul in ``precision`` (median of ``repeats``)."""
     a = torch.randn(size, size, device=device, dtype=PRECISIONS[precision])
     b = torch.randn(size, size, device=device, dtype=PRECISIONS[precision])
-    times = interleaved_times({"mm": lambda: a @ b}, repeats, 1, device)["mm"]
+    times = interleaved_times({"mm": lambda: a @ b}, repeats, 1, device, clock)["mm"]
     return 2 * size**3 / median(times)
 
 
@@ -101,7 +101,7 @@ def train_rows(preset, precision, mode, device, args, peak) -> list[list[object]
     vocab = arms["tokenformer"].config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen).to(device)
     steps = {name: (lambda arm=arm: arm.train_step(ids)) for name, arm in arms.items()}
-    times = interleaved_times(steps, repeats_for(args, precision), args.warmup, device)
+    times = interleaved_times(steps, repeats_for(args, precision), args.warmup, device, args.clock)
     tokens = args.batch * args.seq
     rows = []
     for name, arm in arms.items():
@@ -126,7 +126,11 @@ def generation_rows(preset, precision, device, args) -> list[list[object]]:
     prompt = torch.randint(0, arms["tokenformer"].config.vocab_size, (args.gen_batch, args.gen_prompt), generator=gen)
     prompt = prompt.to(device)
     times = interleaved_times(
-        {name: (lambda arm=arm: arm.generate(prompt, args.gen_tokens)) for name, arm in arms.items()}, args.gen_repeats, 1, device
+        {name: (lambda arm=arm: arm.generate(prompt, args.gen_tokens)) for name, arm in arms.items()},
+        args.gen_repeats,
+        1,
+        device,
+        args.clock,
     )
     rows = []
     for name in arms:
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     add_common_arguments(parser, repeats=10)
     args = parser.parse_args(argv)
     device = setup(args)
-    peaks = {p: matmul_peak_flops(device, p, args.peak_size, 5) for p in args.precisions}
+    peaks = {p: matmul_peak_flops(device, p, args.peak_size, 5, args.clock) for p in args.precisions}
     train, generation = [], []
     for preset in args.presets:
         for precision in args.precisions:
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             f"\n\n## Generation (greedy, KV cache, eager)\n\nBatch {args.gen_batch}, prompt {args.gen_prompt} tokens, "
             f"{args.gen_tokens} new tokens.\n\n" + markdown_table(GEN_HEADERS, generation)
         )
-    print(write_report(args.out, "Training and generation throughput: TokenFormer vs parameter-matched Transformer", device, body))
+    title = "Training and generation throughput: TokenFormer vs parameter-matched Transformer"
+    print(write_report(args.out, title, device, args.clock, body))
 
 
 if __name__ == "__main__":
