@@ -33,6 +33,15 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)
 
 
+def test_rotary_gradient_is_the_inverse_rotation():
+    cfg = tiny_config(rotary_pct=0.5)
+    cos, sin = rotary_cos_sin(cfg, torch.arange(5), torch.float64)
+    # [B, H, T, head_dim] as a view of [B, T, H, head_dim], the layout the model passes in.
+    x = torch.randn(2, 5, cfg.n_heads, cfg.head_dim, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
+    assert apply_rotary(x, cos, sin).stride() == x.stride()
+
+
 def test_logits_depend_on_order_of_earlier_tokens():
     # A batch-first port that slices the release's rotary cache by batch applies position 0's
     # rotation (the identity) everywhere: a one-layer model then cannot tell the order of the

@@ -3,7 +3,10 @@ import math
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from tokenformer import NORMS, Pattention
+from tokenformer.pattention import _use_triton, pattention
 
 
 def reference(x, keys, values, norm, tau):
@@ -33,9 +36,10 @@ def test_matches_formula_in_float64(norm):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
 @pytest.mark.parametrize("norm", NORMS)
-def test_gradcheck_float64(norm):
-    layer = Pattention(6, 5, 9, norm).double()
+def test_gradcheck_float64(norm, impl):
+    layer = Pattention(6, 5, 9, norm, impl=impl).double()
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     fn = lambda inp, k, v: torch.func.functional_call(layer, {"key_param_tokens": k, "value_param_tokens": v}, (inp,))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, layer.key_param_tokens, layer.value_param_tokens))
@@ -105,3 +109,110 @@ def test_backward_reaches_keys_and_values():
     layer = Pattention(8, 8, 16)
     layer(torch.randn(4, 8)).sum().backward()
     assert layer.key_param_tokens.grad.abs().sum() > 0 and layer.value_param_tokens.grad.abs().sum() > 0
+
+
+def _outputs_and_grads(norm, impl, dtype, x, keys, values, weight):
+    leaves = [t.to(dtype).requires_grad_() for t in (x, keys, values)]
+    out = pattention(*leaves, torch.tensor(keys.shape[0] ** 0.5, dtype=dtype), norm, impl)
+    return [out, *torch.autograd.grad((out * weight.to(dtype)).sum(), leaves)]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_fused_exact_to_float32_rounding(norm):
+    # Both float32 paths against the formula in float64: the fused one must be as close as the
+    # plain one (relative error at float32 rounding level) for the output and every gradient.
+    x, values = torch.randn(2, 33, 48, dtype=torch.float64), torch.randn(96, 40, dtype=torch.float64)
+    keys = torch.randn(96, 48, dtype=torch.float64) * 0.5
+    weight = torch.randn(2, 33, 40, dtype=torch.float64)
+    exact = _outputs_and_grads(norm, "reference", torch.float64, x, keys, values, weight)
+    for impl in ("reference", "fused"):
+        got = _outputs_and_grads(norm, impl, torch.float32, x, keys, values, weight)
+        for name, a, e in zip(("output", "grad x", "grad keys", "grad values"), got, exact):
+            error = ((a.double() - e).abs().max() / e.abs().max()).item()
+            assert error < 4e-6, (impl, name, error)
+
+
+def _saved_storages(fn) -> list[torch.Size]:
+    """Shapes of the distinct storages autograd keeps for backward during ``fn()``."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.shape
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_fused_keeps_one_score_matrix_besides_its_output(norm):
+    tokens, d, n = 64, 16, 48
+    x = torch.randn(tokens, d, requires_grad=True)
+    keys, values = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+    tau = torch.tensor(n**0.5)
+    score_sized = {
+        impl: [s for s in _saved_storages(lambda: pattention(x, keys, values, tau, norm, impl)) if s.numel() == tokens * n]
+        for impl in ("reference", "fused")
+    }
+    assert len(score_sized["fused"]) <= 2  # the output, kept by the value product, plus at most one
+    assert len(score_sized["fused"]) < len(score_sized["reference"])
+    # An MLP of the same 2dn weights keeps its hidden layer before and after the GeLU.
+    mlp = _saved_storages(lambda: F.linear(F.gelu(F.linear(x, keys)), values.T))
+    assert len(score_sized["fused"]) <= len([s for s in mlp if s.numel() == tokens * n])
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_fused_under_bf16_autocast(norm):
+    layer = Pattention(64, 32, 128, norm)
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x)
+        layer.impl = "reference"
+        reference = layer(x)
+    assert fused.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), reference.float(), rtol=0.02, atol=0.02)
+    fused.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.key_param_tokens.grad.dtype == torch.float32
+    assert torch.isfinite(layer.key_param_tokens.grad).all() and layer.key_param_tokens.grad.abs().sum() > 0
+
+
+def test_inference_path_equals_training_path():
+    layer = Pattention(16, 8, 40)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        inference = layer(x)
+    torch.testing.assert_close(layer(x), inference, rtol=0, atol=0)
+
+
+def test_non_contiguous_input():
+    layer = Pattention(16, 8, 40)
+    x = torch.randn(16, 6).T  # [6, 16], transposed
+    layer.impl = "reference"
+    expected = layer(x)
+    layer.impl = "fused"
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_trainable_tau_gets_a_gradient():
+    layer = Pattention(8, 8, 16)
+    layer.tau = torch.nn.Parameter(layer.tau.clone())
+    layer(torch.randn(3, 8)).sum().backward()
+    assert layer.tau.grad is not None and layer.tau.grad.abs() > 0
+
+
+def test_auto_picks_triton_only_for_cuda_tensors():
+    assert not _use_triton("auto", torch.zeros(2, 4), "l2_norm_gelu")
+    assert not _use_triton("fused", torch.zeros(2, 4), "l2_norm_gelu")
+
+
+def test_bad_impl_is_named(monkeypatch):
+    with pytest.raises(ValueError, match="unknown Pattention impl 'cuda'; allowed: auto, reference, fused, triton"):
+        Pattention(4, 4, 4, impl="cuda")
+    with pytest.raises(ValueError, match="unknown Pattention impl 'fast'"):
+        pattention(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(1.0), impl="fast")
+    with pytest.raises(ValueError, match="implements norm='l2_norm_gelu' only, got norm='softmax'"):
+        Pattention(4, 4, 4, "softmax", impl="triton")(torch.zeros(2, 4))
+    monkeypatch.setattr("tokenformer.pattention.triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"needs the triton package \(pip install 'tokenformer\[triton\]'\)"):
+        Pattention(4, 4, 4, impl="triton")(torch.zeros(2, 4))

@@ -70,16 +70,38 @@ def rotary_cos_sin(
     return angles.cos(), angles.sin()
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # NeoX rotate-half: the angle table repeats after half of the rotary dims, so the pairs are
+    # (i, i + half) and only the first half of cos/sin is needed.
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    first, second = x[..., :half], x[..., half : 2 * half]
+    out = x.clone()  # keeps x's memory layout: the heads stay a view of [B, T, H, head_dim]
+    out[..., :half] = torch.addcmul(first * c, second, s, value=-1)
+    out[..., half : 2 * half] = torch.addcmul(second * c, first, s)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """A rotation is orthogonal: its gradient is the rotation by the opposite angles. Spelled
+    out, backward needs no zero-filled slice gradients and no concatenations."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` dims of ``x [B, H, T, head_dim]`` (NeoX rotate-half)."""
-    dims = cos.shape[-1]
-    if dims == 0:
+    if cos.shape[-1] == 0:
         return x
-    rot, rest = x[..., :dims], x[..., dims:]
-    first, second = rot.chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    rot = (rot.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
-    return torch.cat((rot, rest), dim=-1)
+    return _Rotary.apply(x, cos, sin)
 
 
 class KVCache:

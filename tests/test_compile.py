@@ -1,0 +1,56 @@
+"""torch.compile: no graph breaks, the compiled fused Pattention equals eager, and growing a
+compiled model costs exactly one recompilation (for the new parameter shapes)."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tokenformer import NORMS, Pattention, TokenformerLM, carry_optimizer_state, grow
+
+from conftest import tiny_config
+
+
+def test_model_traces_without_graph_breaks_under_autocast():
+    # (float32 is traced with fullgraph=True in test_growth_recompiles_once.)
+    model = TokenformerLM(tiny_config())
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(ids[:, :-1], ids[:, 1:])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_compiled_fused_pattention_matches_eager(norm):
+    # aot_eager traces forward and backward of the autograd function as inductor does, without
+    # generating code.
+    torch._dynamo.reset()
+    layer = Pattention(16, 8, 40, norm)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    eager = layer(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), (x, layer.key_param_tokens, layer.value_param_tokens))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    grads = torch.autograd.grad(compiled.square().sum(), (x, layer.key_param_tokens, layer.value_param_tokens))
+    torch.testing.assert_close(compiled, eager)
+    for got, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(got, expected)
+
+
+def test_growth_recompiles_once():
+    torch._dynamo.reset()
+    counters.clear()
+    model = TokenformerLM(tiny_config(n_layers=1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 97, (2, 12))
+
+    def step():
+        compiled(ids[:, :-1], ids[:, 1:])[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return counters["stats"]["unique_graphs"]
+
+    assert [step(), step()] == [1, 1]
+    grow(model, qkv_tokens=30, ffn_tokens=48)
+    carry_optimizer_state(optimizer)
+    assert [step(), step()] == [2, 2]

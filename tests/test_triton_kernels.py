@@ -1,0 +1,44 @@
+"""The Triton kernels of the l2_norm_gelu step against the plain formula: on the CPU through
+Triton's interpreter (in a subprocess: TRITON_INTERPRET is read when kernels are defined) and
+on a CUDA GPU when there is one. The checks live in ``triton_checks.py``."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenformer.pattention import triton_available
+
+import triton_checks
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install 'tokenformer[triton]')")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_triton
+def test_kernels_under_interpreter():
+    checks = Path(triton_checks.__file__)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, str(checks), "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_triton
+@needs_cuda
+def test_kernels_on_cuda():
+    triton_checks.check_kernels("cuda")
+
+
+@needs_triton
+@needs_cuda
+def test_auto_choice_and_bf16_on_cuda():
+    triton_checks.check_cuda_auto_choice_and_bf16()
+
+
+@needs_triton
+@needs_cuda
+def test_compiled_model_on_cuda_matches_eager():
+    triton_checks.check_compiled_model_on_cuda()
