@@ -18,8 +18,18 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _interpreter_runs_chunk_loops() -> bool:
+    # Triton 3.6's interpreter cannot iterate `range(0, n_cols, BLOCK)` over a runtime argument
+    # (compiled kernels can); 3.9's can.
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
 @needs_triton
 def test_kernels_under_interpreter():
+    if not _interpreter_runs_chunk_loops():
+        pytest.skip("this Triton's interpreter cannot run the kernels' chunk loops; Triton >= 3.9 can")
     checks = Path(triton_checks.__file__)
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, str(checks), "cpu"], env=env, capture_output=True, text=True, timeout=300)

@@ -16,8 +16,8 @@ import triton.language as tl
 
 # Longer rows are processed in chunks of this many columns.
 MAX_BLOCK = 4096
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
