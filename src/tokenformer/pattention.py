@@ -197,6 +197,12 @@ def _use_triton(impl: str, x: torch.Tensor, norm: str) -> bool:
     return auto and triton_available()
 
 
+# torch.compile of the fused function is verified from torch 2.13 on; torch 2.11 traced it to
+# wrong values (compiled output and gradients off by up to 100%), so older releases compile the
+# plain formula unless impl="fused" is asked for explicitly.
+_FUSED_COMPILES = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def pattention(
     x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, norm: str = "l2_norm_gelu", impl: str = "auto"
 ) -> torch.Tensor:
@@ -209,7 +215,10 @@ def pattention(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown Pattention impl {impl!r}; allowed: {', '.join(IMPLS)}")
-    if impl == "reference" or tau.requires_grad:
+    plain = impl == "reference" or tau.requires_grad
+    if impl == "auto" and not _FUSED_COMPILES and torch.compiler.is_compiling():
+        plain = True
+    if plain:
         return normalise_scores(F.linear(x, keys), norm, tau) @ values
     use_triton = _use_triton(impl, x, norm)
     # Autocast does not reach into a custom autograd function's backward: cast on the way in.
