@@ -36,6 +36,7 @@ from ..config import TokenformerConfig, dataclass_from_dict
 from ..flops import count_parameters
 from ..growth import TokenUpdateScale
 from ..train import Trainer, TrainConfig, lr_at
+from ..train.config import _is_int, _is_number
 
 ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown")
 GROWN_ARMS = ("tokenformer_grown", "transformer_grown")
@@ -215,14 +216,6 @@ def _stage(index: int, data: Any) -> Stage:
         if not (_is_int(value) and value >= 1):
             raise _plan_error(f"stages[{index}].{name}", value, "a positive integer")
     return Stage(**data)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_plan(path: str | Path, out_dir: str | None = None) -> ScalingPlan:

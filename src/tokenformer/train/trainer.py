@@ -209,7 +209,6 @@ class Trainer:
                     window_start = time.perf_counter()
         finally:
             bar.close()
-        plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
         return self.state
 
     def _train_step(self) -> tuple[float, int]:
@@ -303,6 +302,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        """Close the metrics log and draw the loss curve (once: a staged run calls ``fit`` often)."""
         if self._metrics is not None:
             self._metrics.close()
+            plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
             self._metrics = None
