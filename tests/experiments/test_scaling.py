@@ -140,7 +140,8 @@ def test_ablation_starts_every_variant_from_the_same_checkpoint(finished):
 
 def test_an_interrupted_plan_continues_to_the_same_results(finished, tmp_path, corpus_file, cache_dir, monkeypatch):
     plan, results, _ = finished
-    interrupted = ScalingPlan.from_dict(tiny_plan(corpus_file, cache_dir, tmp_path / "plan"))
+    arms = ["tokenformer_grown", "transformer_grown"]
+    interrupted = ScalingPlan.from_dict(tiny_plan(corpus_file, cache_dir, tmp_path / "plan", arms=arms, ablation=False))
     original, calls = Trainer._train_step, [0]
 
     def dies_at_step_18(self):
@@ -156,8 +157,8 @@ def test_an_interrupted_plan_continues_to_the_same_results(finished, tmp_path, c
         run_plan(interrupted)
     monkeypatch.setattr(Trainer, "_train_step", original)
     resumed = run_plan(interrupted)
-    for arm, runs in results["runs"].items():
-        for lr, result in runs.items():
+    for arm in arms:
+        for lr, result in results["runs"][arm].items():
             again = resumed["runs"][arm][lr]
             assert [(p["step"], p["flops"]) for p in again["curve"]] == [(p["step"], p["flops"]) for p in result["curve"]]
             assert [p["val_loss"] for p in again["curve"]] == pytest.approx([p["val_loss"] for p in result["curve"]], abs=1e-5)
