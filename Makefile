@@ -23,7 +23,8 @@ test: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q
 
 # Train a small TokenFormer on the embedded corpus, grow it (validation perplexity unchanged),
-# train on with AdamW's state carried over, and sample from it. Outputs: runs/demo.
+# train on with AdamW's state carried over, and sample from it. Outputs: runs/demo. Then the
+# scaling experiment in miniature (configs/scaling/demo.yaml): runs/scaling-demo/report.md.
 demo: $(STAMP)
 	rm -rf runs/demo
 	@echo "== 1/4 train cpu-0.3M for 150 steps"
@@ -34,6 +35,9 @@ demo: $(STAMP)
 	$(TF) train --config configs/demo.yaml --resume runs/demo/grown
 	@echo "== 4/4 sample"
 	$(TF) generate --model runs/demo --prompt "And God said" --max_new_tokens 60 --seed 0
+	@echo "== scaling plan in miniature: grown TokenFormer vs from scratch vs Transformer (report: runs/scaling-demo/report.md)"
+	rm -rf runs/scaling-demo
+	$(TF) scale configs/scaling/demo.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/pattention.py

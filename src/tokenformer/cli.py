@@ -277,6 +277,24 @@ def load_for_inference(path: str, tokenizer: Optional[str], device) -> tuple[Any
     return net, load_tokenizer(tokenizer_path), saved
 
 
+def scale(plan: str, out_dir: Optional[str] = None) -> None:
+    """Run a scaling plan: grown TokenFormer against from-scratch and grown Transformer baselines.
+
+    Writes results.json, report.md and plots into the plan's out_dir; rerunning an interrupted
+    plan continues where it stopped (finished runs are kept, unfinished ones resume).
+
+    Args:
+        plan: A plan YAML (configs/scaling/*.yaml).
+        out_dir: Run directory (default: the plan's out_dir).
+    """
+    from .experiments.scaling import load_plan, main_table, run_plan
+
+    command = " ".join(["tokenformer", "scale", plan] + (["--out_dir", out_dir] if out_dir else []))
+    results = run_plan(load_plan(plan, out_dir), command)
+    print(main_table(results))
+    print(f"report: {Path(results['plan']['out_dir']) / 'report.md'}")
+
+
 COMMANDS: dict[str, Callable[..., Any] | type] = {
     "presets": presets,
     "train": train,
@@ -284,7 +302,10 @@ COMMANDS: dict[str, Callable[..., Any] | type] = {
     "generate": generate,
     "eval": evaluate,
     "convert": convert,
+    "scale": scale,
 }
+# Subcommands whose required arguments are positional (`tokenformer scale PLAN.yaml`).
+POSITIONAL = ("scale",)
 
 
 def build_parser() -> ArgumentParser:
@@ -298,7 +319,7 @@ def build_parser() -> ArgumentParser:
         if command is train:
             sub.add_class_arguments(TrainConfig, None, as_group=False)
         else:
-            sub.add_function_arguments(command, None, as_group=False)
+            sub.add_function_arguments(command, None, as_group=False, as_positional=name in POSITIONAL)
         subcommands.add_subcommand(name, sub, help=(command.__doc__ or "").split("\n")[0])
     return parser
 

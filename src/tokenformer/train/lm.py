@@ -45,17 +45,22 @@ class LanguageModelingTask:
 
 @torch.no_grad()
 def evaluate_windows(model: nn.Module, windows: Sequence[np.ndarray], batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean next-token loss and perplexity over ``windows`` (arrays of ``seq_len + 1`` ids)."""
+    """Mean next-token loss and perplexity over ``windows`` (arrays of ``seq_len + 1`` ids).
+
+    ``val_loss_se`` is the standard error of the mean over the batches: differences between
+    models evaluated on the same windows smaller than about twice it are noise.
+    """
     if not windows:
         raise ValueError("nothing to evaluate: no window of seq_len + 1 tokens fits the data")
-    total, count = 0.0, 0
+    losses, sizes = [], []
     for start in range(0, len(windows), batch_size):
         x, y = windows_to_batch(windows[start : start + batch_size])
-        loss = model(x.to(device), y.to(device))[1]
-        total += float(loss) * y.numel()
-        count += y.numel()
-    mean = total / count
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_tokens": count}
+        losses.append(float(model(x.to(device), y.to(device))[1]))
+        sizes.append(y.numel())
+    count = sum(sizes)
+    mean = sum(loss * size for loss, size in zip(losses, sizes)) / count
+    se = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_loss_se": se, "val_tokens": count}
 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[TokenShards, Tokenizer]:

@@ -59,6 +59,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0  # items trained on: tokens for a language model
     flops: float = 0.0
+    wall_time: float = 0.0  # seconds spent in training steps (not validation or saving), all sessions
     val_history: list[dict[str, float]] = field(default_factory=list)
     growth_history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -126,6 +127,8 @@ class Trainer:
         self.resumed_from: Path | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
+        # Replaceable, e.g. by a schedule that warms the learning rate up again after growth.
+        self.lr_schedule: Callable[[int], float] = lambda step: lr_at(step, self.config)
         self._wrap_model = wrap_model or self._default_wrap
         self.wrapped = self._wrap_model(self.model)
         self.last_checkpoint: Path | None = self.resumed_from
@@ -146,7 +149,7 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self._apply_hyperparameters()  # the config in force wins over the saved one
         saved = checkpoint.trainer_state
-        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
         restore_rng(checkpoint.rng)
         self.resumed_from = checkpoint.path
 
@@ -184,7 +187,9 @@ class Trainer:
         window_items, window_start = 0, time.perf_counter()
         try:
             while self.state.step < target:
+                started = time.perf_counter()
                 loss, items = self._train_step()
+                self.state.wall_time += time.perf_counter() - started
                 window_items += items
                 step = self.state.step
                 if step % config.log_interval == 0 or step == target:
@@ -204,12 +209,11 @@ class Trainer:
                     window_start = time.perf_counter()
         finally:
             bar.close()
-        plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
         return self.state
 
     def _train_step(self) -> tuple[float, int]:
         config, step = self.config, self.state.step
-        lr = lr_at(step, config)
+        lr = self.lr_schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -253,7 +257,9 @@ class Trainer:
                 metrics = self.task.evaluate(self.wrapped, self.device)
         finally:
             self.wrapped.train(was_training)
-        self.state.val_history.append({"step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops, **metrics})
+        self.state.val_history.append(
+            {"step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops, "wall_time": self.state.wall_time, **metrics}
+        )
         if self._metrics is not None:
             self._metrics.log(self.state.step, "val", **{k.removeprefix("val_"): v for k, v in metrics.items()})
         return metrics
@@ -296,6 +302,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        """Close the metrics log and draw the loss curve (once: a staged run calls ``fit`` often)."""
         if self._metrics is not None:
             self._metrics.close()
+            plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
             self._metrics = None

@@ -1,0 +1,1 @@
+"""Experiments built on the training pipeline: measured claims with their reports."""
