@@ -283,12 +283,14 @@ def convert(
 def model_directory(path: str) -> Path:
     """The folder with config.json + model.safetensors: a model directory as given, a training
     checkpoint (verified against its manifest) or a run directory's newest complete checkpoint."""
-    from .train.checkpoint import CHECKPOINTS, MANIFEST, resolve_checkpoint, verify_checkpoint
+    from .train.checkpoint import CHECKPOINTS, MANIFEST, is_sharded, resolve_checkpoint, verify_checkpoint
 
     directory = Path(path).expanduser()
     if (directory / MANIFEST).is_file() or (directory / CHECKPOINTS).is_dir():
         directory = resolve_checkpoint(directory)
         verify_checkpoint(directory)
+        if is_sharded(directory):
+            raise ValueError(f"{directory} is a sharded checkpoint; write it whole first: tokenformer consolidate --checkpoint {directory} --out DIR")
     return directory
 
 

@@ -15,7 +15,8 @@ import torch
 
 from tokenformer import io
 from tokenformer.cli import main
-from tokenformer.train import list_checkpoints, read_metrics, verify_checkpoint
+from tokenformer.train import Trainer, TrainConfig, list_checkpoints, read_metrics, verify_checkpoint
+from tokenformer.train.parallel import Distributed, RankSlice
 
 from conftest import cli_flags, tiny_train_options
 
@@ -101,21 +102,31 @@ def test_consolidate_turns_sharded_into_single_file_and_back(runs, tmp_path, cap
     assert (tmp_path / "single" / "optimizer.safetensors").read_bytes() == (tmp_path / "again" / "optimizer.safetensors").read_bytes()
     with pytest.raises(SystemExit):
         main(["consolidate", "--checkpoint", str(sharded), "--out", str(tmp_path / "single")])  # never overwrites
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(sharded), "--max_new_tokens", "2"])
+    assert "is a sharded checkpoint; write it whole first: tokenformer consolidate" in capsys.readouterr().err
+    main(["generate", "--model", str(tmp_path / "single"), "--max_new_tokens", "2", "--device", "cpu"])
 
 
 def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys):
+    """Growth of a sharded checkpoint (gathered by ``tokenformer grow``, resharded on resume),
+    then growth inside the running 2-rank FSDP job (gathered, grown and resharded in memory)."""
     root, options = runs
     sharded = list_checkpoints(root / "fsdp")[-1]
     main(["grow", "--checkpoint", str(sharded), "--out", str(tmp_path / "grown"), "--ffn_tokens", "48", "--qkv_tokens", "24", "--device", "cpu"])
     assert "function preserving: True" in capsys.readouterr().out
     before = [r["loss"] for r in read_metrics(root / "fsdp" / "metrics.jsonl") if r["kind"] == "val" and r["step"] == STEPS][0]
     grown = {**options, "resume": str(tmp_path / "grown"), "out_dir": str(tmp_path / "run"), "max_steps": STEPS + 4, "strategy": "fsdp", "threads": 1}
-    done = subprocess.run(torchrun_command(2, str(WORKER), json.dumps(grown)), env=env(), capture_output=True, text=True, timeout=300)
+    growth = {"grow_at": STEPS + 2, "tokens": {"ffn_tokens": 64}}
+    done = subprocess.run(torchrun_command(2, str(WORKER), json.dumps(grown), json.dumps(growth)), env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    after = json.loads(done.stdout.strip().splitlines()[-1])["first_val_loss"]  # the grown model, resharded over 2 ranks
-    assert abs(after - before) <= 1e-5 * before, (before, after)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert abs(report["first"] - before) <= 1e-5 * before, (before, report)
+    assert abs(report["after"] - report["before"]) <= 1e-5 * report["before"], report
+    assert report["moments_fit"]
     assert sorted(losses(tmp_path / "run")) == list(range(STEPS + 1, STEPS + 5))
-    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-00000024"]
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-00000022", "step-00000024"]  # fit writes one at its last step
+    assert io.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
 
 
 def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_file, cache_dir):
@@ -143,3 +154,14 @@ def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_f
     torchrun(2, {**options, "resume": "auto"})
     main(["train", *cli_flags({**options, "strategy": "single", "out_dir": str(tmp_path / "straight")})])
     assert_same_curve(losses(tmp_path / "killed"), losses(tmp_path / "straight"), range(1, steps + 1))
+
+
+def test_bad_distributed_options_are_refused_with_what_is_allowed(tmp_path, corpus_file, cache_dir, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"strategy='zero' is invalid; allowed: single, ddp, fsdp"):
+        TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, strategy="zero"))
+    with pytest.raises(ValueError, match=r"strategy=fsdp needs the environment torchrun sets \(RANK, .*missing\); launch with: torchrun"):
+        Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, strategy="fsdp")))
+    with pytest.raises(ValueError, match=r"batch_size=3 does not split over 2 ranks"):
+        RankSlice(None, 3, Distributed("ddp", 0, 2))

@@ -95,6 +95,41 @@ def parallelize(model: nn.Module, env: Distributed) -> nn.Module:
     return model
 
 
+def _whole() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True)
+
+
+def place(model: nn.Module, optimizer: torch.optim.Optimizer, env: Distributed, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Parallelize a whole ``model`` and move ``optimizer``'s state to a new optimizer over it.
+
+    Returns the module to run and the new optimizer (``make_optimizer(model)``). The state goes
+    by parameter name, so it lands in the right shards when FSDP2 has replaced the parameters.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=_whole()) if optimizer.state else None
+    wrapped = parallelize(model, env)
+    model.zero_grad(set_to_none=True)  # DCP builds the new optimizer's state with one zero-gradient step, only where no gradient is left
+    optimizer = make_optimizer(model)
+    if state is not None:
+        set_optimizer_state_dict(model, optimizer, state, options=_whole())
+    return wrapped, optimizer
+
+
+def gather(model: nn.Module, optimizer: torch.optim.Optimizer, whole_model: nn.Module, make_optimizer) -> torch.optim.Optimizer:
+    """Copy a sharded ``model`` into ``whole_model`` (same architecture, unsharded) on every rank;
+    returns an optimizer over ``whole_model`` with ``optimizer``'s state gathered. A collective call."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
+
+    whole_model.load_state_dict(get_model_state_dict(model, options=_whole()))
+    state = get_optimizer_state_dict(model, optimizer, options=_whole())
+    whole_optimizer = make_optimizer(whole_model)
+    set_optimizer_state_dict(whole_model, whole_optimizer, state, options=_whole())
+    return whole_optimizer
+
+
 def no_sync(module: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
     """Hold back the gradient reduction of data-parallel wrappers until the last micro-batch."""
     if not skip:

@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .metrics import MetricsLogger, plot_loss_curve
-from .parallel import RankSlice, barrier, broadcast_object, full_value, init_distributed, mean_over_ranks, no_sync, parallelize
+from .parallel import RankSlice, barrier, broadcast_object, full_value, gather, init_distributed, mean_over_ranks, no_sync, place
 from .task import Task
 
 
@@ -134,14 +134,16 @@ class Trainer:
         elif model is None:
             model = TokenformerLM(config.model_config(tokenizer.vocab_size if tokenizer else None))
         self.model = model.to(self.device)
-        optimizer_by_name = self._named_optimizer_state(checkpoint)
+        self._model_class = type(self.model)  # FSDP2 changes the class of the model it shards
         self._wrap_model = wrap_model or self._default_wrap
-        self.wrapped = self._wrap_model(parallelize(self.model, self.dist))
-        self.optimizer = make_optimizer(self.model, config)  # after parallelize: FSDP2 replaces the parameters
+        optimizer = make_optimizer(self.model, config)
+        if checkpoint is not None and not checkpoint.sharded:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        self._place(optimizer)
         self.state = TrainState()
         self.resumed_from: Path | None = None
         if checkpoint is not None:
-            self._restore(checkpoint, optimizer_by_name)
+            self._restore(checkpoint)
         self.last_checkpoint: Path | None = self.resumed_from
         self._metrics: MetricsLogger | None = None
 
@@ -156,24 +158,15 @@ class Trainer:
             return None  # "auto" in a run directory without checkpoints: a fresh start
         return load_checkpoint(path, self.device, load_model)
 
-    def _named_optimizer_state(self, checkpoint: Checkpoint | None) -> dict | None:
-        # A single-file checkpoint's optimizer state is indexed by parameter position; keyed by
-        # name (read while the model is whole) it loads into the sharded optimizer as well.
-        if checkpoint is None or checkpoint.sharded:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    def _place(self, optimizer: torch.optim.Optimizer) -> None:
+        # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
+        # replaces the parameters); compiled graphs and DDP buckets are rebuilt for new shapes.
+        wrapped, self.optimizer = place(self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config))
+        self.wrapped = self._wrap_model(wrapped)
 
-        optimizer = make_optimizer(self.model, self.config)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-        return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True))
-
-    def _restore(self, checkpoint: Checkpoint, optimizer_by_name: dict | None) -> None:
+    def _restore(self, checkpoint: Checkpoint) -> None:
         if checkpoint.sharded:
             load_sharded_state(checkpoint.path, self.model, self.optimizer)
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_by_name, options=StateDictOptions(full_state_dict=True))
         self._apply_hyperparameters()  # the config in force wins over the saved one
         saved = checkpoint.trainer_state
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
@@ -293,15 +286,19 @@ class Trainer:
     # -- growth -------------------------------------------------------------------------------
 
     def grow(self, **tokens: Any) -> GrowthRecord:
-        """:func:`tokenformer.grow` the model, carry AdamW's moments over, and re-wrap the model."""
+        """:func:`tokenformer.grow` the model, carry AdamW's moments over, and re-wrap the model.
+
+        A sharded (FSDP) model is gathered whole on every rank first, grown there, and sharded
+        again with its optimizer state; a collective call then.
+        """
+        optimizer = self.optimizer
         if self.dist.strategy == "fsdp":
-            raise ValueError(
-                "a sharded model does not grow in place; grow its checkpoint (tokenformer grow CHECKPOINT OUT, "
-                "which gathers it) and resume the sharded run from OUT"
-            )
+            whole = self._model_class(self.model.config).to(self.device)
+            optimizer = gather(self.model, self.optimizer, whole, lambda model: make_optimizer(model, self.config))
+            self.model = whole
         record = grow(self.model, **tokens)
-        carry_optimizer_state(self.optimizer)
-        self.wrapped = self._wrap_model(self.model)  # compiled graphs and DDP buckets know the old shapes
+        carry_optimizer_state(optimizer)
+        self._place(optimizer)
         self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
         return record
 
