@@ -20,7 +20,7 @@ from tokenformer.train.parallel import Distributed, RankSlice
 
 from conftest import cli_flags, tiny_train_options
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 WORKER = Path(__file__).with_name("dist_worker.py")
