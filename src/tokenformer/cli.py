@@ -40,17 +40,23 @@ def train(config) -> None:
     """Train a TokenFormer language model (from scratch, or resumed from a checkpoint)."""
     from .train import Trainer
 
-    trainer = Trainer(config)
-    if trainer.resumed_from is not None:
-        print(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
+    from .train.parallel import close_distributed
+
     try:
-        trainer.fit()
+        trainer = Trainer(config)
+        say = print if trainer.dist.is_main else lambda *_: None  # under torchrun, rank 0 speaks for all
+        if trainer.resumed_from is not None:
+            say(f"resumed from {trainer.resumed_from} at step {trainer.state.step}")
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        last = trainer.state.val_history[-1] if trainer.state.val_history else None
+        if last is not None:
+            say(f"step {last['step']}: validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f}")
+        say(f"checkpoint: {trainer.last_checkpoint}")
     finally:
-        trainer.close()
-    last = trainer.state.val_history[-1] if trainer.state.val_history else None
-    if last is not None:
-        print(f"step {last['step']}: validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f}")
-    print(f"checkpoint: {trainer.last_checkpoint}")
+        close_distributed()
 
 
 def grow(
@@ -81,7 +87,7 @@ def grow(
     from .train.checkpoint import read_train_config
 
     source = resolve_checkpoint(checkpoint)
-    config = TrainConfig.from_dict({**read_train_config(source), "resume": str(source), "device": device, "progress": False})
+    config = TrainConfig.from_dict({**read_train_config(source), "resume": str(source), "device": device, "progress": False, "strategy": "single"})
     trainer = Trainer(config)
     before = trainer.evaluate() if evaluate else None
     record = trainer.grow(qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init)
@@ -93,6 +99,30 @@ def grow(
         print(f"validation loss before growth {before['val_loss']:.6f} (perplexity {before['val_ppl']:.2f}), "
               f"right after {after['val_loss']:.6f} (perplexity {after['val_ppl']:.2f})")
     print(f"grown checkpoint: {path}")
+
+
+def consolidate(checkpoint: str, out: str) -> None:
+    """Turn a sharded checkpoint (``--strategy fsdp``) into the single-file format, or a single-file one into a sharded one.
+
+    Args:
+        checkpoint: A training checkpoint, or a run directory (its newest complete checkpoint).
+        out: Directory for the converted checkpoint (must not exist).
+    """
+    from .train import TrainConfig, load_checkpoint, resolve_checkpoint
+    from .train.checkpoint import load_sharded_state, save_checkpoint
+    from .train.trainer import make_optimizer
+
+    source = resolve_checkpoint(checkpoint)
+    loaded = load_checkpoint(source)
+    optimizer = make_optimizer(loaded.model, TrainConfig.from_dict(loaded.trainer_state["train_config"]))
+    if loaded.sharded:
+        load_sharded_state(source, loaded.model, optimizer)
+        path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng)
+    else:
+        optimizer.load_state_dict(loaded.optimizer_state)
+        path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng, sharded=True)
+    kind = "single-file" if loaded.sharded else "sharded"
+    print(f"wrote {source} at step {loaded.trainer_state['step']} as a {kind} checkpoint: {path}")
 
 
 def generate(
@@ -253,12 +283,14 @@ def convert(
 def model_directory(path: str) -> Path:
     """The folder with config.json + model.safetensors: a model directory as given, a training
     checkpoint (verified against its manifest) or a run directory's newest complete checkpoint."""
-    from .train.checkpoint import CHECKPOINTS, MANIFEST, resolve_checkpoint, verify_checkpoint
+    from .train.checkpoint import CHECKPOINTS, MANIFEST, is_sharded, resolve_checkpoint, verify_checkpoint
 
     directory = Path(path).expanduser()
     if (directory / MANIFEST).is_file() or (directory / CHECKPOINTS).is_dir():
         directory = resolve_checkpoint(directory)
         verify_checkpoint(directory)
+        if is_sharded(directory):
+            raise ValueError(f"{directory} is a sharded checkpoint; write it whole first: tokenformer consolidate --checkpoint {directory} --out DIR")
     return directory
 
 
@@ -299,6 +331,7 @@ COMMANDS: dict[str, Callable[..., Any] | type] = {
     "presets": presets,
     "train": train,
     "grow": grow,
+    "consolidate": consolidate,
     "generate": generate,
     "eval": evaluate,
     "convert": convert,

@@ -104,28 +104,39 @@ def save_model(model, directory: str | Path) -> Path:
     ``transformers.AutoModelForCausalLM.from_pretrained``. Weights are written before the config,
     each atomically, so a directory with a config always has complete weights beside it.
     """
-    import json
-
     directory = Path(directory)
     save_weights(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = {**model.config.to_dict(), "model_type": "tokenformer", "architectures": ["TokenformerForCausalLM"]}
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    save_model_config(model, directory)
     return directory
+
+
+def save_model_config(model, directory: Path) -> None:
+    """``config.json`` of a ``TokenformerLM`` (alone in sharded checkpoints, whose weights are shards)."""
+    import json
+
+    config = {**model.config.to_dict(), "model_type": "tokenformer", "architectures": ["TokenformerForCausalLM"]}
+    atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+
+
+def read_model_config(directory: str | Path):
+    """The ``TokenformerConfig`` in a model directory's ``config.json``."""
+    import json
+
+    from .config import TokenformerConfig
+
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a tokenformer model directory")
+    data = json.loads(config_path.read_text())
+    return TokenformerConfig.from_dict({k: v for k, v in data.items() if k not in HF_CONFIG_KEYS})
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     """Load a ``TokenformerLM`` written by :func:`save_model` (grown models keep their tau)."""
-    import json
-
-    from .config import TokenformerConfig
     from .model import TokenformerLM
 
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a tokenformer model directory")
-    data = json.loads(config_path.read_text())
-    config = TokenformerConfig.from_dict({k: v for k, v in data.items() if k not in HF_CONFIG_KEYS})
+    config = read_model_config(directory)
     with torch.device("meta"):
         model = TokenformerLM(config)
     state = load_weights(directory / WEIGHTS_NAME, device)

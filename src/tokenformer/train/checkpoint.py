@@ -12,10 +12,21 @@ A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNNN``::
 It is built in a hidden staging folder and renamed into place, so a crash never leaves a
 half-written checkpoint under its real name; the manifest catches later truncation or bit rot.
 The model directory loads on its own with ``tokenformer.io.load_model``.
+
+A *sharded* checkpoint (written by ``--strategy fsdp``) has the same layout except that the
+weights and optimizer moments are ``torch.distributed.checkpoint`` shards::
+
+    config.json, tokenizer.json, trainer_state.json, manifest.json   as above
+    rng.safetensors                  rank 0's RNG states
+    dcp/                             the model and optimizer state, one file per writing rank
+
+It loads on any number of ranks (DCP reshards on load), including one process without a
+process group; ``tokenformer consolidate`` turns it into the single-file format and back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -34,6 +45,8 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
 TOKENIZER = "tokenizer.json"
+SHARDS = "dcp"
+RNG = "rng.safetensors"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -96,19 +109,90 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     tokenizer_json: str | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
+    sharded: bool = False,
 ) -> Path:
-    """Write a complete checkpoint at ``directory`` (which must not exist yet), atomically."""
+    """Write a complete checkpoint at ``directory`` (which must not exist yet), atomically.
+
+    ``rng`` defaults to this process's RNG states. ``sharded`` writes the weights and optimizer
+    state with ``torch.distributed.checkpoint``: then this is a collective call, every rank
+    writing its shards into one staging folder (on a file system all ranks share) and rank 0
+    adding the rest and renaming the folder into place.
+    """
+    import torch.distributed as dist
+
     directory = Path(directory)
-    with io.atomic_directory(directory) as staging:
-        io.save_model(model, staging)
-        if tokenizer_json is not None:
-            io.atomic_write_text(staging / TOKENIZER, tokenizer_json)
-        tensors, meta = optimizer_to_tensors(optimizer.state_dict())
-        io.save_weights({**tensors, **rng_tensors()}, staging / OPTIMIZER)
-        io.atomic_write_text(staging / STATE, json.dumps({**trainer_state, "optimizer": meta}, indent=2) + "\n")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(staging.iterdir()) if p.is_file()}
-        io.atomic_write_text(staging / MANIFEST, json.dumps({"files": files}, indent=2) + "\n")
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
+    collective = sharded and dist.is_initialized()
+    main = not collective or dist.get_rank() == 0
+    rng = rng_tensors() if rng is None else rng
+    with io.atomic_directory(directory) if main else contextlib.nullcontext() as staging:
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            if collective:
+                box = [str(staging) if main else None]
+                dist.broadcast_object_list(box, src=0)
+                staging = Path(box[0])
+            with _one_process_is_fine():
+                dcp.save(_named_state(model, optimizer), checkpoint_id=staging / SHARDS)
+        if main:
+            if sharded:
+                io.save_model_config(model, staging)
+                io.save_weights(rng, staging / RNG)
+            else:
+                io.save_model(model, staging)
+                tensors, meta = optimizer_to_tensors(optimizer.state_dict())
+                io.save_weights({**tensors, **rng}, staging / OPTIMIZER)
+                trainer_state = {**trainer_state, "optimizer": meta}
+            if tokenizer_json is not None:
+                io.atomic_write_text(staging / TOKENIZER, tokenizer_json)
+            io.atomic_write_text(staging / STATE, json.dumps(trainer_state, indent=2) + "\n")
+            _write_manifest(staging)
+    if collective:
+        dist.barrier()  # no rank goes on before the checkpoint is in place
     return directory
+
+
+def _write_manifest(staging: Path) -> None:
+    files = {
+        p.relative_to(staging).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(staging.rglob("*"))
+        if p.is_file()
+    }
+    io.atomic_write_text(staging / MANIFEST, json.dumps({"files": files}, indent=2) + "\n")
+
+
+def is_sharded(directory: str | Path) -> bool:
+    return (Path(directory) / SHARDS).is_dir()
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    # Without a process group DCP reads and writes as a single process, as meant here, and warns.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
+        yield
+
+
+def _named_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    # Keyed by parameter name, and sharded like the model: what DCP saves and reshards on load.
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def load_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Fill ``model`` and ``optimizer`` (sharded or not, on any number of ranks) from a sharded checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _named_state(model, optimizer)
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=Path(directory) / SHARDS)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def verify_checkpoint(directory: str | Path) -> dict:
@@ -141,6 +225,7 @@ class Checkpoint:
     optimizer_state: dict
     rng: dict[str, torch.Tensor]
     tokenizer_json: str | None
+    sharded: bool = False  # model is freshly initialised; load_sharded_state fills it and the optimizer
 
 
 def load_checkpoint(
@@ -148,16 +233,26 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     load_model: Callable[[Path, Any], nn.Module] = io.load_model,
 ) -> Checkpoint:
-    """Verify, then load a checkpoint (safetensors and JSON only: no pickled code runs)."""
+    """Verify, then load a checkpoint (safetensors and JSON only: no pickled code runs).
+
+    Of a sharded checkpoint this reads everything but the shards: the model is built from its
+    config, and :func:`load_sharded_state` fills it once it is placed (and sharded) and has an optimizer.
+    """
+    from ..model import TokenformerLM
+
     directory = Path(directory)
     verify_checkpoint(directory)
-    model = load_model(directory, device)
     state = json.loads((directory / STATE).read_text())
+    tokenizer_path = directory / TOKENIZER
+    tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
+    if is_sharded(directory):
+        model = TokenformerLM(io.read_model_config(directory)).to(device)
+        rng = io.load_weights(directory / RNG, device="cpu")
+        return Checkpoint(directory, model, state, {}, rng, tokenizer_json, sharded=True)
+    model = load_model(directory, device)
     tensors = io.load_weights(directory / OPTIMIZER, device="cpu")
     optimizer_state = optimizer_from_tensors(tensors, state.pop("optimizer"))
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    tokenizer_path = directory / TOKENIZER
-    tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
     return Checkpoint(directory, model, state, optimizer_state, rng, tokenizer_json)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 from ..config import TokenformerConfig, dataclass_from_dict
 
 Precision = Literal["fp32", "bf16-mixed"]
+Strategy = Literal["single", "ddp", "fsdp"]
 
 
 @dataclass
@@ -44,6 +45,11 @@ class TrainConfig:
         device: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1``, ...
         threads: CPU threads for PyTorch's intra-op parallelism (null: PyTorch's default). On a
             busy machine, fewer threads than cores can be much faster for small models.
+        strategy: ``single`` (one process), or under ``torchrun``: ``ddp`` (DistributedDataParallel,
+            a replica per rank) or ``fsdp`` (FSDP2 ``fully_shard``: parameters, gradients and
+            optimizer state sharded over the ranks; sharded checkpoints). ``batch_size`` stays the
+            global micro-batch: each rank takes ``batch_size / ranks`` of its rows.
+        dist_timeout: Seconds a rank waits for the others in a collective before the job fails.
         seed: Seeds the model init and every batch (batch i depends only on seed and i).
         out_dir: Run directory: checkpoints/, metrics.jsonl, loss_curve.png, TensorBoard events.
         resume: ``auto`` (newest complete checkpoint in out_dir, if any), a checkpoint or run
@@ -78,6 +84,8 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     threads: Optional[int] = None
+    strategy: Strategy = "single"
+    dist_timeout: float = 600.0
     seed: int = 1337
     out_dir: str = "runs/tokenformer"
     resume: Optional[str] = None
@@ -104,6 +112,9 @@ class TrainConfig:
         _check(self, "val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
         allowed = typing.get_args(Precision)
         _check(self, "precision", lambda v: v in allowed, " or ".join(allowed))
+        strategies = typing.get_args(Strategy)
+        _check(self, "strategy", lambda v: v in strategies, ", ".join(strategies))
+        _check(self, "dist_timeout", lambda v: _is_number(v) and v > 0, "a number of seconds > 0")
         _check(self, "device", lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps", "xpu"), "auto, cpu, cuda[:N], mps or xpu")
         _check(self, "data", lambda v: bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)), "a corpus name, path or glob, or a list of them")
         _check(self, "resume", lambda v: v is None or (isinstance(v, str) and v != ""), "auto, a checkpoint or run directory, or null")

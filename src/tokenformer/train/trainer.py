@@ -8,9 +8,11 @@ Usable from Python as well as from the command line::
     trainer.fit()                          # continue, optimizer state carried, to max_steps
     trainer.state.val_history              # [{"step", "tokens", "flops", "val_loss", ...}, ...]
 
-What is specific to a problem sits behind :class:`~tokenformer.train.task.Task`; how the model
-is wrapped for execution (``torch.compile``, DDP, FSDP) is the ``wrap_model`` hook. The trainer
-keeps the bare model for growth and checkpoints and runs the wrapped one.
+What is specific to a problem sits behind :class:`~tokenformer.train.task.Task`. Data
+parallelism (``config.strategy``: DDP or FSDP2 under ``torchrun``) is applied from outside by
+:func:`tokenformer.train.parallel.parallelize`; further wrapping for execution (``torch.compile``)
+is the ``wrap_model`` hook. The trainer keeps the model for growth and checkpoints and runs the
+wrapped one.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
+    load_sharded_state,
     prune_checkpoints,
     resolve_checkpoint,
     restore_rng,
@@ -44,6 +47,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .metrics import MetricsLogger, plot_loss_curve
+from .parallel import RankSlice, barrier, broadcast_object, full_value, gather, init_distributed, mean_over_ranks, no_sync, place
 from .task import Task
 
 
@@ -68,6 +72,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on the matrices only."""
+    return torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -100,7 +109,8 @@ class Trainer:
         load_model: Callable[[Path, Any], nn.Module] = io.load_model,
     ) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.dist = init_distributed(config.strategy, resolve_device(config.device), config.dist_timeout)
+        self.device = self.dist.device
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # without it, tiny activations make CPU training ~7x slower
         if config.threads is not None:
@@ -112,25 +122,31 @@ class Trainer:
         if task is None:
             from .lm import language_modeling_task
 
+            if not self.dist.is_main:
+                barrier(self.dist)  # rank 0 trains the tokenizer and writes the token shards to the cache first
             task, tokenizer = language_modeling_task(config, tokenizer)
-        self.task, self.tokenizer = task, tokenizer
+            if self.dist.is_main:
+                barrier(self.dist)
+        self.task = RankSlice(task, config.batch_size, self.dist) if self.dist.active else task
+        self.tokenizer = tokenizer
         torch.manual_seed(config.seed)
         if checkpoint is not None:
             model = checkpoint.model
         elif model is None:
             model = TokenformerLM(config.model_config(tokenizer.vocab_size if tokenizer else None))
         self.model = model.to(self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.param_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2)
-        )
+        self._model_class = type(self.model)  # FSDP2 changes the class of the model it shards
+        self._wrap_model = wrap_model or self._default_wrap
+        optimizer = make_optimizer(self.model, config)
+        if checkpoint is not None and not checkpoint.sharded:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        self._place(optimizer)
         self.state = TrainState()
         self.resumed_from: Path | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
         # Replaceable, e.g. by a schedule that warms the learning rate up again after growth.
         self.lr_schedule: Callable[[int], float] = lambda step: lr_at(step, self.config)
-        self._wrap_model = wrap_model or self._default_wrap
-        self.wrapped = self._wrap_model(self.model)
         self.last_checkpoint: Path | None = self.resumed_from
         self._metrics: MetricsLogger | None = None
 
@@ -145,8 +161,15 @@ class Trainer:
             return None  # "auto" in a run directory without checkpoints: a fresh start
         return load_checkpoint(path, self.device, load_model)
 
+    def _place(self, optimizer: torch.optim.Optimizer) -> None:
+        # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
+        # replaces the parameters); compiled graphs and DDP buckets are rebuilt for new shapes.
+        wrapped, self.optimizer = place(self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config))
+        self.wrapped = self._wrap_model(wrapped)
+
     def _restore(self, checkpoint: Checkpoint) -> None:
-        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        if checkpoint.sharded:
+            load_sharded_state(checkpoint.path, self.model, self.optimizer)
         self._apply_hyperparameters()  # the config in force wins over the saved one
         saved = checkpoint.trainer_state
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
@@ -179,11 +202,12 @@ class Trainer:
         target = config.max_steps if until_step is None else until_step
         if target > config.max_steps:
             raise ValueError(f"until_step={target} is beyond max_steps={config.max_steps}")
-        if self._metrics is None:
+        main = self.dist.is_main  # only rank 0 prints and writes logs
+        if self._metrics is None and main:
             self._metrics = MetricsLogger(self.run_dir, start_step=self.state.step)
             # The resolved options, reusable as `tokenformer train --config <out_dir>/train_config.yaml`.
             io.atomic_write_text(self.run_dir / TRAIN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
-        bar = tqdm(total=target, initial=self.state.step, disable=not config.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=target, initial=self.state.step, disable=not (config.progress and main), unit="step", dynamic_ncols=True)
         window_items, window_start = 0, time.perf_counter()
         try:
             while self.state.step < target:
@@ -192,7 +216,7 @@ class Trainer:
                 self.state.wall_time += time.perf_counter() - started
                 window_items += items
                 step = self.state.step
-                if step % config.log_interval == 0 or step == target:
+                if (step % config.log_interval == 0 or step == target) and main:
                     elapsed = time.perf_counter() - window_start
                     rate = window_items / elapsed if elapsed > 0 else float("nan")
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -202,7 +226,8 @@ class Trainer:
                 bar.update(1)
                 if step % config.eval_interval == 0 or step == target:
                     metrics = self.evaluate()
-                    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+                    if main:
+                        bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
                 if step % config.ckpt_interval == 0 or step == target:
                     self.save_checkpoint()
                 if window_items == 0:  # throughput counts training only, not validation or saving
@@ -225,10 +250,10 @@ class Trainer:
             (loss / config.grad_accum).backward()
             total += loss.detach().float()
             items += self.task.count(batch)
-        loss_value = float(total) / config.grad_accum
+        loss_value = float(mean_over_ranks(total, self.dist)) / config.grad_accum
         self._check_finite("loss", loss_value, step)
         if config.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+            norm = float(full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)))
             self._check_finite("gradient norm", norm, step)
         self.optimizer.step()
         self.state.step += 1
@@ -239,8 +264,7 @@ class Trainer:
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
         # Data-parallel wrappers reduce gradients on every backward unless told to wait for the
         # last micro-batch of an accumulation.
-        no_sync = getattr(self.wrapped, "no_sync", None)
-        return no_sync() if skip and no_sync is not None else contextlib.nullcontext()
+        return no_sync(self.wrapped, skip)
 
     def _check_finite(self, what: str, value: float, step: int) -> None:
         if math.isfinite(value):
@@ -267,10 +291,19 @@ class Trainer:
     # -- growth -------------------------------------------------------------------------------
 
     def grow(self, **tokens: Any) -> GrowthRecord:
-        """:func:`tokenformer.grow` the model, carry AdamW's moments over, and re-wrap the model."""
+        """:func:`tokenformer.grow` the model, carry AdamW's moments over, and re-wrap the model.
+
+        A sharded (FSDP) model is gathered whole on every rank first, grown there, and sharded
+        again with its optimizer state; a collective call then.
+        """
+        optimizer = self.optimizer
+        if self.dist.strategy == "fsdp":
+            whole = self._model_class(self.model.config).to(self.device)
+            optimizer = gather(self.model, self.optimizer, whole, lambda model: make_optimizer(model, self.config))
+            self.model = whole
         record = grow(self.model, **tokens)
-        carry_optimizer_state(self.optimizer)
-        self.wrapped = self._wrap_model(self.model)  # compiled graphs and DDP buckets know the old shapes
+        carry_optimizer_state(optimizer)
+        self._place(optimizer)
         self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
         return record
 
@@ -286,20 +319,24 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint (default: ``<out_dir>/checkpoints/step-N``, keeping the last ``keep_last``)."""
-        in_run = path is None
+        in_run, main = path is None, self.dist.is_main
         if in_run:
             folder = self.run_dir / CHECKPOINTS
             path = folder / checkpoint_name(self.state.step)
-            io.remove_stale_staging(folder)
-            if path.exists():  # this step was checkpointed already (e.g. fit called again)
+            if main:
+                io.remove_stale_staging(folder)
+            if broadcast_object(path.exists(), self.dist):  # this step was checkpointed already (e.g. fit called again)
                 self.last_checkpoint = path
                 return path
         tokenizer_json = self.tokenizer.json_text if self.tokenizer is not None else None
-        path = save_checkpoint(path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json)
-        if in_run:
+        sharded = self.dist.strategy == "fsdp"
+        if sharded or main:  # DDP replicas are identical: rank 0 writes
+            save_checkpoint(path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json, sharded=sharded)
+        if in_run and main:
             prune_checkpoints(self.run_dir, self.config.keep_last)
-        self.last_checkpoint = path
-        return path
+        barrier(self.dist)
+        self.last_checkpoint = Path(path)
+        return self.last_checkpoint
 
     def close(self) -> None:
         """Close the metrics log and draw the loss curve (once: a staged run calls ``fit`` often)."""
