@@ -37,7 +37,8 @@ class TrainConfig:
             or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``[datasets]`` extra and network access).
         tokenizer: ``bpe`` trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
         vocab_size: Vocabulary size of the trained BPE.
-        val_fraction: Share of the corpus held out for validation (deterministic, spread evenly).
+        val_fraction: Share of the corpus (of the training images with ``task: vision``) held out
+            for validation (deterministic, spread evenly).
         cache_dir: Where tokenizers and token shards are cached (default ``$TOKENFORMER_CACHE`` or ``~/.cache/tokenformer``).
         seq_len: Tokens per training sequence.
         batch_size: Sequences per micro-batch.
@@ -60,7 +61,8 @@ class TrainConfig:
         resume: ``auto`` (newest complete checkpoint in out_dir, if any), a checkpoint or run
             directory, or null to start from scratch.
         eval_interval: Validate every this many steps (and at the end).
-        eval_batches: Validation batches of batch_size windows, the same windows every time.
+        eval_batches: Validation batches of batch_size windows, the same windows every time
+            (language models; a classifier validates on all of its held-out images).
         log_interval: Log the training loss every this many steps.
         ckpt_interval: Write a checkpoint every this many steps (and at the end).
         keep_last: Checkpoints to keep in out_dir/checkpoints (older ones are deleted).
