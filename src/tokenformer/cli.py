@@ -37,10 +37,11 @@ def presets() -> None:
 
 
 def train(config) -> None:
-    """Train a TokenFormer language model (from scratch, or resumed from a checkpoint)."""
+    """Train a TokenFormer language model or, with ``--task vision``, image classifier (from
+    scratch, or resumed from a checkpoint). A classifier is tested on the test split at the end."""
     from .train import Trainer
-
     from .train.parallel import close_distributed
+    from .train.vision import CONFUSION_PNG, ImageClassificationTask
 
     try:
         trainer = Trainer(config)
@@ -53,10 +54,22 @@ def train(config) -> None:
             trainer.close()
         last = trainer.state.val_history[-1] if trainer.state.val_history else None
         if last is not None:
-            say(f"step {last['step']}: validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f}")
+            say(f"step {last['step']}: {describe_validation(last)}")
+        if isinstance(trainer.task, ImageClassificationTask):
+            result = trainer.task.test(trainer.model, trainer.run_dir)
+            say(f"test accuracy {result.accuracy:.4f} (loss {result.loss:.4f}) over {result.count} images; "
+                f"confusion matrix: {trainer.run_dir / CONFUSION_PNG}")
         say(f"checkpoint: {trainer.last_checkpoint}")
     finally:
         close_distributed()
+
+
+def describe_validation(metrics: dict[str, float]) -> str:
+    """The validation loss with the task's own measure: perplexity, or accuracy."""
+    text = f"validation loss {metrics['val_loss']:.6f}"
+    if "val_ppl" in metrics:
+        return text + f" (perplexity {metrics['val_ppl']:.2f})"
+    return text + f" (accuracy {metrics['val_accuracy']:.4f})"
 
 
 def grow(
@@ -93,11 +106,11 @@ def grow(
     record = trainer.grow(qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init)
     after = trainer.evaluate() if evaluate else None
     path = trainer.save_checkpoint(out)
+    parameters = sum(p.numel() for p in trainer.model.parameters())
     print(f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer "
-          f"({count_parameters(trainer.model.config) / 1e6:.2f}M parameters, function preserving: {record.function_preserving})")
+          f"({parameters / 1e6:.2f}M parameters, function preserving: {record.function_preserving})")
     if before is not None:
-        print(f"validation loss before growth {before['val_loss']:.6f} (perplexity {before['val_ppl']:.2f}), "
-              f"right after {after['val_loss']:.6f} (perplexity {after['val_ppl']:.2f})")
+        print(f"before growth: {describe_validation(before)}; right after: {describe_validation(after)}")
     print(f"grown checkpoint: {path}")
 
 

@@ -121,6 +121,17 @@ def count_vision_parameters(config: VisionConfig) -> int:
     return patch + class_token + config.seq_len * d + block_parameters(config) + 2 * d + head
 
 
+def training_flops_per_image(config: VisionConfig) -> int:
+    """Forward + backward FLOPs per image, by the conventions of :mod:`tokenformer.flops`: every
+    token of the sequence passes the block weights and attends to the whole sequence; the patch
+    projection runs once per patch and the head once per image."""
+    d, n = config.d_model, config.seq_len
+    patch_weights = config.patch_tokens * (config.patch_dim + d) if config.projection == "pattention" else config.patch_dim * d
+    head_weights = config.head_tokens * (d + config.num_classes) if config.projection == "pattention" else d * config.num_classes
+    blocks = n * (2 * block_parameters(config) + 2 * 2 * n * d * config.n_layers)
+    return 3 * (blocks + 2 * patch_weights * config.num_patches + 2 * head_weights)
+
+
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[B, C, H, W] -> [B, N, C * p * p]``, patches in raster order, channel-major inside a patch."""
     batch, channels, height, width = images.shape

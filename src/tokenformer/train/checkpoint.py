@@ -238,15 +238,13 @@ def load_checkpoint(
     Of a sharded checkpoint this reads everything but the shards: the model is built from its
     config, and :func:`load_sharded_state` fills it once it is placed (and sharded) and has an optimizer.
     """
-    from ..model import TokenformerLM
-
     directory = Path(directory)
     verify_checkpoint(directory)
     state = json.loads((directory / STATE).read_text())
     tokenizer_path = directory / TOKENIZER
     tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
     if is_sharded(directory):
-        model = TokenformerLM(io.read_model_config(directory)).to(device)
+        model = io.build_model(io.read_model_config(directory)).to(device)
         rng = io.load_weights(directory / RNG, device="cpu")
         return Checkpoint(directory, model, state, {}, rng, tokenizer_json, sharded=True)
     model = load_model(directory, device)

@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from ..config import TokenformerConfig, dataclass_from_dict
+from ..vision import VisionConfig
 
 Precision = Literal["fp32", "bf16-mixed"]
 Strategy = Literal["single", "ddp", "fsdp"]
+TaskName = Literal["lm", "vision"]
+VisionDataset = Literal["fashion-mnist", "cifar10"]
 
 
 @dataclass
@@ -19,15 +22,24 @@ class TrainConfig:
     """Options of a training run.
 
     Args:
+        task: ``lm`` (causal language modelling on ``data``) or ``vision`` (image classification
+            on ``dataset``; ``model`` is then a vision preset).
         model: Preset name of the model to train from scratch (``tokenformer presets`` lists
             them). Ignored when resuming: the checkpoint's own (possibly grown) model is used.
-        model_overrides: Fields of TokenformerConfig to change on the preset, e.g.
-            ``{n_layers: 2, d_model: 64}``. ``vocab_size`` defaults to the tokenizer's, rounded up to 128.
+        model_overrides: Fields of TokenformerConfig (VisionConfig with ``task: vision``) to change
+            on the preset, e.g. ``{n_layers: 2, d_model: 64}``; ``{projection: linear}`` gives the
+            ViT baseline. ``vocab_size`` defaults to the tokenizer's, rounded up to 128.
+        dataset: Image dataset with ``task: vision``: ``fashion-mnist`` or ``cifar10``.
+        data_path: Where the image dataset is (default for Fashion-MNIST:
+            /usr/share/datasets/fashion-mnist; CIFAR-10 needs its python archive or folder).
+        crop_padding: Vision augmentation: pad by this many pixels and crop randomly (0: off).
+        hflip: Vision augmentation: mirror half the training images.
         data: Corpus: ``kjv`` (the embedded King James Bible), text files, directories, globs,
             or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``[datasets]`` extra and network access).
         tokenizer: ``bpe`` trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
         vocab_size: Vocabulary size of the trained BPE.
-        val_fraction: Share of the corpus held out for validation (deterministic, spread evenly).
+        val_fraction: Share of the corpus (of the training images with ``task: vision``) held out
+            for validation (deterministic, spread evenly).
         cache_dir: Where tokenizers and token shards are cached (default ``$TOKENFORMER_CACHE`` or ``~/.cache/tokenformer``).
         seq_len: Tokens per training sequence.
         batch_size: Sequences per micro-batch.
@@ -55,16 +67,22 @@ class TrainConfig:
         resume: ``auto`` (newest complete checkpoint in out_dir, if any), a checkpoint or run
             directory, or null to start from scratch.
         eval_interval: Validate every this many steps (and at the end).
-        eval_batches: Validation batches of batch_size windows, the same windows every time.
+        eval_batches: Validation batches of batch_size windows, the same windows every time
+            (language models; a classifier validates on all of its held-out images).
         log_interval: Log the training loss every this many steps.
         ckpt_interval: Write a checkpoint every this many steps (and at the end).
         keep_last: Checkpoints to keep in out_dir/checkpoints (older ones are deleted).
         progress: Show a progress bar.
     """
 
+    task: TaskName = "lm"
     model: str = "cpu-1M"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: Union[str, list[str]] = "kjv"
+    dataset: VisionDataset = "fashion-mnist"
+    data_path: Optional[str] = None
+    crop_padding: int = 0
+    hflip: bool = False
     tokenizer: str = "bpe"
     vocab_size: int = 8192
     val_fraction: float = 0.05
@@ -100,7 +118,7 @@ class TrainConfig:
         positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_last")
         for name in positive:
             _check(self, name, lambda v: _is_int(v) and v >= 1, "a positive integer")
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "crop_padding"):
             _check(self, name, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             _check(self, name, lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
@@ -110,8 +128,9 @@ class TrainConfig:
             _check(self, name, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "threads", lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null")
         _check(self, "val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
-        allowed = typing.get_args(Precision)
-        _check(self, "precision", lambda v: v in allowed, " or ".join(allowed))
+        for name, choices in (("precision", Precision), ("task", TaskName), ("dataset", VisionDataset)):
+            allowed = typing.get_args(choices)
+            _check(self, name, lambda v: v in allowed, " or ".join(allowed))
         strategies = typing.get_args(Strategy)
         _check(self, "strategy", lambda v: v in strategies, ", ".join(strategies))
         _check(self, "dist_timeout", lambda v: _is_number(v) and v > 0, "a number of seconds > 0")
@@ -123,8 +142,15 @@ class TrainConfig:
             # a given checkpoint uses that checkpoint's model instead.
             self.model_config()
 
-    def model_config(self, vocab_size: int | None = None) -> TokenformerConfig:
-        """The preset with ``model_overrides``; ``vocab_size`` (the tokenizer's) unless overridden."""
+    def model_config(self, vocab_size: int | None = None) -> TokenformerConfig | VisionConfig:
+        """The preset with ``model_overrides``; ``vocab_size`` (the tokenizer's) unless overridden.
+        With ``task: vision``, the vision preset with ``model_overrides``."""
+        if self.task == "vision":
+            try:
+                return VisionConfig.from_preset(self.model, **self.model_overrides)
+            except TypeError as exc:
+                allowed = ", ".join(f.name for f in dataclasses.fields(VisionConfig))
+                raise ValueError(f"model_overrides={self.model_overrides!r}: {exc}; allowed fields: {allowed}") from exc
         overrides = dict(self.model_overrides)
         if vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = padded_vocab(vocab_size)

@@ -33,6 +33,7 @@ from .. import io
 from ..data import Tokenizer
 from ..growth import GrowthRecord, carry_optimizer_state, grow, growth_summary
 from ..model import TokenformerLM
+from ..vision import TokenformerViT
 from .checkpoint import (
     CHECKPOINTS,
     Checkpoint,
@@ -61,7 +62,7 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainState:
     step: int = 0
-    tokens: int = 0  # items trained on: tokens for a language model
+    tokens: int = 0  # items trained on: tokens for a language model, images for a classifier
     flops: float = 0.0
     wall_time: float = 0.0  # seconds spent in training steps (not validation or saving), all sessions
     val_history: list[dict[str, float]] = field(default_factory=list)
@@ -119,7 +120,11 @@ class Trainer:
         checkpoint = self._find_resume_checkpoint(load_model)
         if checkpoint is not None and checkpoint.tokenizer_json is not None and tokenizer is None:
             tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
-        if task is None:
+        if task is None and config.task == "vision":
+            from .vision import image_classification_task
+
+            task = image_classification_task(config)
+        elif task is None:
             from .lm import language_modeling_task
 
             if not self.dist.is_main:
@@ -132,6 +137,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         if checkpoint is not None:
             model = checkpoint.model
+        elif model is None and config.task == "vision":
+            model = TokenformerViT(config.model_config())
         elif model is None:
             model = TokenformerLM(config.model_config(tokenizer.vocab_size if tokenizer else None))
         self.model = model.to(self.device)
@@ -313,7 +320,7 @@ class Trainer:
         return {
             **asdict(self.state),
             "data_position": {"step": self.state.step, "note": "batch i is a pure function of (seed, i)"},
-            "layers": growth_summary(self.model) if isinstance(self.model, TokenformerLM) else None,
+            "layers": growth_summary(self.model) if isinstance(self.model, (TokenformerLM, TokenformerViT)) else None,
             "train_config": self.config.to_dict(),
         }
 

@@ -1,0 +1,85 @@
+"""Image classification as a training task: an image dataset -> shuffled, augmented batches.
+
+The training split minus a held-out validation share (``val_fraction``, evenly spaced) trains;
+the held-out images validate during training (so learning rates can be chosen without touching
+the test split); the test split is evaluated once at the end, with a confusion-matrix figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import io
+from ..classification import Batch, ClassificationTask, Evaluation, write_confusion_matrix_png
+from ..data.vision import ImageBatches, ImageDataset, channel_stats, load_image_dataset
+from ..vision import training_flops_per_image
+from .config import TrainConfig
+
+CONFUSION_PNG = "confusion_matrix.png"
+TEST_METRICS = "test_metrics.json"
+
+
+def _subset(dataset: ImageDataset, rows: np.ndarray) -> ImageDataset:
+    index = torch.from_numpy(rows)
+    return ImageDataset(dataset.images[index], dataset.labels[index], dataset.classes)
+
+
+class ImageClassificationTask:
+    """Batch ``i`` of the run is batch ``i % len`` of epoch ``i // len`` of the shuffled training
+    batches: a pure function of (seed, step, micro), so a resumed run continues exactly."""
+
+    def __init__(self, train: ImageDataset, test: ImageDataset, config: TrainConfig) -> None:
+        self.classification = ClassificationTask(train.classes)
+        count = len(train)
+        held_out = max(1, round(count * config.val_fraction))
+        val_rows = np.linspace(0, count - 1, held_out).round().astype(np.int64)
+        train_rows = np.setdiff1d(np.arange(count), val_rows)
+        if len(train_rows) < config.batch_size:
+            raise ValueError(f"batch_size={config.batch_size} is larger than the {len(train_rows)} training images")
+        train_part, val_part = _subset(train, train_rows), _subset(train, val_rows)
+        mean, std = channel_stats(train_part)
+        self.grad_accum = config.grad_accum
+        self.train_batches = ImageBatches(
+            train_part, config.batch_size, mean, std, shuffle=True, drop_last=True,
+            crop_padding=config.crop_padding, hflip=config.hflip, seed=config.seed,
+        )
+        self.val_batches = ImageBatches(val_part, config.batch_size, mean, std)
+        self.test_batches = ImageBatches(test, config.batch_size, mean, std)
+
+    def train_batch(self, step: int, micro: int, device: torch.device) -> Batch:
+        index = step * self.grad_accum + micro
+        epoch, start = divmod(index, len(self.train_batches))
+        images, labels = next(self.train_batches.epoch(epoch, start))
+        return images.to(device), labels.to(device)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.classification.loss(model, batch)
+
+    def count(self, batch: Batch) -> int:
+        return len(batch[1])
+
+    def flops_per_item(self, model: nn.Module) -> int:
+        return training_flops_per_image(model.config)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        result = self.classification.evaluate(model, self.val_batches)
+        return {"val_loss": result.loss, "val_accuracy": result.accuracy}
+
+    def test(self, model: nn.Module, run_dir: str | Path) -> Evaluation:
+        """Evaluate the test split; write ``test_metrics.json`` and ``confusion_matrix.png`` into ``run_dir``."""
+        result = self.classification.evaluate(model, self.test_batches)
+        run_dir = Path(run_dir)
+        io.atomic_write_text(run_dir / TEST_METRICS, json.dumps({"classes": list(self.classification.classes), **result.to_dict()}, indent=2) + "\n")
+        write_confusion_matrix_png(result.confusion, self.classification.classes, run_dir / CONFUSION_PNG, f"test accuracy {result.accuracy:.2%} of {result.count}")
+        return result
+
+
+def image_classification_task(config: TrainConfig) -> ImageClassificationTask:
+    train = load_image_dataset(config.dataset, config.data_path, "train")
+    test = load_image_dataset(config.dataset, config.data_path, "test")
+    return ImageClassificationTask(train, test, config)
