@@ -186,10 +186,10 @@ def _compute_dtype(x: torch.Tensor, keys: torch.Tensor) -> torch.dtype:
 
 def _use_triton(impl: str, x: torch.Tensor, norm: str) -> bool:
     if impl == "triton":
-        if not triton_available():
-            raise ValueError("Pattention impl='triton' needs the triton package (pip install 'tokenformer[triton]')")
         if norm != "l2_norm_gelu":
             raise ValueError(f"Pattention impl='triton' implements norm='l2_norm_gelu' only, got norm={norm!r}")
+        if not triton_available():
+            raise ValueError("Pattention impl='triton' needs the triton package (pip install 'tokenformer[triton]')")
         return True
     # Under torch.compile the fused torch ops are traced instead: inductor generates its own
     # kernels for them.
