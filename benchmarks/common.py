@@ -18,6 +18,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -166,6 +167,15 @@ def machine_description(device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def source_version() -> str:
+    """The commit the benchmark ran at ("-dirty" with uncommitted changes)."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    return done.stdout.strip() or "unknown (not a git checkout)"
+
+
 def command_line() -> str:
     return "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
 
@@ -181,7 +191,7 @@ def write_report(path: str | None, title: str, device: torch.device, clock: str,
     timing = "wall-clock seconds" if clock == "wall" else "CPU seconds of this process (--clock cpu)"
     text = (
         f"# {title}\n\n"
-        f"Command (from the repository root):\n\n    {command_line()}\n\n"
+        f"Command (from the repository root, at commit {source_version()}):\n\n    {command_line()}\n\n"
         f"Machine:\n\n{machine_description(device)}\n"
         f"- Times are {timing}; run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{body}\n"
     )

@@ -38,6 +38,10 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(_accumulate_dtype(t.dtype))
 
@@ -80,7 +84,7 @@ def normalise_scores(scores: torch.Tensor, norm: str, tau: torch.Tensor) -> torc
 
 def _row_norm(t):
     norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    return norm.to(_accumulate_dtype(t.dtype)).clamp_min(_NORM_EPS)
+    return _cast(norm, _accumulate_dtype(t.dtype)).clamp_min(_NORM_EPS)
 
 
 def _row_dot(a, b, tau):
@@ -223,12 +227,13 @@ def pattention(
     use_triton = _use_triton(impl, x, norm)
     # Autocast does not reach into a custom autograd function's backward: cast on the way in.
     dtype = _compute_dtype(x, keys)
-    flat, keys = x.reshape(-1, x.shape[-1]).to(dtype), keys.to(dtype)
-    if torch.is_grad_enabled() and (flat.requires_grad or keys.requires_grad):
-        probs = _NormalisedScores.apply(flat, keys, tau, norm, use_triton)
-    else:  # inference (generation): no autograd function, nothing saved
-        probs = _fused_norm(norm, use_triton)[0](flat @ keys.T, tau)[0]
-    return (probs @ values.to(dtype)).view(*x.shape[:-1], values.shape[-1])
+    x, keys, values = _cast(x, dtype), _cast(keys, dtype), _cast(values, dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or keys.requires_grad):
+        probs = _NormalisedScores.apply(x.reshape(-1, x.shape[-1]), keys, tau, norm, use_triton)
+        probs = probs.view(*x.shape[:-1], probs.shape[-1])
+    else:  # inference (generation): no autograd function, nothing saved, fewest ops
+        probs = _fused_norm(norm, use_triton)[0](F.linear(x, keys), tau)[0]
+    return probs @ values
 
 
 class Pattention(nn.Module):

@@ -80,18 +80,18 @@ def _launch_config(n_cols: int, dtype: torch.dtype) -> dict:
 
 
 def l2_norm_gelu_forward(scores: torch.Tensor, tau: torch.Tensor):
-    """Same contract as the torch version in ``pattention.py``: overwrites ``scores`` with the
-    normalised scores and returns ``(probs, row_scale, (normalised,))``."""
-    scores = scores.contiguous()
-    rows, n_cols = scores.shape
-    probs = torch.empty_like(scores)
-    compute_dtype = torch.promote_types(scores.dtype, torch.float32)
-    row_scale = torch.empty(rows, 1, device=scores.device, dtype=compute_dtype)
+    """Same contract as the torch version in ``pattention.py``: overwrites ``scores`` (any
+    leading shape) with the normalised scores and returns ``(probs, row_scale, (normalised,))``."""
+    shape = scores.shape
+    flat = scores.reshape(-1, shape[-1]).contiguous()
+    rows, n_cols = flat.shape
+    probs = torch.empty_like(flat)
+    row_scale = torch.empty(rows, 1, device=flat.device, dtype=torch.promote_types(flat.dtype, torch.float32))
     if rows:
         from .pattention import _NORM_EPS
 
-        _forward_kernel[(rows,)](scores, probs, row_scale, tau, n_cols, _NORM_EPS, **_launch_config(n_cols, scores.dtype))
-    return probs, row_scale, (scores,)
+        _forward_kernel[(rows,)](flat, probs, row_scale, tau, n_cols, _NORM_EPS, **_launch_config(n_cols, flat.dtype))
+    return probs.view(shape), row_scale.view(*shape[:-1], 1), (flat.view(shape),)
 
 
 def l2_norm_gelu_backward(grad_probs: torch.Tensor, tau: torch.Tensor, normalised: torch.Tensor) -> torch.Tensor:
