@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     body = (
         f"Batch {args.batch} x {args.seq} tokens per step. `x transformer` is the median over rounds of the "
         "transformer's step time divided by the arm's in the same round (throughput relative to the "
-        "transformer; > 1 means faster).\n\nMatmul peak measured in this run:\n\n{peak_lines}\n\n"
+        f"transformer; > 1 means faster).\n\nMatmul peak measured in this run:\n\n{peak_lines}\n\n"
         "## Training step\n\n" + markdown_table(TRAIN_HEADERS, train)
     )
     if generation:
