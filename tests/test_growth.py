@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from tokenformer import (
     count_parameters,
     grow,
     growth_summary,
+    stack_layers,
 )
 from tokenformer.io import load_weights, save_weights
 
@@ -189,3 +192,31 @@ def test_save_model_load_model_round_trip_of_grown_model(tmp_path):
     assert restored.config == model.config
     with pytest.raises(FileNotFoundError, match="no config.json in"):
         load_model(tmp_path / "missing")
+
+
+def test_stack_layers_copies_the_trained_layers_on_top():
+    torch.manual_seed(0)
+    model = TokenformerLM(TokenformerConfig.from_preset("cpu-0.3M", n_layers=2, vocab_size=64))
+    old = [copy.deepcopy(block.state_dict()) for block in model.layers]
+    x = torch.randint(0, 64, (2, 12))
+    before = model(x)[0]
+    record = stack_layers(model, 5)
+    assert record.sources == [0, 1, 0, 1, 0] and model.config.n_layers == len(model.layers) == 5
+    for i, block in enumerate(model.layers):
+        assert block.layer == i
+        for name, value in block.state_dict().items():
+            assert torch.equal(value, old[record.sources[i]][name])
+    # The copies are independent parameters, and the deeper model computes something else.
+    assert model.layers[2].mlp.key_param_tokens is not model.layers[0].mlp.key_param_tokens
+    assert not torch.allclose(model(x)[0], before)
+    # The KV cache follows the new depth: cached generation equals the uncached recomputation.
+    generated = model.generate(x[:1, :4], max_new_tokens=5, temperature=0.0)
+    for end in range(4, 9):
+        assert generated[0, end] == model(generated[:, :end])[0, -1].argmax()
+
+
+@pytest.mark.parametrize("n_layers", [2, 1, 2.5, True])
+def test_stack_layers_refuses_a_depth_that_does_not_grow(n_layers):
+    model = TokenformerLM(TokenformerConfig.from_preset("cpu-0.3M", n_layers=2, vocab_size=64))
+    with pytest.raises(ValueError, match=rf"n_layers={n_layers!r}.*allowed: an integer > 2"):
+        stack_layers(model, n_layers)

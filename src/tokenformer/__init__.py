@@ -2,7 +2,7 @@
 
 from .config import PRESETS, TokenformerConfig
 from .flops import count_parameters, training_flops, training_flops_per_token
-from .growth import TokenUpdateScale, carry_optimizer_state, grow, growth_summary
+from .growth import TokenUpdateScale, carry_optimizer_state, grow, growth_summary, stack_layers
 from .interop.registration import install as _register_with_transformers
 from .model import TokenformerLM
 from .pattention import NORMS, Pattention
@@ -25,6 +25,7 @@ __all__ = [
     "from_hf",
     "grow",
     "growth_summary",
+    "stack_layers",
     "to_hf",
     "training_flops",
     "training_flops_per_token",

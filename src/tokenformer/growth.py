@@ -15,6 +15,7 @@ hooks and references stay valid; ``carry_optimizer_state`` pads the optimizer's 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
@@ -205,6 +206,43 @@ def _set_config_tokens(model: nn.Module, counts: list[dict[str, int]]) -> None:
         )
     else:
         model.config = model.config.replace(layer_tokens=[dict(c) for c in counts])
+
+
+@dataclass
+class StackRecord:
+    """What one call of :func:`stack_layers` changed: layer ``i`` of ``sources`` copies old layer ``sources[i]``."""
+
+    before: int
+    after: int
+    sources: list[int]
+
+    def to_dict(self) -> dict:
+        return {"n_layers_before": self.before, "n_layers_after": self.after, "sources": self.sources}
+
+
+def stack_layers(model: nn.Module, n_layers: int) -> StackRecord:
+    """Grow ``model`` in depth to ``n_layers`` by stacking copies of its trained layers (G_stack).
+
+    The layer list becomes ``old[i % n_old]`` for ``i < n_layers``: the old layers stay first and
+    copies of the whole stack (from its bottom) go on top, the depth-wise stacking operator of
+    Du et al., 2024 ("Stacking Your Transformers"). Unlike :func:`grow` this is *not* function
+    preserving: each copy adds its residual update again. Works on any model with ``config`` and
+    ``layers`` of blocks whose config tokens are uniform or per layer; updates ``model.config``.
+    """
+    config = model.config
+    old = config.n_layers
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < old:
+        raise ValueError(f"stack_layers cannot shrink or keep the depth: n_layers={n_layers!r}; allowed: an integer > {old}")
+    if n_layers == old:
+        raise ValueError(f"stack_layers: the model already has n_layers={old}; allowed: an integer > {old}")
+    sources = [i % old for i in range(n_layers)]
+    for i in range(old, n_layers):
+        block = copy.deepcopy(model.layers[sources[i]])
+        block.layer = i  # the block's index in the KV cache
+        model.layers.append(block)
+    layer_tokens = None if config.layer_tokens is None else [dict(config.layer_tokens[j]) for j in sources]
+    model.config = config.replace(n_layers=n_layers, layer_tokens=layer_tokens)
+    return StackRecord(old, n_layers, sources)
 
 
 def carry_optimizer_state(optimizer: torch.optim.Optimizer) -> int:

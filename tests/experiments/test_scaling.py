@@ -89,6 +89,7 @@ def test_flops_add_up_over_the_stages(finished):
     flops = {arm: next(iter(runs.values()))["flops"] for arm, runs in results["runs"].items()}
     assert flops["tokenformer_grown"] < flops["tokenformer_scratch"]
     assert flops["transformer_grown"] < flops["transformer_scratch"]
+    assert flops["transformer_stacked"] < flops["transformer_scratch"]
 
 
 def test_validation_loss_right_after_growth_equals_the_loss_before(finished):
@@ -102,11 +103,44 @@ def test_validation_loss_right_after_growth_equals_the_loss_before(finished):
                 assert after["flops"] == before["flops"]
 
 
+def test_stacked_arm_grows_in_depth_where_the_plan_says(finished):
+    plan, results, _ = finished
+    depths = plan.stacked_depths()
+    assert depths == [1, 2, 2]  # 2 final layers x the TokenFormer stages' shares 1/2, 3/4, 1 of the parameters
+    deeper = [end for end, a, b in zip(plan.stage_ends(), depths, depths[1:]) if b > a]
+    final = plan.arm_models("transformer_scratch")[0]
+    for result in results["runs"]["transformer_stacked"].values():
+        assert result["growth_steps"] == deeper
+        assert result["stage_parameters"][-1] == results["runs"]["transformer_scratch"][f"lr-{plan.lr_grid[0]:g}"]["parameters"]
+        (step, before, after), = scaling.growth_jumps(result)
+        assert step == deeper[0] and after != pytest.approx(before, abs=1e-4)  # G_stack is not function preserving
+    assert plan.arm_models("transformer_stacked")[-1] == final
+
+
+def test_paired_differences_follow_from_the_stored_batch_losses(finished):
+    plan, results, _ = finished
+    report = (Path(plan.out_dir) / "report.md").read_text()
+    best = {arm: results["runs"][arm][f"lr-{lr:g}"] for arm, lr in results["best_lr"].items()}
+    rows = results["paired_differences"]
+    assert len(rows) == len(best) * (len(best) - 1) // 2
+    for row in rows:
+        a = best[row["arm"]]["curve"][-1]["val_batch_losses"]
+        b = best[row["baseline"]]["curve"][-1]["val_batch_losses"]
+        assert len(a) == len(b) == plan.eval_batches
+        diffs = [x - y for x, y in zip(a, b)]
+        mean = sum(diffs) / len(diffs)
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+        assert row["difference"] == pytest.approx(mean, abs=1e-12)
+        assert row["difference"] == pytest.approx(best[row["arm"]]["final_val_loss"] - best[row["baseline"]]["final_val_loss"], abs=1e-6)
+        assert row["se"] == pytest.approx(se, rel=1e-9)
+        assert f"| {row['arm']} | {row['baseline']} | {mean:+.4f} | {se:.4f} |" in report
+
+
 def test_reported_ratios_follow_from_the_stored_curves(finished):
     plan, results, _ = finished
     report = (Path(plan.out_dir) / "report.md").read_text()
     best = {arm: results["runs"][arm][f"lr-{lr:g}"] for arm, lr in results["best_lr"].items()}
-    assert len(results["comparisons"]) == 4
+    assert len(results["comparisons"]) == len(scaling.COMPARISONS)
     for row in results["comparisons"]:
         target = best[row["baseline"]]["final_val_loss"]
         flops = reached(best[row["arm"]]["curve"], target)
@@ -198,6 +232,7 @@ def _broken(base: dict, path: str, value) -> dict:
         ("arms", ["tokenformer_grown", "resnet"], r"arms=.*'resnet'.*allowed: a non-empty list of distinct arms from tokenformer_grown"),
         ("arms", ["transformer_scratch"], r"ablation=True .*arms include tokenformer_grown"),
         ("min_lr_ratio", 2, r"min_lr_ratio=2 .*\[0, 1\]"),
+        ("model_overrides.n_layers", 1, r"arms=.*transformer_stacked only with a final depth that grows.*depths \[1, 1, 1\]"),
         ("seq_len", 0, r"training option seq_len=0"),
         ("model", "gpt-5", r"unknown preset 'gpt-5'"),
         ("learning_rate", 0.1, r"unknown plan field\(s\) \['learning_rate'\]"),

@@ -108,6 +108,31 @@ def test_grow_in_python_keeps_validation_loss_and_continues(tmp_path, corpus_fil
     assert trainer.model.layers[0].mlp.num_tokens == 48
 
 
+def test_stack_in_python_copies_layers_and_their_moments_and_resumes(tmp_path, corpus_file, cache_dir):
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto")
+    trainer.fit(4)
+    layers = trainer.model.config.n_layers
+    moments = {n: trainer.optimizer.state[p]["exp_avg"].clone() for n, p in trainer.model.named_parameters()}
+    record = trainer.stack(2 * layers)
+    assert record.sources == list(range(layers)) * 2
+    for name, p in trainer.model.named_parameters():
+        state = trainer.optimizer.state[p]
+        source = name
+        if name.startswith("layers."):
+            index, rest = name.removeprefix("layers.").split(".", 1)
+            source = f"layers.{record.sources[int(index)]}.{rest}"
+        assert torch.equal(state["exp_avg"], moments[source])
+    copied, original = trainer.model.layers[layers].mlp.key_param_tokens, trainer.model.layers[0].mlp.key_param_tokens
+    assert trainer.optimizer.state[copied]["exp_avg"] is not trainer.optimizer.state[original]["exp_avg"]
+    trainer.fit(6)
+    trainer.close()
+    resumed = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto")
+    assert resumed.state.step == 6 and resumed.model.config.n_layers == 2 * layers
+    assert resumed.state.growth_history[0]["n_layers_after"] == 2 * layers
+    resumed.fit()
+    resumed.close()
+
+
 def test_bf16_mixed_precision_trains(tmp_path, corpus_file, cache_dir):
     trainer = make_trainer(tmp_path, corpus_file, cache_dir, precision="bf16-mixed", max_steps=4, eval_interval=4, ckpt_interval=4)
     trainer.fit()

@@ -1,4 +1,4 @@
-"""Incremental scaling, measured: grown TokenFormer against training from scratch and Net2Net.
+"""Incremental scaling, measured: grown TokenFormer against training from scratch, Net2Net and G_stack.
 
 A plan (``configs/scaling/*.yaml``) names a stage schedule of parameter-token counts and a
 learning-rate grid. Every arm trains on the same data, tokenizer, sequence length, batches (a
@@ -9,7 +9,10 @@ pure function of seed and step) and validation windows, and sees the same number
 - ``tokenformer_scratch``: the final stage's TokenFormer from scratch for the whole budget;
 - ``transformer_scratch``: the Transformer parameter-matched to the final stage;
 - ``transformer_grown``: that Transformer's twin, widened at each boundary (Net2Net-style MLP
-  widening, parameter-matched to the TokenFormer of each stage).
+  widening, parameter-matched to the TokenFormer of each stage);
+- ``transformer_stacked``: the final Transformer's shape grown in depth instead (G_stack: copies
+  of the trained layers stacked on top; not function preserving), each stage as deep as the
+  TokenFormer stage's share of the final non-embedding parameters allows (at least one layer).
 
 Each (arm, learning rate) is a resumable training run in ``<out_dir>/runs/<arm>/lr-<lr>``; a run
 with a ``result.json`` is finished and skipped. Outputs: ``results.json``, ``report.md``,
@@ -38,14 +41,16 @@ from ..growth import TokenUpdateScale
 from ..train import Trainer, TrainConfig, lr_at
 from ..train.config import _is_int, _is_number
 
-ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown")
-GROWN_ARMS = ("tokenformer_grown", "transformer_grown")
+ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
+GROWN_ARMS = ("tokenformer_grown", "transformer_grown", "transformer_stacked")
 # (arm that should reach the target, arm whose final validation loss is the target)
 COMPARISONS = (
     ("tokenformer_grown", "tokenformer_scratch"),
     ("tokenformer_grown", "transformer_scratch"),
     ("tokenformer_grown", "transformer_grown"),
+    ("tokenformer_grown", "transformer_stacked"),
     ("transformer_grown", "transformer_scratch"),
+    ("transformer_stacked", "transformer_scratch"),
 )
 EQUAL_COMPUTE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # The first growth step's recipe and its three one-change variants.
@@ -144,6 +149,8 @@ class ScalingPlan:
         unknown = [a for a in self.arms or [] if a not in ARMS]
         if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
             raise _plan_error("arms", self.arms, f"a non-empty list of distinct arms from {', '.join(ARMS)}")
+        if "transformer_stacked" in self.arms and len(set(self.stacked_depths())) < 2:
+            raise _plan_error("arms", self.arms, f"transformer_stacked only with a final depth that grows over the stages (depths {self.stacked_depths()}; use n_layers >= 2)")
         if self.ablation and "tokenformer_grown" not in self.arms:
             raise _plan_error("ablation", self.ablation, "false unless arms include tokenformer_grown")
         if self.ablation_steps is not None and not (_is_int(self.ablation_steps) and self.ablation_steps >= 1):
@@ -174,13 +181,25 @@ class ScalingPlan:
         stages = self.stages if arm in GROWN_ARMS else self.stages[-1:]
         if arm.startswith("tokenformer"):
             return [{**self.model_overrides, **s.tokens()} for s in stages]
+        if arm == "transformer_stacked":
+            final = {**self.model_overrides, "projection": "linear", "ffn_tokens": self.tokenformer(stages[-1]).parameter_matched_linear().ffn_tokens}
+            return [{**final, "n_layers": n} for n in self.stacked_depths()]
         matched = [self.tokenformer(s).parameter_matched_linear() for s in stages]
         return [{**self.model_overrides, "projection": "linear", "ffn_tokens": m.ffn_tokens} for m in matched]
 
+    def stacked_depths(self) -> list[int]:
+        """Layers of each ``transformer_stacked`` stage: the final depth times the TokenFormer
+        stage's fraction of the final non-embedding parameters, rounded, at least 1."""
+        sizes = [count_parameters(self.tokenformer(s), non_embedding=True) for s in self.stages]
+        layers = self.tokenformer(self.stages[-1]).n_layers
+        return [max(1, round(layers * size / sizes[-1])) for size in sizes]
+
     def schedule(self, arm: str) -> list[tuple[dict[str, int], int]]:
-        """(token counts to grow to, last step) of each stage of ``arm``."""
+        """(token counts or depth to grow to, last step) of each stage of ``arm``."""
         if arm not in GROWN_ARMS:
             return [({}, self.total_steps)]
+        if arm == "transformer_stacked":
+            return [({"n_layers": m["n_layers"]}, end) for m, end in zip(self.arm_models(arm), self.stage_ends())]
         kinds = ("qkv_tokens", "proj_tokens", "ffn_tokens") if arm.startswith("tokenformer") else ("ffn_tokens",)
         return [({k: m[k] for k in kinds}, end) for m, end in zip(self.arm_models(arm), self.stage_ends())]
 
@@ -243,9 +262,11 @@ def _read_result(directory: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _at_size(model: torch.nn.Module, tokens: dict[str, int]) -> bool:
+def _at_size(model: torch.nn.Module, size: dict[str, int]) -> bool:
+    if "n_layers" in size:
+        return model.config.n_layers == size["n_layers"]
     current = model.config.tokens(0)
-    return all(current[k.removesuffix("_tokens")] == v for k, v in tokens.items())
+    return all(current[k.removesuffix("_tokens")] == v for k, v in size.items())
 
 
 def _growth_generator(seed: int, stage: int) -> torch.Generator:
@@ -261,12 +282,15 @@ def run_arm(plan: ScalingPlan, arm: str, lr: float, directory: Path) -> dict[str
     schedule = plan.schedule(arm)
     trainer = Trainer(plan.train_config(plan.arm_models(arm)[0], lr, directory, resume="auto"))
     try:
-        for index, (tokens, end) in enumerate(schedule):
+        for index, (size, end) in enumerate(schedule):
             if trainer.state.step >= end:
                 continue
-            if tokens and not _at_size(trainer.model, tokens):
-                trainer.grow(**tokens, generator=_growth_generator(plan.seed, index))
-                trainer.evaluate()  # right after growth: equals the loss before it
+            if size and not _at_size(trainer.model, size):
+                if "n_layers" in size:
+                    trainer.stack(size["n_layers"])
+                else:
+                    trainer.grow(**size, generator=_growth_generator(plan.seed, index))
+                trainer.evaluate()  # right after growth: equals the loss before it (unless stacked)
             trainer.fit(end)
             if index == 0 and len(schedule) > 1 and not (directory / STAGE_ONE).exists():
                 trainer.save_checkpoint(directory / STAGE_ONE)  # the ablation's common start
@@ -359,6 +383,7 @@ def run_plan(plan: ScalingPlan, command: str = "") -> dict[str, Any]:
         "runs": runs,
         "best_lr": {arm: r["lr"] for arm, r in best.items()},
         "comparisons": comparisons(best),
+        "paired_differences": paired_differences(best),
         "equal_compute": equal_compute(best),
         "ablation": ablation,
     }
@@ -409,6 +434,32 @@ def loss_at_flops(curve: list[dict[str, float]], flops: float) -> float | None:
     return None
 
 
+def growth_jumps(result: dict[str, Any]) -> list[tuple[int, float, float]]:
+    """(step, validation loss before, right after) of each growth of a run: the two evaluations
+    recorded at the growth step."""
+    jumps = []
+    for step in result["growth_steps"]:
+        points = [p for p in result["curve"] if p["step"] == step]
+        if len(points) >= 2:
+            jumps.append((step, points[0]["val_loss"], points[1]["val_loss"]))
+    return jumps
+
+
+def paired_difference(arm: dict[str, Any], baseline: dict[str, Any]) -> tuple[float, float] | None:
+    """Mean and standard error of ``arm - baseline`` final validation loss, batch by batch.
+
+    Both were evaluated on the same windows, so the batch-to-batch spread of the data cancels
+    and only the models' difference is left: far less noisy than either loss's own s.e.
+    """
+    a, b = arm["curve"][-1].get("val_batch_losses"), baseline["curve"][-1].get("val_batch_losses")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
+
+
 def comparisons(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for arm, baseline in COMPARISONS:
@@ -424,6 +475,17 @@ def comparisons(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "baseline_flops": best[baseline]["flops"],
             "ratio": None if reached is None else reached / best[baseline]["flops"],
         })
+    return rows
+
+
+def paired_differences(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pair of arms: final validation loss difference and its paired standard error."""
+    arms, rows = list(best), []
+    for i, arm in enumerate(arms):
+        for baseline in arms[i + 1 :]:
+            paired = paired_difference(best[arm], best[baseline])
+            if paired is not None:
+                rows.append({"arm": arm, "baseline": baseline, "difference": paired[0], "se": paired[1]})
     return rows
 
 
@@ -509,8 +571,29 @@ def report(results: dict[str, Any]) -> str:
         "",
         main_table(results),
         "",
-        "s.e.: standard error of the validation loss over the evaluation batches; differences "
-        "between arms smaller than about twice it are within the evaluation noise.",
+        "s.e.: standard error of the validation loss over the evaluation batches. Every arm is "
+        "evaluated on the same windows, so differences between arms are judged by the paired "
+        "standard error below, which is smaller.",
+        "",
+        "## Differences of final validation loss (paired over the same validation batches)",
+        "",
+        "Mean over the evaluation batches of (arm − other arm) batch loss, and the standard error of "
+        "that mean; |difference| above about twice the s.e. is more than evaluation noise. (A "
+        "different seed also moves the losses; this s.e. covers the evaluation batches only.)",
+        "",
+        "| arm | other arm | difference | paired s.e. | difference / s.e. |",
+        "|---|---|---|---|---|",
+    ]
+    for d in results.get("paired_differences", []):
+        out.append(f"| {d['arm']} | {d['baseline']} | {d['difference']:+.4f} | {d['se']:.4f} | {d['difference'] / d['se'] if d['se'] > 0 else math.inf:+.1f} |")
+    out += ["", "## Validation loss at each growth step", "", "| arm | step | before growth | right after | change |", "|---|---|---|---|---|"]
+    for arm, lr in results["best_lr"].items():
+        for step, before, after in growth_jumps(results["runs"][arm][_lr_name(lr)]):
+            out.append(f"| {arm} | {step} | {before:.4f} | {after:.4f} | {after - before:+.4f} |")
+    out += [
+        "",
+        "Appending parameter tokens with zero keys and Net2Net widening keep the function (change 0 "
+        "up to float rounding); G_stack's copies do not.",
         "",
         "## FLOPs to target",
         "",

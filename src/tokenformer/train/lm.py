@@ -49,6 +49,8 @@ def evaluate_windows(model: nn.Module, windows: Sequence[np.ndarray], batch_size
 
     ``val_loss_se`` is the standard error of the mean over the batches: differences between
     models evaluated on the same windows smaller than about twice it are noise.
+    ``val_batch_losses`` (the mean loss of each batch, in order) lets two models evaluated on the
+    same windows be compared batch by batch: the paired difference is far less noisy.
     """
     if not windows:
         raise ValueError("nothing to evaluate: no window of seq_len + 1 tokens fits the data")
@@ -60,7 +62,7 @@ def evaluate_windows(model: nn.Module, windows: Sequence[np.ndarray], batch_size
     count = sum(sizes)
     mean = sum(loss * size for loss, size in zip(losses, sizes)) / count
     se = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_loss_se": se, "val_tokens": count}
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_loss_se": se, "val_tokens": count, "val_batch_losses": losses}
 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[TokenShards, Tokenizer]:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .. import io
 from ..data import Tokenizer
-from ..growth import GrowthRecord, carry_optimizer_state, grow, growth_summary
+from ..growth import GrowthRecord, StackRecord, carry_optimizer_state, grow, growth_summary, stack_layers
 from ..model import TokenformerLM
 from ..vision import TokenformerViT
 from .checkpoint import (
@@ -292,7 +292,8 @@ class Trainer:
             {"step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops, "wall_time": self.state.wall_time, **metrics}
         )
         if self._metrics is not None:
-            self._metrics.log(self.state.step, "val", **{k.removeprefix("val_"): v for k, v in metrics.items()})
+            scalars = {k.removeprefix("val_"): v for k, v in metrics.items() if not isinstance(v, list)}
+            self._metrics.log(self.state.step, "val", **scalars)
         return metrics
 
     # -- growth -------------------------------------------------------------------------------
@@ -310,6 +311,30 @@ class Trainer:
             self.model = whole
         record = grow(self.model, **tokens)
         carry_optimizer_state(optimizer)
+        self._place(optimizer)
+        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
+        return record
+
+    def stack(self, n_layers: int) -> StackRecord:
+        """:func:`tokenformer.stack_layers` the model to ``n_layers`` (G_stack depth growth).
+
+        Each copied layer starts with a copy of its source layer's AdamW moments, as its weights
+        are a copy; the old layers keep theirs.
+        """
+        if self.dist.strategy == "fsdp":
+            raise ValueError("depth stacking of a sharded (strategy='fsdp') model is not supported; allowed: strategy 'none' or 'ddp'")
+        old_state = self.optimizer.state
+        sources = {name: param for name, param in self.model.named_parameters()}
+        record = stack_layers(self.model, n_layers)
+        optimizer = make_optimizer(self.model, self.config)
+        for name, param in self.model.named_parameters():
+            source = param
+            if name.startswith("layers."):
+                index, rest = name.removeprefix("layers.").split(".", 1)
+                source = sources[f"layers.{record.sources[int(index)]}.{rest}"]
+            if source in old_state:
+                saved = old_state[source]
+                optimizer.state[param] = {k: v.clone() if torch.is_tensor(v) and source is not param else v for k, v in saved.items()}
         self._place(optimizer)
         self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
         return record
