@@ -170,6 +170,8 @@ def test_ablation_starts_every_variant_from_the_same_checkpoint(finished):
     end = plan.stage_ends()[0] + plan.ablation_steps
     assert ablation["recipe"]["final_val_loss"] == pytest.approx([p for p in grown["curve"] if p["step"] == end][-1]["val_loss"], abs=1e-6)
     assert ablation["lr_rewarmup"]["final_val_loss"] != ablation["recipe"]["final_val_loss"]
+    stored = Path(plan.out_dir) / "ablation" / f"lr-{results['best_lr']['tokenformer_grown']:g}"
+    assert sorted(p.name for p in stored.iterdir()) == sorted(scaling.ABLATIONS)
 
 
 def test_an_interrupted_plan_continues_to_the_same_results(finished, tmp_path, corpus_file, cache_dir, monkeypatch):

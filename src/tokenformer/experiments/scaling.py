@@ -375,7 +375,8 @@ def run_plan(plan: ScalingPlan, command: str = "") -> dict[str, Any]:
         lr = best["tokenformer_grown"]["lr"]
         print(f"== ablation of the first growth step, lr {lr:g}", flush=True)
         source = out / "runs" / "tokenformer_grown" / _lr_name(lr) / STAGE_ONE
-        ablation = run_ablation(plan, lr, source, out / "ablation")
+        # Under the learning rate: a wider grid that moves the best rate starts a fresh ablation.
+        ablation = run_ablation(plan, lr, source, out / "ablation" / _lr_name(lr))
     results = {
         "command": command,
         "machine": machine(plan),
