@@ -34,9 +34,9 @@ class TrainConfig:
             /usr/share/datasets/fashion-mnist; CIFAR-10 needs its python archive or folder).
         crop_padding: Vision augmentation: pad by this many pixels and crop randomly (0: off).
         hflip: Vision augmentation: mirror half the training images.
-        label_smoothing: With ``task: vision``, train against targets that give this share of the
-            probability to the other classes evenly (0: plain cross-entropy); validation and
-            test losses stay the plain cross-entropy.
+        label_smoothing: With ``task: vision``, train against the one-hot targets mixed with this
+            share of the uniform distribution over the classes (0: plain cross-entropy);
+            validation and test losses stay the plain cross-entropy.
         data: Corpus: ``kjv`` (the embedded King James Bible), text files, directories, globs,
             or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``[datasets]`` extra and network access).
         tokenizer: ``bpe`` trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
