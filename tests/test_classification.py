@@ -41,6 +41,22 @@ def test_evaluate_matches_a_manual_pass():
     assert summary["count"] == 20 and len(summary["per_class_accuracy"]) == 3
 
 
+def test_label_smoothing_changes_the_training_loss_only():
+    model, batches = tiny_setup()
+    images, labels = next(iter(batches))
+    logits = model(images)
+    smooth = ClassificationTask(("a", "b", "c"), label_smoothing=0.3)
+    # The smoothed target: 1 - 0.3 on the true class plus 0.3 spread evenly over all three.
+    target = F.one_hot(labels, 3).float() * 0.7 + 0.1
+    expected = -(target * logits.log_softmax(-1)).sum(-1).mean()
+    assert smooth.loss(model, (images, labels)).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert smooth.loss(model, (images, labels)).item() != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)
+    assert smooth.evaluate(model, batches).loss == ClassificationTask(("a", "b", "c")).evaluate(model, batches).loss
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\), got"):
+            ClassificationTask("abc", label_smoothing=bad)
+
+
 def test_evaluate_errors():
     model, batches = tiny_setup()
     with pytest.raises(ValueError, match=r"logits of shape \(6, 3\); expected \[6, 4\] for 4 classes"):

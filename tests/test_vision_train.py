@@ -76,6 +76,15 @@ def test_grow_of_a_vision_checkpoint_keeps_validation_loss_and_accuracy(tmp_path
     assert (tmp_path / "run/test_metrics.json").is_file()
 
 
+def test_label_smoothing_option_reaches_the_training_loss(tmp_path, fake_data, one_thread):
+    trainer = Trainer(TrainConfig(**vision_options(tmp_path / "run", fake_data, label_smoothing=0.2)))
+    images, labels = batch = trainer.task.train_batch(0, 0, trainer.device)
+    logits = trainer.model(images)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+    assert trainer.task.loss(trainer.model, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    trainer.close()
+
+
 def test_vision_options_are_checked():
     with pytest.raises(ValueError, match="training option task='image' is invalid; allowed: lm or vision"):
         TrainConfig(task="image")
@@ -85,3 +94,7 @@ def test_vision_options_are_checked():
         TrainConfig(task="vision", model="fmnist-0.3M", model_overrides={"vocab_size": 10})
     with pytest.raises(ValueError, match="crop_padding=-1 is invalid"):
         TrainConfig(task="vision", model="fmnist-0.3M", crop_padding=-1)
+    with pytest.raises(ValueError, match=r"label_smoothing=1.5 is invalid; allowed: a number in \[0, 1\)"):
+        TrainConfig(task="vision", model="fmnist-0.3M", label_smoothing=1.5)
+    with pytest.raises(ValueError, match="label_smoothing=0.1 is invalid; allowed: 0 with task: lm"):
+        TrainConfig(task="lm", label_smoothing=0.1)

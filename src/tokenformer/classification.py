@@ -71,19 +71,23 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 class ClassificationTask:
     """What a training loop needs to train and evaluate an image classifier."""
 
-    def __init__(self, classes: Sequence[str]) -> None:
+    def __init__(self, classes: Sequence[str], label_smoothing: float = 0.0) -> None:
         if len(classes) < 2:
             raise ValueError(f"a classification task needs at least 2 classes, got {list(classes)}")
+        if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) or not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
         self.classes = tuple(classes)
+        self.label_smoothing = float(label_smoothing)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy of one batch (moved to the model's device)."""
+        """Mean training cross-entropy of one batch (moved to the model's device), against targets
+        smoothed by ``label_smoothing`` (evaluation always scores the plain cross-entropy)."""
         images, labels = _to_device(batch, next(model.parameters()).device)
-        return model(images, labels)[1]
+        return F.cross_entropy(model(images).float(), labels, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> Evaluation:

@@ -34,7 +34,7 @@ class ImageClassificationTask:
     batches: a pure function of (seed, step, micro), so a resumed run continues exactly."""
 
     def __init__(self, train: ImageDataset, test: ImageDataset, config: TrainConfig) -> None:
-        self.classification = ClassificationTask(train.classes)
+        self.classification = ClassificationTask(train.classes, config.label_smoothing)
         count = len(train)
         held_out = max(1, round(count * config.val_fraction))
         val_rows = np.linspace(0, count - 1, held_out).round().astype(np.int64)
