@@ -231,10 +231,8 @@ def stack_layers(model: nn.Module, n_layers: int) -> StackRecord:
     """
     config = model.config
     old = config.n_layers
-    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < old:
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers <= old:
         raise ValueError(f"stack_layers cannot shrink or keep the depth: n_layers={n_layers!r}; allowed: an integer > {old}")
-    if n_layers == old:
-        raise ValueError(f"stack_layers: the model already has n_layers={old}; allowed: an integer > {old}")
     sources = [i % old for i in range(n_layers)]
     for i in range(old, n_layers):
         block = copy.deepcopy(model.layers[sources[i]])

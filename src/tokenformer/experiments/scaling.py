@@ -181,11 +181,10 @@ class ScalingPlan:
         stages = self.stages if arm in GROWN_ARMS else self.stages[-1:]
         if arm.startswith("tokenformer"):
             return [{**self.model_overrides, **s.tokens()} for s in stages]
+        matched = [{**self.model_overrides, "projection": "linear", "ffn_tokens": self.tokenformer(s).parameter_matched_linear().ffn_tokens} for s in stages]
         if arm == "transformer_stacked":
-            final = {**self.model_overrides, "projection": "linear", "ffn_tokens": self.tokenformer(stages[-1]).parameter_matched_linear().ffn_tokens}
-            return [{**final, "n_layers": n} for n in self.stacked_depths()]
-        matched = [self.tokenformer(s).parameter_matched_linear() for s in stages]
-        return [{**self.model_overrides, "projection": "linear", "ffn_tokens": m.ffn_tokens} for m in matched]
+            return [{**matched[-1], "n_layers": n} for n in self.stacked_depths()]
+        return matched
 
     def stacked_depths(self) -> list[int]:
         """Layers of each ``transformer_stacked`` stage: the final depth times the TokenFormer
