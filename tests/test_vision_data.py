@@ -132,14 +132,14 @@ def cifar_batch(n, seed, protocol):
     return batch, pickle.dumps(batch, protocol=protocol)
 
 
-def fake_cifar_archive(path, members=None, protocol=2):
-    """A CIFAR-10 python archive: 5 train batches and a test batch of a few images each."""
+def fake_cifar_archive(path, members=None, protocol=2, per_batch=3):
+    """A CIFAR-10 python archive: 5 train batches and a test batch of ``per_batch`` images each."""
     members = members or {}
     batches = {}
     with tarfile.open(path, "w:gz") as archive:
         names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
         for seed, name in enumerate(names):
-            batches[name], data = cifar_batch(3, seed, protocol)
+            batches[name], data = cifar_batch(per_batch, seed, protocol)
             data = members.get(name, data)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(data)

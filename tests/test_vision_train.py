@@ -11,7 +11,7 @@ from tokenformer.train import Trainer, TrainConfig
 from tokenformer.vision import TokenformerViT
 
 from conftest import cli_flags
-from test_vision_data import fake_fashion_mnist
+from test_vision_data import fake_cifar_archive, fake_fashion_mnist
 
 TINY_VIT = dict(n_layers=1, d_model=16, n_heads=2, qkv_tokens=8, proj_tokens=8, ffn_tokens=16, patch_tokens=8, head_tokens=8)
 
@@ -74,6 +74,24 @@ def test_grow_of_a_vision_checkpoint_keeps_validation_loss_and_accuracy(tmp_path
     main(["train", *cli_flags(vision_options(tmp_path / "run", fake_data, max_steps=6, resume=str(tmp_path / "grown")))])
     assert (tmp_path / "run/checkpoints/step-00000006").is_dir()
     assert (tmp_path / "run/test_metrics.json").is_file()
+
+
+def test_cifar10_training_end_to_end(tmp_path, one_thread, capsys):
+    """The CIFAR-10 path: python archive -> RGB batches with crop and flip -> the 3-channel preset -> test report."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    fake_cifar_archive(archive, per_batch=8)
+    options = vision_options(
+        tmp_path / "run", archive, model="cifar-1M", dataset="cifar10", batch_size=8, crop_padding=4, hflip=True,
+    )
+    main(["train", *cli_flags(options)])
+    assert "test accuracy" in capsys.readouterr().out
+    model = io.load_model(tmp_path / "run/checkpoints/step-00000006")
+    assert isinstance(model, TokenformerViT)
+    assert (model.config.in_channels, model.config.image_size, model.config.num_patches) == (3, 32, 64)
+    metrics = json.loads((tmp_path / "run/test_metrics.json").read_text())
+    assert metrics["count"] == 8 and metrics["classes"][0] == "airplane"
+    assert sum(map(sum, metrics["confusion"])) == 8
+    assert (tmp_path / "run/confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_label_smoothing_option_reaches_the_training_loss(tmp_path, fake_data, one_thread):
