@@ -5,7 +5,7 @@ import torch
 
 from tokenformer import grow, growth_summary
 from tokenformer.io import load_weights, save_weights
-from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig, count_vision_parameters, patchify
+from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig, count_vision_parameters, patchify, shifted_views
 
 from conftest import reference_ops
 
@@ -32,12 +32,23 @@ def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tenso
 
     patt, ln = reference_ops(sd, cfg.layernorm_eps)
 
+    s = cfg.patch_shift
+    # With patch_shift: the image, then copies moved towards the top-left, top-right, bottom-left, bottom-right.
+    moves = [(0, 0)] + ([(s, s), (s, -s), (-s, s), (-s, -s)] if s else [])
+
+    def pixel(image, channel, row, col):
+        inside = 0 <= row < cfg.image_size and 0 <= col < cfg.image_size
+        return image[channel, row, col] if inside else image.new_zeros(())
+
     results = []
     for image in images.double():
         rows = []
         for top in range(0, cfg.image_size, p):
             for left in range(0, cfg.image_size, p):
-                rows.append(image[:, top : top + p, left : left + p].reshape(-1))
+                rows.append(torch.stack([
+                    pixel(image, c, top + i + dy, left + j + dx)
+                    for dy, dx in moves for c in range(cfg.in_channels) for i in range(p) for j in range(p)
+                ]))
         x = patt(torch.stack(rows), "patch_proj")
         if cfg.pool == "cls":
             x = torch.cat([sd["cls_token"][0], x])
@@ -57,9 +68,9 @@ def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tenso
     return torch.stack(results)
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_logits_match_plain_float64_reference(pool):
-    model = TokenformerViT(tiny_vit(pool=pool)).double()
+@pytest.mark.parametrize("pool,patch_shift", [("cls", 0), ("mean", 0), ("mean", 2)])
+def test_logits_match_plain_float64_reference(pool, patch_shift):
+    model = TokenformerViT(tiny_vit(pool=pool, patch_shift=patch_shift)).double()
     images = images_for(model.config).double()
     torch.testing.assert_close(model(images), reference_logits(model, images), rtol=1e-9, atol=1e-9)
 
@@ -97,6 +108,28 @@ def test_patchify_raster_order_channel_major():
     torch.testing.assert_close(patches[0, 2], images[0, :, 4:8, 0:4].reshape(-1))
 
 
+def test_patch_shift_shows_each_patch_its_neighbourhood():
+    cfg = tiny_vit(patch_shift=2)
+    assert cfg.patch_dim == 5 * 2 * 4 * 4
+    model = TokenformerViT(cfg)
+    images = images_for(cfg, 1)
+    changed = images.clone()
+    changed[:, :, 4, 4] += 1.0  # first pixel of the centre patch, next to the top-left patch's corner
+    with torch.no_grad():
+        before, after = model.patch_proj(patchify_views(model, images)), model.patch_proj(patchify_views(model, changed))
+    moved = (after - before).abs().amax(dim=-1)[0]
+    # Patches (raster order, 3x3) 0 (top-left), 1 (above), 3 (left) and 4 (its own) see that pixel.
+    assert (moved[[0, 1, 3, 4]] > 1e-6).all() and (moved[[2, 5, 6, 7, 8]] == 0).all()
+    assert sum(p.numel() for p in model.parameters()) == count_vision_parameters(cfg)
+    linear = cfg.replace(projection="linear")
+    assert TokenformerViT(linear).patch_proj.weight.shape == (32, 160)
+    assert abs(count_vision_parameters(cfg.parameter_matched_linear()) - count_vision_parameters(cfg)) <= 32 * 2
+
+
+def patchify_views(model, images):
+    return patchify(shifted_views(images, model.config.patch_shift), model.config.patch_size)
+
+
 def test_linear_baseline_shares_code_path():
     cfg = tiny_vit(projection="linear")
     model = TokenformerViT(cfg)
@@ -128,10 +161,10 @@ def trained(model, steps=3, lr=1e-2):
     return opt
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pool,patch_shift", [("cls", 0), ("mean", 0), ("mean", 1)])
 @pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])
-def test_growth_preserves_logits(norm, pool):
-    model = TokenformerViT(tiny_vit(norm=norm, pool=pool))
+def test_growth_preserves_logits(norm, pool, patch_shift):
+    model = TokenformerViT(tiny_vit(norm=norm, pool=pool, patch_shift=patch_shift))
     trained(model)
     images = images_for(model.config, 4)
     with torch.no_grad():
@@ -204,6 +237,9 @@ def test_config_and_input_errors():
         tiny_vit(num_classes=0)
     with pytest.raises(ValueError, match="n_heads=5 must divide d_model=32"):
         tiny_vit(n_heads=5)
+    for shift in (4, -1, True):
+        with pytest.raises(ValueError, match=rf"patch_shift={shift!r} is invalid; allowed: an integer number of pixels from 0 \(off\) to patch_size - 1 = 3"):
+            tiny_vit(patch_shift=shift)
     with pytest.raises(ValueError, match="unknown preset 'imagenet'; allowed: fmnist-0.3M"):
         VisionConfig.from_preset("imagenet")
     model = TokenformerViT(tiny_vit())

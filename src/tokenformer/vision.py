@@ -12,6 +12,11 @@ language model's blocks with bidirectional attention::
 bias-free Linears with ``projection="linear"`` (the ViT baseline on the same code path).
 Positions are a learned embedding, as in ViT; the blocks get no rotary embedding.
 
+``patch_shift=s`` turns on shifted patch tokenization (Lee et al., 2021, "Vision Transformer for
+Small-Size Datasets"): the image and its four copies shifted by ``s`` pixels along the diagonals
+(zero-padded, i.e. the mean pixel after normalisation) are stacked as channels before cutting
+patches, so every patch token also sees the pixels around its patch (``5 * C * p * p -> d``).
+
 Note that an l2-normalised Pattention is blind to the scale of its input (``x`` and ``2x`` give
 the same scores after normalisation), so the patch projection sees the pattern of a patch, not
 its overall contrast.
@@ -41,7 +46,8 @@ class VisionConfig(BlockConfig):
     count d, FFN 4d). ``patch_tokens`` and ``head_tokens`` are the parameter-token counts of the
     patch projection and the classifier head (ignored by ``projection="linear"``). ``pool`` is
     ``"mean"`` by default: the paper trained with the MAE recipe, whose fine-tuning averages the
-    patch tokens; ``"cls"`` adds ViT's class token.
+    patch tokens; ``"cls"`` adds ViT's class token. ``patch_shift`` (pixels, below
+    ``patch_size``; 0 off) adds the four diagonally shifted copies of the image to every patch.
     """
 
     image_size: int = 224
@@ -51,12 +57,19 @@ class VisionConfig(BlockConfig):
     pool: str = "mean"
     patch_tokens: int = 768
     head_tokens: int = 768
+    patch_shift: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, ("image_size", "patch_size", "in_channels", "num_classes", "patch_tokens", "head_tokens"))
         check_divides(self, "patch_size", "image_size")
         check_choice(self, "pool", POOLS)
+        shift = self.patch_shift
+        if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift < self.patch_size:
+            raise ValueError(
+                f"config field patch_shift={shift!r} is invalid; allowed: an integer number of pixels from 0 (off) "
+                f"to patch_size - 1 = {self.patch_size - 1}"
+            )
 
     @property
     def num_patches(self) -> int:
@@ -64,7 +77,9 @@ class VisionConfig(BlockConfig):
 
     @property
     def patch_dim(self) -> int:
-        return self.in_channels * self.patch_size**2
+        """Values per patch token: ``C * p * p``, five times that with ``patch_shift``."""
+        views = 5 if self.patch_shift else 1
+        return views * self.in_channels * self.patch_size**2
 
     @property
     def seq_len(self) -> int:
@@ -140,6 +155,18 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.reshape(batch, (height // p) * (width // p), channels * p * p)
 
 
+def shifted_views(images: torch.Tensor, shift: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, 5C, H, W]``: the image, then its copies moved by ``shift`` pixels
+    towards the top-left, top-right, bottom-left and bottom-right, zero where they leave the frame."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (shift, shift, shift, shift))
+    # Moved towards the top-left, a view shows at (i, j) the pixel (i + shift, j + shift), which
+    # sits at (i + 2 * shift, j + 2 * shift) of the padded image.
+    corners = ((2 * shift, 2 * shift), (2 * shift, 0), (0, 2 * shift), (0, 0))
+    views = [padded[..., top : top + height, left : left + width] for top, left in corners]
+    return torch.cat([images, *views], dim=1)
+
+
 class TokenformerViT(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -167,6 +194,8 @@ class TokenformerViT(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The last block's output ``[B, seq_len, d]`` (class token first with ``pool="cls"``)."""
         self._check_input(images)
+        if self.config.patch_shift:
+            images = shifted_views(images, self.config.patch_shift)
         x = self.patch_proj(patchify(images, self.config.patch_size))
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
