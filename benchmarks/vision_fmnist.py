@@ -176,7 +176,8 @@ def render(args, started, grid, main_pair, growth_pair) -> str:
         "before/after it are in the tables.",
         "",
         f"Data: 57,000 training images (3,000 held out, evenly spaced, for validation), test on the 10,000 "
-        f"test images. Recipe for every arm: {recipe(args)}.",
+        f"test images. Recipe for every arm: {recipe(args)}."
+        + (f" Model fields changed on `{args.preset}` for every arm: `{json.dumps(args.model_overrides)}`." if args.model_overrides else ""),
         "",
         "`img/s` is the median over the logging windows (20 steps) of training images per second, "
         "validation and checkpoints left out; `wall-clock` is the whole arm from building the trainer to "
