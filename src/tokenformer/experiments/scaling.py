@@ -40,6 +40,7 @@ from ..flops import count_parameters
 from ..growth import TokenUpdateScale
 from ..train import Trainer, TrainConfig, lr_at
 from ..train.config import _is_int, _is_number
+from ..train.lm import standard_error
 
 ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
 GROWN_ARMS = ("tokenformer_grown", "transformer_grown", "transformer_stacked")
@@ -455,9 +456,7 @@ def paired_difference(arm: dict[str, Any], baseline: dict[str, Any]) -> tuple[fl
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return None
     diffs = [x - y for x, y in zip(a, b)]
-    mean = sum(diffs) / len(diffs)
-    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(variance / len(diffs))
+    return sum(diffs) / len(diffs), standard_error(diffs)
 
 
 def comparisons(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

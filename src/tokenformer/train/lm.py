@@ -43,6 +43,11 @@ class LanguageModelingTask:
         return evaluate_windows(model, self.eval_windows, self.batch_size, device)
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); NaN below two."""
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
 @torch.no_grad()
 def evaluate_windows(model: nn.Module, windows: Sequence[np.ndarray], batch_size: int, device: torch.device) -> dict[str, float]:
     """Mean next-token loss and perplexity over ``windows`` (arrays of ``seq_len + 1`` ids).
@@ -61,8 +66,7 @@ def evaluate_windows(model: nn.Module, windows: Sequence[np.ndarray], batch_size
         sizes.append(y.numel())
     count = sum(sizes)
     mean = sum(loss * size for loss, size in zip(losses, sizes)) / count
-    se = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_loss_se": se, "val_tokens": count, "val_batch_losses": losses}
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_loss_se": standard_error(losses), "val_tokens": count, "val_batch_losses": losses}
 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[TokenShards, Tokenizer]:

@@ -324,7 +324,7 @@ class Trainer:
         if self.dist.strategy == "fsdp":
             raise ValueError("depth stacking of a sharded (strategy='fsdp') model is not supported; allowed: strategy 'none' or 'ddp'")
         old_state = self.optimizer.state
-        sources = {name: param for name, param in self.model.named_parameters()}
+        sources = dict(self.model.named_parameters())
         record = stack_layers(self.model, n_layers)
         optimizer = make_optimizer(self.model, self.config)
         for name, param in self.model.named_parameters():
