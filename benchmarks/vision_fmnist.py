@@ -52,7 +52,7 @@ def arm_options(arm: str, lr: float, epochs: float, args: argparse.Namespace, gr
     return dict(
         task="vision", model=args.preset, model_overrides=overrides, dataset="fashion-mnist", batch_size=args.batch_size,
         max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(args.warmup_steps, steps // 10), weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, crop_padding=args.crop_padding, hflip=args.hflip,
+        label_smoothing=args.label_smoothing, crop_padding=args.crop_padding, hflip=args.hflip, erase_prob=args.erase_prob,
         eval_interval=max(1, steps // 4), ckpt_interval=max(1, steps // 4), log_interval=20, keep_last=1, threads=args.threads,
         device="cpu", out_dir=str(out_dir), resume="auto", progress=False, seed=0,
     )
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--crop-padding", type=int, default=0)
     parser.add_argument("--hflip", action="store_true")
+    parser.add_argument("--erase-prob", type=float, default=0.0, help="random erasing: share of training images that get a noise rectangle")
     parser.add_argument("--jobs", type=int, default=1, help="arms run at a time")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each arm")
     parser.add_argument("--pairs", default="main,growth", help="which pairs to run after the grid: main, growth or both")
@@ -162,6 +163,7 @@ def main() -> None:
 
 def recipe(args: argparse.Namespace) -> str:
     augment = [f"random crop (padding {args.crop_padding})"] * bool(args.crop_padding) + ["horizontal flip"] * args.hflip
+    augment += [f"random erasing (probability {args.erase_prob:g})"] * bool(args.erase_prob)
     return (
         f"batch {args.batch_size}, AdamW (weight decay {args.weight_decay:g}), linear warmup over min({args.warmup_steps}, "
         f"a tenth of the steps) then cosine to lr/10, label smoothing {args.label_smoothing:g}, "

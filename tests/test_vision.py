@@ -5,7 +5,7 @@ import torch
 
 from tokenformer import grow, growth_summary
 from tokenformer.io import load_weights, save_weights
-from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig, count_vision_parameters, patchify, shifted_views
+from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig, count_vision_parameters, drop_path, patchify, shifted_views
 
 from conftest import reference_ops
 
@@ -228,6 +228,38 @@ def test_param_groups_skip_position_embedding_and_class_token():
     assert mean_pool.cls_token is None and len(mean_pool.param_groups(0.05)[1]["params"]) == 3
 
 
+def test_drop_path_keeps_the_expectation():
+    torch.manual_seed(0)
+    out = drop_path(torch.ones(4000, 3, 2), 0.25)
+    per_sample = out.flatten(1)
+    assert per_sample.unique().tolist() == pytest.approx([0.0, 4 / 3])
+    assert bool((per_sample == per_sample[:, :1]).all())  # one draw per sample
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+
+
+def test_stochastic_depth_skips_whole_blocks_per_sample_in_training_only():
+    cfg = tiny_vit(drop_path=0.5)
+    assert cfg.drop_rates() == [0.0, 0.5] and tiny_vit(drop_path=0.3, n_layers=4).drop_rates() == pytest.approx([0, 0.1, 0.2, 0.3])
+    model = TokenformerViT(cfg)
+    plain = TokenformerViT(tiny_vit())
+    plain.load_state_dict(model.state_dict())
+    images = images_for(cfg, batch=16)
+    model.eval()
+    torch.testing.assert_close(model(images), plain(images), rtol=0, atol=0)  # evaluation runs every block
+    # Training: block 0 always runs; block 1 either runs (update scaled by 1 / 0.5) or is skipped.
+    plain.eval()
+    rotary = images.new_empty(cfg.seq_len, 0)
+    x = plain.patch_proj(patchify(images, cfg.patch_size)) + plain.pos_embedding
+    x = plain.layers[0](x, rotary, rotary)
+    update = plain.layers[1](x, rotary, rotary) - x
+    model.train()
+    features = model.features(images)
+    skipped = [torch.allclose(f, x0, atol=1e-5) for f, x0 in zip(features, x, strict=True)]
+    for f, x0, u, skip in zip(features, x, update, skipped, strict=True):
+        torch.testing.assert_close(f, x0 if skip else x0 + 2 * u, atol=1e-5, rtol=1e-5)
+    assert 0 < sum(skipped) < len(skipped)
+
+
 def test_config_and_input_errors():
     with pytest.raises(ValueError, match="patch_size=5 must divide image_size=12"):
         tiny_vit(patch_size=5)
@@ -240,6 +272,9 @@ def test_config_and_input_errors():
     for shift in (4, -1, True):
         with pytest.raises(ValueError, match=rf"patch_shift={shift!r} is invalid; allowed: an integer number of pixels from 0 \(off\) to patch_size - 1 = 3"):
             tiny_vit(patch_shift=shift)
+    for rate in (1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match=rf"drop_path={rate!r} is invalid; allowed: a probability in \[0, 1\)"):
+            tiny_vit(drop_path=rate)
     with pytest.raises(ValueError, match="unknown preset 'imagenet'; allowed: fmnist-0.3M"):
         VisionConfig.from_preset("imagenet")
     model = TokenformerViT(tiny_vit())

@@ -250,6 +250,32 @@ def test_augmentation_crops_and_flips_the_image():
     assert len(offsets) > 3  # different crops and flips across the batch
 
 
+def test_random_erasing_puts_one_rectangle_of_noise_in_the_chosen_images():
+    size, count = 20, 400
+    data = ImageDataset(torch.zeros(count, 2, size, size, dtype=torch.uint8), torch.arange(count) % 3, ("a", "b", "c"))
+    make = lambda prob: ImageBatches(data, count, [0.0, 0.0], [1 / 255, 1 / 255], erase_prob=prob, seed=3)  # noqa: E731
+    (images, _), = make(0.5).epoch(2)
+    (again, _), = make(0.5).epoch(2)
+    assert torch.equal(images, again)  # drawn from (seed, epoch, batch index) only
+    erased = 0
+    for image in images:
+        changed = (image != 0).any(dim=0)
+        if not changed.any():
+            continue
+        erased += 1
+        rows, cols = changed.any(dim=1).nonzero()[:, 0], changed.any(dim=0).nonzero()[:, 0]
+        box = image[:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        area = box.shape[1] * box.shape[2]
+        assert int(changed.sum()) == int((box != 0).any(dim=0).sum())  # every change lies in one box ...
+        assert (box != 0).float().mean() > 0.9  # ... filled with noise (a random pixel is 0 one time in 256)
+        assert 0.01 * size * size <= area <= 0.5 * size * size
+    assert 0.4 < erased / count < 0.6
+    (untouched, _), = make(0.0).epoch(2)
+    assert not untouched.any()
+    (all_erased, _), = make(1.0).epoch(2)
+    assert all(image.any() for image in all_erased)
+
+
 def test_batch_errors():
     data = small_dataset(4)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
@@ -258,6 +284,9 @@ def test_batch_errors():
         ImageBatches(data, 2, [0.5, 0.5], [0.2, 0.2])
     with pytest.raises(ValueError, match="crop_padding must be a non-negative integer"):
         ImageBatches(data, 2, [0.5], [0.2], crop_padding=-1)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match=rf"erase_prob must be a probability in \[0, 1\], got {bad!r}"):
+            ImageBatches(data, 2, [0.5], [0.2], erase_prob=bad)
     with pytest.raises(ValueError, match=r"labels must lie in 0..2 \(3 classes\), got 0..3"):
         ImageDataset(data.images, torch.arange(4), ("a", "b", "c"))
     with pytest.raises(ValueError, match="images must be uint8"):

@@ -94,6 +94,18 @@ def test_cifar10_training_end_to_end(tmp_path, one_thread, capsys):
     assert (tmp_path / "run/confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_random_erasing_option_reaches_the_training_batches(tmp_path, fake_data, one_thread):
+    plain = Trainer(TrainConfig(**vision_options(tmp_path / "plain", fake_data)))
+    erased = Trainer(TrainConfig(**vision_options(tmp_path / "erased", fake_data, erase_prob=1.0)))
+    for step in range(3):
+        (a, labels_a), (b, labels_b) = (t.task.train_batch(step, 0, t.device) for t in (plain, erased))
+        assert torch.equal(labels_a, labels_b)
+        differs = (a != b).flatten(1).any(dim=1)
+        assert differs.float().mean() > 0.9  # every image gets a rectangle (a noise pixel can equal the original)
+    assert erased.task.val_batches.erase_prob == erased.task.test_batches.erase_prob == 0
+    plain.close(), erased.close()
+
+
 def test_label_smoothing_option_reaches_the_training_loss(tmp_path, fake_data, one_thread):
     trainer = Trainer(TrainConfig(**vision_options(tmp_path / "run", fake_data, label_smoothing=0.2)))
     images, labels = batch = trainer.task.train_batch(0, 0, trainer.device)
@@ -116,3 +128,7 @@ def test_vision_options_are_checked():
         TrainConfig(task="vision", model="fmnist-0.3M", label_smoothing=1.5)
     with pytest.raises(ValueError, match="label_smoothing=0.1 is invalid; allowed: 0 with task: lm"):
         TrainConfig(task="lm", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"erase_prob=2 is invalid; allowed: a probability in \[0, 1\]"):
+        TrainConfig(task="vision", model="fmnist-0.3M", erase_prob=2)
+    with pytest.raises(ValueError, match="erase_prob=0.5 is invalid; allowed: 0 with task: lm"):
+        TrainConfig(task="lm", erase_prob=0.5)

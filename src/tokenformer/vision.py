@@ -48,6 +48,10 @@ class VisionConfig(BlockConfig):
     ``"mean"`` by default: the paper trained with the MAE recipe, whose fine-tuning averages the
     patch tokens; ``"cls"`` adds ViT's class token. ``patch_shift`` (pixels, below
     ``patch_size``; 0 off) adds the four diagonally shifted copies of the image to every patch.
+    ``drop_path`` is stochastic depth (Huang et al., 2016) in training: block ``i`` of ``L`` is
+    skipped for a sample with probability ``drop_path * i / (L - 1)`` (the last block with
+    ``drop_path``) and its residual update scaled up by the inverse keep rate otherwise; in
+    evaluation every block runs.
     """
 
     image_size: int = 224
@@ -58,6 +62,7 @@ class VisionConfig(BlockConfig):
     patch_tokens: int = 768
     head_tokens: int = 768
     patch_shift: int = 0
+    drop_path: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +75,14 @@ class VisionConfig(BlockConfig):
                 f"config field patch_shift={shift!r} is invalid; allowed: an integer number of pixels from 0 (off) "
                 f"to patch_size - 1 = {self.patch_size - 1}"
             )
+        rate = self.drop_path
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
+            raise ValueError(f"config field drop_path={rate!r} is invalid; allowed: a probability in [0, 1)")
+
+    def drop_rates(self) -> list[float]:
+        """Stochastic-depth rate of each block: 0 for the first, rising linearly to ``drop_path``."""
+        last = max(self.n_layers - 1, 1)
+        return [self.drop_path * i / last for i in range(self.n_layers)]
 
     @property
     def num_patches(self) -> int:
@@ -167,6 +180,13 @@ def shifted_views(images: torch.Tensor, shift: int) -> torch.Tensor:
     return torch.cat([images, *views], dim=1)
 
 
+def drop_path(update: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth on a residual update ``[B, ...]``: zero for each sample with probability
+    ``rate``, divided by ``1 - rate`` otherwise (the expectation is unchanged)."""
+    keep = torch.rand(update.shape[0], *(1,) * (update.dim() - 1), device=update.device) >= rate
+    return update * keep.to(update.dtype) / (1 - rate)
+
+
 class TokenformerViT(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -202,8 +222,12 @@ class TokenformerViT(nn.Module):
         x = x + self.pos_embedding
         # Zero-width rotary tables: apply_rotary is then the identity (positions are learned).
         no_rotary = x.new_empty(x.shape[1], 0)
-        for block in self.layers:
-            x = block(x, no_rotary, no_rotary)
+        rates = self.config.drop_rates() if self.training and self.config.drop_path else None
+        for i, block in enumerate(self.layers):
+            if rates is None or rates[i] == 0:
+                x = block(x, no_rotary, no_rotary)
+            else:
+                x = x + drop_path(block(x, no_rotary, no_rotary) - x, rates[i])
         return x
 
     def forward(

@@ -276,8 +276,10 @@ class ImageBatches:
 
     ``mean``/``std`` (per channel, pixels in [0, 1]) come from the training split (see
     :func:`channel_stats`). ``crop_padding=p`` pads each image by ``p`` black pixels and takes a
-    random crop of the original size; ``hflip`` mirrors half the images. Both, and the shuffled
-    order, are drawn from ``(seed, epoch, batch index)`` only.
+    random crop of the original size; ``hflip`` mirrors half the images. ``erase_prob=q`` is random
+    erasing (Zhong et al., 2020): with probability ``q`` an image gets one rectangle of random
+    pixel values, covering 2-40% of its area with an aspect ratio between 0.3 and 3.3 (clipped to
+    the frame). All of them, and the shuffled order, are drawn from ``(seed, epoch, batch index)`` only.
     """
 
     def __init__(
@@ -290,6 +292,7 @@ class ImageBatches:
         shuffle: bool = False,
         crop_padding: int = 0,
         hflip: bool = False,
+        erase_prob: float = 0.0,
         drop_last: bool = False,
         seed: int = 0,
     ) -> None:
@@ -297,6 +300,8 @@ class ImageBatches:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(crop_padding, int) or crop_padding < 0:
             raise ValueError(f"crop_padding must be a non-negative integer (pixels), got {crop_padding!r}")
+        if not isinstance(erase_prob, (int, float)) or isinstance(erase_prob, bool) or not 0 <= erase_prob <= 1:
+            raise ValueError(f"erase_prob must be a probability in [0, 1], got {erase_prob!r}")
         channels = dataset.images.shape[1]
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         if mean.shape != (channels,) or std.shape != (channels,) or bool((std <= 0).any()):
@@ -306,6 +311,7 @@ class ImageBatches:
             )
         self.dataset, self.batch_size = dataset, batch_size
         self.shuffle, self.crop_padding, self.hflip, self.drop_last, self.seed = shuffle, crop_padding, hflip, drop_last, seed
+        self.erase_prob = float(erase_prob)
         # Batches are put together in NumPy: on a busy CPU, torch's small indexing ops pay for
         # waking its thread pool and take 20x longer.
         self._images, self._labels = dataset.images.numpy(), dataset.labels.numpy()
@@ -327,7 +333,7 @@ class ImageBatches:
         for index in range(start, len(self)):
             rows = order[index * self.batch_size : (index + 1) * self.batch_size]
             images = self._images[rows]
-            if self.crop_padding or self.hflip:
+            if self.crop_padding or self.hflip or self.erase_prob:
                 images = self._augment(images, np.random.default_rng([self.seed, epoch, index]))
             normalised = images.astype(np.float32) * self._scale - self._shift
             yield torch.from_numpy(normalised), torch.from_numpy(self._labels[rows])
@@ -348,4 +354,30 @@ class ImageBatches:
         if self.hflip:
             flip = rng.random(batch) < 0.5
             images = np.where(flip[:, None, None, None], images[..., ::-1], images)
+        if self.erase_prob:
+            images = _random_erase(images, self.erase_prob, rng)
         return images
+
+
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+
+
+def _random_erase(images: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
+    """Random erasing of ``images [B, C, H, W]`` (uint8): each image, with probability ``prob``,
+    gets one rectangle (area a share of ``ERASE_AREA``, aspect drawn log-uniformly from
+    ``ERASE_ASPECT``, clipped to the frame) filled with uniform random pixel values."""
+    batch, _, height, width = images.shape
+    erase = rng.random(batch) < prob
+    area = rng.uniform(*ERASE_AREA, batch) * height * width
+    aspect = np.exp(rng.uniform(*np.log(ERASE_ASPECT), batch))
+    h = np.clip(np.round(np.sqrt(area * aspect)), 1, height).astype(np.int64)
+    w = np.clip(np.round(np.sqrt(area / aspect)), 1, width).astype(np.int64)
+    top = (rng.random(batch) * (height - h + 1)).astype(np.int64)
+    left = (rng.random(batch) * (width - w + 1)).astype(np.int64)
+    rows, cols = np.arange(height), np.arange(width)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+    inside_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+    mask = erase[:, None, None, None] & inside_rows[:, None, :, None] & inside_cols[:, None, None, :]
+    noise = rng.integers(0, 256, images.shape, dtype=np.uint8)
+    return np.where(mask, noise, images)

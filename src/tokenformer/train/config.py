@@ -34,6 +34,8 @@ class TrainConfig:
             /usr/share/datasets/fashion-mnist; CIFAR-10 needs its python archive or folder).
         crop_padding: Vision augmentation: pad by this many pixels and crop randomly (0: off).
         hflip: Vision augmentation: mirror half the training images.
+        erase_prob: Vision augmentation: random erasing, the probability that a training image
+            gets a rectangle of random pixels (2-40% of its area; 0: off).
         label_smoothing: With ``task: vision``, train against the one-hot targets mixed with this
             share of the uniform distribution over the classes (0: plain cross-entropy);
             validation and test losses stay the plain cross-entropy.
@@ -86,6 +88,7 @@ class TrainConfig:
     data_path: Optional[str] = None
     crop_padding: int = 0
     hflip: bool = False
+    erase_prob: float = 0.0
     label_smoothing: float = 0.0
     tokenizer: str = "bpe"
     vocab_size: int = 8192
@@ -132,6 +135,8 @@ class TrainConfig:
             _check(self, name, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "threads", lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null")
         _check(self, "label_smoothing", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "erase_prob", lambda v: _is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
+        _check(self, "erase_prob", lambda v: v == 0 or self.task == "vision", "0 with task: lm (random erasing is an option of task: vision)")
         _check(self, "label_smoothing", lambda v: v == 0 or self.task == "vision", "0 with task: lm (label smoothing is an option of task: vision)")
         _check(self, "val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
         for name, choices in (("precision", Precision), ("task", TaskName), ("dataset", VisionDataset)):

@@ -46,7 +46,7 @@ class ImageClassificationTask:
         self.grad_accum = config.grad_accum
         self.train_batches = ImageBatches(
             train_part, config.batch_size, mean, std, shuffle=True, drop_last=True,
-            crop_padding=config.crop_padding, hflip=config.hflip, seed=config.seed,
+            crop_padding=config.crop_padding, hflip=config.hflip, erase_prob=config.erase_prob, seed=config.seed,
         )
         self.val_batches = ImageBatches(val_part, config.batch_size, mean, std)
         self.test_batches = ImageBatches(test, config.batch_size, mean, std)
