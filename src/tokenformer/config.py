@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .pattention import NORMS
 
@@ -18,10 +18,27 @@ PROJECTIONS = ("pattention", "linear")
 TOKEN_KINDS = ("qkv", "proj", "ffn")
 
 
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_field(config: Any, name: str, ok: Callable[[Any], bool], allowed: str) -> None:
+    """Raise ``config field name=value is invalid; allowed: ...`` unless ``ok(value)``."""
+    value = getattr(config, name)
+    if not ok(value):
+        raise ValueError(f"config field {name}={value!r} is invalid; allowed: {allowed}")
+
+
 def check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BlockConfig, check_choice, check_divides, check_positive_ints, lookup_preset
+from .config import BlockConfig, check_choice, check_divides, check_field, check_positive_ints, is_int, is_number, lookup_preset
 from .flops import block_parameters
 from .model import Block, make_projection, weight_decay_groups
 
@@ -69,15 +69,11 @@ class VisionConfig(BlockConfig):
         check_positive_ints(self, ("image_size", "patch_size", "in_channels", "num_classes", "patch_tokens", "head_tokens"))
         check_divides(self, "patch_size", "image_size")
         check_choice(self, "pool", POOLS)
-        shift = self.patch_shift
-        if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift < self.patch_size:
-            raise ValueError(
-                f"config field patch_shift={shift!r} is invalid; allowed: an integer number of pixels from 0 (off) "
-                f"to patch_size - 1 = {self.patch_size - 1}"
-            )
-        rate = self.drop_path
-        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
-            raise ValueError(f"config field drop_path={rate!r} is invalid; allowed: a probability in [0, 1)")
+        check_field(
+            self, "patch_shift", lambda v: is_int(v) and 0 <= v < self.patch_size,
+            f"an integer number of pixels from 0 (off) to patch_size - 1 = {self.patch_size - 1}",
+        )
+        check_field(self, "drop_path", lambda v: is_number(v) and 0 <= v < 1, "a probability in [0, 1)")
 
     def drop_rates(self) -> list[float]:
         """Stochastic-depth rate of each block: 0 for the first, rising linearly to ``drop_path``."""

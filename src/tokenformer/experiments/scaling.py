@@ -39,7 +39,7 @@ from ..config import TokenformerConfig, dataclass_from_dict
 from ..flops import count_parameters
 from ..growth import TokenUpdateScale
 from ..train import Trainer, TrainConfig, lr_at
-from ..train.config import _is_int, _is_number
+from ..config import is_int, is_number
 from ..train.lm import standard_error
 
 ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
@@ -143,7 +143,7 @@ class ScalingPlan:
             shrinking = [k for k in new.tokens() if new.tokens()[k] < old.tokens()[k]]
             if shrinking or new.tokens() == old.tokens():
                 raise _plan_error(f"stages[{i - 1}]", new.tokens(), f"token counts >= stage {i - 1}'s {old.tokens()}, at least one larger")
-        if not isinstance(self.lr_grid, list) or not self.lr_grid or not all(_is_number(v) and v > 0 for v in self.lr_grid):
+        if not isinstance(self.lr_grid, list) or not self.lr_grid or not all(is_number(v) and v > 0 for v in self.lr_grid):
             raise _plan_error("lr_grid", self.lr_grid, "a non-empty list of learning rates > 0")
         if len(set(self.lr_grid)) != len(self.lr_grid):
             raise _plan_error("lr_grid", self.lr_grid, "distinct learning rates")
@@ -154,9 +154,9 @@ class ScalingPlan:
             raise _plan_error("arms", self.arms, f"transformer_stacked only with a final depth that grows over the stages (depths {self.stacked_depths()}; use n_layers >= 2)")
         if self.ablation and "tokenformer_grown" not in self.arms:
             raise _plan_error("ablation", self.ablation, "false unless arms include tokenformer_grown")
-        if self.ablation_steps is not None and not (_is_int(self.ablation_steps) and self.ablation_steps >= 1):
+        if self.ablation_steps is not None and not (is_int(self.ablation_steps) and self.ablation_steps >= 1):
             raise _plan_error("ablation_steps", self.ablation_steps, "a positive integer or null")
-        if not (_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+        if not (is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             raise _plan_error("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         # Every run's training options and model are checked now, before hours of training.
         for arm in self.arms:
@@ -232,7 +232,7 @@ def _stage(index: int, data: Any) -> Stage:
     if not isinstance(data, dict) or sorted(data) != sorted(names):
         raise _plan_error(f"stages[{index}]", data, f"a mapping with exactly {', '.join(names)}")
     for name, value in data.items():
-        if not (_is_int(value) and value >= 1):
+        if not (is_int(value) and value >= 1):
             raise _plan_error(f"stages[{index}].{name}", value, "a positive integer")
     return Stage(**data)
 

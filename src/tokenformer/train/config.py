@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from ..config import TokenformerConfig, dataclass_from_dict
+from ..config import TokenformerConfig, dataclass_from_dict, is_int, is_number
 from ..vision import VisionConfig
 
 Precision = Literal["fp32", "bf16-mixed"]
@@ -124,27 +123,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_last")
         for name in positive:
-            _check(self, name, lambda v: _is_int(v) and v >= 1, "a positive integer")
+            _check(self, name, lambda v: is_int(v) and v >= 1, "a positive integer")
         for name in ("warmup_steps", "seed", "crop_padding"):
-            _check(self, name, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+            _check(self, name, lambda v: is_int(v) and v >= 0, "an integer >= 0")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            _check(self, name, lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
+            _check(self, name, lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         _check(self, "lr", lambda v: v > 0, "a number > 0")
         _check(self, "min_lr", lambda v: v <= self.lr, f"a number <= lr ({self.lr})")
         for name in ("beta1", "beta2"):
-            _check(self, name, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
-        _check(self, "threads", lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null")
-        _check(self, "label_smoothing", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
-        _check(self, "erase_prob", lambda v: _is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
+            _check(self, name, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "threads", lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
+        _check(self, "label_smoothing", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "erase_prob", lambda v: is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
         _check(self, "erase_prob", lambda v: v == 0 or self.task == "vision", "0 with task: lm (random erasing is an option of task: vision)")
         _check(self, "label_smoothing", lambda v: v == 0 or self.task == "vision", "0 with task: lm (label smoothing is an option of task: vision)")
-        _check(self, "val_fraction", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
+        _check(self, "val_fraction", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)")
         for name, choices in (("precision", Precision), ("task", TaskName), ("dataset", VisionDataset)):
             allowed = typing.get_args(choices)
             _check(self, name, lambda v: v in allowed, " or ".join(allowed))
         strategies = typing.get_args(Strategy)
         _check(self, "strategy", lambda v: v in strategies, ", ".join(strategies))
-        _check(self, "dist_timeout", lambda v: _is_number(v) and v > 0, "a number of seconds > 0")
+        _check(self, "dist_timeout", lambda v: is_number(v) and v > 0, "a number of seconds > 0")
         _check(self, "device", lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps", "xpu"), "auto, cpu, cuda[:N], mps or xpu")
         _check(self, "data", lambda v: bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)), "a corpus name, path or glob, or a list of them")
         _check(self, "resume", lambda v: v is None or (isinstance(v, str) and v != ""), "auto, a checkpoint or run directory, or null")
@@ -198,14 +197,6 @@ class TrainConfig:
 def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
     """Round the embedding up like GPT-NeoX (50,277 ids -> 50,304 rows) for aligned matmuls."""
     return -(-vocab_size // multiple) * multiple
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(config: TrainConfig, name: str, ok, allowed: str) -> None:
