@@ -27,6 +27,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import is_number
+
 try:  # NumPy >= 2 (and the forward-compatibility alias of 1.26)
     from numpy._core import multiarray as _np_multiarray, numeric as _np_numeric
 except ImportError:  # pragma: no cover - older NumPy
@@ -300,7 +302,7 @@ class ImageBatches:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(crop_padding, int) or crop_padding < 0:
             raise ValueError(f"crop_padding must be a non-negative integer (pixels), got {crop_padding!r}")
-        if not isinstance(erase_prob, (int, float)) or isinstance(erase_prob, bool) or not 0 <= erase_prob <= 1:
+        if not is_number(erase_prob) or not 0 <= erase_prob <= 1:
             raise ValueError(f"erase_prob must be a probability in [0, 1], got {erase_prob!r}")
         channels = dataset.images.shape[1]
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)

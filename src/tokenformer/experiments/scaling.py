@@ -35,11 +35,10 @@ import torch
 import yaml
 
 from .. import io
-from ..config import TokenformerConfig, dataclass_from_dict
+from ..config import TokenformerConfig, dataclass_from_dict, is_int, is_number
 from ..flops import count_parameters
 from ..growth import TokenUpdateScale
 from ..train import Trainer, TrainConfig, lr_at
-from ..config import is_int, is_number
 from ..train.lm import standard_error
 
 ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
