@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import command_line, markdown_table, write_report
+from common import markdown_table, write_report
 
 TRAIN_IMAGES = 57000  # the 60,000 training images less the 5% held out for validation
 MAIN_ARMS = ("tokenformer", "linear")
