@@ -5,6 +5,7 @@ import torch
 
 from tokenformer import grow, growth_summary
 from tokenformer.io import load_weights, save_weights
+from tokenformer.model import SelfAttention
 from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig, count_vision_parameters, drop_path, patchify, shifted_views
 
 from conftest import reference_ops
@@ -58,7 +59,10 @@ def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tenso
             pre = f"layers.{i}."
             h = ln(x)
             q, k, v = (patt(h, pre + f"attention.{n}").view(T, heads, hd) for n in ("query", "key", "value"))
-            scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)  # no mask: every patch sees every patch
+            scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)  # no causal mask: every patch sees every patch
+            if cfg.lsa:  # learned temperature; a token does not see itself
+                scores = scores * sd[pre + "attention.log_temperature"].exp()
+                scores = scores.masked_fill(torch.eye(T, dtype=torch.bool), float("-inf"))
             att = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, d)
             x = x + patt(att, pre + "attention.proj")
             x = x + patt(ln(x), pre + "mlp")
@@ -68,16 +72,20 @@ def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tenso
     return torch.stack(results)
 
 
-@pytest.mark.parametrize("pool,patch_shift", [("cls", 0), ("mean", 0), ("mean", 2)])
-def test_logits_match_plain_float64_reference(pool, patch_shift):
-    model = TokenformerViT(tiny_vit(pool=pool, patch_shift=patch_shift)).double()
+@pytest.mark.parametrize("pool,patch_shift,lsa", [("cls", 0, False), ("mean", 0, False), ("mean", 2, False), ("cls", 0, True), ("mean", 1, True)])
+def test_logits_match_plain_float64_reference(pool, patch_shift, lsa):
+    model = TokenformerViT(tiny_vit(pool=pool, patch_shift=patch_shift, lsa=lsa)).double()
+    if lsa:
+        with torch.no_grad():
+            for i, layer in enumerate(model.layers):
+                layer.attention.log_temperature.fill_(0.3 - 0.5 * i)  # as if learned: away from the 1/sqrt(head_dim) start
     images = images_for(model.config).double()
     torch.testing.assert_close(model(images), reference_logits(model, images), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name,pool", [(name, "mean") for name in VISION_PRESETS] + [("fmnist-0.3M", "cls")])
-def test_preset_shapes(name, pool):
-    cfg = VisionConfig.from_preset(name, pool=pool)
+@pytest.mark.parametrize("name,pool,lsa", [(name, "mean", False) for name in VISION_PRESETS] + [("fmnist-0.3M", "cls", False), ("fmnist-0.3M", "mean", True)])
+def test_preset_shapes(name, pool, lsa):
+    cfg = VisionConfig.from_preset(name, pool=pool, lsa=lsa)
     model = TokenformerViT(cfg)
     images = images_for(cfg, 2)
     assert model(images).shape == (2, 10)
@@ -161,10 +169,10 @@ def trained(model, steps=3, lr=1e-2):
     return opt
 
 
-@pytest.mark.parametrize("pool,patch_shift", [("cls", 0), ("mean", 0), ("mean", 1)])
+@pytest.mark.parametrize("pool,patch_shift,lsa", [("cls", 0, False), ("mean", 0, False), ("mean", 1, False), ("mean", 1, True)])
 @pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])
-def test_growth_preserves_logits(norm, pool, patch_shift):
-    model = TokenformerViT(tiny_vit(norm=norm, pool=pool, patch_shift=patch_shift))
+def test_growth_preserves_logits(norm, pool, patch_shift, lsa):
+    model = TokenformerViT(tiny_vit(norm=norm, pool=pool, patch_shift=patch_shift, lsa=lsa))
     trained(model)
     images = images_for(model.config, 4)
     with torch.no_grad():
@@ -275,6 +283,10 @@ def test_config_and_input_errors():
     for rate in (1.0, -0.1, "0.1"):
         with pytest.raises(ValueError, match=rf"drop_path={rate!r} is invalid; allowed: a probability in \[0, 1\)"):
             tiny_vit(drop_path=rate)
+    with pytest.raises(ValueError, match=r"lsa='yes' is invalid; allowed: true or false"):
+        tiny_vit(lsa="yes")
+    with pytest.raises(ValueError, match=r"locality self-attention needs bidirectional attention \(causal=False\)"):
+        SelfAttention(tiny_vit(), {"qkv": 8, "proj": 8}, causal=True, locality=True)
     with pytest.raises(ValueError, match="unknown preset 'imagenet'; allowed: fmnist-0.3M"):
         VisionConfig.from_preset("imagenet")
     model = TokenformerViT(tiny_vit())

@@ -129,11 +129,19 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head token-token attention; ``causal=False`` (vision) lets every token see every other."""
+    """Multi-head token-token attention; ``causal=False`` (vision) lets every token see every other.
 
-    def __init__(self, config: BlockConfig, tokens: dict[str, int], causal: bool = True) -> None:
+    ``locality=True`` (bidirectional only) is locality self-attention (Lee et al., 2021): a token
+    does not attend to itself, and the softmax temperature is learned, as ``log_temperature``
+    (a scalar added to the log of the usual 1/sqrt(head_dim) scale, starting at 0).
+    """
+
+    def __init__(self, config: BlockConfig, tokens: dict[str, int], causal: bool = True, locality: bool = False) -> None:
         super().__init__()
+        if causal and locality:
+            raise ValueError("locality self-attention needs bidirectional attention (causal=False)")
         self.causal = causal
+        self.log_temperature = nn.Parameter(torch.zeros(())) if locality else None
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.query = make_projection(config, tokens["qkv"], config.init_std)
@@ -157,6 +165,11 @@ class SelfAttention(nn.Module):
         q = apply_rotary(self._heads(self.query(x)), cos, sin)
         k = apply_rotary(self._heads(self.key(x)), cos, sin)
         v = self._heads(self.value(x))
+        if self.log_temperature is not None:
+            q = q * self.log_temperature.exp().to(q.dtype)
+            others = ~torch.eye(length, dtype=torch.bool, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=others)
+            return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
         start = 0
         if cache is not None:
             start = cache.length
@@ -173,12 +186,12 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: BlockConfig, layer: int, causal: bool = True) -> None:
+    def __init__(self, config: BlockConfig, layer: int, causal: bool = True, locality: bool = False) -> None:
         super().__init__()
         tokens = config.tokens(layer)
         self.layer = layer
         self.eps = config.layernorm_eps
-        self.attention = SelfAttention(config, tokens, causal)
+        self.attention = SelfAttention(config, tokens, causal, locality)
         self.mlp = make_ffn(config, tokens["ffn"])
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ class VisionConfig(BlockConfig):
     ``drop_path`` is stochastic depth (Huang et al., 2016) in training: block ``i`` of ``L`` is
     skipped for a sample with probability ``drop_path * i / (L - 1)`` (the last block with
     ``drop_path``) and its residual update scaled up by the inverse keep rate otherwise; in
-    evaluation every block runs.
+    evaluation every block runs. ``lsa`` turns on locality self-attention (Lee et al., 2021, with
+    shifted patches in the same paper): no token attends to itself and every layer learns its
+    attention temperature (one scalar per layer).
     """
 
     image_size: int = 224
@@ -63,6 +65,7 @@ class VisionConfig(BlockConfig):
     head_tokens: int = 768
     patch_shift: int = 0
     drop_path: float = 0.0
+    lsa: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +77,7 @@ class VisionConfig(BlockConfig):
             f"an integer number of pixels from 0 (off) to patch_size - 1 = {self.patch_size - 1}",
         )
         check_field(self, "drop_path", lambda v: is_number(v) and 0 <= v < 1, "a probability in [0, 1)")
+        check_field(self, "lsa", lambda v: isinstance(v, bool), "true or false")
 
     def drop_rates(self) -> list[float]:
         """Stochastic-depth rate of each block: 0 for the first, rising linearly to ``drop_path``."""
@@ -142,7 +146,8 @@ def count_vision_parameters(config: VisionConfig) -> int:
         patch = config.patch_dim * d
         head = d * config.num_classes
     class_token = d if config.pool == "cls" else 0
-    return patch + class_token + config.seq_len * d + block_parameters(config) + 2 * d + head
+    temperatures = config.n_layers if config.lsa else 0
+    return patch + class_token + config.seq_len * d + block_parameters(config) + temperatures + 2 * d + head
 
 
 def training_flops_per_image(config: VisionConfig) -> int:
@@ -191,7 +196,7 @@ class TokenformerViT(nn.Module):
         self.patch_proj = make_projection(config, config.patch_tokens, config.init_std, config.patch_dim, d)
         self.cls_token = nn.Parameter(torch.empty(1, 1, d)) if config.pool == "cls" else None
         self.pos_embedding = nn.Parameter(torch.empty(1, config.seq_len, d))
-        self.layers = nn.ModuleList(Block(config, i, causal=False) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i, causal=False, locality=config.lsa) for i in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layernorm_eps)
         self.head = make_projection(config, config.head_tokens, config.init_std, d, config.num_classes)
         nn.init.normal_(self.pos_embedding, std=config.init_std)
