@@ -39,7 +39,7 @@ MAIN_ARMS = ("tokenformer", "linear")
 TARGET_ACCURACY, TARGET_SECONDS = 0.90, 15 * 60
 
 
-def arm_options(arm: str, lr: float, epochs: float, args: argparse.Namespace, grow_to: dict[str, int], out_dir: Path) -> dict:
+def arm_options(arm: str, lr: float, epochs: float, args: argparse.Namespace, grow_to: dict[str, int], out_dir: Path, compiled: bool = False) -> dict:
     from tokenformer.vision import VisionConfig
 
     steps = max(1, round(epochs * TRAIN_IMAGES / args.batch_size))
@@ -54,7 +54,7 @@ def arm_options(arm: str, lr: float, epochs: float, args: argparse.Namespace, gr
         max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(args.warmup_steps, steps // 10), weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, crop_padding=args.crop_padding, hflip=args.hflip, erase_prob=args.erase_prob,
         eval_interval=max(1, steps // 4), ckpt_interval=max(1, steps // 4), log_interval=20, keep_last=1, threads=args.threads,
-        device="cpu", out_dir=str(out_dir), resume="auto", progress=False, seed=0,
+        device="cpu", out_dir=str(out_dir), resume="auto", progress=False, seed=0, compile=compiled,
     )
 
 
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--erase-prob", type=float, default=0.0, help="random erasing: share of training images that get a noise rectangle")
     parser.add_argument("--jobs", type=int, default=1, help="arms run at a time")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each arm")
+    parser.add_argument("--compile", action="store_true", help="train the main and growth arms through torch.compile (compile time counts in their wall-clock; the grid, which compares accuracy only, runs eagerly)")
     parser.add_argument("--pairs", default="main,growth", help="which pairs to run after the grid: main, growth or both")
     parser.add_argument("--arm-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +142,8 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
     def job(arm: str, lr: float, epochs: float, tag: str) -> tuple[str, dict, Path]:
-        return arm, arm_options(arm, lr, epochs, args, grow_to, out / tag), out / f"{tag}.json"
+        compiled = args.compile and not tag.startswith("grid-")
+        return arm, arm_options(arm, lr, epochs, args, grow_to, out / tag, compiled), out / f"{tag}.json"
 
     grid = {arm: [] for arm in MAIN_ARMS}
     if len(lrs) > 1:
@@ -168,6 +170,7 @@ def recipe(args: argparse.Namespace) -> str:
         f"batch {args.batch_size}, AdamW (weight decay {args.weight_decay:g}), linear warmup over min({args.warmup_steps}, "
         f"a tenth of the steps) then cosine to lr/10, label smoothing {args.label_smoothing:g}, "
         f"augmentation: {', '.join(augment) or 'none'}"
+        + ("; the main and growth arms trained through `torch.compile` (the grid eagerly)" if args.compile else "")
     )
 
 
