@@ -278,12 +278,14 @@ def test_random_erasing_puts_one_rectangle_of_noise_in_the_chosen_images():
 
 def test_batch_errors():
     data = small_dataset(4)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
-        ImageBatches(data, 0, [0.5], [0.2])
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, got {bad!r}"):
+            ImageBatches(data, bad, [0.5], [0.2])
     with pytest.raises(ValueError, match=r"mean and std must hold one value per channel \(1\), std > 0; got mean \[0.5, 0.5\]"):
         ImageBatches(data, 2, [0.5, 0.5], [0.2, 0.2])
-    with pytest.raises(ValueError, match="crop_padding must be a non-negative integer"):
-        ImageBatches(data, 2, [0.5], [0.2], crop_padding=-1)
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match=rf"crop_padding must be a non-negative integer \(pixels\), got {bad!r}"):
+            ImageBatches(data, 2, [0.5], [0.2], crop_padding=bad)
     for bad in (1.5, -0.1, True):
         with pytest.raises(ValueError, match=rf"erase_prob must be a probability in \[0, 1\], got {bad!r}"):
             ImageBatches(data, 2, [0.5], [0.2], erase_prob=bad)

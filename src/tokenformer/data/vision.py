@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import is_number
+from ..config import is_int, is_number
 
 try:  # NumPy >= 2 (and the forward-compatibility alias of 1.26)
     from numpy._core import multiarray as _np_multiarray, numeric as _np_numeric
@@ -298,9 +298,9 @@ class ImageBatches:
         drop_last: bool = False,
         seed: int = 0,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(crop_padding, int) or crop_padding < 0:
+        if not is_int(crop_padding) or crop_padding < 0:
             raise ValueError(f"crop_padding must be a non-negative integer (pixels), got {crop_padding!r}")
         if not is_number(erase_prob) or not 0 <= erase_prob <= 1:
             raise ValueError(f"erase_prob must be a probability in [0, 1], got {erase_prob!r}")
