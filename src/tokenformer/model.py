@@ -165,16 +165,15 @@ class SelfAttention(nn.Module):
         q = apply_rotary(self._heads(self.query(x)), cos, sin)
         k = apply_rotary(self._heads(self.key(x)), cos, sin)
         v = self._heads(self.value(x))
-        if self.log_temperature is not None:
-            q = q * self.log_temperature.exp().to(q.dtype)
-            others = ~torch.eye(length, dtype=torch.bool, device=x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=others)
-            return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
         start = 0
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)
-        if start == 0:
+        if self.log_temperature is not None:  # bidirectional (vision, no cache): every token but itself
+            q = q * self.log_temperature.exp().to(q.dtype)
+            others = ~torch.eye(length, dtype=torch.bool, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=others)
+        elif start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         elif length == 1:  # one new token sees every cached one
             y = F.scaled_dot_product_attention(q, k, v)
