@@ -141,13 +141,12 @@ def main() -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
-    def job(arm: str, lr: float, epochs: float, tag: str) -> tuple[str, dict, Path]:
-        compiled = args.compile and not tag.startswith("grid-")
+    def job(arm: str, lr: float, epochs: float, tag: str, compiled: bool = args.compile) -> tuple[str, dict, Path]:
         return arm, arm_options(arm, lr, epochs, args, grow_to, out / tag, compiled), out / f"{tag}.json"
 
     grid = {arm: [] for arm in MAIN_ARMS}
     if len(lrs) > 1:
-        for record in run_arms([job(arm, lr, args.grid_epochs, f"grid-{arm}-lr{lr:g}") for lr in lrs for arm in MAIN_ARMS], grow_to, args.jobs):
+        for record in run_arms([job(arm, lr, args.grid_epochs, f"grid-{arm}-lr{lr:g}", compiled=False) for lr in lrs for arm in MAIN_ARMS], grow_to, args.jobs):
             grid[record["arm"]].append(record)
     best = {arm: max(records, key=lambda r: r["val_accuracy"])["lr"] if records else lrs[0] for arm, records in grid.items()}
     pairs = args.pairs.split(",")
