@@ -1,5 +1,6 @@
-"""torch.compile: no graph breaks, the compiled fused Pattention equals eager, and growing a
-compiled model costs exactly one recompilation (for the new parameter shapes)."""
+"""torch.compile: no graph breaks, the compiled fused Pattention equals eager, growing a
+compiled model costs exactly one recompilation (for the new parameter shapes), and validation
+in a compiled training run compiles nothing."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from tokenformer import NORMS, Pattention, TokenformerLM, carry_optimizer_state, grow
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_train_options
 
 
 def test_model_traces_without_graph_breaks_under_autocast():
@@ -54,3 +55,18 @@ def test_growth_recompiles_once():
     grow(model, qkv_tokens=30, ffn_tokens=48)
     carry_optimizer_state(optimizer)
     assert [step(), step()] == [2, 2]
+
+
+def test_validation_runs_the_model_without_the_compiled_wrapper(corpus_file, cache_dir, tmp_path, one_thread):
+    # A compiled evaluation would compile a second graph (no autograd, eval mode): one graph for
+    # the training steps is all a compiled run may build.
+    from tokenformer.train import Trainer, TrainConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=3, eval_interval=1, ckpt_interval=100))
+    trainer = Trainer(config, wrap_model=lambda model: torch.compile(model, backend="eager", fullgraph=True))
+    trainer.fit()
+    assert [row["step"] for row in trainer.state.val_history] == [1, 2, 3]
+    assert trainer.model.training
+    assert counters["stats"]["unique_graphs"] == 1

@@ -11,8 +11,8 @@ Usable from Python as well as from the command line::
 What is specific to a problem sits behind :class:`~tokenformer.train.task.Task`. Data
 parallelism (``config.strategy``: DDP or FSDP2 under ``torchrun``) is applied from outside by
 :func:`tokenformer.train.parallel.parallelize`; further wrapping for execution (``torch.compile``)
-is the ``wrap_model`` hook. The trainer keeps the model for growth and checkpoints and runs the
-wrapped one.
+is the ``wrap_model`` hook. The trainer keeps the model for growth and checkpoints, trains the
+wrapped one and validates the unwrapped one (data-parallel wrappers kept).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Trainer:
 
     Without ``task`` the trainer builds the language-modelling task from ``config.data``;
     without ``model`` it builds the ``config.model`` preset. When resuming, the checkpoint's
-    model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is applied for execution and again after growth;
+    model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is applied for training steps and again after growth;
     by default it compiles when ``config.compile`` is set. ``load_model(dir, device)`` reads a
     checkpoint's model directory (default: :func:`tokenformer.io.load_model`).
     """
@@ -171,8 +171,9 @@ class Trainer:
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
         # replaces the parameters); compiled graphs and DDP buckets are rebuilt for new shapes.
-        wrapped, self.optimizer = place(self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config))
-        self.wrapped = self._wrap_model(wrapped)
+        placed, self.optimizer = place(self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config))
+        self.placed = placed  # data-parallel wrappers only: what evaluation runs
+        self.wrapped = self._wrap_model(placed)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         if checkpoint.sharded:
@@ -280,14 +281,20 @@ class Trainer:
         raise TrainingDiverged(f"{what} is {value} at step {step + 1}; training stopped before updating the weights; {kept}")
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics of the current model; recorded in ``state.val_history`` and the logs."""
-        was_training = self.wrapped.training
-        self.wrapped.eval()
+        """Validation metrics of the current model; recorded in ``state.val_history`` and the logs.
+
+        Evaluation runs the model without the execution wrapper: compiling it would compile a
+        second graph (no autograd, evaluation mode) and again for the shorter last batch of a
+        validation split, which costs more than a few eager validation batches save.
+        """
+        model = self.placed
+        was_training = model.training
+        model.eval()
         try:
             with torch.no_grad(), self.autocast():
-                metrics = self.task.evaluate(self.wrapped, self.device)
+                metrics = self.task.evaluate(model, self.device)
         finally:
-            self.wrapped.train(was_training)
+            model.train(was_training)
         self.state.val_history.append(
             {"step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops, "wall_time": self.state.wall_time, **metrics}
         )
