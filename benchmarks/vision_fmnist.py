@@ -52,7 +52,7 @@ def arm_options(arm: str, lr: float, epochs: float, args: argparse.Namespace, gr
     return dict(
         task="vision", model=args.preset, model_overrides=overrides, dataset="fashion-mnist", batch_size=args.batch_size,
         max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(args.warmup_steps, steps // 10), weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, crop_padding=args.crop_padding, hflip=args.hflip, erase_prob=args.erase_prob,
+        label_smoothing=args.label_smoothing, crop_padding=args.crop_padding, hflip=args.hflip, erase_prob=args.erase_prob, ema_decay=args.ema_decay,
         eval_interval=max(1, steps // 4), ckpt_interval=max(1, steps // 4), log_interval=20, keep_last=1, threads=args.threads,
         device="cpu", out_dir=str(out_dir), resume="auto", progress=False, seed=0, compile=compiled,
     )
@@ -80,14 +80,16 @@ def run_arm(arm: str, options: dict, grow_to: dict[str, int], result_path: Path)
     finally:
         trainer.close()
     trained = time.perf_counter() - start
-    result = trainer.task.test(trainer.model, trainer.run_dir)
+    result = trainer.task.test(trainer.evaluated_model, trainer.run_dir)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    # With ema_decay the test used the averaged weights; the live ones' accuracy, after the clock stopped.
+    raw = trainer.task.classification.evaluate(trainer.model, trainer.task.test_batches).accuracy if trainer.ema is not None else None
     val = trainer.state.val_history[-1]
     rates = [row["tokens_per_s"] for row in map(json.loads, (trainer.run_dir / "metrics.jsonl").read_text().splitlines()) if row.get("kind") == "train"]
     record = dict(
         arm=arm, lr=config.lr, steps=config.max_steps, images=trainer.state.tokens, flops=trainer.state.flops,
         parameters=sum(p.numel() for p in trainer.model.parameters()), val_accuracy=val["val_accuracy"], val_loss=val["val_loss"],
-        test_accuracy=result.accuracy, test_loss=result.loss, train_s=trained, wall_s=wall, cpu_s=cpu, img_s_median=statistics.median(rates),
+        test_accuracy=result.accuracy, test_loss=result.loss, test_accuracy_raw=raw, train_s=trained, wall_s=wall, cpu_s=cpu, img_s_median=statistics.median(rates),
         started=started, load=(load_before, os.getloadavg()[0]), resumed=trainer.resumed_from is not None, growth=growth,
     )
     result_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--crop-padding", type=int, default=0)
     parser.add_argument("--hflip", action="store_true")
     parser.add_argument("--erase-prob", type=float, default=0.0, help="random erasing: share of training images that get a noise rectangle")
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="evaluate and test a moving average of the weights with this decay (0: off)")
     parser.add_argument("--jobs", type=int, default=1, help="arms run at a time")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each arm")
     parser.add_argument("--compile", action="store_true", help="train the main and growth arms through torch.compile (compile time counts in their wall-clock; the grid, which compares accuracy only, runs eagerly)")
@@ -169,6 +172,7 @@ def recipe(args: argparse.Namespace) -> str:
         f"batch {args.batch_size}, AdamW (weight decay {args.weight_decay:g}), linear warmup over min({args.warmup_steps}, "
         f"a tenth of the steps) then cosine to lr/10, label smoothing {args.label_smoothing:g}, "
         f"augmentation: {', '.join(augment) or 'none'}"
+        + (f"; validation and test use the moving average of the weights (decay {args.ema_decay:g})" if args.ema_decay else "")
         + ("; the main and growth arms trained through `torch.compile` (the grid eagerly)" if args.compile else "")
     )
 
@@ -248,7 +252,9 @@ def table(records: list[dict]) -> str:
         ]
         for r in records
     ]
-    return markdown_table(headers, rows)
+    text = markdown_table(headers, rows)
+    raw = [f"{r['arm']} {r['test_accuracy_raw']:.4f}" for r in records if r.get("test_accuracy_raw") is not None]
+    return text + ("\n\nTest accuracy of the live (not averaged) weights: " + ", ".join(raw) + "." if raw else "")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,22 @@ def test_label_smoothing_option_reaches_the_training_loss(tmp_path, fake_data, o
     trainer.close()
 
 
+def test_vision_cli_with_ema_tests_the_averaged_weights(tmp_path, fake_data, one_thread):
+    # The test accuracy is the averaged weights' (saved as the checkpoint's ema.safetensors), not the live ones'.
+    run = tmp_path / "run"
+    main(["train", *cli_flags(vision_options(run, fake_data, ema_decay=0.9, lr=1e-2))])
+    checkpoint = run / "checkpoints" / "step-00000006"
+    model = io.load_model(checkpoint)
+    trainer = Trainer(TrainConfig(**vision_options(tmp_path / "other", fake_data)))
+    live = trainer.task.classification.evaluate(model, trainer.task.test_batches)
+    model.load_state_dict(io.load_weights(checkpoint / "ema.safetensors"))
+    averaged = trainer.task.classification.evaluate(model, trainer.task.test_batches)
+    trainer.close()
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["loss"] == pytest.approx(averaged.loss, rel=1e-5)
+    assert averaged.loss != pytest.approx(live.loss, rel=1e-3)
+
+
 def test_vision_options_are_checked():
     with pytest.raises(ValueError, match="training option task='image' is invalid; allowed: lm or vision"):
         TrainConfig(task="image")

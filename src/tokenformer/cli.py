@@ -56,7 +56,7 @@ def train(config) -> None:
         if last is not None:
             say(f"step {last['step']}: {describe_validation(last)}")
         if isinstance(trainer.task, ImageClassificationTask):
-            result = trainer.task.test(trainer.model, trainer.run_dir)
+            result = trainer.task.test(trainer.evaluated_model, trainer.run_dir)
             say(f"test accuracy {result.accuracy:.4f} (loss {result.loss:.4f}) over {result.count} images; "
                 f"confusion matrix: {trainer.run_dir / CONFUSION_PNG}")
         say(f"checkpoint: {trainer.last_checkpoint}")

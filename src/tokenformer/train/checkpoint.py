@@ -5,6 +5,8 @@ A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNNN``::
     config.json, model.safetensors   the model (tokenformer.io's model directory format)
     tokenizer.json                   the tokenizer it was trained with (when there is one)
     optimizer.safetensors            optimizer moments and RNG states
+    ema.safetensors                  the moving average of the weights (with ``ema_decay``), a
+                                     state dict of the same model
     trainer_state.json               step, tokens, FLOPs, validation and growth history, optimizer
                                      hyperparameters, the resolved training config
     manifest.json                    size and sha256 of every file above, written last
@@ -47,6 +49,7 @@ OPTIMIZER = "optimizer.safetensors"
 TOKENIZER = "tokenizer.json"
 SHARDS = "dcp"
 RNG = "rng.safetensors"
+EMA = "ema.safetensors"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -111,17 +114,21 @@ def save_checkpoint(
     tokenizer_json: str | None = None,
     rng: dict[str, torch.Tensor] | None = None,
     sharded: bool = False,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint at ``directory`` (which must not exist yet), atomically.
 
     ``rng`` defaults to this process's RNG states. ``sharded`` writes the weights and optimizer
     state with ``torch.distributed.checkpoint``: then this is a collective call, every rank
     writing its shards into one staging folder (on a file system all ranks share) and rank 0
-    adding the rest and renaming the folder into place.
+    adding the rest and renaming the folder into place. ``ema`` (a state dict of the averaged
+    weights) is written as ``ema.safetensors``; not with ``sharded``.
     """
     import torch.distributed as dist
 
     directory = Path(directory)
+    if ema is not None and sharded:
+        raise ValueError("a sharded checkpoint cannot hold averaged weights (ema); allowed: ema=None with sharded=True")
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
     collective = sharded and dist.is_initialized()
@@ -145,6 +152,8 @@ def save_checkpoint(
                 io.save_model(model, staging)
                 tensors, meta = optimizer_to_tensors(optimizer.state_dict())
                 io.save_weights({**tensors, **rng}, staging / OPTIMIZER)
+                if ema is not None:
+                    io.save_weights(ema, staging / EMA)
                 trainer_state = {**trainer_state, "optimizer": meta}
             if tokenizer_json is not None:
                 io.atomic_write_text(staging / TOKENIZER, tokenizer_json)
@@ -226,6 +235,7 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]
     tokenizer_json: str | None
     sharded: bool = False  # model is freshly initialised; load_sharded_state fills it and the optimizer
+    ema: dict[str, torch.Tensor] | None = None  # averaged weights, when the run kept them
 
 
 def load_checkpoint(
@@ -251,7 +261,8 @@ def load_checkpoint(
     tensors = io.load_weights(directory / OPTIMIZER, device="cpu")
     optimizer_state = optimizer_from_tensors(tensors, state.pop("optimizer"))
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    return Checkpoint(directory, model, state, optimizer_state, rng, tokenizer_json)
+    ema = io.load_weights(directory / EMA, device=device) if (directory / EMA).is_file() else None
+    return Checkpoint(directory, model, state, optimizer_state, rng, tokenizer_json, ema=ema)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

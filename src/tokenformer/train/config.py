@@ -56,6 +56,11 @@ class TrainConfig:
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         grad_clip: Clip the global gradient norm to this value (0 disables clipping).
+        ema_decay: Keep an exponential moving average of the weights, updated after every
+            optimizer step with this decay (e.g. 0.999; 0 is off). Validation and the final test
+            then use the averaged weights (the validation log adds the live weights' metrics as
+            ``raw_*``); checkpoints save them as ``ema.safetensors``; growth grows them too.
+            Not with ``strategy: fsdp``.
         precision: ``fp32``, or ``bf16-mixed`` (bf16 autocast, fp32 weights and optimizer state).
         compile: Run the model through ``torch.compile``.
         device: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1``, ...
@@ -104,6 +109,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    ema_decay: float = 0.0
     precision: Precision = "fp32"
     compile: bool = False
     device: str = "auto"
@@ -143,6 +149,8 @@ class TrainConfig:
             _check(self, name, lambda v: v in allowed, " or ".join(allowed))
         strategies = typing.get_args(Strategy)
         _check(self, "strategy", lambda v: v in strategies, ", ".join(strategies))
+        _check(self, "ema_decay", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 is off)")
+        _check(self, "ema_decay", lambda v: v == 0 or self.strategy != "fsdp", "0 with strategy: fsdp (the average of sharded weights is not supported)")
         _check(self, "dist_timeout", lambda v: is_number(v) and v > 0, "a number of seconds > 0")
         _check(self, "device", lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps", "xpu"), "auto, cpu, cuda[:N], mps or xpu")
         _check(self, "data", lambda v: bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)), "a corpus name, path or glob, or a list of them")

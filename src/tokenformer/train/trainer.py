@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 import yaml
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .. import io
@@ -87,6 +88,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
     span = max(config.max_steps - config.warmup_steps, 1)
     progress = min((step - config.warmup_steps) / span, 1.0)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def stacked_source(name: str, sources: list[int]) -> str:
+    """The parameter of the model before depth stacking that parameter ``name`` was copied from
+    (``sources[i]``: the old index of new layer ``i``; parameters outside the layers are kept)."""
+    if not name.startswith("layers."):
+        return name
+    index, rest = name.removeprefix("layers.").split(".", 1)
+    return f"layers.{sources[int(index)]}.{rest}"
 
 
 class Trainer:
@@ -152,6 +162,9 @@ class Trainer:
         self.resumed_from: Path | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
+        self.ema: AveragedModel | None = None
+        if config.ema_decay:
+            self.ema = self._new_ema(checkpoint.ema if checkpoint is not None else None)
         # Replaceable, e.g. by a schedule that warms the learning rate up again after growth.
         self.lr_schedule: Callable[[int], float] = lambda step: lr_at(step, self.config)
         self.last_checkpoint: Path | None = self.resumed_from
@@ -183,6 +196,39 @@ class Trainer:
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
         restore_rng(checkpoint.rng)
         self.resumed_from = checkpoint.path
+
+    def _new_ema(self, state: dict[str, torch.Tensor] | None = None) -> AveragedModel:
+        # A copy of the model; its first update copies the weights unless ``state`` restores an
+        # average (a resumed run whose checkpoint kept one).
+        ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.config.ema_decay))
+        ema.module.eval()
+        ema.module.requires_grad_(False)
+        if state is not None:
+            ema.module.load_state_dict(state)
+            ema.n_averaged.fill_(1)
+        return ema
+
+    def _regrow_ema(self, source_of: Callable[[str], str], grown: dict[str, tuple[int, int]]) -> None:
+        # After growth the average takes the grown model's shapes: old rows/columns keep their
+        # average, new ones start at the new weights (zero keys, so the averaged function is
+        # unchanged too); a copied layer starts with its source layer's average.
+        if self.ema is None:
+            return
+        old = dict(self.ema.module.named_parameters())
+        ema = self._new_ema()
+        with torch.no_grad():
+            for name, param in ema.module.named_parameters():
+                dim, size = grown.get(name, (0, param.shape[0] if param.dim() else None))
+                target = param if size is None else param.narrow(dim, 0, size)
+                target.copy_(old[source_of(name)])
+        ema.n_averaged.copy_(self.ema.n_averaged)
+        self.ema = ema
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The weights validation and the final test use: the moving average with ``ema_decay``,
+        else the model itself."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _apply_hyperparameters(self) -> None:
         for group in self.optimizer.param_groups:
@@ -264,6 +310,8 @@ class Trainer:
             norm = float(full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)))
             self._check_finite("gradient norm", norm, step)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.state.step += 1
         self.state.tokens += items
         self.state.flops += float(items) * self.task.flops_per_item(self.model)
@@ -285,7 +333,9 @@ class Trainer:
 
         Evaluation runs the model without the execution wrapper: compiling it would compile a
         second graph (no autograd, evaluation mode) and again for the shorter last batch of a
-        validation split, which costs more than a few eager validation batches save.
+        validation split, which costs more than a few eager validation batches save. With
+        ``ema_decay`` the metrics are the averaged weights', and the live weights' follow as
+        ``<name>_raw``.
         """
         model = self.placed
         was_training = model.training
@@ -293,6 +343,9 @@ class Trainer:
         try:
             with torch.no_grad(), self.autocast():
                 metrics = self.task.evaluate(model, self.device)
+                if self.ema is not None:
+                    raw = {f"{k}_raw": v for k, v in metrics.items() if not isinstance(v, list)}
+                    metrics = {**self.task.evaluate(self.ema.module, self.device), **raw}
         finally:
             model.train(was_training)
         self.state.val_history.append(
@@ -319,6 +372,7 @@ class Trainer:
         record = grow(self.model, **tokens)
         carry_optimizer_state(optimizer)
         self._place(optimizer)
+        self._regrow_ema(lambda name: name, {g.name: (g.dim, g.old_size) for g in record.grown})
         self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
         return record
 
@@ -335,14 +389,12 @@ class Trainer:
         record = stack_layers(self.model, n_layers)
         optimizer = make_optimizer(self.model, self.config)
         for name, param in self.model.named_parameters():
-            source = param
-            if name.startswith("layers."):
-                index, rest = name.removeprefix("layers.").split(".", 1)
-                source = sources[f"layers.{record.sources[int(index)]}.{rest}"]
+            source = sources[stacked_source(name, record.sources)]
             if source in old_state:
                 saved = old_state[source]
                 optimizer.state[param] = {k: v.clone() if torch.is_tensor(v) and source is not param else v for k, v in saved.items()}
         self._place(optimizer)
+        self._regrow_ema(lambda name: stacked_source(name, record.sources), {})
         self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
         return record
 
@@ -370,7 +422,8 @@ class Trainer:
         tokenizer_json = self.tokenizer.json_text if self.tokenizer is not None else None
         sharded = self.dist.strategy == "fsdp"
         if sharded or main:  # DDP replicas are identical: rank 0 writes
-            save_checkpoint(path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json, sharded=sharded)
+            ema = self.ema.module.state_dict() if self.ema is not None else None
+            save_checkpoint(path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json, sharded=sharded, ema=ema)
         if in_run and main:
             prune_checkpoints(self.run_dir, self.config.keep_last)
         barrier(self.dist)
