@@ -24,13 +24,14 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_average_follows_the_weights_step_by_step(tmp_path, corpus_file, cache_dir):
-    trainer = make_trainer(tmp_path, corpus_file, cache_dir)
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, ema_decay=0.2)
     expected = None
-    for step in range(1, 4):
+    # The first update copies the weights; update k moves 1 - decay of the way towards them, with
+    # decay min(0.2, (1 + k) / (10 + k)): 2/11 (warming up) for k = 1, then 0.2.
+    for step, decay in zip(range(1, 4), (None, 2 / 11, 0.2)):
         trainer.fit(step)
         now = weights(trainer.model)
-        # The first update copies the weights; later ones move 1 - decay of the way towards them.
-        expected = now if expected is None else {n: 0.75 * expected[n] + 0.25 * now[n] for n in now}
+        expected = now if expected is None else {n: decay * expected[n] + (1 - decay) * now[n] for n in now}
         for name, p in trainer.evaluated_model.named_parameters():
             torch.testing.assert_close(p, expected[name], rtol=0, atol=1e-6)
     trainer.close()

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import yaml
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .. import io
@@ -88,6 +88,19 @@ def lr_at(step: int, config: TrainConfig) -> float:
     span = max(config.max_steps - config.warmup_steps, 1)
     progress = min((step - config.warmup_steps) / span, 1.0)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """The averaging step of :class:`AveragedModel` for an exponential moving average with
+    warmup: update ``k`` (counting from 1 after the copy that starts the average) uses the decay
+    ``min(decay, (1 + k) / (10 + k))``, as TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``, so that a short run's average is not dominated by its first weights."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        k = int(updates)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1 + k) / (10 + k)))
+
+    return update
 
 
 def stacked_source(name: str, sources: list[int]) -> str:
@@ -164,7 +177,8 @@ class Trainer:
             self._restore(checkpoint)
         self.ema: AveragedModel | None = None
         if config.ema_decay:
-            self.ema = self._new_ema(checkpoint.ema if checkpoint is not None else None)
+            saved = checkpoint.trainer_state.get("ema_updates", 0) if checkpoint is not None else 0
+            self.ema = self._new_ema(checkpoint.ema if checkpoint is not None else None, saved)
         # Replaceable, e.g. by a schedule that warms the learning rate up again after growth.
         self.lr_schedule: Callable[[int], float] = lambda step: lr_at(step, self.config)
         self.last_checkpoint: Path | None = self.resumed_from
@@ -197,15 +211,15 @@ class Trainer:
         restore_rng(checkpoint.rng)
         self.resumed_from = checkpoint.path
 
-    def _new_ema(self, state: dict[str, torch.Tensor] | None = None) -> AveragedModel:
+    def _new_ema(self, state: dict[str, torch.Tensor] | None = None, updates: int = 0) -> AveragedModel:
         # A copy of the model; its first update copies the weights unless ``state`` restores an
-        # average (a resumed run whose checkpoint kept one).
-        ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.config.ema_decay))
+        # average of ``updates`` updates (a resumed run whose checkpoint kept one).
+        ema = AveragedModel(self.model, multi_avg_fn=ema_update(self.config.ema_decay))
         ema.module.eval()
         ema.module.requires_grad_(False)
         if state is not None:
             ema.module.load_state_dict(state)
-            ema.n_averaged.fill_(1)
+            ema.n_averaged.fill_(max(1, updates))
         return ema
 
     def _regrow_ema(self, source_of: Callable[[str], str], grown: dict[str, tuple[int, int]]) -> None:
@@ -406,6 +420,7 @@ class Trainer:
             "data_position": {"step": self.state.step, "note": "batch i is a pure function of (seed, i)"},
             "layers": growth_summary(self.model) if isinstance(self.model, (TokenformerLM, TokenformerViT)) else None,
             "train_config": self.config.to_dict(),
+            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
         }
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
