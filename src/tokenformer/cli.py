@@ -136,6 +136,8 @@ def consolidate(checkpoint: str, out: str) -> None:
         path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng, sharded=True)
     kind = "single-file" if loaded.sharded else "sharded"
     print(f"wrote {source} at step {loaded.trainer_state['step']} as a {kind} checkpoint: {path}")
+    if loaded.ema is not None:
+        print("note: the moving average of the weights (ema.safetensors) is not carried over: a sharded checkpoint cannot hold it")
 
 
 def generate(

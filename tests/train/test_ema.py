@@ -142,3 +142,23 @@ def test_bad_ema_decay_is_refused(tmp_path, corpus_file, cache_dir, value):
 def test_ema_with_sharded_training_is_refused(tmp_path, corpus_file, cache_dir):
     with pytest.raises(ValueError, match="ema_decay.*0.9.*strategy: fsdp"):
         TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, ema_decay=0.9, strategy="fsdp"))
+
+
+def test_grow_command_grows_the_saved_average_and_consolidate_says_it_drops_it(tmp_path, corpus_file, cache_dir, capsys):
+    from tokenformer.cli import main
+    from tokenformer.train import load_checkpoint
+
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=6, ckpt_interval=3)
+    trainer.fit(3)
+    trainer.close()
+    main(["grow", "--checkpoint", str(trainer.run_dir), "--out", str(tmp_path / "grown"), "--ffn_tokens", "48"])
+    grown = load_checkpoint(tmp_path / "grown")
+    shapes = {name: p.shape for name, p in grown.model.state_dict().items()}
+    assert {name: t.shape for name, t in grown.ema.items()} == shapes
+    assert grown.trainer_state["ema_updates"] == 3
+    resumed = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=6, ckpt_interval=3, resume=str(tmp_path / "grown"))
+    assert resumed.evaluated_model.layers[0].mlp.num_tokens == 48
+    resumed.fit()
+    resumed.close()
+    main(["consolidate", "--checkpoint", str(tmp_path / "grown"), "--out", str(tmp_path / "sharded")])
+    assert "the moving average of the weights (ema.safetensors) is not carried over" in capsys.readouterr().out
