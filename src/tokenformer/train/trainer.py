@@ -232,9 +232,10 @@ class Trainer:
         ema = self._new_ema()
         with torch.no_grad():
             for name, param in ema.module.named_parameters():
-                dim, size = grown.get(name, (0, param.shape[0] if param.dim() else None))
-                target = param if size is None else param.narrow(dim, 0, size)
-                target.copy_(old[source_of(name)])
+                if name in grown:
+                    dim, size = grown[name]
+                    param = param.narrow(dim, 0, size)
+                param.copy_(old[source_of(name)])
         ema.n_averaged.copy_(self.ema.n_averaged)
         self.ema = ema
 
