@@ -58,7 +58,8 @@ class TrainConfig:
         grad_clip: Clip the global gradient norm to this value (0 disables clipping).
         ema_decay: Keep an exponential moving average of the weights, updated after every
             optimizer step with this decay (e.g. 0.999; 0 is off), warmed up: update ``k`` uses
-            ``min(ema_decay, (1 + k) / (10 + k))``. Validation and the final test
+            ``min(ema_decay, (1 + k) / (10 + k))`` (for 0.999 the warmup rules the first 8,991
+            updates). Validation and the final test
             then use the averaged weights (the validation log adds the live weights' metrics as
             ``raw_*``); checkpoints save them as ``ema.safetensors``; growth grows them too.
             Not with ``strategy: fsdp``.
