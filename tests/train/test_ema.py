@@ -162,3 +162,12 @@ def test_grow_command_grows_the_saved_average_and_consolidate_says_it_drops_it(t
     resumed.close()
     main(["consolidate", "--checkpoint", str(tmp_path / "grown"), "--out", str(tmp_path / "sharded")])
     assert "the moving average of the weights (ema.safetensors) is not carried over" in capsys.readouterr().out
+
+
+def test_a_sharded_checkpoint_refuses_averaged_weights(tmp_path):
+    from tokenformer.train.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"a sharded checkpoint cannot hold averaged weights \(ema\); allowed: ema=None with sharded=True"):
+        save_checkpoint(tmp_path / "ckpt", model, torch.optim.AdamW(model.parameters()), {}, ema=model.state_dict(), sharded=True)
+    assert not (tmp_path / "ckpt").exists()
