@@ -1,5 +1,6 @@
-"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 reproduce a single-process run; sharded
-checkpoints resume on 1 and 2 ranks; growth of a sharded run; a killed rank fails the job fast."""
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 reproduce a single-process run (DDP with a
+moving average of the weights too); sharded checkpoints resume on 1 and 2 ranks; growth of a
+sharded run; a killed rank fails the job fast."""
 
 import json
 import os
@@ -42,8 +43,8 @@ def torchrun(nproc: int, options: dict) -> str:
     return done.stdout
 
 
-def losses(run: Path, kind: str = "train") -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == kind}
+def losses(run: Path, kind: str = "train", key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == kind}
 
 
 def assert_same_curve(got: dict[int, float], want: dict[int, float], steps) -> None:
@@ -73,6 +74,18 @@ def test_ddp_and_fsdp_reproduce_the_single_process_losses(runs):
         assert_same_curve(losses(root / strategy, "val"), losses(root / "single", "val"), (10, 20))
         records = read_metrics(root / strategy / "metrics.jsonl")
         assert [r["tokens"] for r in records if r["kind"] == "train"][-1] == STEPS * 2 * 4 * 32  # the global batch, counted once
+
+
+def test_ddp_keeps_the_moving_average_of_one_process(tmp_path, corpus_file, cache_dir):
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "single", max_steps=10, grad_accum=2, eval_interval=5, ckpt_interval=10, ema_decay=0.9)
+    main(["train", *cli_flags(options)])
+    torchrun(2, {**options, "out_dir": str(tmp_path / "ddp"), "strategy": "ddp"})
+    for key in ("loss", "loss_raw"):  # the averaged weights' validation loss, and the live weights'
+        assert_same_curve(losses(tmp_path / "ddp", "val", key), losses(tmp_path / "single", "val", key), (5, 10))
+    single, ddp = (io.load_weights(list_checkpoints(tmp_path / run)[-1] / "ema.safetensors") for run in ("single", "ddp"))
+    assert single.keys() == ddp.keys()
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5)
 
 
 def test_fsdp_writes_sharded_checkpoints_that_resume_on_one_and_two_ranks(runs, tmp_path):
