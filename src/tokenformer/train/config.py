@@ -59,10 +59,10 @@ class TrainConfig:
         ema_decay: Keep an exponential moving average of the weights, updated after every
             optimizer step with this decay (e.g. 0.999; 0 is off), warmed up: update ``k`` uses
             ``min(ema_decay, (1 + k) / (10 + k))`` (for 0.999 the warmup rules the first 8,991
-            updates). Validation and the final test
-            then use the averaged weights (the validation log adds the live weights' metrics as
-            ``raw_*``); checkpoints save them as ``ema.safetensors``; growth grows them too.
-            Not with ``strategy: fsdp``.
+            updates). Validation and the final test then use the averaged weights (the
+            validation log adds the live weights' metrics as ``*_raw``, e.g. ``val_loss_raw``);
+            checkpoints save them as ``ema.safetensors``; growth grows them too. Not with
+            ``strategy: fsdp``.
         precision: ``fp32``, or ``bf16-mixed`` (bf16 autocast, fp32 weights and optimizer state).
         compile: Run the model through ``torch.compile``.
         device: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1``, ...
