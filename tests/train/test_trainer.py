@@ -156,3 +156,48 @@ def test_resume_in_process_reproduces_the_losses(tmp_path, corpus_file, cache_di
     assert [s for s, _ in losses[1]] == list(range(1, 13))
     for (_, a), (_, b) in zip(*losses):
         assert abs(a - b) <= 1e-6
+
+
+def test_adamw_is_fused_on_cpu_and_keeps_its_implementation_when_resumed(tmp_path, corpus_file, cache_dir):
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=4, eval_interval=4, ckpt_interval=4)
+    assert trainer.optimizer.defaults["fused"] is True
+    assert all(group["fused"] is True for group in trainer.optimizer.param_groups)
+    trainer.fit()
+    trainer.close()
+    # A checkpoint from an optimizer with torch's default implementation (as written before the
+    # fused one was chosen) resumes fused, with its step counters where the fused kernel wants them.
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    from tokenformer.train.checkpoint import load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    default = torch.optim.AdamW(loaded.model.param_groups(0.1), lr=1e-3)
+    default.load_state_dict(loaded.optimizer_state)
+    for group in default.param_groups:
+        group["fused"] = None
+    for state in default.state.values():
+        state["step"] = state["step"].to(torch.float64)
+    old = tmp_path / "old" / "step-00000004"
+    save_checkpoint(old, loaded.model, default, loaded.trainer_state, loaded.tokenizer_json, loaded.rng)
+    assert all(group["fused"] is None for group in load_checkpoint(old).optimizer_state["param_groups"])
+    resumed = make_trainer(tmp_path, corpus_file, cache_dir, resume=str(old), max_steps=6, eval_interval=6, ckpt_interval=6)
+    assert all(group["fused"] is True for group in resumed.optimizer.param_groups)
+    assert all(state["step"].dtype == torch.float32 for state in resumed.optimizer.state.values())
+    resumed.fit()
+    resumed.close()
+    assert resumed.state.step == 6 and math.isfinite(resumed.state.val_history[-1]["val_loss"])
+
+
+def test_keep_own_implementation_undoes_the_flags_of_a_loaded_state():
+    from tokenformer.train.checkpoint import keep_own_implementation
+
+    weights = [torch.nn.Parameter(torch.randn(3, 2))]
+    fused = torch.optim.AdamW(weights, fused=True)
+    weights[0].grad = torch.ones(3, 2)
+    fused.step()
+    plain = torch.optim.AdamW(weights)
+    plain.load_state_dict(fused.state_dict())
+    assert plain.param_groups[0]["fused"] is True  # what loading alone leaves behind
+    keep_own_implementation(plain)
+    assert plain.param_groups[0]["fused"] is None
+    plain.step()
+    assert float(plain.state[weights[0]]["step"]) == 2
