@@ -241,7 +241,7 @@ def render(args, started, grid, main_pair, growth_pair) -> str:
         lines += seed_summary(growth_pair, "grown", "scratch")
         for grown in (r for r in growth_pair if r["arm"] == "grown" and r["growth"]):
             before, after = grown["growth"]["before"], grown["growth"]["after"]
-            seed = f" (seed {grown['seed']})" if len(args.seeds) > 1 else ""
+            seed = f" (seed {grown.get('seed', 0)})" if len(args.seeds) > 1 else ""
             lines += [
                 f"Validation right before growth{seed} (step {grown['growth']['step']}): accuracy {before['val_accuracy']:.4f}, "
                 f"loss {before['val_loss']:.6f}; right after: accuracy {after['val_accuracy']:.4f}, loss {after['val_loss']:.6f}.",
@@ -287,7 +287,7 @@ def main_section(pair: list[dict], threads: int) -> list[str]:
 
 def seed_summary(records: list[dict], arm: str, baseline: str) -> list[str]:
     """Mean test accuracy of both arms over seeds, with standard errors, and their paired difference."""
-    by_seed = {name: {r["seed"]: r["test_accuracy"] for r in records if r["arm"] == name} for name in (arm, baseline)}
+    by_seed = {name: {r.get("seed", 0): r["test_accuracy"] for r in records if r["arm"] == name} for name in (arm, baseline)}
     seeds = sorted(by_seed[arm])
     if len(seeds) < 2:
         return []
