@@ -49,7 +49,7 @@ def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tenso
                 rows.append(torch.stack([
                     pixel(image, c, top + i + dy, left + j + dx)
                     for dy, dx in moves for c in range(cfg.in_channels) for i in range(p) for j in range(p)
-                ]))
+                ] + [image.new_ones(())] * cfg.patch_bias))  # patch_bias: a constant last input
         x = patt(torch.stack(rows), "patch_proj")
         if cfg.pool == "cls":
             x = torch.cat([sd["cls_token"][0], x])
@@ -72,9 +72,12 @@ def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tenso
     return torch.stack(results)
 
 
-@pytest.mark.parametrize("pool,patch_shift,lsa", [("cls", 0, False), ("mean", 0, False), ("mean", 2, False), ("cls", 0, True), ("mean", 1, True)])
-def test_logits_match_plain_float64_reference(pool, patch_shift, lsa):
-    model = TokenformerViT(tiny_vit(pool=pool, patch_shift=patch_shift, lsa=lsa)).double()
+@pytest.mark.parametrize(
+    "pool,patch_shift,lsa,patch_bias",
+    [("cls", 0, False, False), ("mean", 0, False, False), ("mean", 2, False, False), ("cls", 0, True, False), ("mean", 1, True, False), ("mean", 1, True, True), ("cls", 0, False, True)],
+)
+def test_logits_match_plain_float64_reference(pool, patch_shift, lsa, patch_bias):
+    model = TokenformerViT(tiny_vit(pool=pool, patch_shift=patch_shift, lsa=lsa, patch_bias=patch_bias)).double()
     if lsa:
         with torch.no_grad():
             for i, layer in enumerate(model.layers):
@@ -83,9 +86,12 @@ def test_logits_match_plain_float64_reference(pool, patch_shift, lsa):
     torch.testing.assert_close(model(images), reference_logits(model, images), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name,pool,lsa", [(name, "mean", False) for name in VISION_PRESETS] + [("fmnist-0.3M", "cls", False), ("fmnist-0.3M", "mean", True)])
-def test_preset_shapes(name, pool, lsa):
-    cfg = VisionConfig.from_preset(name, pool=pool, lsa=lsa)
+@pytest.mark.parametrize(
+    "name,pool,lsa,patch_bias",
+    [(name, "mean", False, False) for name in VISION_PRESETS] + [("fmnist-0.3M", "cls", False, False), ("fmnist-0.3M", "mean", True, True)],
+)
+def test_preset_shapes(name, pool, lsa, patch_bias):
+    cfg = VisionConfig.from_preset(name, pool=pool, lsa=lsa, patch_bias=patch_bias)
     model = TokenformerViT(cfg)
     images = images_for(cfg, 2)
     assert model(images).shape == (2, 10)
@@ -138,6 +144,22 @@ def patchify_views(model, images):
     return patchify(shifted_views(images, model.config.patch_shift), model.config.patch_size)
 
 
+@pytest.mark.parametrize("projection", ["pattention", "linear"])
+def test_patch_bias_makes_the_patch_projection_see_contrast(projection):
+    # The l2-normalised patch Pattention gives x and 3x the same token, so without the constant
+    # input the whole model cannot tell an image from the same image at three times the contrast.
+    images = images_for(tiny_vit(), 2)
+    for patch_bias in (False, True):
+        model = TokenformerViT(tiny_vit(projection=projection, patch_bias=patch_bias)).eval()
+        with torch.no_grad():
+            change = (model(3 * images) - model(images)).abs().max().item()
+        assert model.config.patch_dim == 16 * 2 + patch_bias
+        if patch_bias:
+            assert change > 1e-3
+        elif projection == "pattention":
+            assert change < 1e-5
+
+
 def test_linear_baseline_shares_code_path():
     cfg = tiny_vit(projection="linear")
     model = TokenformerViT(cfg)
@@ -169,10 +191,10 @@ def trained(model, steps=3, lr=1e-2):
     return opt
 
 
-@pytest.mark.parametrize("pool,patch_shift,lsa", [("cls", 0, False), ("mean", 0, False), ("mean", 1, False), ("mean", 1, True)])
+@pytest.mark.parametrize("pool,patch_shift,lsa,patch_bias", [("cls", 0, False, False), ("mean", 0, False, False), ("mean", 1, False, False), ("mean", 1, True, True)])
 @pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])
-def test_growth_preserves_logits(norm, pool, patch_shift, lsa):
-    model = TokenformerViT(tiny_vit(norm=norm, pool=pool, patch_shift=patch_shift, lsa=lsa))
+def test_growth_preserves_logits(norm, pool, patch_shift, lsa, patch_bias):
+    model = TokenformerViT(tiny_vit(norm=norm, pool=pool, patch_shift=patch_shift, lsa=lsa, patch_bias=patch_bias))
     trained(model)
     images = images_for(model.config, 4)
     with torch.no_grad():
@@ -285,6 +307,8 @@ def test_config_and_input_errors():
             tiny_vit(drop_path=rate)
     with pytest.raises(ValueError, match=r"lsa='yes' is invalid; allowed: true or false"):
         tiny_vit(lsa="yes")
+    with pytest.raises(ValueError, match=r"patch_bias=1 is invalid; allowed: true or false"):
+        tiny_vit(patch_bias=1)
     with pytest.raises(ValueError, match=r"locality self-attention needs bidirectional attention \(causal=False\)"):
         SelfAttention(tiny_vit(), {"qkv": 8, "proj": 8}, causal=True, locality=True)
     with pytest.raises(ValueError, match="unknown preset 'imagenet'; allowed: fmnist-0.3M"):

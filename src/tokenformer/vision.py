@@ -19,7 +19,7 @@ patches, so every patch token also sees the pixels around its patch (``5 * C * p
 
 Note that an l2-normalised Pattention is blind to the scale of its input (``x`` and ``2x`` give
 the same scores after normalisation), so the patch projection sees the pattern of a patch, not
-its overall contrast.
+its overall contrast; ``patch_bias=True`` adds a constant input that keeps it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ class VisionConfig(BlockConfig):
     ``drop_path``) and its residual update scaled up by the inverse keep rate otherwise; in
     evaluation every block runs. ``lsa`` turns on locality self-attention (Lee et al., 2021, with
     shifted patches in the same paper): no token attends to itself and every layer learns its
-    attention temperature (one scalar per layer).
+    attention temperature (one scalar per layer). ``patch_bias`` appends a constant input of 1 to
+    every patch vector: the l2-normalised patch Pattention otherwise gives a patch and the same
+    patch at any other contrast the same token (its scores ``x . k`` only scale with ``x``); with the
+    constant input they are ``x . k + b`` (for the linear baseline it is the patch embedding's bias).
     """
 
     image_size: int = 224
@@ -66,6 +69,7 @@ class VisionConfig(BlockConfig):
     patch_shift: int = 0
     drop_path: float = 0.0
     lsa: bool = False
+    patch_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +82,7 @@ class VisionConfig(BlockConfig):
         )
         check_field(self, "drop_path", lambda v: is_number(v) and 0 <= v < 1, "a probability in [0, 1)")
         check_field(self, "lsa", lambda v: isinstance(v, bool), "true or false")
+        check_field(self, "patch_bias", lambda v: isinstance(v, bool), "true or false")
 
     def drop_rates(self) -> list[float]:
         """Stochastic-depth rate of each block: 0 for the first, rising linearly to ``drop_path``."""
@@ -90,9 +95,9 @@ class VisionConfig(BlockConfig):
 
     @property
     def patch_dim(self) -> int:
-        """Values per patch token: ``C * p * p``, five times that with ``patch_shift``."""
+        """Values per patch token: ``C * p * p``, five times that with ``patch_shift``, one more with ``patch_bias``."""
         views = 5 if self.patch_shift else 1
-        return views * self.in_channels * self.patch_size**2
+        return views * self.in_channels * self.patch_size**2 + self.patch_bias
 
     @property
     def seq_len(self) -> int:
@@ -217,7 +222,10 @@ class TokenformerViT(nn.Module):
         self._check_input(images)
         if self.config.patch_shift:
             images = shifted_views(images, self.config.patch_shift)
-        x = self.patch_proj(patchify(images, self.config.patch_size))
+        patches = patchify(images, self.config.patch_size)
+        if self.config.patch_bias:
+            patches = torch.cat((patches, patches.new_ones(*patches.shape[:-1], 1)), dim=-1)
+        x = self.patch_proj(patches)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
         x = x + self.pos_embedding
