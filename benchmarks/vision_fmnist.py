@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from common import markdown_table, write_report
 
-from tokenformer.train.lm import standard_error
+from tokenformer.train.metrics import standard_error
 
 TRAIN_IMAGES = 57000  # the 60,000 training images less the 5% held out for validation
 MAIN_ARMS = ("tokenformer", "linear")

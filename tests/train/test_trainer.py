@@ -201,3 +201,11 @@ def test_keep_own_implementation_undoes_the_flags_of_a_loaded_state():
     assert plain.param_groups[0]["fused"] is None
     plain.step()
     assert float(plain.state[weights[0]]["step"]) == 2
+
+
+def test_standard_error_of_the_mean():
+    from tokenformer.train.metrics import standard_error
+
+    # sample s.d. of 1, 2, 3, 4.5 is sqrt(2.2292) = 1.4930; over sqrt(4)
+    assert standard_error([1.0, 2.0, 3.0, 4.5]) == pytest.approx(0.746520, abs=1e-6)
+    assert math.isnan(standard_error([0.9]))

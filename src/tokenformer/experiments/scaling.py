@@ -39,7 +39,7 @@ from ..config import TokenformerConfig, dataclass_from_dict, is_int, is_number
 from ..flops import count_parameters
 from ..growth import TokenUpdateScale
 from ..train import Trainer, TrainConfig, lr_at
-from ..train.lm import standard_error
+from ..train.metrics import standard_error
 
 ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
 GROWN_ARMS = ("tokenformer_grown", "transformer_grown", "transformer_stacked")

@@ -12,6 +12,7 @@ from torch import nn
 from ..data import TokenShards, Tokenizer, build_shards, default_cache_dir, get_tokenizer, load_documents, windows_to_batch
 from ..flops import training_flops_per_token
 from .config import TrainConfig
+from .metrics import standard_error
 from .task import batch_seed
 
 
@@ -41,11 +42,6 @@ class LanguageModelingTask:
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         return evaluate_windows(model, self.eval_windows, self.batch_size, device)
-
-
-def standard_error(values: Sequence[float]) -> float:
-    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); NaN below two."""
-    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 @torch.no_grad()
