@@ -199,6 +199,7 @@ def test_keep_own_implementation_undoes_the_flags_of_a_loaded_state():
     assert plain.param_groups[0]["fused"] is True  # what loading alone leaves behind
     keep_own_implementation(plain)
     assert plain.param_groups[0]["fused"] is None
+    assert plain.state[weights[0]]["step"].device.type == "cpu" and plain.state[weights[0]]["step"].dtype == torch.float32
     plain.step()
     assert float(plain.state[weights[0]]["step"]) == 2
 

@@ -62,17 +62,18 @@ def keep_own_implementation(optimizer: torch.optim.Optimizer) -> None:
 
     Loading a state dict replaces the param groups with the saved ones, flags included: a
     checkpoint written by a fused CPU optimizer would otherwise turn on the fused kernel where
-    it was not chosen (sharded parameters), and an older checkpoint would turn it off. A fused
-    optimizer also wants its step counters on the parameters' device, as float32.
+    it was not chosen (sharded parameters), and an older checkpoint would turn it off. The step
+    counters go where the implementation keeps them: a fused (or capturable) optimizer on the
+    parameters' device, the others on the CPU, as float32 either way.
     """
     flags = {key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults}
     for group in optimizer.param_groups:
         group.update(flags)
-    if flags.get("fused"):
-        for param, state in optimizer.state.items():
-            step = state.get("step")
-            if torch.is_tensor(step):
-                state["step"] = step.to(param.device, torch.float32)
+    on_device = bool(flags.get("fused") or optimizer.defaults.get("capturable"))
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = step.to(param.device if on_device else torch.device("cpu"), torch.float32)
 
 
 def checkpoint_name(step: int) -> str:
