@@ -186,12 +186,18 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str | None, title: str, device: torch.device, clock: str, body: str) -> str:
-    """The report as markdown; written atomically to ``path`` when one is given."""
+def write_report(path: str | None, title: str, device: torch.device, clock: str, body: str, launched_at: str | None = None) -> str:
+    """The report as markdown; written atomically to ``path`` when one is given.
+
+    ``launched_at``: the commit when a long benchmark started (``source_version()`` then); the
+    report names it, and the commit at the end too where the two differ.
+    """
     timing = "wall-clock seconds" if clock == "wall" else "CPU seconds of this process (--clock cpu)"
+    finished_at = source_version()
+    version = finished_at if launched_at in (None, finished_at) else f"{launched_at} when it started, {finished_at} when it finished"
     text = (
         f"# {title}\n\n"
-        f"Command (from the repository root, at commit {source_version()}):\n\n    {command_line()}\n\n"
+        f"Command (from the repository root, at commit {version}):\n\n    {command_line()}\n\n"
         f"Machine:\n\n{machine_description(device)}\n"
         f"- Times are {timing}; run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{body}\n"
     )

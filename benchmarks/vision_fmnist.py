@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import markdown_table, write_report
+from common import markdown_table, source_version, write_report
 
 from tokenformer.train.metrics import standard_error
 
@@ -166,6 +166,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     lrs = [float(x) for x in args.lrs.split(",")]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    # Every arm is a new process that imports the tree as it is then: name the commit at launch.
+    launched_at = source_version()
+    if launched_at.endswith("-dirty"):
+        print(f"note: uncommitted changes in the tree ({launched_at}); the report cannot name the code that ran", file=sys.stderr)
 
     def job(arm: str, lr: float, epochs: float, tag: str, compiled: bool = args.compile, seed: int = args.seeds[0]) -> tuple[str, dict, Path]:
         tag = tag if seed == 0 else f"{tag}-seed{seed}"  # seed 0 keeps the names of single-seed runs
@@ -184,7 +188,7 @@ def main() -> None:
     )
     report = write_report(
         args.report, "Fashion-MNIST on CPU: TokenFormer-ViT vs the linear ViT, grown vs scratch", torch.device("cpu"), "wall",
-        render(args, started, grid, main_pair, growth_pair),
+        render(args, started, grid, main_pair, growth_pair), launched_at,
     )
     print(report)
 

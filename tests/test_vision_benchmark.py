@@ -78,3 +78,13 @@ def test_growth_pairs_over_seeds_report_each_growth_and_the_paired_difference(be
     text = bench.render(args, "now", {"tokenformer": [], "linear": []}, [], growth)
     assert "grown − scratch, paired by seed: -0.60, +0.20; mean -0.20 points (s.e. 0.40)" in text
     assert "Validation right before growth (seed 1) (step 5): accuracy 0.8000, loss 0.500000" in text
+
+
+def test_report_names_the_commit_at_launch_when_the_tree_moved_during_the_run(bench):
+    import torch
+
+    now = bench.source_version()
+    moved = bench.write_report(None, "T", torch.device("cpu"), "wall", "body", launched_at="abc1234")
+    assert f"at commit abc1234 when it started, {now} when it finished):" in moved
+    same = bench.write_report(None, "T", torch.device("cpu"), "wall", "body", launched_at=now)
+    assert f"at commit {now}):" in same
