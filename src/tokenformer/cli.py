@@ -122,7 +122,7 @@ def consolidate(checkpoint: str, out: str) -> None:
         out: Directory for the converted checkpoint (must not exist).
     """
     from .train import TrainConfig, load_checkpoint, resolve_checkpoint
-    from .train.checkpoint import keep_own_implementation, load_sharded_state, save_checkpoint
+    from .train.checkpoint import load_sharded_state, save_checkpoint
     from .train.trainer import make_optimizer
 
     source = resolve_checkpoint(checkpoint)
@@ -133,7 +133,6 @@ def consolidate(checkpoint: str, out: str) -> None:
         path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng)
     else:
         optimizer.load_state_dict(loaded.optimizer_state)
-        keep_own_implementation(optimizer)
         path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng, sharded=True)
     kind = "single-file" if loaded.sharded else "sharded"
     print(f"wrote {source} at step {loaded.trainer_state['step']} as a {kind} checkpoint: {path}")

@@ -188,7 +188,7 @@ def test_adamw_is_fused_on_cpu_and_keeps_its_implementation_when_resumed(tmp_pat
 
 
 def test_keep_own_implementation_undoes_the_flags_of_a_loaded_state():
-    from tokenformer.train.checkpoint import keep_own_implementation
+    from tokenformer.train.trainer import keep_own_implementation
 
     weights = [torch.nn.Parameter(torch.randn(3, 2))]
     fused = torch.optim.AdamW(weights, fused=True)

@@ -57,25 +57,6 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete, truncated or corrupted; the message names the file."""
 
 
-def keep_own_implementation(optimizer: torch.optim.Optimizer) -> None:
-    """Put back the implementation flags (``fused``, ``foreach``) ``optimizer`` was built with.
-
-    Loading a state dict replaces the param groups with the saved ones, flags included: a
-    checkpoint written by a fused CPU optimizer would otherwise turn on the fused kernel where
-    it was not chosen (sharded parameters), and an older checkpoint would turn it off. The step
-    counters go where the implementation keeps them: a fused (or capturable) optimizer on the
-    parameters' device, the others on the CPU, as float32 either way.
-    """
-    flags = {key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults}
-    for group in optimizer.param_groups:
-        group.update(flags)
-    on_device = bool(flags.get("fused") or optimizer.defaults.get("capturable"))
-    for param, state in optimizer.state.items():
-        step = state.get("step")
-        if torch.is_tensor(step):
-            state["step"] = step.to(param.device if on_device else torch.device("cpu"), torch.float32)
-
-
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -221,7 +202,6 @@ def load_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch
         dcp.load(state, checkpoint_id=Path(directory) / SHARDS)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    keep_own_implementation(optimizer)
 
 
 def verify_checkpoint(directory: str | Path) -> dict:

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import keep_own_implementation
 from .config import Strategy
 
 STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
@@ -116,7 +115,6 @@ def place(model: nn.Module, optimizer: torch.optim.Optimizer, env: Distributed, 
     optimizer = make_optimizer(model)
     if state is not None:
         set_optimizer_state_dict(model, optimizer, state, options=_whole())
-        keep_own_implementation(optimizer)
     return wrapped, optimizer
 
 
@@ -129,7 +127,6 @@ def gather(model: nn.Module, optimizer: torch.optim.Optimizer, whole_model: nn.M
     state = get_optimizer_state_dict(model, optimizer, options=_whole())
     whole_optimizer = make_optimizer(whole_model)
     set_optimizer_state_dict(whole_model, whole_optimizer, state, options=_whole())
-    keep_own_implementation(whole_optimizer)
     return whole_optimizer
 
 

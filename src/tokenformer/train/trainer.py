@@ -39,7 +39,6 @@ from .checkpoint import (
     CHECKPOINTS,
     Checkpoint,
     checkpoint_name,
-    keep_own_implementation,
     latest_checkpoint,
     load_checkpoint,
     load_sharded_state,
@@ -83,12 +82,34 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     The fused implementation (one kernel per parameter) runs where torch has it: plain tensors
     on CPU or CUDA. On CPU the per-tensor loop otherwise costs several milliseconds a step for a
     small model, a few percent of its step time. Sharded (DTensor) parameters and other devices
-    keep torch's default implementation.
+    keep torch's default implementation. Every state dict loaded into it later (resume, FSDP
+    placement, consolidation) keeps that choice: see :func:`keep_own_implementation`.
     """
     fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(
         model.param_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None
     )
+    optimizer.register_load_state_dict_post_hook(keep_own_implementation)
+    return optimizer
+
+
+def keep_own_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """Put back the implementation flags (``fused``, ``foreach``) ``optimizer`` was built with.
+
+    Loading a state dict replaces the param groups with the saved ones, flags included: a
+    checkpoint written by a fused CPU optimizer would otherwise turn on the fused kernel where
+    it was not chosen (sharded parameters), and an older checkpoint would turn it off. The step
+    counters go where the implementation keeps them: a fused (or capturable) optimizer on the
+    parameters' device, the others on the CPU, as float32 either way.
+    """
+    flags = {key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults}
+    for group in optimizer.param_groups:
+        group.update(flags)
+    on_device = bool(flags.get("fused") or optimizer.defaults.get("capturable"))
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = step.to(param.device if on_device else torch.device("cpu"), torch.float32)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -180,7 +201,6 @@ class Trainer:
         optimizer = make_optimizer(self.model, config)
         if checkpoint is not None and not checkpoint.sharded:
             optimizer.load_state_dict(checkpoint.optimizer_state)
-            keep_own_implementation(optimizer)
         self._place(optimizer)
         self.state = TrainState()
         self.resumed_from: Path | None = None
