@@ -7,7 +7,10 @@ Every arm trains through the library's Trainer (same loop, checkpoints, schedule
 * grid: each of the two main arms trains ``--grid-epochs`` at every rate of ``--lrs``; the rate
   with the best validation accuracy (held-out 5% of the training split) is kept per arm.
 * main: tokenformer (``--preset``) and linear (``projection: linear``, MLP width chosen to match
-  the parameter count) for ``--epochs`` each, at their own best grid rate.
+  the parameter count) for ``--epochs`` each, at their own best grid rate. With
+  ``--final-val-fraction`` below the grid's 0.05 they hold out fewer images and train on the rest
+  (the rates chosen, the grid's validation images become training images; epochs count the
+  images each arm trains on).
 * growth: ``grown`` (the preset grown to the ``--grow-to`` token counts halfway, validated right
   before and right after growth) and ``scratch`` (those counts from the start) for
   ``--grow-epochs``, both at the tokenformer arm's rate.
@@ -40,7 +43,8 @@ from common import markdown_table, source_version, write_report
 
 from tokenformer.train.metrics import standard_error
 
-TRAIN_IMAGES = 57000  # the 60,000 training images less the 5% held out for validation
+TRAIN_SPLIT = 60000  # Fashion-MNIST's training split
+GRID_VAL_FRACTION = 0.05  # the grid (and, by default, every arm) holds out 3,000 of them for validation
 MAIN_ARMS = ("tokenformer", "linear")
 TARGET_ACCURACY, TARGET_SECONDS = 0.90, 15 * 60
 
@@ -55,12 +59,18 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def held_out(val_fraction: float) -> int:
+    """Validation images the trainer holds out of the training split (the rule of ``ImageClassificationTask``)."""
+    return max(1, round(TRAIN_SPLIT * val_fraction))
+
+
 def arm_options(
-    arm: str, lr: float, epochs: float, args: argparse.Namespace, grow_to: dict[str, int], out_dir: Path, compiled: bool = False, seed: int = 0
+    arm: str, lr: float, epochs: float, args: argparse.Namespace, grow_to: dict[str, int], out_dir: Path, compiled: bool = False, seed: int = 0,
+    val_fraction: float = GRID_VAL_FRACTION,
 ) -> dict:
     from tokenformer.vision import VisionConfig
 
-    steps = max(1, round(epochs * TRAIN_IMAGES / args.batch_size))
+    steps = max(1, round(epochs * (TRAIN_SPLIT - held_out(val_fraction)) / args.batch_size))
     overrides = dict(args.model_overrides)
     if arm == "linear":
         matched = VisionConfig.from_preset(args.preset, **overrides).parameter_matched_linear()
@@ -70,7 +80,7 @@ def arm_options(
     return dict(
         task="vision", model=args.preset, model_overrides=overrides, dataset="fashion-mnist", batch_size=args.batch_size,
         max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(args.warmup_steps, steps // 10), weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, crop_padding=args.crop_padding, hflip=args.hflip, erase_prob=args.erase_prob, ema_decay=args.ema_decay,
+        label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, val_fraction=val_fraction, crop_padding=args.crop_padding, hflip=args.hflip, erase_prob=args.erase_prob, ema_decay=args.ema_decay,
         eval_interval=max(1, steps // 4), ckpt_interval=max(1, steps // 4), log_interval=20, keep_last=1, threads=args.threads,
         device="cpu", out_dir=str(out_dir), resume="auto", progress=False, seed=seed, compile=compiled,
     )
@@ -142,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=200, help="at most a tenth of the run")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this value (0: off)")
+    parser.add_argument(
+        "--final-val-fraction", type=float, default=GRID_VAL_FRACTION,
+        help="share of the training split the main pair holds out for validation (the grid and the growth pair hold out "
+        f"{GRID_VAL_FRACTION:g} always): below it, the main pair trains on the images the grid validated on",
+    )
     parser.add_argument("--crop-padding", type=int, default=0)
     parser.add_argument("--hflip", action="store_true")
     parser.add_argument("--erase-prob", type=float, default=0.0, help="random erasing: share of training images that get a noise rectangle")
@@ -165,15 +181,23 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lrs = [float(x) for x in args.lrs.split(",")]
+    try:  # every arm's options, checked before the first arm starts
+        from tokenformer.train import TrainConfig
+
+        TrainConfig(**arm_options("tokenformer", lrs[0], args.epochs, args, grow_to, out / "check", args.compile, args.seeds[0], args.final_val_fraction))
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"vision_fmnist.py: {error}") from None
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     # Every arm is a new process that imports the tree as it is then: name the commit at launch.
     launched_at = source_version()
     if launched_at.endswith("-dirty"):
         print(f"note: uncommitted changes in the tree ({launched_at}); the report cannot name the code that ran", file=sys.stderr)
 
-    def job(arm: str, lr: float, epochs: float, tag: str, compiled: bool = args.compile, seed: int = args.seeds[0]) -> tuple[str, dict, Path]:
+    def job(
+        arm: str, lr: float, epochs: float, tag: str, compiled: bool = args.compile, seed: int = args.seeds[0], val_fraction: float = GRID_VAL_FRACTION
+    ) -> tuple[str, dict, Path]:
         tag = tag if seed == 0 else f"{tag}-seed{seed}"  # seed 0 keeps the names of single-seed runs
-        return arm, arm_options(arm, lr, epochs, args, grow_to, out / tag, compiled, seed), out / f"{tag}.json"
+        return arm, arm_options(arm, lr, epochs, args, grow_to, out / tag, compiled, seed, val_fraction), out / f"{tag}.json"
 
     grid = {arm: [] for arm in MAIN_ARMS}
     if len(lrs) > 1:
@@ -181,7 +205,10 @@ def main() -> None:
             grid[record["arm"]].append(record)
     best = {arm: max(records, key=lambda r: r["val_accuracy"])["lr"] if records else lrs[0] for arm, records in grid.items()}
     pairs = args.pairs.split(",")
-    main_pair = run_arms([job(arm, best[arm], args.epochs, arm, seed=seed) for seed in args.seeds for arm in MAIN_ARMS], grow_to, args.jobs) if "main" in pairs else []
+    main_pair = (
+        run_arms([job(arm, best[arm], args.epochs, arm, seed=seed, val_fraction=args.final_val_fraction) for seed in args.seeds for arm in MAIN_ARMS], grow_to, args.jobs)
+        if "main" in pairs else []
+    )
     growth_pair = (
         run_arms([job(arm, best["tokenformer"], args.grow_epochs, arm, seed=seed) for seed in args.seeds for arm in ("grown", "scratch")], grow_to, args.jobs)
         if "growth" in pairs else []
@@ -193,13 +220,27 @@ def main() -> None:
     print(report)
 
 
+def data_split(args: argparse.Namespace) -> str:
+    def split(val_fraction: float) -> str:
+        val = held_out(val_fraction)
+        return f"{TRAIN_SPLIT - val:,} training images ({val:,} held out, evenly spaced, for validation)"
+
+    if args.final_val_fraction == GRID_VAL_FRACTION:
+        return split(GRID_VAL_FRACTION)
+    return (
+        f"the grid and the growth pair {split(GRID_VAL_FRACTION)}; the main pair, its rates chosen, "
+        f"{split(args.final_val_fraction)}"
+    )
+
+
 def recipe(args: argparse.Namespace) -> str:
     augment = [f"random crop (padding {args.crop_padding})"] * bool(args.crop_padding) + ["horizontal flip"] * args.hflip
     augment += [f"random erasing (probability {args.erase_prob:g})"] * bool(args.erase_prob)
     return (
         f"batch {args.batch_size}, AdamW (weight decay {args.weight_decay:g}), linear warmup over min({args.warmup_steps}, "
         f"a tenth of the steps) then cosine to lr/10, label smoothing {args.label_smoothing:g}, "
-        f"augmentation: {', '.join(augment) or 'none'}"
+        + (f"gradient norm clipped to {args.grad_clip:g}, " if args.grad_clip else "no gradient clipping, ")
+        + f"augmentation: {', '.join(augment) or 'none'}"
         + (f"; validation and test use the moving average of the weights (decay {args.ema_decay:g})" if args.ema_decay else "")
         + ("; the main and growth arms trained through `torch.compile` (the grid eagerly)" if args.compile else "")
     )
@@ -211,8 +252,7 @@ def render(args, started, grid, main_pair, growth_pair) -> str:
         f"{args.jobs} arm(s) at a time; the time each arm started and the 1-minute load average of the machine "
         "before/after it are in the tables.",
         "",
-        f"Data: 57,000 training images (3,000 held out, evenly spaced, for validation), test on the 10,000 "
-        f"test images. Recipe for every arm: {recipe(args)}."
+        f"Data: {data_split(args)}, test on the 10,000 test images. Recipe for every arm: {recipe(args)}."
         + (f" Model fields changed on `{args.preset}` for every arm: `{json.dumps(args.model_overrides)}`." if args.model_overrides else ""),
         "",
         "`img/s` is the median over the logging windows (20 steps) of training images per second, "

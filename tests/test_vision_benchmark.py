@@ -43,6 +43,26 @@ def test_arm_options_carry_the_seed(bench, tmp_path):
     assert options["seed"] == 4 and options["max_steps"] == round(57000 / 128)
 
 
+def test_main_pair_can_train_on_the_grid_validation_images(bench, tmp_path):
+    from tokenformer.train import TrainConfig
+
+    args = bench.build_parser().parse_args(["--final-val-fraction", "0.001", "--grad-clip", "0"])
+    grid = bench.arm_options("tokenformer", 1e-3, 2.0, args, {}, tmp_path)
+    main = bench.arm_options("tokenformer", 1e-3, 2.0, args, {}, tmp_path, val_fraction=args.final_val_fraction)
+    # Epochs count the arm's own training images: 57,000 for the grid, 59,940 with 60 held out.
+    assert (grid["val_fraction"], grid["max_steps"]) == (0.05, round(2 * 57000 / 128))
+    assert (main["val_fraction"], main["max_steps"]) == (0.001, round(2 * 59940 / 128))
+    assert grid["grad_clip"] == main["grad_clip"] == 0.0
+    TrainConfig(**main)  # valid training options
+    text = bench.data_split(args)
+    assert "the grid and the growth pair 57,000 training images (3,000 held out" in text
+    assert "the main pair, its rates chosen, 59,940 training images (60 held out" in text
+    assert "no gradient clipping" in bench.recipe(args)
+    default = bench.build_parser().parse_args([])
+    assert bench.data_split(default) == "57,000 training images (3,000 held out, evenly spaced, for validation)"
+    assert "gradient norm clipped to 1" in bench.recipe(default)
+
+
 def test_one_seed_reports_the_single_difference(bench):
     lines = bench.main_section([record("tokenformer", 0, 0.8983, 871), record("linear", 0, 0.8948, 785)], threads=2)
     text = "\n".join(lines)
