@@ -42,6 +42,7 @@ import torch
 from common import markdown_table, source_version, write_report
 
 from tokenformer.train.metrics import standard_error
+from tokenformer.train.vision import held_out_count
 
 TRAIN_SPLIT = 60000  # Fashion-MNIST's training split
 GRID_VAL_FRACTION = 0.05  # the grid (and, by default, every arm) holds out 3,000 of them for validation
@@ -60,8 +61,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def held_out(val_fraction: float) -> int:
-    """Validation images the trainer holds out of the training split (the rule of ``ImageClassificationTask``)."""
-    return max(1, round(TRAIN_SPLIT * val_fraction))
+    """Validation images the trainer holds out of the training split."""
+    return held_out_count(TRAIN_SPLIT, val_fraction)
 
 
 def arm_options(

@@ -24,6 +24,11 @@ CONFUSION_PNG = "confusion_matrix.png"
 TEST_METRICS = "test_metrics.json"
 
 
+def held_out_count(count: int, val_fraction: float) -> int:
+    """Images held out for validation from a training split of ``count``: ``val_fraction`` of them, at least one."""
+    return max(1, round(count * val_fraction))
+
+
 def _subset(dataset: ImageDataset, rows: np.ndarray) -> ImageDataset:
     index = torch.from_numpy(rows)
     return ImageDataset(dataset.images[index], dataset.labels[index], dataset.classes)
@@ -36,7 +41,7 @@ class ImageClassificationTask:
     def __init__(self, train: ImageDataset, test: ImageDataset, config: TrainConfig) -> None:
         self.classification = ClassificationTask(train.classes, config.label_smoothing)
         count = len(train)
-        held_out = max(1, round(count * config.val_fraction))
+        held_out = held_out_count(count, config.val_fraction)
         val_rows = np.linspace(0, count - 1, held_out).round().astype(np.int64)
         train_rows = np.setdiff1d(np.arange(count), val_rows)
         if len(train_rows) < config.batch_size:
