@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tokenformer import TokenformerConfig, TokenformerLM, count_parameters
-from tokenformer.model import apply_rotary, rotary_cos_sin
+from tokenformer.model import apply_rotary, explicit_attention, rotary_cos_sin
 
 from conftest import tiny_config
 from reference import our_weights, reference_logits
@@ -52,6 +52,18 @@ def test_logits_depend_on_order_of_earlier_tokens():
         model = TokenformerLM(tiny_config(n_layers=1, rotary_pct=rotary_pct))
         gap = (model(ids)[0, -1] - model(swapped)[0, -1]).abs().max().item()
         assert (gap > 1e-4) if differs else (gap < 1e-6), (rotary_pct, gap)
+
+
+@pytest.mark.parametrize("mask", [None, "no_self", "causal"])
+def test_explicit_attention_equals_sdpa(mask):
+    q, k, v = (torch.randn(3, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    allowed = {None: None, "no_self": ~torch.eye(7, dtype=torch.bool), "causal": torch.ones(7, 7, dtype=torch.bool).tril()}[mask]
+    ours = explicit_attention(q, k, v, allowed)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(ours.sum(), (q, k, v))
+    for ours_grad, theirs_grad in zip(grads, torch.autograd.grad(theirs.sum(), (q, k, v))):
+        torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_causal():

@@ -86,6 +86,29 @@ def test_logits_match_plain_float64_reference(pool, patch_shift, lsa, patch_bias
     torch.testing.assert_close(model(images), reference_logits(model, images), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("lsa", [False, True])
+def test_explicit_and_fused_attention_paths_agree(monkeypatch, lsa):
+    """On CPU short sequences take the explicit softmax attention; longer ones (here: every
+    length, by setting the limit to 0) PyTorch's fused kernel. Logits and gradients agree."""
+    import tokenformer.model as model_module
+
+    model = TokenformerViT(tiny_vit(lsa=lsa)).double()
+    images = images_for(model.config).double()
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(images)
+        logits.square().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    explicit = logits_and_grads()
+    monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_LEN", 0)
+    fused = logits_and_grads()
+    torch.testing.assert_close(explicit[0], fused[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(explicit[1], fused[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "name,pool,lsa,patch_bias",
     [(name, "mean", False, False) for name in VISION_PRESETS] + [("fmnist-0.3M", "cls", False, False), ("fmnist-0.3M", "mean", True, True)],

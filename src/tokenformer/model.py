@@ -128,6 +128,30 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+# On CPU, PyTorch's fused attention kernels cost more than the plain softmax(QK^T)V for the short
+# sequences of small images: with torch.compile, forward + backward 0.82-0.86x the time at 16-49
+# tokens, 1.17x at 64 and 1.29x at 197 (benchmarks/results/attention-cpu.md). Up to this length
+# the CPU takes it.
+EXPLICIT_ATTENTION_MAX_LEN = 49
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(head_dim)) v`` computed step by step; ``allowed`` (boolean,
+    broadcastable to the scores) masks out the False pairs, as ``scaled_dot_product_attention``'s
+    boolean ``attn_mask`` does."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention without a causal mask: the explicit form for short sequences on CPU, else SDPA."""
+    if q.device.type == "cpu" and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_LEN:
+        return explicit_attention(q, k, v, allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
 class SelfAttention(nn.Module):
     """Multi-head token-token attention; ``causal=False`` (vision) lets every token see every other.
 
@@ -172,9 +196,11 @@ class SelfAttention(nn.Module):
         if self.log_temperature is not None:  # bidirectional (vision, no cache): every token but itself
             q = q * self.log_temperature.exp().to(q.dtype)
             others = ~torch.eye(length, dtype=torch.bool, device=x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=others)
+            y = bidirectional_attention(q, k, v, others)
+        elif start == 0 and not self.causal:
+            y = bidirectional_attention(q, k, v)
         elif start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif length == 1:  # one new token sees every cached one
             y = F.scaled_dot_product_attention(q, k, v)
         else:
