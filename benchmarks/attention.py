@@ -25,6 +25,7 @@ from tokenformer.model import explicit_attention
 from tokenformer.vision import TokenformerViT, VisionConfig
 
 SHAPES = ((16, 16, 128), (49, 16, 128), (64, 32, 64), (197, 64, 16))  # (tokens, head_dim, batch)
+CALLS = 10  # attention calls per timed round
 
 
 def attention_rows(args: argparse.Namespace, device: torch.device) -> list[list[object]]:
@@ -37,15 +38,15 @@ def attention_rows(args: argparse.Namespace, device: torch.device) -> list[list[
             "explicit": torch.compile(explicit_attention),
         }
 
-        def arm(form, calls: int = 10):
+        def arm(form):
             def run() -> None:
-                for _ in range(calls):
+                for _ in range(CALLS):
                     form(q, k, v, others).sum().backward()
 
             return run
 
         times = interleaved_times({name: arm(form) for name, form in forms.items()}, args.repeats, args.warmup, device)
-        rows.append([length, head_dim, batch, fmt_ms(median(times["fused"]) / 10), fmt_ms(median(times["explicit"]) / 10), f"{paired_ratio(times, 'explicit', 'fused'):.3f}"])
+        rows.append([length, head_dim, batch, fmt_ms(median(times["fused"]) / CALLS), fmt_ms(median(times["explicit"]) / CALLS), f"{paired_ratio(times, 'explicit', 'fused'):.3f}"])
     return rows
 
 
