@@ -66,6 +66,14 @@ def test_explicit_attention_equals_sdpa(mask):
         torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-10, atol=1e-12)
 
 
+def test_explicit_attention_in_bf16_keeps_the_dtype_and_matches_float32():
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    allowed = ~torch.eye(16, dtype=torch.bool)
+    low = explicit_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), allowed)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), explicit_attention(q, k, v, allowed), rtol=0.05, atol=0.05)
+
+
 def test_causal():
     model = TokenformerLM(tiny_config())
     ids = torch.randint(0, 97, (1, 10))

@@ -138,11 +138,12 @@ EXPLICIT_ATTENTION_MAX_LEN = 49
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q k^T / sqrt(head_dim)) v`` computed step by step; ``allowed`` (boolean,
     broadcastable to the scores) masks out the False pairs, as ``scaled_dot_product_attention``'s
-    boolean ``attn_mask`` does."""
+    boolean ``attn_mask`` does. The softmax runs in at least float32 (as SDPA's CPU kernels accumulate),
+    under bf16 autocast too."""
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ v
 
 
 def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
