@@ -129,8 +129,8 @@ class KVCache:
 
 
 # On CPU, PyTorch's fused attention kernels cost more than the plain softmax(QK^T)V for the short
-# sequences of small images: with torch.compile, forward + backward 0.81x the time at 16 and 49
-# tokens, 1.1-1.3x at 64 and 197 (benchmarks/results/attention-cpu.md). Up to this length
+# sequences of small images: with torch.compile, forward + backward 0.75x / 0.85x the time at 16 / 49
+# tokens, 1.2x / 1.3x at 64 / 197 (benchmarks/results/attention-cpu.md). Up to this length
 # the CPU takes it.
 EXPLICIT_ATTENTION_MAX_LEN = 49
 
