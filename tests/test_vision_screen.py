@@ -36,6 +36,15 @@ def test_shipped_variants_give_valid_training_options(screen, tmp_path):
         TrainConfig(**options)
 
 
+def test_shipped_augmentation_variants_reach_the_run(screen, tmp_path):
+    args = screen.build_parser().parse_args(["--variants", str(BENCHMARKS / "vision_screen_aug_variants.json"), "--seeds", "0", "--epochs", "30"])
+    runs = {variant["name"]: options for variant, _, options in screen.jobs(screen.load_variants(args.variants), args, tmp_path)}
+    for options in runs.values():
+        TrainConfig(**options)
+    augmentation = {name: (o["crop_padding"], o["hflip"], o["erase_prob"]) for name, o in runs.items()}
+    assert augmentation == {"base": (0, False, 0.0), "crop2": (2, False, 0.0), "crop2_hflip": (2, True, 0.0), "crop2_erase0.25": (2, False, 0.25)}
+
+
 def test_variant_changes_reach_the_run(screen, tmp_path):
     variants = write_variants(tmp_path / "v.json", [
         {"name": "base"},
