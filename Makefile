@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TF := $(VENV)/bin/tokenformer
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean fashion-mnist
+.PHONY: setup test lint demo bench clean fashion-mnist
 
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
@@ -21,6 +21,12 @@ setup: $(STAMP) fashion-mnist
 
 test: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q
+
+# ruff is pinned in the `test` extra; a venv set up before that gets it here.
+lint: $(STAMP)
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install --quiet ruff==0.17.6
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # Train a small TokenFormer on the embedded corpus, grow it (validation perplexity unchanged),
 # train on with AdamW's state carried over, and sample from it. Outputs: runs/demo. Then the

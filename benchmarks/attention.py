@@ -18,7 +18,16 @@ import argparse
 import json
 
 import torch
-from common import add_common_arguments, fmt_ms, interleaved_times, markdown_table, median, paired_ratio, setup, write_report
+from common import (
+    add_common_arguments,
+    fmt_ms,
+    interleaved_times,
+    markdown_table,
+    median,
+    paired_ratio,
+    setup,
+    write_report,
+)
 
 import tokenformer.model as model_module
 from tokenformer.model import explicit_attention
@@ -34,11 +43,13 @@ def attention_rows(args: argparse.Namespace, device: torch.device) -> list[list[
         q, k, v = (torch.randn(batch, 4, length, head_dim, device=device, requires_grad=True) for _ in range(3))
         others = ~torch.eye(length, dtype=torch.bool, device=device)
         forms = {
-            "fused": torch.compile(lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)),
+            "fused": torch.compile(
+                lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            ),
             "explicit": torch.compile(explicit_attention),
         }
 
-        def arm(form):
+        def arm(form, q=q, k=k, v=v, others=others):
             def run() -> None:
                 for _ in range(CALLS):
                     form(q, k, v, others).sum().backward()
@@ -46,7 +57,16 @@ def attention_rows(args: argparse.Namespace, device: torch.device) -> list[list[
             return run
 
         times = interleaved_times({name: arm(form) for name, form in forms.items()}, args.repeats, args.warmup, device)
-        rows.append([length, head_dim, batch, fmt_ms(median(times["fused"]) / CALLS), fmt_ms(median(times["explicit"]) / CALLS), f"{paired_ratio(times, 'explicit', 'fused'):.3f}"])
+        rows.append(
+            [
+                length,
+                head_dim,
+                batch,
+                fmt_ms(median(times["fused"]) / CALLS),
+                fmt_ms(median(times["explicit"]) / CALLS),
+                f"{paired_ratio(times, 'explicit', 'fused'):.3f}",
+            ]
+        )
     return rows
 
 
@@ -76,7 +96,12 @@ def training_step_rows(args: argparse.Namespace, device: torch.device) -> list[l
         model_module.EXPLICIT_ATTENTION_MAX_LEN = default
     images = args.steps * args.batch_size
     return [
-        [name, fmt_ms(median(times[name]) / args.steps), f"{images / median(times[name]):.0f}", f"{paired_ratio(times, name, 'fused'):.3f}"]
+        [
+            name,
+            fmt_ms(median(times[name]) / args.steps),
+            f"{images / median(times[name]):.0f}",
+            f"{paired_ratio(times, name, 'fused'):.3f}",
+        ]
         for name in arms
     ]
 
@@ -85,7 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, repeats=9)
     parser.add_argument("--preset", default="fmnist-0.3M")
-    parser.add_argument("--model-overrides", type=json.loads, default={"patch_shift": 3, "lsa": True, "patch_bias": True, "patch_tokens": 128})
+    parser.add_argument(
+        "--model-overrides",
+        type=json.loads,
+        default={"patch_shift": 3, "lsa": True, "patch_bias": True, "patch_tokens": 128},
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="training steps per timed round")
     args = parser.parse_args()
@@ -93,19 +122,30 @@ def main() -> None:
     if device.type != "cpu":
         raise SystemExit(f"--device {device}: this benchmark measures the CPU choice of attention form; allowed: cpu")
     body = [
-        f"Each arm through `torch.compile`; {args.warmup} untimed rounds (compilation), then {args.repeats} rounds with the arms "
-        "interleaved; `explicit/fused` is the median over rounds of the two arms' time ratio in the same round (< 1: the explicit form is faster).",
+        f"Each arm through `torch.compile`; {args.warmup} untimed rounds (compilation), then {args.repeats} rounds "
+        "with the arms interleaved; `explicit/fused` is the median over rounds of the two arms' time ratio in the "
+        "same round (< 1: the explicit form is faster).",
         "",
         "## Attention alone (4 heads, no-self mask, forward + backward)",
         "",
-        markdown_table(["tokens", "head dim", "batch", "fused ms", "explicit ms", "explicit/fused"], attention_rows(args, device)),
+        markdown_table(
+            ["tokens", "head dim", "batch", "fused ms", "explicit ms", "explicit/fused"], attention_rows(args, device)
+        ),
         "",
         f"## Training step of `{args.preset}` with `{json.dumps(args.model_overrides)}`, batch {args.batch_size}",
         "",
         markdown_table(["attention", "median step ms", "img/s", "time / fused"], training_step_rows(args, device)),
         "",
     ]
-    print(write_report(args.out, "Bidirectional attention on CPU: fused kernel vs explicit softmax", device, args.clock, "\n".join(body)))
+    print(
+        write_report(
+            args.out,
+            "Bidirectional attention on CPU: fused kernel vs explicit softmax",
+            device,
+            args.clock,
+            "\n".join(body),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -33,10 +33,14 @@ sys.path.insert(0, str(ROOT / "src"))
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds per case")
-    parser.add_argument("--repeats-bf16", type=int, default=None, help="timed rounds for bf16 cases (default: --repeats)")
+    parser.add_argument(
+        "--repeats-bf16", type=int, default=None, help="timed rounds for bf16 cases (default: --repeats)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation happens here)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall-clock or process CPU time (CPU only)")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="wall-clock or process CPU time (CPU only)"
+    )
     parser.add_argument("--out", default=None, help="write the markdown report here")
 
 
@@ -88,7 +92,7 @@ def median(values: list[float]) -> float:
 
 def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
     """Median over rounds of ``time(name) / time(baseline)`` in the same round."""
-    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline], strict=True))
 
 
 def saved_activation_bytes(step: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
@@ -170,7 +174,9 @@ def machine_description(device: torch.device) -> str:
 def source_version() -> str:
     """The commit the benchmark ran at ("-dirty" with uncommitted changes)."""
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown (no git)"
     return done.stdout.strip() or "unknown (not a git checkout)"
@@ -186,7 +192,9 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str | None, title: str, device: torch.device, clock: str, body: str, launched_at: str | None = None) -> str:
+def write_report(
+    path: str | None, title: str, device: torch.device, clock: str, body: str, launched_at: str | None = None
+) -> str:
     """The report as markdown; written atomically to ``path`` when one is given.
 
     ``launched_at``: the commit when a long benchmark started (``source_version()`` then); the
@@ -194,7 +202,11 @@ def write_report(path: str | None, title: str, device: torch.device, clock: str,
     """
     timing = "wall-clock seconds" if clock == "wall" else "CPU seconds of this process (--clock cpu)"
     finished_at = source_version()
-    version = finished_at if launched_at in (None, finished_at) else f"{launched_at} when it started, {finished_at} when it finished"
+    version = (
+        finished_at
+        if launched_at in (None, finished_at)
+        else f"{launched_at} when it started, {finished_at} when it finished"
+    )
     text = (
         f"# {title}\n\n"
         f"Command (from the repository root, at commit {version}):\n\n    {command_line()}\n\n"

@@ -14,9 +14,17 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_common_arguments, fmt_ms, interleaved_times, markdown_table, median, paired_ratio, setup, write_report
-
 import torch
+from common import (
+    add_common_arguments,
+    fmt_ms,
+    interleaved_times,
+    markdown_table,
+    median,
+    paired_ratio,
+    setup,
+    write_report,
+)
 
 from tokenformer import TokenformerConfig, TokenformerLM
 from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig
@@ -48,10 +56,22 @@ def rows_for(preset: str, device: torch.device, args: argparse.Namespace) -> lis
     # The optimizer step alone, on one model with fixed gradients.
     for p in tensors:
         p.grad = torch.randn_like(p)
-    optimizers = {name: torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, **kw) for name, kw in IMPLEMENTATIONS.items()}
-    times = interleaved_times({name: opt.step for name, opt in optimizers.items()}, args.repeats, args.warmup, device, args.clock)
+    optimizers = {
+        name: torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, **kw) for name, kw in IMPLEMENTATIONS.items()
+    }
+    times = interleaved_times(
+        {name: opt.step for name, opt in optimizers.items()}, args.repeats, args.warmup, device, args.clock
+    )
     rows += [
-        [preset, f"{parameters:,}", len(tensors), "optimizer step", name, f"{median(times[name]) * 1e3:.2f}", f"{1 / paired_ratio(times, name, 'default'):.2f}"]
+        [
+            preset,
+            f"{parameters:,}",
+            len(tensors),
+            "optimizer step",
+            name,
+            f"{median(times[name]) * 1e3:.2f}",
+            f"{1 / paired_ratio(times, name, 'default'):.2f}",
+        ]
         for name in IMPLEMENTATIONS
     ]
     # A whole eager training step, one copy of the model per implementation.
@@ -66,9 +86,23 @@ def rows_for(preset: str, device: torch.device, args: argparse.Namespace) -> lis
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = interleaved_times({name: (lambda c=c: train_step(*c)) for name, c in copies.items()}, args.repeats, args.warmup, device, args.clock)
+    times = interleaved_times(
+        {name: (lambda c=c: train_step(*c)) for name, c in copies.items()},
+        args.repeats,
+        args.warmup,
+        device,
+        args.clock,
+    )
     rows += [
-        [preset, f"{parameters:,}", len(tensors), "training step", name, fmt_ms(median(times[name])), f"{1 / paired_ratio(times, name, 'default'):.3f}"]
+        [
+            preset,
+            f"{parameters:,}",
+            len(tensors),
+            "training step",
+            name,
+            fmt_ms(median(times[name])),
+            f"{1 / paired_ratio(times, name, 'default'):.3f}",
+        ]
         for name in IMPLEMENTATIONS
     ]
     print(markdown_table(HEADERS, rows), flush=True)

@@ -24,6 +24,8 @@ import argparse
 import contextlib
 import math
 
+import torch
+import torch.nn.functional as F
 from common import (
     add_common_arguments,
     fmt_mib,
@@ -38,9 +40,6 @@ from common import (
     setup,
     write_report,
 )
-
-import torch
-import torch.nn.functional as F
 
 from tokenformer.pattention import pattention, triton_available
 
@@ -139,7 +138,9 @@ HEADERS = ["shape", "dtype", "arm", "median ms", "x floor", "saved MiB", "saved 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(4096, 256, 768), (4096, 512, 2048)], metavar="TxDxN")
+    parser.add_argument(
+        "--shapes", type=parse_shape, nargs="+", default=[(4096, 256, 768), (4096, 512, 2048)], metavar="TxDxN"
+    )
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd arms")
     add_common_arguments(parser, repeats=15)

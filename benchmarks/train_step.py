@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+import torch
 from common import (
     add_common_arguments,
     fmt_ms,
@@ -28,8 +29,6 @@ from common import (
     setup,
     write_report,
 )
-
-import torch
 
 from tokenformer import Pattention, TokenformerConfig, TokenformerLM, training_flops_per_token
 
@@ -53,7 +52,9 @@ def matmul_peak_flops(device: torch.device, precision: str, size: int, repeats: 
 class Arm:
     """One model with its optimizer, a training step and greedy generation."""
 
-    def __init__(self, config: TokenformerConfig, impl: str, device: torch.device, precision: str, compiled: bool) -> None:
+    def __init__(
+        self, config: TokenformerConfig, impl: str, device: torch.device, precision: str, compiled: bool
+    ) -> None:
         torch.manual_seed(0)
         self.config = config
         self.model = TokenformerLM(config).to(device)
@@ -87,7 +88,14 @@ def configs(preset: str, with_reference: bool) -> dict[str, tuple[TokenformerCon
 
 
 TRAIN_HEADERS = [
-    "preset", "precision", "mode", "model", "median step ms", "tokens/s", "x transformer", "MFU",
+    "preset",
+    "precision",
+    "mode",
+    "model",
+    "median step ms",
+    "tokens/s",
+    "x transformer",
+    "MFU",
 ]
 GEN_HEADERS = ["preset", "precision", "model", "median ms", "new tokens/s", "x transformer"]
 
@@ -109,8 +117,14 @@ def train_rows(preset, precision, mode, device, args, peak) -> list[list[object]
         flops = training_flops_per_token(arm.config, args.seq) * tokens / step
         rows.append(
             [
-                preset, precision, mode, name, fmt_ms(step), f"{tokens / step:,.0f}",
-                f"{1 / paired_ratio(times, name, 'transformer'):.3f}", f"{flops / peak:.1%}",
+                preset,
+                precision,
+                mode,
+                name,
+                fmt_ms(step),
+                f"{tokens / step:,.0f}",
+                f"{1 / paired_ratio(times, name, 'transformer'):.3f}",
+                f"{flops / peak:.1%}",
             ]
         )
     print(markdown_table(TRAIN_HEADERS, rows), flush=True)
@@ -136,8 +150,14 @@ def generation_rows(preset, precision, device, args) -> list[list[object]]:
     for name in arms:
         t = median(times[name])
         rows.append(
-            [preset, precision, name, fmt_ms(t), f"{args.gen_batch * args.gen_tokens / t:,.0f}",
-             f"{1 / paired_ratio(times, name, 'transformer'):.3f}"]
+            [
+                preset,
+                precision,
+                name,
+                fmt_ms(t),
+                f"{args.gen_batch * args.gen_tokens / t:,.0f}",
+                f"{1 / paired_ratio(times, name, 'transformer'):.3f}",
+            ]
         )
     print(markdown_table(GEN_HEADERS, rows), flush=True)
     return rows
@@ -156,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--gen-repeats", type=int, default=7, help="timed rounds of generation per case")
     parser.add_argument("--no-generation", action="store_true")
-    parser.add_argument("--with-reference", action="store_true", help="add TokenFormer with the plain Pattention formula")
+    parser.add_argument(
+        "--with-reference", action="store_true", help="add TokenFormer with the plain Pattention formula"
+    )
     add_common_arguments(parser, repeats=10)
     args = parser.parse_args(argv)
     device = setup(args)

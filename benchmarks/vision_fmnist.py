@@ -66,7 +66,14 @@ def held_out(val_fraction: float) -> int:
 
 
 def arm_options(
-    arm: str, lr: float, epochs: float, args: argparse.Namespace, grow_to: dict[str, int], out_dir: Path, compiled: bool = False, seed: int = 0,
+    arm: str,
+    lr: float,
+    epochs: float,
+    args: argparse.Namespace,
+    grow_to: dict[str, int],
+    out_dir: Path,
+    compiled: bool = False,
+    seed: int = 0,
     val_fraction: float = GRID_VAL_FRACTION,
 ) -> dict:
     from tokenformer.vision import VisionConfig
@@ -79,17 +86,40 @@ def arm_options(
     elif arm == "scratch":
         overrides.update(grow_to)
     return dict(
-        task="vision", model=args.preset, model_overrides=overrides, dataset="fashion-mnist", batch_size=args.batch_size,
-        max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=min(args.warmup_steps, steps // 10), weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, val_fraction=val_fraction, crop_padding=args.crop_padding, hflip=args.hflip, erase_prob=args.erase_prob, ema_decay=args.ema_decay,
-        eval_interval=max(1, steps // 4), ckpt_interval=max(1, steps // 4), log_interval=20, keep_last=1, threads=args.threads,
-        device="cpu", out_dir=str(out_dir), resume="auto", progress=False, seed=seed, compile=compiled,
+        task="vision",
+        model=args.preset,
+        model_overrides=overrides,
+        dataset="fashion-mnist",
+        batch_size=args.batch_size,
+        max_steps=steps,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=min(args.warmup_steps, steps // 10),
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        grad_clip=args.grad_clip,
+        val_fraction=val_fraction,
+        crop_padding=args.crop_padding,
+        hflip=args.hflip,
+        erase_prob=args.erase_prob,
+        ema_decay=args.ema_decay,
+        eval_interval=max(1, steps // 4),
+        ckpt_interval=max(1, steps // 4),
+        log_interval=20,
+        keep_last=1,
+        threads=args.threads,
+        device="cpu",
+        out_dir=str(out_dir),
+        resume="auto",
+        progress=False,
+        seed=seed,
+        compile=compiled,
     )
 
 
 def run_arm(arm: str, options: dict, grow_to: dict[str, int], result_path: Path) -> None:
     """One arm in this process: train (growing halfway for ``grown``), then test."""
-    from tokenformer.train import Trainer, TrainConfig
+    from tokenformer.train import TrainConfig, Trainer
 
     started, load_before = time.strftime("%H:%M", time.gmtime()), os.getloadavg()[0]
     config = TrainConfig(**options)
@@ -112,14 +142,38 @@ def run_arm(arm: str, options: dict, grow_to: dict[str, int], result_path: Path)
     result = trainer.task.test(trainer.evaluated_model, trainer.run_dir)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     # With ema_decay the test used the averaged weights; the live ones' accuracy, after the clock stopped.
-    raw = trainer.task.classification.evaluate(trainer.model, trainer.task.test_batches).accuracy if trainer.ema is not None else None
+    raw = (
+        trainer.task.classification.evaluate(trainer.model, trainer.task.test_batches).accuracy
+        if trainer.ema is not None
+        else None
+    )
     val = trainer.state.val_history[-1]
-    rates = [row["tokens_per_s"] for row in map(json.loads, (trainer.run_dir / "metrics.jsonl").read_text().splitlines()) if row.get("kind") == "train"]
+    rates = [
+        row["tokens_per_s"]
+        for row in map(json.loads, (trainer.run_dir / "metrics.jsonl").read_text().splitlines())
+        if row.get("kind") == "train"
+    ]
     record = dict(
-        arm=arm, seed=config.seed, lr=config.lr, steps=config.max_steps, images=trainer.state.tokens, flops=trainer.state.flops,
-        parameters=sum(p.numel() for p in trainer.model.parameters()), val_accuracy=val["val_accuracy"], val_loss=val["val_loss"],
-        test_accuracy=result.accuracy, test_loss=result.loss, test_accuracy_raw=raw, train_s=trained, wall_s=wall, cpu_s=cpu, img_s_median=statistics.median(rates),
-        started=started, load=(load_before, os.getloadavg()[0]), resumed=trainer.resumed_from is not None, growth=growth,
+        arm=arm,
+        seed=config.seed,
+        lr=config.lr,
+        steps=config.max_steps,
+        images=trainer.state.tokens,
+        flops=trainer.state.flops,
+        parameters=sum(p.numel() for p in trainer.model.parameters()),
+        val_accuracy=val["val_accuracy"],
+        val_loss=val["val_loss"],
+        test_accuracy=result.accuracy,
+        test_loss=result.loss,
+        test_accuracy_raw=raw,
+        train_s=trained,
+        wall_s=wall,
+        cpu_s=cpu,
+        img_s_median=statistics.median(rates),
+        started=started,
+        load=(load_before, os.getloadavg()[0]),
+        resumed=trainer.resumed_from is not None,
+        growth=growth,
     )
     result_path.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -143,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/vision-bench", help="run directories and per-arm results")
     parser.add_argument("--report", default="benchmarks/results/vision_cpu.md")
     parser.add_argument("--preset", default="fmnist-0.3M")
-    parser.add_argument("--model-overrides", type=json.loads, default={}, help='JSON object of VisionConfig fields to change on the preset for every arm, e.g. \'{"n_layers": 6}\'')
+    parser.add_argument(
+        "--model-overrides",
+        type=json.loads,
+        default={},
+        help="JSON object of VisionConfig fields to change on the preset for every arm, e.g. '{\"n_layers\": 6}'",
+    )
     parser.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="learning-rate grid, comma-separated")
     parser.add_argument("--grid-epochs", type=float, default=1.0)
     parser.add_argument("--epochs", type=float, default=9.0)
@@ -153,21 +212,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=200, help="at most a tenth of the run")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this value (0: off)")
     parser.add_argument(
-        "--final-val-fraction", type=float, default=GRID_VAL_FRACTION,
-        help="share of the training split the main pair holds out for validation (the grid and the growth pair hold out "
-        f"{GRID_VAL_FRACTION:g} always): below it, the main pair trains on the images the grid validated on",
+        "--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this value (0: off)"
+    )
+    parser.add_argument(
+        "--final-val-fraction",
+        type=float,
+        default=GRID_VAL_FRACTION,
+        help="share of the training split the main pair holds out for validation (the grid and the growth pair "
+        f"hold out {GRID_VAL_FRACTION:g} always): below it, the main pair trains on the images the grid "
+        "validated on",
     )
     parser.add_argument("--crop-padding", type=int, default=0)
     parser.add_argument("--hflip", action="store_true")
-    parser.add_argument("--erase-prob", type=float, default=0.0, help="random erasing: share of training images that get a noise rectangle")
-    parser.add_argument("--ema-decay", type=float, default=0.0, help="evaluate and test a moving average of the weights with this decay (0: off)")
+    parser.add_argument(
+        "--erase-prob",
+        type=float,
+        default=0.0,
+        help="random erasing: share of training images that get a noise rectangle",
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="evaluate and test a moving average of the weights with this decay (0: off)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="arms run at a time")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each arm")
-    parser.add_argument("--compile", action="store_true", help="train the main and growth arms through torch.compile (compile time counts in their wall-clock; the grid, which compares accuracy only, runs eagerly)")
-    parser.add_argument("--pairs", default="main,growth", help="which pairs to run after the grid: main, growth or both")
-    parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated seeds: the main and growth pairs run once per seed (the grid, the first)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train the main and growth arms through torch.compile (compile time counts in their wall-clock; "
+        "the grid, which compares accuracy only, runs eagerly)",
+    )
+    parser.add_argument(
+        "--pairs", default="main,growth", help="which pairs to run after the grid: main, growth or both"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=[0],
+        help="comma-separated seeds: the main and growth pairs run once per seed (the grid, the first)",
+    )
     parser.add_argument("--arm-json", help=argparse.SUPPRESS)
     return parser
 
@@ -185,38 +271,91 @@ def main() -> None:
     try:  # every arm's options, checked before the first arm starts
         from tokenformer.train import TrainConfig
 
-        TrainConfig(**arm_options("tokenformer", lrs[0], args.epochs, args, grow_to, out / "check", args.compile, args.seeds[0], args.final_val_fraction))
+        TrainConfig(
+            **arm_options(
+                "tokenformer",
+                lrs[0],
+                args.epochs,
+                args,
+                grow_to,
+                out / "check",
+                args.compile,
+                args.seeds[0],
+                args.final_val_fraction,
+            )
+        )
     except (TypeError, ValueError) as error:
         raise SystemExit(f"vision_fmnist.py: {error}") from None
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     # Every arm is a new process that imports the tree as it is then: name the commit at launch.
     launched_at = source_version()
     if launched_at.endswith("-dirty"):
-        print(f"note: uncommitted changes in the tree ({launched_at}); the report cannot name the code that ran", file=sys.stderr)
+        print(
+            f"note: uncommitted changes in the tree ({launched_at}); the report cannot name the code that ran",
+            file=sys.stderr,
+        )
 
     def job(
-        arm: str, lr: float, epochs: float, tag: str, compiled: bool = args.compile, seed: int = args.seeds[0], val_fraction: float = GRID_VAL_FRACTION
+        arm: str,
+        lr: float,
+        epochs: float,
+        tag: str,
+        compiled: bool = args.compile,
+        seed: int = args.seeds[0],
+        val_fraction: float = GRID_VAL_FRACTION,
     ) -> tuple[str, dict, Path]:
         tag = tag if seed == 0 else f"{tag}-seed{seed}"  # seed 0 keeps the names of single-seed runs
-        return arm, arm_options(arm, lr, epochs, args, grow_to, out / tag, compiled, seed, val_fraction), out / f"{tag}.json"
+        return (
+            arm,
+            arm_options(arm, lr, epochs, args, grow_to, out / tag, compiled, seed, val_fraction),
+            out / f"{tag}.json",
+        )
 
     grid = {arm: [] for arm in MAIN_ARMS}
     if len(lrs) > 1:
-        for record in run_arms([job(arm, lr, args.grid_epochs, f"grid-{arm}-lr{lr:g}", compiled=False) for lr in lrs for arm in MAIN_ARMS], grow_to, args.jobs):
+        for record in run_arms(
+            [job(arm, lr, args.grid_epochs, f"grid-{arm}-lr{lr:g}", compiled=False) for lr in lrs for arm in MAIN_ARMS],
+            grow_to,
+            args.jobs,
+        ):
             grid[record["arm"]].append(record)
-    best = {arm: max(records, key=lambda r: r["val_accuracy"])["lr"] if records else lrs[0] for arm, records in grid.items()}
+    best = {
+        arm: max(records, key=lambda r: r["val_accuracy"])["lr"] if records else lrs[0] for arm, records in grid.items()
+    }
     pairs = args.pairs.split(",")
     main_pair = (
-        run_arms([job(arm, best[arm], args.epochs, arm, seed=seed, val_fraction=args.final_val_fraction) for seed in args.seeds for arm in MAIN_ARMS], grow_to, args.jobs)
-        if "main" in pairs else []
+        run_arms(
+            [
+                job(arm, best[arm], args.epochs, arm, seed=seed, val_fraction=args.final_val_fraction)
+                for seed in args.seeds
+                for arm in MAIN_ARMS
+            ],
+            grow_to,
+            args.jobs,
+        )
+        if "main" in pairs
+        else []
     )
     growth_pair = (
-        run_arms([job(arm, best["tokenformer"], args.grow_epochs, arm, seed=seed) for seed in args.seeds for arm in ("grown", "scratch")], grow_to, args.jobs)
-        if "growth" in pairs else []
+        run_arms(
+            [
+                job(arm, best["tokenformer"], args.grow_epochs, arm, seed=seed)
+                for seed in args.seeds
+                for arm in ("grown", "scratch")
+            ],
+            grow_to,
+            args.jobs,
+        )
+        if "growth" in pairs
+        else []
     )
     report = write_report(
-        args.report, "Fashion-MNIST on CPU: TokenFormer-ViT vs the linear ViT, grown vs scratch", torch.device("cpu"), "wall",
-        render(args, started, grid, main_pair, growth_pair), launched_at,
+        args.report,
+        "Fashion-MNIST on CPU: TokenFormer-ViT vs the linear ViT, grown vs scratch",
+        torch.device("cpu"),
+        "wall",
+        render(args, started, grid, main_pair, growth_pair),
+        launched_at,
     )
     print(report)
 
@@ -235,26 +374,38 @@ def data_split(args: argparse.Namespace) -> str:
 
 
 def recipe(args: argparse.Namespace) -> str:
-    augment = [f"random crop (padding {args.crop_padding})"] * bool(args.crop_padding) + ["horizontal flip"] * args.hflip
+    augment = [f"random crop (padding {args.crop_padding})"] * bool(args.crop_padding) + [
+        "horizontal flip"
+    ] * args.hflip
     augment += [f"random erasing (probability {args.erase_prob:g})"] * bool(args.erase_prob)
     return (
-        f"batch {args.batch_size}, AdamW (weight decay {args.weight_decay:g}), linear warmup over min({args.warmup_steps}, "
-        f"a tenth of the steps) then cosine to lr/10, label smoothing {args.label_smoothing:g}, "
+        f"batch {args.batch_size}, AdamW (weight decay {args.weight_decay:g}), "
+        f"linear warmup over min({args.warmup_steps}, a tenth of the steps) then cosine to lr/10, "
+        f"label smoothing {args.label_smoothing:g}, "
         + (f"gradient norm clipped to {args.grad_clip:g}, " if args.grad_clip else "no gradient clipping, ")
         + f"augmentation: {', '.join(augment) or 'none'}"
-        + (f"; validation and test use the moving average of the weights (decay {args.ema_decay:g})" if args.ema_decay else "")
+        + (
+            f"; validation and test use the moving average of the weights (decay {args.ema_decay:g})"
+            if args.ema_decay
+            else ""
+        )
         + ("; the main and growth arms trained through `torch.compile` (the grid eagerly)" if args.compile else "")
     )
 
 
 def render(args, started, grid, main_pair, growth_pair) -> str:
     lines = [
-        f"Started {started}. Each arm ran in its own process with {args.threads} intra-op thread(s) (`threads: {args.threads}`), "
+        f"Started {started}. Each arm ran in its own process with {args.threads} intra-op thread(s) "
+        f"(`threads: {args.threads}`), "
         f"{args.jobs} arm(s) at a time; the time each arm started and the 1-minute load average of the machine "
         "before/after it are in the tables.",
         "",
         f"Data: {data_split(args)}, test on the 10,000 test images. Recipe for every arm: {recipe(args)}."
-        + (f" Model fields changed on `{args.preset}` for every arm: `{json.dumps(args.model_overrides)}`." if args.model_overrides else ""),
+        + (
+            f" Model fields changed on `{args.preset}` for every arm: `{json.dumps(args.model_overrides)}`."
+            if args.model_overrides
+            else ""
+        ),
         "",
         "`img/s` is the median over the logging windows (20 steps) of training images per second, "
         "validation and checkpoints left out; `wall-clock` is the whole arm from building the trainer to "
@@ -267,10 +418,21 @@ def render(args, started, grid, main_pair, growth_pair) -> str:
     if grid["tokenformer"]:
         lines += [f"## Learning-rate grid ({args.grid_epochs:g} epoch(s) per rate, validation accuracy)", ""]
         rates = [r["lr"] for r in grid["tokenformer"]]
-        lines += [markdown_table(["arm", *(f"lr {lr:g}" for lr in rates)], [[arm, *(f"{r['val_accuracy']:.4f}" for r in records)] for arm, records in grid.items()]), ""]
+        lines += [
+            markdown_table(
+                ["arm", *(f"lr {lr:g}" for lr in rates)],
+                [[arm, *(f"{r['val_accuracy']:.4f}" for r in records)] for arm, records in grid.items()],
+            ),
+            "",
+        ]
         lines += [f"## Same epochs ({args.epochs:g}), each arm at its best grid rate", ""]
     else:
-        lines += [f"No learning-rate grid: every arm uses lr {args.lrs}, tuned for neither.", "", f"## Same epochs ({args.epochs:g}), same learning rate", ""]
+        lines += [
+            f"No learning-rate grid: every arm uses lr {args.lrs}, tuned for neither.",
+            "",
+            f"## Same epochs ({args.epochs:g}), same learning rate",
+            "",
+        ]
     if main_pair:
         lines += main_section(main_pair, args.threads)
     if growth_pair:
@@ -288,8 +450,9 @@ def render(args, started, grid, main_pair, growth_pair) -> str:
             before, after = grown["growth"]["before"], grown["growth"]["after"]
             seed = f" (seed {grown.get('seed', 0)})" if len(args.seeds) > 1 else ""
             lines += [
-                f"Validation right before growth{seed} (step {grown['growth']['step']}): accuracy {before['val_accuracy']:.4f}, "
-                f"loss {before['val_loss']:.6f}; right after: accuracy {after['val_accuracy']:.4f}, loss {after['val_loss']:.6f}.",
+                f"Validation right before growth{seed} (step {grown['growth']['step']}): "
+                f"accuracy {before['val_accuracy']:.4f}, loss {before['val_loss']:.6f}; "
+                f"right after: accuracy {after['val_accuracy']:.4f}, loss {after['val_loss']:.6f}.",
                 "",
             ]
     return "\n".join(lines)
@@ -305,10 +468,12 @@ def main_section(pair: list[dict], threads: int) -> list[str]:
             table(pair),
             "",
             f"TokenFormer − linear test accuracy: {100 * (tf['test_accuracy'] - base['test_accuracy']):+.2f} points; "
-            f"tokenformer/linear: img/s median {tf['img_s_median'] / base['img_s_median']:.2f}x, wall-clock {tf['wall_s'] / base['wall_s']:.2f}x.",
+            f"tokenformer/linear: img/s median {tf['img_s_median'] / base['img_s_median']:.2f}x, "
+            f"wall-clock {tf['wall_s'] / base['wall_s']:.2f}x.",
             "",
-            f"Target for the small model (>= {TARGET_ACCURACY:.0%} test accuracy in <= {TARGET_SECONDS // 60} minutes on 2 cores): "
-            f"{'reached' if reached else 'not reached'} with {threads} thread(s): {100 * tf['test_accuracy']:.2f}% in {tf['wall_s'] / 60:.1f} min "
+            f"Target for the small model (>= {TARGET_ACCURACY:.0%} test accuracy in <= {TARGET_SECONDS // 60} minutes "
+            f"on 2 cores): {'reached' if reached else 'not reached'} with {threads} thread(s): "
+            f"{100 * tf['test_accuracy']:.2f}% in {tf['wall_s'] / 60:.1f} min "
             f"of wall-clock ({tf['cpu_s'] / 60:.1f} min of CPU time).",
             "",
         ]
@@ -316,29 +481,35 @@ def main_section(pair: list[dict], threads: int) -> list[str]:
     slowest = max(r["wall_s"] for r in tfs)
     each = sum(r["test_accuracy"] >= TARGET_ACCURACY and r["wall_s"] <= TARGET_SECONDS for r in tfs)
     reached = mean >= TARGET_ACCURACY and slowest <= TARGET_SECONDS
-    rate = statistics.median(r["img_s_median"] for r in tfs) / statistics.median(r["img_s_median"] for r in pair if r["arm"] == "linear")
+    rate = statistics.median(r["img_s_median"] for r in tfs) / statistics.median(
+        r["img_s_median"] for r in pair if r["arm"] == "linear"
+    )
     return [
         table(pair),
         "",
         *seed_summary(pair, "tokenformer", "linear"),
         f"tokenformer/linear: img/s (median over seeds of each arm's median) {rate:.2f}x.",
         "",
-        f"Target for the small model (>= {TARGET_ACCURACY:.0%} test accuracy in <= {TARGET_SECONDS // 60} minutes on 2 cores), "
-        f"judged on the mean over seeds: {'reached' if reached else 'not reached'} with {threads} thread(s): {100 * mean:.2f}% "
-        f"on average, the slowest seed in {slowest / 60:.1f} min of wall-clock; {each} of {len(tfs)} seeds reached it alone.",
+        f"Target for the small model (>= {TARGET_ACCURACY:.0%} test accuracy in <= {TARGET_SECONDS // 60} minutes "
+        f"on 2 cores), judged on the mean over seeds: {'reached' if reached else 'not reached'} "
+        f"with {threads} thread(s): {100 * mean:.2f}% on average, the slowest seed in {slowest / 60:.1f} min "
+        f"of wall-clock; {each} of {len(tfs)} seeds reached it alone.",
         "",
     ]
 
 
 def seed_summary(records: list[dict], arm: str, baseline: str) -> list[str]:
     """Mean test accuracy of both arms over seeds, with standard errors, and their paired difference."""
-    by_seed = {name: {r.get("seed", 0): r["test_accuracy"] for r in records if r["arm"] == name} for name in (arm, baseline)}
+    by_seed = {
+        name: {r.get("seed", 0): r["test_accuracy"] for r in records if r["arm"] == name} for name in (arm, baseline)
+    }
     seeds = sorted(by_seed[arm])
     if len(seeds) < 2:
         return []
     diffs = [by_seed[arm][s] - by_seed[baseline][s] for s in seeds]
     means = ", ".join(
-        f"{name} {100 * statistics.mean(values.values()):.2f}% (s.e. {100 * standard_error(list(values.values())):.2f})" for name, values in by_seed.items()
+        f"{name} {100 * statistics.mean(values.values()):.2f}% (s.e. {100 * standard_error(list(values.values())):.2f})"
+        for name, values in by_seed.items()
     )
     return [
         f"Over {len(seeds)} seeds ({', '.join(map(str, seeds))}), mean test accuracy: {means}. "
@@ -349,17 +520,49 @@ def seed_summary(records: list[dict], arm: str, baseline: str) -> list[str]:
 
 
 def table(records: list[dict]) -> str:
-    headers = ["arm", "seed", "parameters", "lr", "steps", "images", "train TFLOP", "val acc", "test acc", "test loss", "img/s (median)", "wall-clock (s)", "CPU (s)", "started (UTC)", "load before/after"]
+    headers = [
+        "arm",
+        "seed",
+        "parameters",
+        "lr",
+        "steps",
+        "images",
+        "train TFLOP",
+        "val acc",
+        "test acc",
+        "test loss",
+        "img/s (median)",
+        "wall-clock (s)",
+        "CPU (s)",
+        "started (UTC)",
+        "load before/after",
+    ]
     rows = [
         [
-            r["arm"], r.get("seed", 0), f"{r['parameters']:,}", f"{r['lr']:g}", r["steps"], f"{r['images']:,}", f"{r['flops'] / 1e12:.1f}",
-            f"{r['val_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['test_loss']:.4f}", f"{r['img_s_median']:.0f}",
-            f"{r['wall_s']:.0f}", f"{r['cpu_s']:.0f}", r["started"], "{:.1f}/{:.1f}".format(*r["load"]),
+            r["arm"],
+            r.get("seed", 0),
+            f"{r['parameters']:,}",
+            f"{r['lr']:g}",
+            r["steps"],
+            f"{r['images']:,}",
+            f"{r['flops'] / 1e12:.1f}",
+            f"{r['val_accuracy']:.4f}",
+            f"{r['test_accuracy']:.4f}",
+            f"{r['test_loss']:.4f}",
+            f"{r['img_s_median']:.0f}",
+            f"{r['wall_s']:.0f}",
+            f"{r['cpu_s']:.0f}",
+            r["started"],
+            "{:.1f}/{:.1f}".format(*r["load"]),
         ]
         for r in records
     ]
     text = markdown_table(headers, rows)
-    raw = [f"{r['arm']} (seed {r.get('seed', 0)}) {r['test_accuracy_raw']:.4f}" for r in records if r.get("test_accuracy_raw") is not None]
+    raw = [
+        f"{r['arm']} (seed {r.get('seed', 0)}) {r['test_accuracy_raw']:.4f}"
+        for r in records
+        if r.get("test_accuracy_raw") is not None
+    ]
     return text + ("\n\nTest accuracy of the live (not averaged) weights: " + ", ".join(raw) + "." if raw else "")
 
 

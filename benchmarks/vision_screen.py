@@ -20,7 +20,8 @@ resumes from its checkpoint), and ``OUT/summary.md``: per variant the mean test 
 seed's, and the difference to ``base`` paired by seed. Usage::
 
     python benchmarks/vision_screen.py --variants benchmarks/vision_screen_variants.json --seeds 10,11 \\
-        --workers 15 --device cuda --out runs/screen --weight-decay 0.1 --label-smoothing 0.1 --ema-decay 0.999 --epochs 14 \\
+        --workers 15 --device cuda --out runs/screen --weight-decay 0.1 --label-smoothing 0.1 \\
+        --ema-decay 0.999 --epochs 14 \\
         --model-overrides '{"patch_shift": 3, "drop_path": 0.1, "lsa": true, "patch_bias": true}'
 """
 
@@ -35,7 +36,8 @@ import time
 from pathlib import Path
 
 from common import markdown_table
-from vision_fmnist import GRID_VAL_FRACTION, arm_options, build_parser as benchmark_parser, run_arm
+from vision_fmnist import GRID_VAL_FRACTION, arm_options, run_arm
+from vision_fmnist import build_parser as benchmark_parser
 
 from tokenformer import io
 from tokenformer.train.metrics import standard_error
@@ -50,8 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", required=True, help="JSON file: a list of variants (see the module's help)")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--device", default="cpu", help="device of every run: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--deadline", type=float, default=None, help="seconds from the start after which no run begins that would not end in time")
-    parser.add_argument("--data-path", default=None, help="directory of the Fashion-MNIST IDX files (default: the system's)")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds from the start after which no run begins that would not end in time",
+    )
+    parser.add_argument(
+        "--data-path", default=None, help="directory of the Fashion-MNIST IDX files (default: the system's)"
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--until", type=float, help=argparse.SUPPRESS)
     return parser
@@ -65,9 +74,14 @@ def load_variants(path: str | Path) -> list[dict]:
     for variant in variants:
         unknown = sorted(set(variant) - set(VARIANT_KEYS))
         if unknown or not isinstance(variant.get("name"), str):
-            raise ValueError(f"{path}: variant {variant.get('name')!r} has keys {unknown or 'but no name'}; allowed: {', '.join(VARIANT_KEYS)} (name required)")
+            raise ValueError(
+                f"{path}: variant {variant.get('name')!r} has keys {unknown or 'but no name'}; "
+                f"allowed: {', '.join(VARIANT_KEYS)} (name required)"
+            )
     if len(set(names)) != len(names) or "base" not in names:
-        raise ValueError(f"{path}: variant names must be distinct and include 'base' (the unchanged recipe); got {names}")
+        raise ValueError(
+            f"{path}: variant names must be distinct and include 'base' (the unchanged recipe); got {names}"
+        )
     return variants
 
 
@@ -75,11 +89,23 @@ def run_options(variant: dict, seed: int, args: argparse.Namespace, out: Path) -
     """The Trainer options of one run: the benchmark's tokenformer arm with the variant's changes."""
     changes = dict(variant.get("options", {}))
     val_fraction = changes.pop("val_fraction", GRID_VAL_FRACTION)
-    flags = {key: changes.pop(key) for key in list(changes) if key in vars(args) and key not in ("device", "seeds", "out")}
-    run_args = argparse.Namespace(**{**vars(args), **flags, "model_overrides": {**args.model_overrides, **variant.get("model", {})}})
+    flags = {
+        key: changes.pop(key) for key in list(changes) if key in vars(args) and key not in ("device", "seeds", "out")
+    }
+    run_args = argparse.Namespace(
+        **{**vars(args), **flags, "model_overrides": {**args.model_overrides, **variant.get("model", {})}}
+    )
     lr = variant.get("lr", float(args.lrs.split(",")[0]))
     options = arm_options(
-        "tokenformer", lr, variant.get("epochs", args.epochs), run_args, {}, out / f"{variant['name']}-seed{seed}", run_args.compile, seed, val_fraction
+        "tokenformer",
+        lr,
+        variant.get("epochs", args.epochs),
+        run_args,
+        {},
+        out / f"{variant['name']}-seed{seed}",
+        run_args.compile,
+        seed,
+        val_fraction,
     )
     return {**options, "device": args.device, "data_path": args.data_path, **changes}
 
@@ -100,13 +126,20 @@ def work(index: int, args: argparse.Namespace, out: Path) -> None:
         if (variant["name"], seed) in done:
             continue
         if args.until is not None and time.time() + 1.05 * longest > args.until:
-            print(f"vision_screen: worker {index} skips {variant['name']} seed {seed}: it would end after the deadline", flush=True)
+            print(
+                f"vision_screen: worker {index} skips {variant['name']} seed {seed}: it would end after the deadline",
+                flush=True,
+            )
             continue
         start = time.time()
         result_path = out / f"{variant['name']}-seed{seed}.json"
         run_arm("tokenformer", options, {}, result_path)
         longest = max(longest, time.time() - start)
-        record = {"variant": variant["name"], "epochs": variant.get("epochs", args.epochs), **json.loads(result_path.read_text())}
+        record = {
+            "variant": variant["name"],
+            "epochs": variant.get("epochs", args.epochs),
+            **json.loads(result_path.read_text()),
+        }
         with open(out / RESULTS, "a") as results:  # one write per line: whole lines only, whichever worker ends first
             results.write(json.dumps(record) + "\n")
 
@@ -123,14 +156,36 @@ def summary(records: list[dict], order: list[str]) -> str:
         paired = [100 * (runs[name][s]["test_accuracy"] - base[s]["test_accuracy"]) for s in seeds if s in base]
         diff = ""
         if name != "base" and paired:
-            diff = f"{statistics.mean(paired):+.2f}" + (f" (s.e. {standard_error(paired):.2f})" if len(paired) > 1 else "") + f", {len(paired)} seed(s)"
+            diff = (
+                f"{statistics.mean(paired):+.2f}"
+                + (f" (s.e. {standard_error(paired):.2f})" if len(paired) > 1 else "")
+                + f", {len(paired)} seed(s)"
+            )
         first = runs[name][seeds[0]]
-        rows.append([
-            name, f"{first['parameters']:,}", first["steps"], ", ".join(map(str, seeds)), f"{100 * statistics.mean(tests):.2f}",
-            " / ".join(f"{100 * t:.2f}" for t in tests), diff, f"{100 * statistics.mean(runs[name][s]['val_accuracy'] for s in seeds):.2f}",
-            f"{statistics.mean(runs[name][s]['wall_s'] for s in seeds):.0f}",
-        ])
-    headers = ["variant", "parameters", "steps", "seeds", "mean test acc (%)", "per seed", "paired vs base (points)", "mean val acc (%)", "mean wall-clock (s)"]
+        rows.append(
+            [
+                name,
+                f"{first['parameters']:,}",
+                first["steps"],
+                ", ".join(map(str, seeds)),
+                f"{100 * statistics.mean(tests):.2f}",
+                " / ".join(f"{100 * t:.2f}" for t in tests),
+                diff,
+                f"{100 * statistics.mean(runs[name][s]['val_accuracy'] for s in seeds):.2f}",
+                f"{statistics.mean(runs[name][s]['wall_s'] for s in seeds):.0f}",
+            ]
+        )
+    headers = [
+        "variant",
+        "parameters",
+        "steps",
+        "seeds",
+        "mean test acc (%)",
+        "per seed",
+        "paired vs base (points)",
+        "mean val acc (%)",
+        "mean wall-clock (s)",
+    ]
     return markdown_table(headers, rows) + "\n"
 
 
@@ -152,13 +207,19 @@ def main() -> None:
         raise SystemExit(f"vision_screen.py: --workers must be a positive integer, got {args.workers}")
     out.mkdir(parents=True, exist_ok=True)
     until = [] if args.deadline is None else ["--until", str(time.time() + args.deadline)]
-    workers = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", str(i), *until]) for i in range(args.workers)]
+    workers = [
+        subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", str(i), *until])
+        for i in range(args.workers)
+    ]
     failed = [i for i, worker in enumerate(workers) if worker.wait() != 0]
     text = summary(finished(out), [v["name"] for v in variants])
     io.atomic_write_text(out / SUMMARY, text)
     print(text)
     if failed:
-        raise SystemExit(f"vision_screen.py: worker(s) {failed} failed; their finished runs are in {out / RESULTS}, a rerun does the rest")
+        raise SystemExit(
+            f"vision_screen.py: worker(s) {failed} failed; their finished runs are in {out / RESULTS}, "
+            "a rerun does the rest"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ def _seed():
 
 def tiny_config(**overrides) -> TokenformerConfig:
     """A model small enough for float64 references: distinct token counts per kind."""
-    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, qkv_tokens=24, proj_tokens=20, ffn_tokens=40, max_seq_len=64)
+    base = dict(
+        vocab_size=97, d_model=32, n_layers=2, n_heads=4, qkv_tokens=24, proj_tokens=20, ffn_tokens=40, max_seq_len=64
+    )
     return TokenformerConfig(**{**base, **overrides})
 
 
@@ -47,9 +49,25 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def tiny_train_options(corpus_file: Path, cache_dir: Path, out_dir: Path, **overrides) -> dict:
     base = dict(
-        model="cpu-0.3M", model_overrides=dict(TINY_MODEL), data=str(corpus_file), vocab_size=512, cache_dir=str(cache_dir),
-        seq_len=32, batch_size=4, max_steps=12, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=4, eval_batches=2,
-        log_interval=1, ckpt_interval=4, keep_last=10, out_dir=str(out_dir), device="cpu", progress=False,
+        model="cpu-0.3M",
+        model_overrides=dict(TINY_MODEL),
+        data=str(corpus_file),
+        vocab_size=512,
+        cache_dir=str(cache_dir),
+        seq_len=32,
+        batch_size=4,
+        max_steps=12,
+        warmup_steps=2,
+        lr=3e-3,
+        min_lr=3e-4,
+        eval_interval=4,
+        eval_batches=2,
+        log_interval=1,
+        ckpt_interval=4,
+        keep_last=10,
+        out_dir=str(out_dir),
+        device="cpu",
+        progress=False,
     )
     return {**base, **overrides}
 
@@ -58,7 +76,11 @@ def cli_flags(options: dict) -> list[str]:
     """The same options as ``tokenformer train`` flags."""
     import json
 
-    return [item for key, value in options.items() for item in (f"--{key}", json.dumps(value) if not isinstance(value, str) else value)]
+    return [
+        item
+        for key, value in options.items()
+        for item in (f"--{key}", json.dumps(value) if not isinstance(value, str) else value)
+    ]
 
 
 @pytest.fixture

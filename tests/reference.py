@@ -42,10 +42,12 @@ def our_weights(state_dict: dict, n_layers: int) -> dict:
     def patt(prefix):
         return sd[prefix + ".key_param_tokens"], sd[prefix + ".value_param_tokens"], sd[prefix + ".tau"]
 
-    layers = [
-        {name: patt(f"layers.{i}.{path}") for name, path in LAYER_MODULES.items()} for i in range(n_layers)
-    ]
-    return {"embedding": sd["word_embeddings.weight"], "final_norm": (sd["final_norm.weight"], sd["final_norm.bias"]), "layers": layers}
+    layers = [{name: patt(f"layers.{i}.{path}") for name, path in LAYER_MODULES.items()} for i in range(n_layers)]
+    return {
+        "embedding": sd["word_embeddings.weight"],
+        "final_norm": (sd["final_norm.weight"], sd["final_norm.bias"]),
+        "layers": layers,
+    }
 
 
 def released_weights(state_dict: dict) -> dict:
@@ -65,11 +67,21 @@ def released_weights(state_dict: dict) -> dict:
         {name: patt(f"sequential.{i + 2}.{path}") for name, path in LAYER_MODULES.items()} for i in range(n_layers)
     ]
     norm = f"sequential.{n_layers + 3}.norm"
-    return {"embedding": sd["sequential.0.word_embeddings.weight"], "final_norm": (sd[norm + ".weight"], sd[norm + ".bias"]), "layers": layers}
+    return {
+        "embedding": sd["sequential.0.word_embeddings.weight"],
+        "final_norm": (sd[norm + ".weight"], sd[norm + ".bias"]),
+        "layers": layers,
+    }
 
 
-
-def reference_logits(weights: dict, ids: torch.Tensor, n_heads: int, rotary_pct: float = 0.25, rope_base: float = 10000.0, eps: float = 1e-5) -> torch.Tensor:
+def reference_logits(
+    weights: dict,
+    ids: torch.Tensor,
+    n_heads: int,
+    rotary_pct: float = 0.25,
+    rope_base: float = 10000.0,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """Logits ``[B, T, vocab]`` in float64."""
     embedding = weights["embedding"]
     d = embedding.shape[1]

@@ -19,9 +19,23 @@ def test_confusion_matrix_by_hand():
 
 
 def tiny_setup(n=20, classes=("a", "b", "c")):
-    cfg = VisionConfig(image_size=8, patch_size=4, in_channels=1, num_classes=len(classes), d_model=16, n_layers=1, n_heads=2,
-                       qkv_tokens=8, proj_tokens=8, ffn_tokens=16, patch_tokens=8, head_tokens=8)
-    data = ImageDataset(torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8), torch.arange(n) % len(classes), tuple(classes))
+    cfg = VisionConfig(
+        image_size=8,
+        patch_size=4,
+        in_channels=1,
+        num_classes=len(classes),
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        qkv_tokens=8,
+        proj_tokens=8,
+        ffn_tokens=16,
+        patch_tokens=8,
+        head_tokens=8,
+    )
+    data = ImageDataset(
+        torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8), torch.arange(n) % len(classes), tuple(classes)
+    )
     return TokenformerViT(cfg), ImageBatches(data, 6, *channel_stats(data))
 
 
@@ -36,7 +50,9 @@ def test_evaluate_matches_a_manual_pass():
     assert result.accuracy == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
     assert result.loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     assert torch.equal(result.confusion, confusion_matrix(logits.argmax(-1), labels, 3))
-    assert task.loss(model, next(iter(batches))).item() == pytest.approx(F.cross_entropy(logits[:6], labels[:6]).item(), rel=1e-5)
+    assert task.loss(model, next(iter(batches))).item() == pytest.approx(
+        F.cross_entropy(logits[:6], labels[:6]).item(), rel=1e-5
+    )
     summary = result.to_dict()
     assert summary["count"] == 20 and len(summary["per_class_accuracy"]) == 3
 
@@ -50,7 +66,9 @@ def test_label_smoothing_changes_the_training_loss_only():
     target = F.one_hot(labels, 3).float() * 0.7 + 0.1
     expected = -(target * logits.log_softmax(-1)).sum(-1).mean()
     assert smooth.loss(model, (images, labels)).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert smooth.loss(model, (images, labels)).item() != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)
+    assert smooth.loss(model, (images, labels)).item() != pytest.approx(
+        F.cross_entropy(logits, labels).item(), rel=1e-3
+    )
     assert smooth.evaluate(model, batches).loss == ClassificationTask(("a", "b", "c")).evaluate(model, batches).loss
     for bad in (1.0, -0.1, "0.1"):
         with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\), got"):
@@ -72,7 +90,9 @@ def test_confusion_matrix_png(tmp_path):
 
     result = Evaluation(0.5, 0.75, torch.tensor([[5, 1, 0], [0, 4, 2], [1, 0, 7]]))
     assert result.per_class_accuracy == pytest.approx([5 / 6, 4 / 6, 7 / 8])
-    path = write_confusion_matrix_png(result.confusion, ["T-shirt/top", "Trouser", "Bag"], tmp_path / "plots" / "confusion.png")
+    path = write_confusion_matrix_png(
+        result.confusion, ["T-shirt/top", "Trouser", "Bag"], tmp_path / "plots" / "confusion.png"
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = matplotlib.image.imread(path)
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0.05  # a drawn figure, not a blank canvas
@@ -92,13 +112,26 @@ def one_thread():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(),
+    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
+)
 def test_few_hundred_steps_on_fashion_mnist_beat_chance(one_thread):
     torch.manual_seed(0)
     train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
     mean, std = channel_stats(train)
-    cfg = VisionConfig.from_preset("fmnist-0.3M", pool="mean", d_model=32, n_layers=2, n_heads=2, qkv_tokens=32,
-                                   proj_tokens=32, ffn_tokens=64, patch_tokens=32, head_tokens=32)
+    cfg = VisionConfig.from_preset(
+        "fmnist-0.3M",
+        pool="mean",
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        qkv_tokens=32,
+        proj_tokens=32,
+        ffn_tokens=64,
+        patch_tokens=32,
+        head_tokens=32,
+    )
     model = TokenformerViT(cfg)
     task = ClassificationTask(train.classes)
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=3e-3)

@@ -1,9 +1,8 @@
 import pytest
+from conftest import cli_flags, tiny_train_options
 
 from tokenformer.cli import main
 from tokenformer.train import list_checkpoints, read_metrics
-
-from conftest import cli_flags, tiny_train_options
 
 
 def test_presets_lists_released_sizes(capsys):
@@ -17,15 +16,35 @@ def test_help_lists_every_training_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for option, default in [("--lr", "0.002"), ("--precision", "fp32"), ("--resume", "null"), ("--data", "kjv"), ("--keep_last", "3")]:
+    for option, default in [
+        ("--lr", "0.002"),
+        ("--precision", "fp32"),
+        ("--resume", "null"),
+        ("--data", "kjv"),
+        ("--keep_last", "3"),
+    ]:
         assert option in out and f"default: {default}" in out
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_train_grow_train_keeps_validation_loss_across_growth(tmp_path, corpus_file, cache_dir, capsys):
-    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=6, eval_interval=6, ckpt_interval=6)
+    options = tiny_train_options(
+        corpus_file, cache_dir, tmp_path / "run", max_steps=6, eval_interval=6, ckpt_interval=6
+    )
     main(["train", *cli_flags(options)])
-    main(["grow", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "grown"), "--qkv_tokens", "24", "--ffn_tokens", "48"])
+    main(
+        [
+            "grow",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--out",
+            str(tmp_path / "grown"),
+            "--qkv_tokens",
+            "24",
+            "--ffn_tokens",
+            "48",
+        ]
+    )
     out = capsys.readouterr().out
     assert "function preserving: True" in out
     main(["eval", "--model", str(tmp_path / "run" / "checkpoints" / "step-00000006"), "--max_windows", "16"])
@@ -53,22 +72,35 @@ def test_train_grow_train_keeps_validation_loss_across_growth(tmp_path, corpus_f
 
 @pytest.mark.usefixtures("one_thread")
 def test_grow_refuses_an_existing_output(tmp_path, corpus_file, cache_dir, capsys):
-    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=2, eval_interval=2, ckpt_interval=2)
+    options = tiny_train_options(
+        corpus_file, cache_dir, tmp_path / "run", max_steps=2, eval_interval=2, ckpt_interval=2
+    )
     main(["train", *cli_flags(options)])
     (tmp_path / "grown").mkdir()
     with pytest.raises(SystemExit):
-        main(["grow", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "grown"), "--ffn_tokens", "48", "--evaluate", "false"])
+        main(
+            [
+                "grow",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "grown"),
+                "--ffn_tokens",
+                "48",
+                "--evaluate",
+                "false",
+            ]
+        )
     assert "already exists" in capsys.readouterr().err
 
 
 def test_eval_harness_passes_options_to_lm_eval(tmp_path, monkeypatch, capsys):
     import pytest
+    from conftest import tiny_config
 
+    from tokenformer import TokenformerLM
     from tokenformer.interop import harness
     from tokenformer.io import save_model
-
-    from conftest import tiny_config
-    from tokenformer import TokenformerLM
 
     save_model(TokenformerLM(tiny_config()), tmp_path / "m")
     calls = []
@@ -79,7 +111,21 @@ def test_eval_harness_passes_options_to_lm_eval(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(harness, "evaluate", fake_evaluate)
     monkeypatch.setattr(harness, "table", lambda results: f"table of {sorted(results['results'])}")
-    main(["eval", "--model", str(tmp_path / "m"), "--harness", "true", "--tasks", "[piqa,arc_easy]", "--limit", "10", "--device", "cpu"])
+    main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "m"),
+            "--harness",
+            "true",
+            "--tasks",
+            "[piqa,arc_easy]",
+            "--limit",
+            "10",
+            "--device",
+            "cpu",
+        ]
+    )
     (model, tasks, options) = calls[0]
     assert model == tmp_path / "m" and tasks == ["piqa", "arc_easy"]
     assert options["limit"] == 10 and options["device"] == "cpu" and options["batch_size"] == 8

@@ -4,11 +4,10 @@ in a compiled training run compiles nothing."""
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_train_options
 from torch._dynamo.utils import counters
 
 from tokenformer import NORMS, Pattention, TokenformerLM, carry_optimizer_state, grow
-
-from conftest import tiny_config, tiny_train_options
 
 
 def test_model_traces_without_graph_breaks_under_autocast():
@@ -33,7 +32,7 @@ def test_compiled_fused_pattention_matches_eager(norm):
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
     grads = torch.autograd.grad(compiled.square().sum(), (x, layer.key_param_tokens, layer.value_param_tokens))
     torch.testing.assert_close(compiled, eager)
-    for got, expected in zip(grads, eager_grads):
+    for got, expected in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(got, expected)
 
 
@@ -60,11 +59,13 @@ def test_growth_recompiles_once():
 def test_validation_runs_the_model_without_the_compiled_wrapper(corpus_file, cache_dir, tmp_path, one_thread):
     # A compiled evaluation would compile a second graph (no autograd, eval mode): one graph for
     # the training steps is all a compiled run may build.
-    from tokenformer.train import Trainer, TrainConfig
+    from tokenformer.train import TrainConfig, Trainer
 
     torch._dynamo.reset()
     counters.clear()
-    config = TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=3, eval_interval=1, ckpt_interval=100))
+    config = TrainConfig(
+        **tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=3, eval_interval=1, ckpt_interval=100)
+    )
     trainer = Trainer(config, wrap_model=lambda model: torch.compile(model, backend="eager", fullgraph=True))
     trainer.fit()
     assert [row["step"] for row in trainer.state.val_history] == [1, 2, 3]

@@ -1,10 +1,8 @@
 import pytest
-import torch
+from conftest import tiny_config
 
 from tokenformer import TokenformerConfig, TokenformerLM, count_parameters, training_flops, training_flops_per_token
 from tokenformer.flops import forward_flops_per_token
-
-from conftest import tiny_config
 
 
 @pytest.mark.parametrize("projection", ["pattention", "linear"])

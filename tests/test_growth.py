@@ -2,11 +2,12 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from tokenformer import (
-    TokenUpdateScale,
     TokenformerConfig,
     TokenformerLM,
+    TokenUpdateScale,
     carry_optimizer_state,
     count_parameters,
     grow,
@@ -14,8 +15,6 @@ from tokenformer import (
     stack_layers,
 )
 from tokenformer.io import load_weights, save_weights
-
-from conftest import tiny_config
 
 
 def trained(model, steps=3, lr=1e-2):
@@ -48,7 +47,11 @@ def test_growth_preserves_logits_on_1m_preset(norm):
 def test_growth_keeps_old_tokens_and_tau():
     model = TokenformerLM(tiny_config())
     layer = model.layers[1].attention.key
-    old_keys, old_values, old_tau = layer.key_param_tokens.detach().clone(), layer.value_param_tokens.detach().clone(), layer.tau.item()
+    old_keys, old_values, old_tau = (
+        layer.key_param_tokens.detach().clone(),
+        layer.value_param_tokens.detach().clone(),
+        layer.tau.item(),
+    )
     grow(model, qkv_tokens=30)
     assert layer.num_tokens == 30 and layer.tau.item() == old_tau
     assert torch.equal(layer.key_param_tokens[:24], old_keys) and torch.equal(layer.value_param_tokens[:24], old_values)

@@ -9,12 +9,12 @@ import torch
 pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 pytest.importorskip("lm_eval", reason="the [eval] extra (lm-evaluation-harness) is not installed")
 
+from conftest import tiny_config  # noqa: E402
+
 from tokenformer import TokenformerLM  # noqa: E402
 from tokenformer.interop.harness import evaluate  # noqa: E402
 from tokenformer.interop.tokenizer import save_tokenizer  # noqa: E402
 from tokenformer.io import load_model, save_model  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "harness"
 EOS = "<|endoftext|>"
@@ -23,7 +23,13 @@ VOCAB = 257
 
 
 def task(name: str, **fields) -> dict:
-    return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(DATA / f"{name}.jsonl")}}, "test_split": "test", **fields}
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(DATA / f"{name}.jsonl")}},
+        "test_split": "test",
+        **fields,
+    }
 
 
 ROLLING = task(

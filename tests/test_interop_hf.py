@@ -6,15 +6,14 @@ import torch
 
 pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
+from conftest import GPT_NEOX_TOKENIZER, tiny_config  # noqa: E402
+from reference import random_released_state_dict  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tokenformer import TokenformerLM, from_hf, grow, to_hf  # noqa: E402
 from tokenformer.interop import convert_released  # noqa: E402
 from tokenformer.interop.hf import TokenformerForCausalLM  # noqa: E402
 from tokenformer.io import load_model, save_model  # noqa: E402
-
-from conftest import GPT_NEOX_TOKENIZER, tiny_config  # noqa: E402
-from reference import random_released_state_dict  # noqa: E402
 
 
 def grown_model() -> TokenformerLM:
@@ -34,7 +33,9 @@ def test_save_pretrained_and_from_pretrained_keep_logits_of_a_grown_model(tmp_pa
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert isinstance(hf, TokenformerForCausalLM)
     assert hf.config.layer_tokens == model.config.layer_tokens
-    assert float(hf.layers[1].attention.query.tau) == float(model.layers[1].attention.query.tau) == pytest.approx(24**0.5)
+    assert (
+        float(hf.layers[1].attention.query.tau) == float(model.layers[1].attention.query.tau) == pytest.approx(24**0.5)
+    )
     assert torch.equal(hf(ids).logits, model(ids))
     hf.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()

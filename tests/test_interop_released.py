@@ -2,6 +2,8 @@ import re
 
 import pytest
 import torch
+from conftest import GPT_NEOX_TOKENIZER, tiny_config
+from reference import random_released_state_dict, reference_logits, released_weights
 
 from tokenformer import TokenformerLM, grow
 from tokenformer.cli import main as cli
@@ -9,15 +11,13 @@ from tokenformer.interop import CheckpointMismatchError, infer_config, load_rele
 from tokenformer.interop.tokenizer import TOKENIZER_NAME, load_tokenizer
 from tokenformer.io import load_model
 
-from conftest import GPT_NEOX_TOKENIZER, tiny_config
-from reference import random_released_state_dict, reference_logits, released_weights
-
 
 def cli_error(args, capsys) -> str:
     """Run the command line expecting it to fail; its error message."""
     with pytest.raises(SystemExit):
         cli(args)
     return capsys.readouterr().err
+
 
 # Distinct counts for qkv, proj and ffn, as in tiny_config.
 TOKENS = {"qkv": 24, "proj": 20, "ffn": 40}
@@ -72,7 +72,9 @@ def test_missing_extra_and_misshaped_keys_are_listed(tmp_path, explicit_config):
 
 
 def test_not_a_released_checkpoint_is_refused():
-    with pytest.raises(CheckpointMismatchError, match=r"not a released TokenFormer state dict.*\['word_embeddings.weight'\]"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"not a released TokenFormer state dict.*\['word_embeddings.weight'\]"
+    ):
         load_released({"word_embeddings.weight": torch.zeros(3, 4)})
 
 
@@ -133,7 +135,19 @@ def test_gpt_neox_tokenizer_encodes_hello_world():
 @needs_tokenizer
 def test_released_model_generates_text(tmp_path):
     path, _ = released_file(tmp_path, vocab_size=50304)
-    cli(["convert", "--src", str(path), "--dst", str(tmp_path / "out"), "--n_heads", "4", "--tokenizer", str(GPT_NEOX_TOKENIZER)])
+    cli(
+        [
+            "convert",
+            "--src",
+            str(path),
+            "--dst",
+            str(tmp_path / "out"),
+            "--n_heads",
+            "4",
+            "--tokenizer",
+            str(GPT_NEOX_TOKENIZER),
+        ]
+    )
     tokenizer = load_tokenizer(tmp_path / "out" / TOKENIZER_NAME)
     model = load_model(tmp_path / "out").eval()
     prompt = torch.tensor([tokenizer.encode("Hello world").ids])

@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
+from reference import our_weights, reference_logits
 
 from tokenformer import TokenformerConfig, TokenformerLM, count_parameters
 from tokenformer.model import apply_rotary, explicit_attention, rotary_cos_sin
-
-from conftest import tiny_config
-from reference import our_weights, reference_logits
 
 
 def test_logits_match_plain_float64_reference():
@@ -16,7 +15,14 @@ def test_logits_match_plain_float64_reference():
     logits = model(ids)
     assert logits.shape == (2, 11, 97)
     cfg = model.config
-    expected = reference_logits(our_weights(model.state_dict(), cfg.n_layers), ids, cfg.n_heads, cfg.rotary_pct, cfg.rope_base, cfg.layernorm_eps)
+    expected = reference_logits(
+        our_weights(model.state_dict(), cfg.n_layers),
+        ids,
+        cfg.n_heads,
+        cfg.rotary_pct,
+        cfg.rope_base,
+        cfg.layernorm_eps,
+    )
     assert ((logits - expected).abs().max() / expected.abs().max()).item() < 1e-10
 
 
@@ -57,12 +63,16 @@ def test_logits_depend_on_order_of_earlier_tokens():
 @pytest.mark.parametrize("mask", [None, "no_self", "causal"])
 def test_explicit_attention_equals_sdpa(mask):
     q, k, v = (torch.randn(3, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    allowed = {None: None, "no_self": ~torch.eye(7, dtype=torch.bool), "causal": torch.ones(7, 7, dtype=torch.bool).tril()}[mask]
+    allowed = {
+        None: None,
+        "no_self": ~torch.eye(7, dtype=torch.bool),
+        "causal": torch.ones(7, 7, dtype=torch.bool).tril(),
+    }[mask]
     ours = explicit_attention(q, k, v, allowed)
     theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(ours.sum(), (q, k, v))
-    for ours_grad, theirs_grad in zip(grads, torch.autograd.grad(theirs.sum(), (q, k, v))):
+    for ours_grad, theirs_grad in zip(grads, torch.autograd.grad(theirs.sum(), (q, k, v)), strict=True):
         torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-10, atol=1e-12)
 
 
@@ -129,7 +139,10 @@ def test_sampling_options():
     assert torch.equal(model.generate(prompt, 8, top_k=1), greedy)
     assert torch.equal(model.generate(prompt, 8, top_p=1e-6), greedy)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    assert torch.equal(model.generate(prompt, 8, temperature=1.5, generator=g1), model.generate(prompt, 8, temperature=1.5, generator=g2))
+    assert torch.equal(
+        model.generate(prompt, 8, temperature=1.5, generator=g1),
+        model.generate(prompt, 8, temperature=1.5, generator=g2),
+    )
     sampled = torch.stack([model.generate(prompt, 8, temperature=5.0, top_k=40) for _ in range(4)])
     assert sampled.unique().numel() > greedy.unique().numel()
 

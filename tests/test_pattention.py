@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from tokenformer import NORMS, Pattention
@@ -80,7 +79,10 @@ def test_tau_fixed_at_creation_and_saved():
     state["tau"] = torch.tensor(5.0)
     other.load_state_dict(state)
     assert other.tau.item() == 5.0
-    torch.testing.assert_close(other(torch.ones(2, 8)), reference(torch.ones(2, 8), other.key_param_tokens, other.value_param_tokens, "l2_norm_gelu", 5.0).float())
+    torch.testing.assert_close(
+        other(torch.ones(2, 8)),
+        reference(torch.ones(2, 8), other.key_param_tokens, other.value_param_tokens, "l2_norm_gelu", 5.0).float(),
+    )
 
 
 def test_released_initialisation():
@@ -127,7 +129,7 @@ def test_fused_exact_to_float32_rounding(norm):
     exact = _outputs_and_grads(norm, "reference", torch.float64, x, keys, values, weight)
     for impl in ("reference", "fused"):
         got = _outputs_and_grads(norm, impl, torch.float32, x, keys, values, weight)
-        for name, a, e in zip(("output", "grad x", "grad keys", "grad values"), got, exact):
+        for name, a, e in zip(("output", "grad x", "grad keys", "grad values"), got, exact, strict=True):
             error = ((a.double() - e).abs().max() / e.abs().max()).item()
             assert error < 4e-6, (impl, name, error)
 
@@ -152,7 +154,11 @@ def test_fused_keeps_one_score_matrix_besides_its_output(norm):
     keys, values = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
     tau = torch.tensor(n**0.5)
     score_sized = {
-        impl: [s for s in _saved_storages(lambda: pattention(x, keys, values, tau, norm, impl)) if s.numel() == tokens * n]
+        impl: [
+            s
+            for s in _saved_storages(lambda impl=impl: pattention(x, keys, values, tau, norm, impl))
+            if s.numel() == tokens * n
+        ]
         for impl in ("reference", "fused")
     }
     assert len(score_sized["fused"]) <= 2  # the output, kept by the value product, plus at most one

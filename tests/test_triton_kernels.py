@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton_checks
 
 from tokenformer.pattention import triton_available
 
-import triton_checks
-
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install 'tokenformer[triton]')")
+needs_triton = pytest.mark.skipif(
+    not triton_available(), reason="triton is not installed (pip install 'tokenformer[triton]')"
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

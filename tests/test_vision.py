@@ -2,20 +2,37 @@ import math
 
 import pytest
 import torch
+from conftest import reference_ops
 
 from tokenformer import grow, growth_summary
 from tokenformer.io import load_weights, save_weights
 from tokenformer.model import SelfAttention
-from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig, count_vision_parameters, drop_path, patchify, shifted_views
-
-from conftest import reference_ops
+from tokenformer.vision import (
+    VISION_PRESETS,
+    TokenformerViT,
+    VisionConfig,
+    count_vision_parameters,
+    drop_path,
+    patchify,
+    shifted_views,
+)
 
 
 def tiny_vit(**overrides) -> VisionConfig:
     """Small enough for float64 references; distinct token counts per kind."""
     base = dict(
-        image_size=12, patch_size=4, in_channels=2, num_classes=5, d_model=32, n_layers=2, n_heads=4,
-        qkv_tokens=24, proj_tokens=20, ffn_tokens=40, patch_tokens=18, head_tokens=14,
+        image_size=12,
+        patch_size=4,
+        in_channels=2,
+        num_classes=5,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        qkv_tokens=24,
+        proj_tokens=20,
+        ffn_tokens=40,
+        patch_tokens=18,
+        head_tokens=14,
     )
     return VisionConfig(**{**base, **overrides})
 
@@ -46,10 +63,18 @@ def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tenso
         rows = []
         for top in range(0, cfg.image_size, p):
             for left in range(0, cfg.image_size, p):
-                rows.append(torch.stack([
-                    pixel(image, c, top + i + dy, left + j + dx)
-                    for dy, dx in moves for c in range(cfg.in_channels) for i in range(p) for j in range(p)
-                ] + [image.new_ones(())] * cfg.patch_bias))  # patch_bias: a constant last input
+                rows.append(
+                    torch.stack(
+                        [
+                            pixel(image, c, top + i + dy, left + j + dx)
+                            for dy, dx in moves
+                            for c in range(cfg.in_channels)
+                            for i in range(p)
+                            for j in range(p)
+                        ]
+                        + [image.new_ones(())] * cfg.patch_bias
+                    )
+                )  # patch_bias: a constant last input
         x = patt(torch.stack(rows), "patch_proj")
         if cfg.pool == "cls":
             x = torch.cat([sd["cls_token"][0], x])
@@ -74,14 +99,24 @@ def reference_logits(model: TokenformerViT, images: torch.Tensor) -> torch.Tenso
 
 @pytest.mark.parametrize(
     "pool,patch_shift,lsa,patch_bias",
-    [("cls", 0, False, False), ("mean", 0, False, False), ("mean", 2, False, False), ("cls", 0, True, False), ("mean", 1, True, False), ("mean", 1, True, True), ("cls", 0, False, True)],
+    [
+        ("cls", 0, False, False),
+        ("mean", 0, False, False),
+        ("mean", 2, False, False),
+        ("cls", 0, True, False),
+        ("mean", 1, True, False),
+        ("mean", 1, True, True),
+        ("cls", 0, False, True),
+    ],
 )
 def test_logits_match_plain_float64_reference(pool, patch_shift, lsa, patch_bias):
     model = TokenformerViT(tiny_vit(pool=pool, patch_shift=patch_shift, lsa=lsa, patch_bias=patch_bias)).double()
     if lsa:
         with torch.no_grad():
             for i, layer in enumerate(model.layers):
-                layer.attention.log_temperature.fill_(0.3 - 0.5 * i)  # as if learned: away from the 1/sqrt(head_dim) start
+                layer.attention.log_temperature.fill_(
+                    0.3 - 0.5 * i
+                )  # as if learned: away from the 1/sqrt(head_dim) start
     images = images_for(model.config).double()
     torch.testing.assert_close(model(images), reference_logits(model, images), rtol=1e-9, atol=1e-9)
 
@@ -105,13 +140,14 @@ def test_explicit_and_fused_attention_paths_agree(monkeypatch, lsa):
     monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_LEN", 0)
     fused = logits_and_grads()
     torch.testing.assert_close(explicit[0], fused[0], rtol=1e-10, atol=1e-10)
-    for a, b in zip(explicit[1], fused[1]):
+    for a, b in zip(explicit[1], fused[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize(
     "name,pool,lsa,patch_bias",
-    [(name, "mean", False, False) for name in VISION_PRESETS] + [("fmnist-0.3M", "cls", False, False), ("fmnist-0.3M", "mean", True, True)],
+    [(name, "mean", False, False) for name in VISION_PRESETS]
+    + [("fmnist-0.3M", "cls", False, False), ("fmnist-0.3M", "mean", True, True)],
 )
 def test_preset_shapes(name, pool, lsa, patch_bias):
     cfg = VisionConfig.from_preset(name, pool=pool, lsa=lsa, patch_bias=patch_bias)
@@ -153,7 +189,10 @@ def test_patch_shift_shows_each_patch_its_neighbourhood():
     changed = images.clone()
     changed[:, :, 4, 4] += 1.0  # first pixel of the centre patch, next to the top-left patch's corner
     with torch.no_grad():
-        before, after = model.patch_proj(patchify_views(model, images)), model.patch_proj(patchify_views(model, changed))
+        before, after = (
+            model.patch_proj(patchify_views(model, images)),
+            model.patch_proj(patchify_views(model, changed)),
+        )
     moved = (after - before).abs().amax(dim=-1)[0]
     # Patches (raster order, 3x3) 0 (top-left), 1 (above), 3 (left) and 4 (its own) see that pixel.
     assert (moved[[0, 1, 3, 4]] > 1e-6).all() and (moved[[2, 5, 6, 7, 8]] == 0).all()
@@ -214,7 +253,10 @@ def trained(model, steps=3, lr=1e-2):
     return opt
 
 
-@pytest.mark.parametrize("pool,patch_shift,lsa,patch_bias", [("cls", 0, False, False), ("mean", 0, False, False), ("mean", 1, False, False), ("mean", 1, True, True)])
+@pytest.mark.parametrize(
+    "pool,patch_shift,lsa,patch_bias",
+    [("cls", 0, False, False), ("mean", 0, False, False), ("mean", 1, False, False), ("mean", 1, True, True)],
+)
 @pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])
 def test_growth_preserves_logits(norm, pool, patch_shift, lsa, patch_bias):
     model = TokenformerViT(tiny_vit(norm=norm, pool=pool, patch_shift=patch_shift, lsa=lsa, patch_bias=patch_bias))
@@ -274,7 +316,9 @@ def test_param_groups_skip_position_embedding_and_class_token():
     model = TokenformerViT(tiny_vit(pool="cls"))
     decay, no_decay = model.param_groups(0.05)
     ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
-    assert ids(no_decay) == {id(p) for p in (model.pos_embedding, model.cls_token, model.final_norm.weight, model.final_norm.bias)}
+    assert ids(no_decay) == {
+        id(p) for p in (model.pos_embedding, model.cls_token, model.final_norm.weight, model.final_norm.bias)
+    }
     assert id(model.patch_proj.key_param_tokens) in ids(decay)
     assert len(ids(decay)) + len(ids(no_decay)) == len(list(model.parameters()))
     mean_pool = TokenformerViT(tiny_vit(pool="mean"))
@@ -292,7 +336,9 @@ def test_drop_path_keeps_the_expectation():
 
 def test_stochastic_depth_skips_whole_blocks_per_sample_in_training_only():
     cfg = tiny_vit(drop_path=0.5)
-    assert cfg.drop_rates() == [0.0, 0.5] and tiny_vit(drop_path=0.3, n_layers=4).drop_rates() == pytest.approx([0, 0.1, 0.2, 0.3])
+    assert cfg.drop_rates() == [0.0, 0.5] and tiny_vit(drop_path=0.3, n_layers=4).drop_rates() == pytest.approx(
+        [0, 0.1, 0.2, 0.3]
+    )
     model = TokenformerViT(cfg)
     plain = TokenformerViT(tiny_vit())
     plain.load_state_dict(model.state_dict())
@@ -323,7 +369,11 @@ def test_config_and_input_errors():
     with pytest.raises(ValueError, match="n_heads=5 must divide d_model=32"):
         tiny_vit(n_heads=5)
     for shift in (4, -1, True):
-        with pytest.raises(ValueError, match=rf"patch_shift={shift!r} is invalid; allowed: an integer number of pixels from 0 \(off\) to patch_size - 1 = 3"):
+        with pytest.raises(
+            ValueError,
+            match=rf"patch_shift={shift!r} is invalid; allowed: "
+            r"an integer number of pixels from 0 \(off\) to patch_size - 1 = 3",
+        ):
             tiny_vit(patch_shift=shift)
     for rate in (1.0, -0.1, "0.1"):
         with pytest.raises(ValueError, match=rf"drop_path={rate!r} is invalid; allowed: a probability in \[0, 1\)"):
@@ -337,7 +387,10 @@ def test_config_and_input_errors():
     with pytest.raises(ValueError, match="unknown preset 'imagenet'; allowed: fmnist-0.3M"):
         VisionConfig.from_preset("imagenet")
     model = TokenformerViT(tiny_vit())
-    with pytest.raises(ValueError, match=r"images must be a float tensor of shape \[batch, 2, 12, 12\].*got torch.float32 \(3, 1, 12, 12\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"images must be a float tensor of shape \[batch, 2, 12, 12\].*got torch.float32 \(3, 1, 12, 12\)",
+    ):
         model(torch.randn(3, 1, 12, 12))
     with pytest.raises(ValueError, match="got torch.uint8"):
         model(torch.zeros(3, 2, 12, 12, dtype=torch.uint8))

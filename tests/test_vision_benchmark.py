@@ -24,9 +24,26 @@ def bench():
 
 def record(arm, seed, accuracy, wall=800.0):
     return dict(
-        arm=arm, seed=seed, lr=1e-3, steps=10, images=1280, flops=1e12, parameters=1000, val_accuracy=accuracy, val_loss=0.3,
-        test_accuracy=accuracy, test_loss=0.3, test_accuracy_raw=None, train_s=wall, wall_s=wall, cpu_s=2 * wall,
-        img_s_median=1000.0 if arm == "tokenformer" else 1100.0, started="10:00", load=(2.0, 2.0), resumed=False, growth=None,
+        arm=arm,
+        seed=seed,
+        lr=1e-3,
+        steps=10,
+        images=1280,
+        flops=1e12,
+        parameters=1000,
+        val_accuracy=accuracy,
+        val_loss=0.3,
+        test_accuracy=accuracy,
+        test_loss=0.3,
+        test_accuracy_raw=None,
+        train_s=wall,
+        wall_s=wall,
+        cpu_s=2 * wall,
+        img_s_median=1000.0 if arm == "tokenformer" else 1100.0,
+        started="10:00",
+        load=(2.0, 2.0),
+        resumed=False,
+        growth=None,
     )
 
 
@@ -73,15 +90,21 @@ def test_one_seed_reports_the_single_difference(bench):
 def test_several_seeds_report_means_standard_errors_and_paired_differences(bench):
     pair = [
         # Results written before seeds were recorded are seed 0.
-        {k: v for k, v in record("tokenformer", 0, 0.900).items() if k != "seed"}, record("linear", 0, 0.895),
-        record("tokenformer", 1, 0.904), record("linear", 1, 0.897),
-        record("tokenformer", 2, 0.899, wall=880), record("linear", 2, 0.896),
+        {k: v for k, v in record("tokenformer", 0, 0.900).items() if k != "seed"},
+        record("linear", 0, 0.895),
+        record("tokenformer", 1, 0.904),
+        record("linear", 1, 0.897),
+        record("tokenformer", 2, 0.899, wall=880),
+        record("linear", 2, 0.896),
     ]
     text = "\n".join(bench.main_section(pair, threads=2))
     # means 90.10 / 89.60; differences +0.5, +0.7, +0.3: mean +0.50, s.e. 0.2 / sqrt(3) = 0.115
     assert "mean test accuracy: tokenformer 90.10% (s.e. 0.15), linear 89.60% (s.e. 0.06)" in text
     assert "paired by seed: +0.50, +0.70, +0.30; mean +0.50 points (s.e. 0.12)" in text
-    assert "judged on the mean over seeds: reached with 2 thread(s): 90.10% on average, the slowest seed in 14.7 min" in text
+    assert (
+        "judged on the mean over seeds: reached with 2 thread(s): 90.10% on average, the slowest seed in 14.7 min"
+        in text
+    )
     assert "2 of 3 seeds reached it alone" in text
     assert "| tokenformer | 2 |" in text  # the seed column
     slow = [dict(r, wall_s=901.0) if r["arm"] == "tokenformer" and r.get("seed") == 1 else r for r in pair]
@@ -92,8 +115,10 @@ def test_growth_pairs_over_seeds_report_each_growth_and_the_paired_difference(be
     args = bench.build_parser().parse_args(["--seeds", "0,1", "--lrs", "1e-3"])
     moment = {"val_accuracy": 0.8, "val_loss": 0.5}
     growth = [
-        dict(record("grown", 0, 0.860), growth={"step": 5, "before": moment, "after": moment}), record("scratch", 0, 0.866),
-        dict(record("grown", 1, 0.864), growth={"step": 5, "before": moment, "after": moment}), record("scratch", 1, 0.862),
+        dict(record("grown", 0, 0.860), growth={"step": 5, "before": moment, "after": moment}),
+        record("scratch", 0, 0.866),
+        dict(record("grown", 1, 0.864), growth={"step": 5, "before": moment, "after": moment}),
+        record("scratch", 1, 0.862),
     ]
     text = bench.render(args, "now", {"tokenformer": [], "linear": []}, [], growth)
     assert "grown − scratch, paired by seed: -0.60, +0.20; mean -0.20 points (s.e. 0.40)" in text

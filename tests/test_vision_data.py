@@ -52,7 +52,9 @@ def test_corrupted_idx_header_names_file_and_expectation(tmp_path):
     good = idx_bytes(np.zeros((4, 28, 28), np.uint8))
     bad_magic = tmp_path / "bad-magic"
     bad_magic.write_bytes(b"\x08\x03" + good[4:])
-    with pytest.raises(ValueError, match=r"bad-magic: not an IDX file: header starts with 08 03 00 00, expected 00 00 <element type"):
+    with pytest.raises(
+        ValueError, match=r"bad-magic: not an IDX file: header starts with 08 03 00 00, expected 00 00 <element type"
+    ):
         read_idx(bad_magic)
     unknown_type = tmp_path / "unknown-type"
     unknown_type.write_bytes(b"\0\0\x07\x03" + good[4:])
@@ -60,7 +62,11 @@ def test_corrupted_idx_header_names_file_and_expectation(tmp_path):
         read_idx(unknown_type)
     truncated = tmp_path / "truncated.gz"
     truncated.write_bytes(gzip.compress(good[:-10]))
-    with pytest.raises(ValueError, match=r"truncated.gz: IDX header declares shape \[4, 28, 28\] of uint8 \(3136 bytes of data\), but the file holds 3126"):
+    with pytest.raises(
+        ValueError,
+        match=r"truncated.gz: IDX header declares shape \[4, 28, 28\] of uint8 \(3136 bytes of data\), "
+        r"but the file holds 3126",
+    ):
         read_idx(truncated)
     short_header = tmp_path / "short"
     short_header.write_bytes(good[:9])
@@ -76,7 +82,11 @@ def fake_fashion_mnist(root, n_train=30, n_test=10, compress=True):
     rng = np.random.default_rng(0)
     root.mkdir(exist_ok=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte{'.gz' if compress else ''}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), compress)
+        write_idx(
+            root / f"{prefix}-images-idx3-ubyte{'.gz' if compress else ''}",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            compress,
+        )
         write_idx(root / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
     return root
 
@@ -92,7 +102,9 @@ def test_fashion_mnist_from_tiny_files(tmp_path):
 
 
 def test_fashion_mnist_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\(.gz\) not found in .*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        FileNotFoundError, match=r"train-images-idx3-ubyte\(.gz\) not found in .*apt-get install dataset-fashion-mnist"
+    ):
         load_fashion_mnist(tmp_path)
     root = fake_fashion_mnist(tmp_path / "fm")
     write_idx(root / "t10k-labels-idx1-ubyte", np.zeros(9, np.uint8))
@@ -112,7 +124,10 @@ def test_fashion_mnist_errors(tmp_path):
         load_image_dataset("cifar10")
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(),
+    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
+)
 def test_installed_fashion_mnist():
     train, test = load_fashion_mnist(split="train"), load_fashion_mnist(split="test")
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
@@ -191,9 +206,14 @@ def test_cifar10_errors(tmp_path):
         load_cifar10(tmp_path / "junk.tar.gz")
     wrong = pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
     fake_cifar_archive(tmp_path / "wrong.tar.gz", members={"test_batch": wrong})
-    with pytest.raises(ValueError, match=r"test_batch: expected b'data' as a uint8 array \[N, 3072\], got uint8 \[2, 100\]"):
+    with pytest.raises(
+        ValueError, match=r"test_batch: expected b'data' as a uint8 array \[N, 3072\], got uint8 \[2, 100\]"
+    ):
         load_cifar10(tmp_path / "wrong.tar.gz", "test")
-    fake_cifar_archive(tmp_path / "labels.tar.gz", members={"test_batch": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]})})
+    fake_cifar_archive(
+        tmp_path / "labels.tar.gz",
+        members={"test_batch": pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]})},
+    )
     with pytest.raises(ValueError, match=r"test_batch: labels must lie in 0..9 \(10 classes\), found 0..12"):
         load_cifar10(tmp_path / "labels.tar.gz", "test")
     fake_cifar_archive(tmp_path / "cut.tar.gz", members={"test_batch": pickle.dumps({b"a": 1})[:-3]})
@@ -235,7 +255,7 @@ def test_augmentation_crops_and_flips_the_image():
     data = small_dataset(16, channels=2)
     raw = data.images.float()
     padded = torch.nn.functional.pad(raw, (2, 2, 2, 2))
-    (images, _), = ImageBatches(data, 16, [0.0, 0.0], [1 / 255, 1 / 255], crop_padding=2, hflip=True).epoch(3)
+    ((images, _),) = ImageBatches(data, 16, [0.0, 0.0], [1 / 255, 1 / 255], crop_padding=2, hflip=True).epoch(3)
     offsets = set()
     for image, source in zip(images, padded, strict=True):
         windows = [
@@ -243,7 +263,9 @@ def test_augmentation_crops_and_flips_the_image():
             for dy in range(5)
             for dx in range(5)
             for flip in (False, True)
-            if torch.equal(image, (source[:, dy : dy + 6, dx : dx + 6].flip(-1) if flip else source[:, dy : dy + 6, dx : dx + 6]))
+            if torch.equal(
+                image, (source[:, dy : dy + 6, dx : dx + 6].flip(-1) if flip else source[:, dy : dy + 6, dx : dx + 6])
+            )
         ]
         assert windows, "every augmented image is a (mirrored) window of the padded original"
         offsets.add(windows[0])
@@ -254,8 +276,8 @@ def test_random_erasing_puts_one_rectangle_of_noise_in_the_chosen_images():
     size, count = 20, 400
     data = ImageDataset(torch.zeros(count, 2, size, size, dtype=torch.uint8), torch.arange(count) % 3, ("a", "b", "c"))
     make = lambda prob: ImageBatches(data, count, [0.0, 0.0], [1 / 255, 1 / 255], erase_prob=prob, seed=3)  # noqa: E731
-    (images, _), = make(0.5).epoch(2)
-    (again, _), = make(0.5).epoch(2)
+    ((images, _),) = make(0.5).epoch(2)
+    ((again, _),) = make(0.5).epoch(2)
     assert torch.equal(images, again)  # drawn from (seed, epoch, batch index) only
     erased = 0
     for image in images:
@@ -270,9 +292,9 @@ def test_random_erasing_puts_one_rectangle_of_noise_in_the_chosen_images():
         assert (box != 0).float().mean() > 0.9  # ... filled with noise (a random pixel is 0 one time in 256)
         assert 0.01 * size * size <= area <= 0.5 * size * size
     assert 0.4 < erased / count < 0.6
-    (untouched, _), = make(0.0).epoch(2)
+    ((untouched, _),) = make(0.0).epoch(2)
     assert not untouched.any()
-    (all_erased, _), = make(1.0).epoch(2)
+    ((all_erased, _),) = make(1.0).epoch(2)
     assert all(image.any() for image in all_erased)
 
 
@@ -281,7 +303,9 @@ def test_batch_errors():
     for bad in (0, True, 2.0):
         with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, got {bad!r}"):
             ImageBatches(data, bad, [0.5], [0.2])
-    with pytest.raises(ValueError, match=r"mean and std must hold one value per channel \(1\), std > 0; got mean \[0.5, 0.5\]"):
+    with pytest.raises(
+        ValueError, match=r"mean and std must hold one value per channel \(1\), std > 0; got mean \[0.5, 0.5\]"
+    ):
         ImageBatches(data, 2, [0.5, 0.5], [0.2, 0.2])
     for bad in (-1, True, 1.0):
         with pytest.raises(ValueError, match=rf"crop_padding must be a non-negative integer \(pixels\), got {bad!r}"):

@@ -3,24 +3,37 @@ import re
 
 import pytest
 import torch
+from conftest import cli_flags
+from test_vision_data import fake_cifar_archive, fake_fashion_mnist
 
 from tokenformer import io
 from tokenformer.cli import main
 from tokenformer.data.vision import FASHION_MNIST_DIR
-from tokenformer.train import Trainer, TrainConfig
+from tokenformer.train import TrainConfig, Trainer
 from tokenformer.vision import TokenformerViT
 
-from conftest import cli_flags
-from test_vision_data import fake_cifar_archive, fake_fashion_mnist
-
-TINY_VIT = dict(n_layers=1, d_model=16, n_heads=2, qkv_tokens=8, proj_tokens=8, ffn_tokens=16, patch_tokens=8, head_tokens=8)
+TINY_VIT = dict(
+    n_layers=1, d_model=16, n_heads=2, qkv_tokens=8, proj_tokens=8, ffn_tokens=16, patch_tokens=8, head_tokens=8
+)
 
 
 def vision_options(out_dir, data_path=None, **overrides) -> dict:
     base = dict(
-        task="vision", model="fmnist-0.3M", model_overrides=dict(TINY_VIT), batch_size=16, max_steps=6, warmup_steps=2,
-        eval_interval=3, ckpt_interval=3, log_interval=1, keep_last=10, threads=1, device="cpu", progress=False,
-        out_dir=str(out_dir), seed=3,
+        task="vision",
+        model="fmnist-0.3M",
+        model_overrides=dict(TINY_VIT),
+        batch_size=16,
+        max_steps=6,
+        warmup_steps=2,
+        eval_interval=3,
+        ckpt_interval=3,
+        log_interval=1,
+        keep_last=10,
+        threads=1,
+        device="cpu",
+        progress=False,
+        out_dir=str(out_dir),
+        seed=3,
     )
     if data_path is not None:
         base["data_path"] = str(data_path)
@@ -32,11 +45,21 @@ def fake_data(tmp_path):
     return fake_fashion_mnist(tmp_path / "fm", n_train=200, n_test=20)
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(),
+    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
+)
 def test_short_fashion_mnist_training_beats_chance(tmp_path, one_thread, capsys):
     options = vision_options(
-        tmp_path / "run", model_overrides={}, batch_size=64, max_steps=60, warmup_steps=10, lr=2e-3,
-        eval_interval=60, ckpt_interval=60, log_interval=10,
+        tmp_path / "run",
+        model_overrides={},
+        batch_size=64,
+        max_steps=60,
+        warmup_steps=10,
+        lr=2e-3,
+        eval_interval=60,
+        ckpt_interval=60,
+        log_interval=10,
     )
     main(["train", *cli_flags(options)])
     assert "test accuracy" in capsys.readouterr().out
@@ -63,15 +86,34 @@ def test_vision_run_resumes_exactly(tmp_path, fake_data, one_thread):
 def test_grow_of_a_vision_checkpoint_keeps_validation_loss_and_accuracy(tmp_path, fake_data, one_thread, capsys):
     main(["train", *cli_flags(vision_options(tmp_path / "run", fake_data, max_steps=4))])
     capsys.readouterr()
-    main(["grow", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "grown"), "--qkv_tokens", "12", "--ffn_tokens", "24", "--device", "cpu"])
+    main(
+        [
+            "grow",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--out",
+            str(tmp_path / "grown"),
+            "--qkv_tokens",
+            "12",
+            "--ffn_tokens",
+            "24",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
-    found = re.search(r"before growth: (validation loss \S+ \(accuracy \S+\)); right after: (validation loss \S+ \(accuracy \S+\))", out)
+    found = re.search(
+        r"before growth: (validation loss \S+ \(accuracy \S+\)); right after: (validation loss \S+ \(accuracy \S+\))",
+        out,
+    )
     assert found, out
     assert found.group(1) == found.group(2)
     grown = io.load_model(tmp_path / "grown")
     assert isinstance(grown, TokenformerViT)
     assert grown.config.qkv_tokens == 12 and grown.config.ffn_tokens == 24 and grown.config.proj_tokens == 8
-    main(["train", *cli_flags(vision_options(tmp_path / "run", fake_data, max_steps=6, resume=str(tmp_path / "grown")))])
+    main(
+        ["train", *cli_flags(vision_options(tmp_path / "run", fake_data, max_steps=6, resume=str(tmp_path / "grown")))]
+    )
     assert (tmp_path / "run/checkpoints/step-00000006").is_dir()
     assert (tmp_path / "run/test_metrics.json").is_file()
 
@@ -81,7 +123,13 @@ def test_cifar10_training_end_to_end(tmp_path, one_thread, capsys):
     archive = tmp_path / "cifar-10-python.tar.gz"
     fake_cifar_archive(archive, per_batch=8)
     options = vision_options(
-        tmp_path / "run", archive, model="cifar-1M", dataset="cifar10", batch_size=8, crop_padding=4, hflip=True,
+        tmp_path / "run",
+        archive,
+        model="cifar-1M",
+        dataset="cifar10",
+        batch_size=8,
+        crop_padding=4,
+        hflip=True,
     )
     main(["train", *cli_flags(options)])
     assert "test accuracy" in capsys.readouterr().out

@@ -26,10 +26,12 @@ def check_kernels(device: str) -> None:
             leaves = [t.clone().requires_grad_() for t in (x, keys, values)]
             out = pattention(*leaves, tau, impl=impl)
             results[impl] = [out, *torch.autograd.grad((out * weight).sum(), leaves)]
-        for got, expected in zip(results["triton"], results["reference"]):
+        for got, expected in zip(results["triton"], results["reference"], strict=True):
             error = ((got - expected).abs().max() / expected.abs().max()).item()
             assert error < 1e-5, (rows, d, n, error)
-    x, keys, values = (torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True) for s in ((3, 6), (9, 6), (9, 5)))
+    x, keys, values = (
+        torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True) for s in ((3, 6), (9, 6), (9, 5))
+    )
     tau = torch.tensor(3.0, dtype=torch.float64, device=device)
     # fast_mode checks random projections of the Jacobian: a few launches instead of hundreds.
     assert torch.autograd.gradcheck(lambda *t: pattention(*t, tau, impl="triton"), (x, keys, values), fast_mode=True)
@@ -48,7 +50,9 @@ def check_cuda_auto_choice_and_bf16() -> None:
 
 def check_compiled_model_on_cuda() -> None:
     """Under torch.compile (inductor) the fused torch ops are traced; results equal eager."""
-    config = TokenformerConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, qkv_tokens=24, proj_tokens=20, ffn_tokens=40, max_seq_len=64)
+    config = TokenformerConfig(
+        vocab_size=97, d_model=32, n_layers=2, n_heads=4, qkv_tokens=24, proj_tokens=20, ffn_tokens=40, max_seq_len=64
+    )
     model = TokenformerLM(config).cuda()
     ids = torch.randint(0, 97, (2, 16), device="cuda")
     eager_logits, eager_loss = model(ids[:, :-1], ids[:, 1:])

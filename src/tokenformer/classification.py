@@ -9,9 +9,9 @@ Precision (e.g. bf16 autocast) is the caller's context.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``int64 [num_classes, num_classes]``: row = true class, column = predicted class."""
     if predictions.shape != labels.shape:
-        raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must have the same shape")
+        raise ValueError(
+            f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must have the same shape"
+        )
     for name, values in (("predictions", predictions), ("labels", labels)):
         if values.numel() and not 0 <= int(values.min()) <= int(values.max()) < num_classes:
-            raise ValueError(
-                f"{name} must lie in 0..{num_classes - 1}, got {int(values.min())}..{int(values.max())}"
-            )
+            raise ValueError(f"{name} must lie in 0..{num_classes - 1}, got {int(values.min())}..{int(values.max())}")
     flat = labels.long().flatten() * num_classes + predictions.long().flatten()
     return torch.bincount(flat.cpu(), minlength=num_classes * num_classes).view(num_classes, num_classes)
 
@@ -74,7 +74,11 @@ class ClassificationTask:
     def __init__(self, classes: Sequence[str], label_smoothing: float = 0.0) -> None:
         if len(classes) < 2:
             raise ValueError(f"a classification task needs at least 2 classes, got {list(classes)}")
-        if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) or not 0 <= label_smoothing < 1:
+        if (
+            not isinstance(label_smoothing, (int, float))
+            or isinstance(label_smoothing, bool)
+            or not 0 <= label_smoothing < 1
+        ):
             raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
         self.classes = tuple(classes)
         self.label_smoothing = float(label_smoothing)
@@ -103,8 +107,8 @@ class ClassificationTask:
                 logits = model(images).float()
                 if logits.shape != (len(labels), self.num_classes):
                     raise ValueError(
-                        f"model returned logits of shape {tuple(logits.shape)}; expected [{len(labels)}, {self.num_classes}] "
-                        f"for {self.num_classes} classes"
+                        f"model returned logits of shape {tuple(logits.shape)}; "
+                        f"expected [{len(labels)}, {self.num_classes}] for {self.num_classes} classes"
                     )
                 total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
                 confusion += confusion_matrix(logits.argmax(dim=-1), labels, self.num_classes)

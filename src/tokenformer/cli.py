@@ -8,8 +8,9 @@ the signature and docstring. A new subcommand is one more entry in :data:`COMMAN
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal
 
 import numpy as np
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -21,7 +22,10 @@ from .vision import VISION_PRESETS, VisionConfig, count_vision_parameters
 
 def presets() -> None:
     """List the named model presets: language models (parameters, training FLOPs per token), then vision models."""
-    print(f"{'preset':<12} {'layers':>6} {'d':>5} {'qkv':>5} {'proj':>5} {'ffn':>6} {'params':>10} {'non-emb':>10} {'train GFLOP/tok':>16}")
+    print(
+        f"{'preset':<12} {'layers':>6} {'d':>5} {'qkv':>5} {'proj':>5} {'ffn':>6} "
+        f"{'params':>10} {'non-emb':>10} {'train GFLOP/tok':>16}"
+    )
     for name in PRESETS:
         c = TokenformerConfig.from_preset(name)
         print(
@@ -33,7 +37,10 @@ def presets() -> None:
     for name in VISION_PRESETS:
         v = VisionConfig.from_preset(name)
         image = f"{v.in_channels}x{v.image_size}x{v.image_size}"
-        print(f"{name:<14} {image:>9} {v.patch_size:>5} {v.seq_len:>6} {v.n_layers:>6} {v.d_model:>5} {count_vision_parameters(v) / 1e6:>9.2f}M")
+        print(
+            f"{name:<14} {image:>9} {v.patch_size:>5} {v.seq_len:>6} {v.n_layers:>6} {v.d_model:>5} "
+            f"{count_vision_parameters(v) / 1e6:>9.2f}M"
+        )
 
 
 def train(config) -> None:
@@ -57,8 +64,10 @@ def train(config) -> None:
             say(f"step {last['step']}: {describe_validation(last)}")
         if isinstance(trainer.task, ImageClassificationTask):
             result = trainer.task.test(trainer.evaluated_model, trainer.run_dir)
-            say(f"test accuracy {result.accuracy:.4f} (loss {result.loss:.4f}) over {result.count} images; "
-                f"confusion matrix: {trainer.run_dir / CONFUSION_PNG}")
+            say(
+                f"test accuracy {result.accuracy:.4f} (loss {result.loss:.4f}) over {result.count} images; "
+                f"confusion matrix: {trainer.run_dir / CONFUSION_PNG}"
+            )
         say(f"checkpoint: {trainer.last_checkpoint}")
     finally:
         close_distributed()
@@ -75,10 +84,10 @@ def describe_validation(metrics: dict[str, float]) -> str:
 def grow(
     checkpoint: str,
     out: str,
-    qkv_tokens: Optional[int] = None,
-    proj_tokens: Optional[int] = None,
-    ffn_tokens: Optional[int] = None,
-    layers: Optional[list[int]] = None,
+    qkv_tokens: int | None = None,
+    proj_tokens: int | None = None,
+    ffn_tokens: int | None = None,
+    layers: list[int] | None = None,
     key_init: Literal["zeros", "random"] = "zeros",
     evaluate: bool = True,
     device: str = "auto",
@@ -96,26 +105,32 @@ def grow(
         evaluate: Print the validation loss before and right after growth.
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
-    from .train import Trainer, TrainConfig, resolve_checkpoint
+    from .train import TrainConfig, Trainer, resolve_checkpoint
     from .train.checkpoint import read_train_config
 
     source = resolve_checkpoint(checkpoint)
-    config = TrainConfig.from_dict({**read_train_config(source), "resume": str(source), "device": device, "progress": False, "strategy": "single"})
+    config = TrainConfig.from_dict(
+        {**read_train_config(source), "resume": str(source), "device": device, "progress": False, "strategy": "single"}
+    )
     trainer = Trainer(config)
     before = trainer.evaluate() if evaluate else None
-    record = trainer.grow(qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init)
+    record = trainer.grow(
+        qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init
+    )
     after = trainer.evaluate() if evaluate else None
     path = trainer.save_checkpoint(out)
     parameters = sum(p.numel() for p in trainer.model.parameters())
-    print(f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer "
-          f"({parameters / 1e6:.2f}M parameters, function preserving: {record.function_preserving})")
+    print(
+        f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer "
+        f"({parameters / 1e6:.2f}M parameters, function preserving: {record.function_preserving})"
+    )
     if before is not None:
         print(f"before growth: {describe_validation(before)}; right after: {describe_validation(after)}")
     print(f"grown checkpoint: {path}")
 
 
 def consolidate(checkpoint: str, out: str) -> None:
-    """Turn a sharded checkpoint (``--strategy fsdp``) into the single-file format, or a single-file one into a sharded one.
+    """Turn a sharded checkpoint (``--strategy fsdp``) into a single-file one, or a single-file one into a sharded one.
 
     Args:
         checkpoint: A training checkpoint, or a run directory (its newest complete checkpoint).
@@ -133,11 +148,16 @@ def consolidate(checkpoint: str, out: str) -> None:
         path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng)
     else:
         optimizer.load_state_dict(loaded.optimizer_state)
-        path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng, sharded=True)
+        path = save_checkpoint(
+            out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng, sharded=True
+        )
     kind = "single-file" if loaded.sharded else "sharded"
     print(f"wrote {source} at step {loaded.trainer_state['step']} as a {kind} checkpoint: {path}")
     if loaded.ema is not None:
-        print("note: the moving average of the weights (ema.safetensors) is not carried over: a sharded checkpoint cannot hold it")
+        print(
+            "note: the moving average of the weights (ema.safetensors) is not carried over: "
+            "a sharded checkpoint cannot hold it"
+        )
 
 
 def generate(
@@ -145,10 +165,10 @@ def generate(
     prompt: str = "",
     max_new_tokens: int = 200,
     temperature: float = 0.8,
-    top_k: Optional[int] = 50,
-    top_p: Optional[float] = None,
+    top_k: int | None = 50,
+    top_p: float | None = None,
     seed: int = 0,
-    tokenizer: Optional[str] = None,
+    tokenizer: str | None = None,
     device: str = "auto",
 ) -> str:
     """Continue a prompt with a trained model (KV-cached sampling) and print the text.
@@ -174,7 +194,14 @@ def generate(
     if not ids:
         raise ValueError("the prompt is empty and the tokenizer has no end-of-text token to start from; pass --prompt")
     generator = torch.Generator(device=target).manual_seed(seed)
-    out = net.generate(torch.tensor([ids], device=target), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    out = net.generate(
+        torch.tensor([ids], device=target),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+    )
     text = tok.decode(out[0, len(ids) :].tolist())
     print(prompt + text)
     return prompt + text
@@ -182,19 +209,19 @@ def generate(
 
 def evaluate(
     model: str,
-    data: Optional[Union[str, list[str]]] = None,
+    data: str | list[str] | None = None,
     split: Literal["train", "val"] = "val",
-    seq_len: Optional[int] = None,
+    seq_len: int | None = None,
     batch_size: int = 8,
-    max_windows: Optional[int] = None,
-    tokenizer: Optional[str] = None,
+    max_windows: int | None = None,
+    tokenizer: str | None = None,
     precision: Literal["fp32", "bf16-mixed"] = "fp32",
     device: str = "auto",
     harness: bool = False,
-    tasks: Optional[list[str]] = None,
-    num_fewshot: Optional[int] = None,
-    limit: Optional[float] = None,
-    include_path: Optional[str] = None,
+    tasks: list[str] | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    include_path: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity of a model on its training corpus's split, or on other text; or lm-eval tasks with --harness.
 
@@ -228,8 +255,14 @@ def evaluate(
         from .train.trainer import resolve_device
 
         results = run_harness(
-            model_directory(model), tasks, tokenizer=tokenizer, num_fewshot=num_fewshot,
-            batch_size=batch_size, limit=limit, device=str(resolve_device(device)), include_path=include_path,
+            model_directory(model),
+            tasks,
+            tokenizer=tokenizer,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            limit=limit,
+            device=str(resolve_device(device)),
+            include_path=include_path,
         )
         print(table(results))
         return results
@@ -253,11 +286,16 @@ def evaluate(
         arrays = [np.asarray(tok.encode_long(d.text) + eos) for d in docs]
         windows = even_windows(arrays, seq_len, max_windows)
         what = f"{len(docs)} document(s)"
-    autocast = torch.autocast(target.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(target.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    )
     net.eval()
     with autocast:
         metrics = evaluate_windows(net, windows, batch_size, target)
-    print(f"perplexity {metrics['val_ppl']:.3f} (loss {metrics['val_loss']:.4f} nats/token over {metrics['val_tokens']} tokens of {what})")
+    print(
+        f"perplexity {metrics['val_ppl']:.3f} "
+        f"(loss {metrics['val_loss']:.4f} nats/token over {metrics['val_tokens']} tokens of {what})"
+    )
     return metrics
 
 
@@ -265,10 +303,10 @@ def convert(
     src: str,
     dst: str,
     from_hub: bool = False,
-    revision: Optional[str] = None,
-    preset: Optional[str] = None,
-    n_heads: Optional[int] = None,
-    tokenizer: Optional[str] = None,
+    revision: str | None = None,
+    preset: str | None = None,
+    n_heads: int | None = None,
+    tokenizer: str | None = None,
     overwrite: bool = False,
 ) -> None:
     """Convert a released checkpoint (GPT-NeoX layout pytorch_model.bin) into a model directory of ours.
@@ -305,11 +343,14 @@ def model_directory(path: str) -> Path:
         directory = resolve_checkpoint(directory)
         verify_checkpoint(directory)
         if is_sharded(directory):
-            raise ValueError(f"{directory} is a sharded checkpoint; write it whole first: tokenformer consolidate --checkpoint {directory} --out DIR")
+            raise ValueError(
+                f"{directory} is a sharded checkpoint; write it whole first: "
+                f"tokenformer consolidate --checkpoint {directory} --out DIR"
+            )
     return directory
 
 
-def load_for_inference(path: str, tokenizer: Optional[str], device) -> tuple[Any, Any, Optional[dict]]:
+def load_for_inference(path: str, tokenizer: str | None, device) -> tuple[Any, Any, dict | None]:
     """Model, tokenizer and (for a training checkpoint) its training config, from a directory."""
     from .data import load_tokenizer
     from .io import load_model
@@ -324,7 +365,7 @@ def load_for_inference(path: str, tokenizer: Optional[str], device) -> tuple[Any
     return net, load_tokenizer(tokenizer_path), saved
 
 
-def scale(plan: str, out_dir: Optional[str] = None) -> None:
+def scale(plan: str, out_dir: str | None = None) -> None:
     """Run a scaling plan: grown TokenFormer against from-scratch and grown Transformer baselines.
 
     Writes results.json, report.md and plots into the plan's out_dir; rerunning an interrupted
@@ -359,7 +400,9 @@ POSITIONAL = ("scale",)
 def build_parser() -> ArgumentParser:
     from .train import TrainConfig
 
-    parser = ArgumentParser(prog="tokenformer", description="TokenFormer: train, grow, evaluate and sample language models.")
+    parser = ArgumentParser(
+        prog="tokenformer", description="TokenFormer: train, grow, evaluate and sample language models."
+    )
     subcommands = parser.add_subcommands()
     for name, command in COMMANDS.items():
         sub = ArgumentParser(description=(command.__doc__ or "").split("\n\n")[0])
@@ -373,9 +416,9 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .train import CheckpointError, TrainConfig, TrainingDiverged
-
     import torch
+
+    from .train import CheckpointError, TrainConfig, TrainingDiverged
 
     torch.set_flush_denormal(True)  # CPU training and inference are several times slower without it
     parser = build_parser()
@@ -387,7 +430,16 @@ def main(argv: list[str] | None = None) -> None:
             train(TrainConfig(**options))
         else:
             COMMANDS[name](**options)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, CheckpointError, TrainingDiverged, ImportError, RuntimeError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ConnectionError,
+        CheckpointError,
+        TrainingDiverged,
+        ImportError,
+        RuntimeError,
+    ) as exc:
         print(f"tokenformer {name}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 from .pattention import NORMS
 
@@ -83,7 +84,7 @@ class BlockConfig:
     projection: str = "pattention"
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
-    layer_tokens: Optional[list[dict[str, int]]] = field(default=None)
+    layer_tokens: list[dict[str, int]] | None = field(default=None)
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("d_model", "n_layers", "n_heads", "qkv_tokens", "proj_tokens", "ffn_tokens"))
@@ -97,9 +98,12 @@ class BlockConfig:
                     f"(n_layers={self.n_layers}) or None"
                 )
             for i, counts in enumerate(self.layer_tokens):
-                if sorted(counts) != sorted(TOKEN_KINDS) or any(not isinstance(v, int) or v < 1 for v in counts.values()):
+                if sorted(counts) != sorted(TOKEN_KINDS) or any(
+                    not isinstance(v, int) or v < 1 for v in counts.values()
+                ):
                     raise ValueError(
-                        f"config field layer_tokens[{i}]={counts!r} must map each of {TOKEN_KINDS} to a positive integer"
+                        f"config field layer_tokens[{i}]={counts!r} must map each of {TOKEN_KINDS} "
+                        "to a positive integer"
                     )
 
     @property
@@ -177,7 +181,7 @@ class TokenformerConfig(BlockConfig):
         return int(self.head_dim * self.rotary_pct)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "TokenformerConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> TokenformerConfig:
         return cls(**{**lookup_preset(PRESETS, name), **overrides})
 
 
@@ -196,7 +200,9 @@ def _released(n_layers: int, d: int, n_heads: int) -> dict[str, Any]:
 
 def _paper_path(qkv: int) -> dict[str, Any]:
     # The paper's OpenWebText scaling path: 12 layers, d 768, seq 1024, ffn tokens = 4 x qkv tokens.
-    return dict(n_layers=12, d_model=768, n_heads=12, qkv_tokens=qkv, proj_tokens=qkv, ffn_tokens=4 * qkv, max_seq_len=1024)
+    return dict(
+        n_layers=12, d_model=768, n_heads=12, qkv_tokens=qkv, proj_tokens=qkv, ffn_tokens=4 * qkv, max_seq_len=1024
+    )
 
 
 def _cpu(n_layers: int, d: int, n_heads: int) -> dict[str, Any]:

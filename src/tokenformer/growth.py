@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -92,7 +93,9 @@ def _grow_pattention(
     ]
 
 
-def _grow_mlp(mlp: MLP, hidden: int, key_init: str, std: float, generator: torch.Generator | None, name: str) -> list[GrownParameter]:
+def _grow_mlp(
+    mlp: MLP, hidden: int, key_init: str, std: float, generator: torch.Generator | None, name: str
+) -> list[GrownParameter]:
     # Net2Net-style widening: new hidden units get random incoming weights and zero outgoing
     # weights, so the output is unchanged and both receive gradient.
     old = mlp.fc1.out_features
@@ -193,7 +196,9 @@ def grow(
     _set_config_tokens(model, after)
     softmax = config.projection == "pattention" and config.norm == "softmax"
     if softmax and grown:
-        warnings.warn("growing a softmax Pattention changes its outputs: zero keys still take probability mass")
+        warnings.warn(
+            "growing a softmax Pattention changes its outputs: zero keys still take probability mass", stacklevel=2
+        )
     preserving = not grown or (key_init == "zeros" and not softmax)
     return GrowthRecord(before, after, key_init, preserving, grown)
 
@@ -232,7 +237,9 @@ def stack_layers(model: nn.Module, n_layers: int) -> StackRecord:
     config = model.config
     old = config.n_layers
     if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers <= old:
-        raise ValueError(f"stack_layers cannot shrink or keep the depth: n_layers={n_layers!r}; allowed: an integer > {old}")
+        raise ValueError(
+            f"stack_layers cannot shrink or keep the depth: n_layers={n_layers!r}; allowed: an integer > {old}"
+        )
     sources = [i % old for i in range(n_layers)]
     for i in range(old, n_layers):
         block = copy.deepcopy(model.layers[sources[i]])
@@ -258,8 +265,11 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
             for key, value in state.items():
                 if not torch.is_tensor(value) or value.shape == param.shape or value.dim() != param.dim():
                     continue
-                if any(old > new for old, new in zip(value.shape, param.shape)):
-                    raise ValueError(f"optimizer state {key!r} of shape {tuple(value.shape)} is larger than its parameter {tuple(param.shape)}")
+                if any(old > new for old, new in zip(value.shape, param.shape, strict=True)):
+                    raise ValueError(
+                        f"optimizer state {key!r} of shape {tuple(value.shape)} "
+                        f"is larger than its parameter {tuple(param.shape)}"
+                    )
                 grown = value.new_zeros(param.shape)
                 grown[tuple(slice(0, s) for s in value.shape)] = value
                 state[key] = grown
@@ -278,7 +288,9 @@ class TokenUpdateScale:
     Frozen rows also get zero gradients, so they do not count towards gradient clipping.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, record: GrowthRecord, old_scale: float = 1.0, new_scale: float = 1.0) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, record: GrowthRecord, old_scale: float = 1.0, new_scale: float = 1.0
+    ) -> None:
         if old_scale < 0 or new_scale < 0:
             raise ValueError(f"update scales must be >= 0, got old_scale={old_scale}, new_scale={new_scale}")
         self.grown = record.grown
@@ -305,7 +317,7 @@ class TokenUpdateScale:
 
     @torch.no_grad()
     def _rescale(self, *_) -> None:
-        for g, before in zip(self.grown, self._before):
+        for g, before in zip(self.grown, self._before, strict=True):
             delta = g.param - before
             delta.narrow(g.dim, 0, g.old_size).mul_(self.old_scale)
             delta.narrow(g.dim, g.old_size, g.param.shape[g.dim] - g.old_size).mul_(self.new_scale)

@@ -23,7 +23,11 @@ from .pattention import Pattention
 
 
 def make_projection(
-    config: BlockConfig, num_tokens: int, out_std: float, in_features: int | None = None, out_features: int | None = None
+    config: BlockConfig,
+    num_tokens: int,
+    out_std: float,
+    in_features: int | None = None,
+    out_features: int | None = None,
 ) -> nn.Module:
     """A projection (``d_model -> d_model`` unless given): a Pattention, or a bias-free Linear for the baseline."""
     in_features = config.d_model if in_features is None else in_features
@@ -135,7 +139,9 @@ class KVCache:
 EXPLICIT_ATTENTION_MAX_LEN = 49
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
     """``softmax(q k^T / sqrt(head_dim)) v`` computed step by step; ``allowed`` (boolean,
     broadcastable to the scores) masks out the False pairs, as ``scaled_dot_product_attention``'s
     boolean ``attn_mask`` does. The softmax runs in at least float32 (as SDPA's CPU kernels accumulate),
@@ -146,7 +152,9 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowe
     return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ v
 
 
-def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+def bidirectional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention without a causal mask: the explicit form for short sequences on CPU, else SDPA."""
     if q.device.type == "cpu" and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_LEN:
         return explicit_attention(q, k, v, allowed)
@@ -161,7 +169,9 @@ class SelfAttention(nn.Module):
     (a scalar added to the log of the usual 1/sqrt(head_dim) scale, starting at 0).
     """
 
-    def __init__(self, config: BlockConfig, tokens: dict[str, int], causal: bool = True, locality: bool = False) -> None:
+    def __init__(
+        self, config: BlockConfig, tokens: dict[str, int], causal: bool = True, locality: bool = False
+    ) -> None:
         super().__init__()
         if causal and locality:
             raise ValueError("locality self-attention needs bidirectional attention (causal=False)")
@@ -224,7 +234,9 @@ class Block(nn.Module):
         # The release's in-block LayerNorm has no learnable weight or bias.
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         h = x + self.attention(self._norm(x), cos, sin, cache, self.layer)
         return h + self.mlp(self._norm(h))
 
@@ -241,7 +253,8 @@ class TokenformerLM(nn.Module):
     def _check_input(self, input_ids: torch.Tensor, start: int) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(
-                f"input_ids must be an integer tensor of shape [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}"
+                "input_ids must be an integer tensor of shape [batch, seq], "
+                f"got {input_ids.dtype} {tuple(input_ids.shape)}"
             )
         end = start + input_ids.shape[1]
         if end > self.config.max_seq_len:

@@ -208,7 +208,12 @@ _FUSED_COMPILES = tuple(int(part) for part in torch.__version__.split("+")[0].sp
 
 
 def pattention(
-    x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, norm: str = "l2_norm_gelu", impl: str = "auto"
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tau: torch.Tensor,
+    norm: str = "l2_norm_gelu",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """``theta(x @ keys^T) @ values`` over the last axis of ``x``.
 

@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BlockConfig, check_choice, check_divides, check_field, check_positive_ints, is_int, is_number, lookup_preset
+from .config import (
+    BlockConfig,
+    check_choice,
+    check_divides,
+    check_field,
+    check_positive_ints,
+    is_int,
+    is_number,
+    lookup_preset,
+)
 from .flops import block_parameters
 from .model import Block, make_projection, weight_decay_groups
 
@@ -73,11 +82,15 @@ class VisionConfig(BlockConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_ints(self, ("image_size", "patch_size", "in_channels", "num_classes", "patch_tokens", "head_tokens"))
+        check_positive_ints(
+            self, ("image_size", "patch_size", "in_channels", "num_classes", "patch_tokens", "head_tokens")
+        )
         check_divides(self, "patch_size", "image_size")
         check_choice(self, "pool", POOLS)
         check_field(
-            self, "patch_shift", lambda v: is_int(v) and 0 <= v < self.patch_size,
+            self,
+            "patch_shift",
+            lambda v: is_int(v) and 0 <= v < self.patch_size,
             f"an integer number of pixels from 0 (off) to patch_size - 1 = {self.patch_size - 1}",
         )
         check_field(self, "drop_path", lambda v: is_number(v) and 0 <= v < 1, "a probability in [0, 1)")
@@ -104,7 +117,7 @@ class VisionConfig(BlockConfig):
         """Tokens per image: the patches and, with ``pool="cls"``, the class token."""
         return self.num_patches + (self.pool == "cls")
 
-    def parameter_matched_linear(self) -> "VisionConfig":
+    def parameter_matched_linear(self) -> VisionConfig:
         """The ``projection="linear"`` ViT with (almost) the same number of parameters.
 
         Blocks, patch projection and head all differ between the two; the MLP hidden width of
@@ -120,15 +133,25 @@ class VisionConfig(BlockConfig):
         return self.replace(projection="linear", ffn_tokens=hidden)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "VisionConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> VisionConfig:
         return cls(**{**lookup_preset(VISION_PRESETS, name), **overrides})
 
 
 def _small(image_size: int, patch_size: int, in_channels: int, n_layers: int, d: int, n_heads: int) -> dict[str, Any]:
     # Every token count d and FFN 4d, the released ratios.
     return dict(
-        image_size=image_size, patch_size=patch_size, in_channels=in_channels, num_classes=10, n_layers=n_layers,
-        d_model=d, n_heads=n_heads, qkv_tokens=d, proj_tokens=d, ffn_tokens=4 * d, patch_tokens=d, head_tokens=d,
+        image_size=image_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        num_classes=10,
+        n_layers=n_layers,
+        d_model=d,
+        n_heads=n_heads,
+        qkv_tokens=d,
+        proj_tokens=d,
+        ffn_tokens=4 * d,
+        patch_tokens=d,
+        head_tokens=d,
     )
 
 
@@ -160,8 +183,12 @@ def training_flops_per_image(config: VisionConfig) -> int:
     token of the sequence passes the block weights and attends to the whole sequence; the patch
     projection runs once per patch and the head once per image."""
     d, n = config.d_model, config.seq_len
-    patch_weights = config.patch_tokens * (config.patch_dim + d) if config.projection == "pattention" else config.patch_dim * d
-    head_weights = config.head_tokens * (d + config.num_classes) if config.projection == "pattention" else d * config.num_classes
+    patch_weights = (
+        config.patch_tokens * (config.patch_dim + d) if config.projection == "pattention" else config.patch_dim * d
+    )
+    head_weights = (
+        config.head_tokens * (d + config.num_classes) if config.projection == "pattention" else d * config.num_classes
+    )
     blocks = n * (2 * block_parameters(config) + 2 * 2 * n * d * config.n_layers)
     return 3 * (blocks + 2 * patch_weights * config.num_patches + 2 * head_weights)
 

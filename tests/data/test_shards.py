@@ -1,11 +1,19 @@
 import numpy as np
 import pytest
 import torch
-
-from tokenformer.data import Document, Tokenizer, TokenShards, build_shards, load_documents, load_tokenizer, token_dtype, train_bpe
-from tokenformer.data.shards import is_validation_chunk
-
 from conftest import NEOX_TOKENIZER
+
+from tokenformer.data import (
+    Document,
+    Tokenizer,
+    TokenShards,
+    build_shards,
+    load_documents,
+    load_tokenizer,
+    token_dtype,
+    train_bpe,
+)
+from tokenformer.data.shards import is_validation_chunk
 
 
 def word_level_tokenizer(vocab_size: int) -> Tokenizer:
@@ -26,7 +34,9 @@ def test_dtype_follows_vocab_size():
 def test_large_vocab_is_stored_as_uint32(tmp_path):
     tok = word_level_tokenizer(70_000)
     ids = [69_999, 3, 65_536, 12] * 50
-    shards = TokenShards.open(build_shards([Document("d", " ".join(f"w{i}" for i in ids))], tok, tmp_path, chunk_tokens=16))
+    shards = TokenShards.open(
+        build_shards([Document("d", " ".join(f"w{i}" for i in ids))], tok, tmp_path, chunk_tokens=16)
+    )
     assert shards.meta["dtype"] == "uint32"
     stored = np.concatenate([np.asarray(a) for split in ("train", "val") for a in shards.arrays[split]])
     assert sorted(stored.tolist()) == sorted(ids)
@@ -42,8 +52,12 @@ def test_split_is_a_deterministic_partition_of_the_token_stream(tmp_path, corpus
     docs = load_documents(str(corpus_file))
     tok = train_bpe(docs, 512, cache_dir)
     chunk = 256
-    a = TokenShards.open(build_shards(docs, tok, tmp_path / "a", val_fraction=0.1, chunk_tokens=chunk, shard_tokens=5000))
-    b = TokenShards.open(build_shards(docs, tok, tmp_path / "b", val_fraction=0.1, chunk_tokens=chunk, shard_tokens=5000))
+    a = TokenShards.open(
+        build_shards(docs, tok, tmp_path / "a", val_fraction=0.1, chunk_tokens=chunk, shard_tokens=5000)
+    )
+    b = TokenShards.open(
+        build_shards(docs, tok, tmp_path / "b", val_fraction=0.1, chunk_tokens=chunk, shard_tokens=5000)
+    )
     assert len(a.arrays["train"]) > 1  # rolled over into several shard files
     for split in ("train", "val"):
         assert [np.asarray(x).tolist() for x in a.arrays[split]] == [np.asarray(x).tolist() for x in b.arrays[split]]

@@ -1,9 +1,8 @@
 import pytest
+from conftest import NEOX_TOKENIZER
 
 from tokenformer.data import load_documents, load_tokenizer, train_bpe
 from tokenformer.data import tokenizer as tokenizer_module
-
-from conftest import NEOX_TOKENIZER
 
 
 @pytest.mark.skipif(not NEOX_TOKENIZER.is_file(), reason=f"GPT-NeoX-20B tokenizer.json not found at {NEOX_TOKENIZER}")

@@ -32,8 +32,17 @@ def tiny_plan(corpus_file: Path, cache_dir: Path, out_dir: Path, **changes) -> d
         ],
         lr_grid=[0.003, 0.01],
         ablation_steps=2,
-        data=str(corpus_file), vocab_size=512, cache_dir=str(cache_dir), seq_len=32, batch_size=4,
-        warmup_steps=2, device="cpu", threads=1, eval_interval=2, eval_batches=3, ckpt_interval=4,
+        data=str(corpus_file),
+        vocab_size=512,
+        cache_dir=str(cache_dir),
+        seq_len=32,
+        batch_size=4,
+        warmup_steps=2,
+        device="cpu",
+        threads=1,
+        eval_interval=2,
+        eval_batches=3,
+        ckpt_interval=4,
     )
     return {**plan, **changes}
 
@@ -54,7 +63,9 @@ def reached(curve, target):
             if i == 0:
                 return point["flops"]
             a = curve[i - 1]
-            return a["flops"] + (a["val_loss"] - target) / (a["val_loss"] - point["val_loss"]) * (point["flops"] - a["flops"])
+            return a["flops"] + (a["val_loss"] - target) / (a["val_loss"] - point["val_loss"]) * (
+                point["flops"] - a["flops"]
+            )
     return None
 
 
@@ -80,8 +91,10 @@ def test_flops_add_up_over_the_stages(finished):
     for arm, runs in results["runs"].items():
         overrides = plan.arm_models(arm)
         steps = [s.steps for s in plan.stages] if len(overrides) > 1 else [plan.total_steps]
-        per_token = [training_flops_per_token(plan.train_config(m, 1e-3, "x").model_config(512), plan.seq_len) for m in overrides]
-        expected = sum(n * tokens_per_step * f for n, f in zip(steps, per_token))
+        per_token = [
+            training_flops_per_token(plan.train_config(m, 1e-3, "x").model_config(512), plan.seq_len) for m in overrides
+        ]
+        expected = sum(n * tokens_per_step * f for n, f in zip(steps, per_token, strict=True))
         for result in runs.values():
             assert result["flops"] == pytest.approx(expected, rel=1e-12)
             assert result["curve"][-1]["flops"] == result["flops"]
@@ -107,12 +120,15 @@ def test_stacked_arm_grows_in_depth_where_the_plan_says(finished):
     plan, results, _ = finished
     depths = plan.stacked_depths()
     assert depths == [1, 2, 2]  # 2 final layers x the TokenFormer stages' shares 1/2, 3/4, 1 of the parameters
-    deeper = [end for end, a, b in zip(plan.stage_ends(), depths, depths[1:]) if b > a]
+    deeper = [end for end, a, b in zip(plan.stage_ends(), depths, depths[1:], strict=False) if b > a]
     final = plan.arm_models("transformer_scratch")[0]
     for result in results["runs"]["transformer_stacked"].values():
         assert result["growth_steps"] == deeper
-        assert result["stage_parameters"][-1] == results["runs"]["transformer_scratch"][f"lr-{plan.lr_grid[0]:g}"]["parameters"]
-        (step, before, after), = scaling.growth_jumps(result)
+        assert (
+            result["stage_parameters"][-1]
+            == results["runs"]["transformer_scratch"][f"lr-{plan.lr_grid[0]:g}"]["parameters"]
+        )
+        ((step, before, after),) = scaling.growth_jumps(result)
         assert step == deeper[0] and after != pytest.approx(before, abs=1e-4)  # G_stack is not function preserving
     assert plan.arm_models("transformer_stacked")[-1] == final
 
@@ -127,11 +143,13 @@ def test_paired_differences_follow_from_the_stored_batch_losses(finished):
         a = best[row["arm"]]["curve"][-1]["val_batch_losses"]
         b = best[row["baseline"]]["curve"][-1]["val_batch_losses"]
         assert len(a) == len(b) == plan.eval_batches
-        diffs = [x - y for x, y in zip(a, b)]
+        diffs = [x - y for x, y in zip(a, b, strict=True)]
         mean = sum(diffs) / len(diffs)
         se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
         assert row["difference"] == pytest.approx(mean, abs=1e-12)
-        assert row["difference"] == pytest.approx(best[row["arm"]]["final_val_loss"] - best[row["baseline"]]["final_val_loss"], abs=1e-6)
+        assert row["difference"] == pytest.approx(
+            best[row["arm"]]["final_val_loss"] - best[row["baseline"]]["final_val_loss"], abs=1e-6
+        )
         assert row["se"] == pytest.approx(se, rel=1e-9)
         assert f"| {row['arm']} | {row['baseline']} | {mean:+.4f} | {se:.4f} |" in report
 
@@ -152,7 +170,11 @@ def test_reported_ratios_follow_from_the_stored_curves(finished):
     for row in results["equal_compute"]:
         for arm, loss in row["val_loss"].items():
             if loss is not None:
-                assert min(p["val_loss"] for p in best[arm]["curve"]) <= loss <= max(p["val_loss"] for p in best[arm]["curve"])
+                assert (
+                    min(p["val_loss"] for p in best[arm]["curve"])
+                    <= loss
+                    <= max(p["val_loss"] for p in best[arm]["curve"])
+                )
 
 
 def test_ablation_starts_every_variant_from_the_same_checkpoint(finished):
@@ -168,7 +190,9 @@ def test_ablation_starts_every_variant_from_the_same_checkpoint(finished):
         assert variant["curve"][-1]["step"] == plan.stage_ends()[0] + plan.ablation_steps
     # The recipe is the grown arm's own first growth step: the same loss after the same steps.
     end = plan.stage_ends()[0] + plan.ablation_steps
-    assert ablation["recipe"]["final_val_loss"] == pytest.approx([p for p in grown["curve"] if p["step"] == end][-1]["val_loss"], abs=1e-6)
+    assert ablation["recipe"]["final_val_loss"] == pytest.approx(
+        [p for p in grown["curve"] if p["step"] == end][-1]["val_loss"], abs=1e-6
+    )
     assert ablation["lr_rewarmup"]["final_val_loss"] != ablation["recipe"]["final_val_loss"]
     stored = Path(plan.out_dir) / "ablation" / f"lr-{results['best_lr']['tokenformer_grown']:g}"
     assert sorted(p.name for p in stored.iterdir()) == sorted(scaling.ABLATIONS)
@@ -196,8 +220,12 @@ def test_an_interrupted_plan_continues_to_the_same_results(finished, tmp_path, c
     for arm in arms:
         for lr, result in results["runs"][arm].items():
             again = resumed["runs"][arm][lr]
-            assert [(p["step"], p["flops"]) for p in again["curve"]] == [(p["step"], p["flops"]) for p in result["curve"]]
-            assert [p["val_loss"] for p in again["curve"]] == pytest.approx([p["val_loss"] for p in result["curve"]], abs=1e-5)
+            assert [(p["step"], p["flops"]) for p in again["curve"]] == [
+                (p["step"], p["flops"]) for p in result["curve"]
+            ]
+            assert [p["val_loss"] for p in again["curve"]] == pytest.approx(
+                [p["val_loss"] for p in result["curve"]], abs=1e-5
+            )
 
 
 def test_a_finished_plan_reruns_from_its_stored_results(finished, monkeypatch, capsys):
@@ -231,10 +259,18 @@ def _broken(base: dict, path: str, value) -> dict:
         ("stages.1.steps", 0, r"stages\[1\]\.steps=0 .*positive integer"),
         ("stages.0", {"qkv_tokens": 16}, r"stages\[0\]=.*exactly qkv_tokens, proj_tokens, ffn_tokens, steps"),
         ("lr_grid", [0.01, -1], r"lr_grid=\[0.01, -1\] .*learning rates > 0"),
-        ("arms", ["tokenformer_grown", "resnet"], r"arms=.*'resnet'.*allowed: a non-empty list of distinct arms from tokenformer_grown"),
+        (
+            "arms",
+            ["tokenformer_grown", "resnet"],
+            r"arms=.*'resnet'.*allowed: a non-empty list of distinct arms from tokenformer_grown",
+        ),
         ("arms", ["transformer_scratch"], r"ablation=True .*arms include tokenformer_grown"),
         ("min_lr_ratio", 2, r"min_lr_ratio=2 .*\[0, 1\]"),
-        ("model_overrides.n_layers", 1, r"arms=.*transformer_stacked only with a final depth that grows.*depths \[1, 1, 1\]"),
+        (
+            "model_overrides.n_layers",
+            1,
+            r"arms=.*transformer_stacked only with a final depth that grows.*depths \[1, 1, 1\]",
+        ),
         ("seq_len", 0, r"training option seq_len=0"),
         ("model", "gpt-5", r"unknown preset 'gpt-5'"),
         ("learning_rate", 0.1, r"unknown plan field\(s\) \['learning_rate'\]"),

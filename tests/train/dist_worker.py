@@ -5,7 +5,7 @@ again and trains to the end. Rank 0 prints the three validation losses as JSON."
 import json
 import sys
 
-from tokenformer.train import Trainer, TrainConfig
+from tokenformer.train import TrainConfig, Trainer
 from tokenformer.train.parallel import close_distributed
 
 trainer = Trainer(TrainConfig(**json.loads(sys.argv[1])))
@@ -15,7 +15,9 @@ trainer.fit(growth["grow_at"])
 before = trainer.evaluate()["val_loss"]
 trainer.grow(**growth["tokens"])
 after = trainer.evaluate()["val_loss"]
-moments_fit = all(trainer.optimizer.state[p]["exp_avg"].shape == p.shape for g in trainer.optimizer.param_groups for p in g["params"])
+moments_fit = all(
+    trainer.optimizer.state[p]["exp_avg"].shape == p.shape for g in trainer.optimizer.param_groups for p in g["params"]
+)
 trainer.fit()
 trainer.close()
 if trainer.dist.is_main:

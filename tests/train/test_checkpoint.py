@@ -2,11 +2,18 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_train_options
 
 from tokenformer.io import load_model
-from tokenformer.train import CheckpointError, Trainer, TrainConfig, latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
-
-from conftest import tiny_train_options
+from tokenformer.train import (
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    verify_checkpoint,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +40,10 @@ def test_checkpoint_holds_model_optimizer_config_and_growth(run):
     assert [r["step"] for r in state["val_history"]] == [4, 8, 12]
     moments = checkpoint.optimizer_state["state"]
     assert len(moments) == len(list(trainer.model.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(checkpoint.model.state_dict().values(), trainer.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(checkpoint.model.state_dict().values(), trainer.model.state_dict().values(), strict=True)
+    )
     assert load_model(paths[-1]).config == trainer.model.config  # also a plain model directory
     assert (paths[-1] / "tokenizer.json").is_file()
 
@@ -82,7 +92,13 @@ def test_corrupted_byte_is_named_and_explicit_resume_refuses(run, tmp_path, corp
 def test_keep_last_and_stale_staging_folders(tmp_path, corpus_file, cache_dir):
     out = tmp_path / "run"
     (out / "checkpoints" / ".step-00000002.tmp-abc").mkdir(parents=True)  # left by a killed save
-    trainer = Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, out, max_steps=5, ckpt_interval=1, keep_last=2, eval_interval=5)))
+    trainer = Trainer(
+        TrainConfig(
+            **tiny_train_options(
+                corpus_file, cache_dir, out, max_steps=5, ckpt_interval=1, keep_last=2, eval_interval=5
+            )
+        )
+    )
     trainer.fit()
     trainer.close()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]

@@ -1,11 +1,10 @@
 import math
 
 import pytest
+from conftest import cli_flags, tiny_train_options
 
 from tokenformer.cli import main
 from tokenformer.train import TrainConfig, lr_at
-
-from conftest import cli_flags, tiny_train_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,13 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import cli_flags, tiny_train_options
 
 from tokenformer import io
 from tokenformer.cli import main
-from tokenformer.train import Trainer, TrainConfig, list_checkpoints, read_metrics, verify_checkpoint
+from tokenformer.train import TrainConfig, Trainer, list_checkpoints, read_metrics, verify_checkpoint
 from tokenformer.train.parallel import Distributed, RankSlice
-
-from conftest import cli_flags, tiny_train_options
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -57,7 +56,9 @@ def assert_same_curve(got: dict[int, float], want: dict[int, float], steps) -> N
 def runs(tmp_path_factory, corpus_file, cache_dir):
     """The same 20 steps (global micro-batch 4, 2 micro-batches per step) on 1 process, 2 DDP ranks and 2 FSDP ranks."""
     root = tmp_path_factory.mktemp("dist")
-    options = tiny_train_options(corpus_file, cache_dir, root / "single", max_steps=STEPS, grad_accum=2, eval_interval=10, ckpt_interval=10)
+    options = tiny_train_options(
+        corpus_file, cache_dir, root / "single", max_steps=STEPS, grad_accum=2, eval_interval=10, ckpt_interval=10
+    )
     torch.set_num_threads(1)
     main(["train", *cli_flags(options)])
     for strategy in ("ddp", "fsdp"):
@@ -73,16 +74,29 @@ def test_ddp_and_fsdp_reproduce_the_single_process_losses(runs):
         assert_same_curve(losses(root / strategy), single, range(1, STEPS + 1))
         assert_same_curve(losses(root / strategy, "val"), losses(root / "single", "val"), (10, 20))
         records = read_metrics(root / strategy / "metrics.jsonl")
-        assert [r["tokens"] for r in records if r["kind"] == "train"][-1] == STEPS * 2 * 4 * 32  # the global batch, counted once
+        assert [r["tokens"] for r in records if r["kind"] == "train"][
+            -1
+        ] == STEPS * 2 * 4 * 32  # the global batch, counted once
 
 
 def test_ddp_keeps_the_moving_average_of_one_process(tmp_path, corpus_file, cache_dir):
-    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "single", max_steps=10, grad_accum=2, eval_interval=5, ckpt_interval=10, ema_decay=0.9)
+    options = tiny_train_options(
+        corpus_file,
+        cache_dir,
+        tmp_path / "single",
+        max_steps=10,
+        grad_accum=2,
+        eval_interval=5,
+        ckpt_interval=10,
+        ema_decay=0.9,
+    )
     main(["train", *cli_flags(options)])
     torchrun(2, {**options, "out_dir": str(tmp_path / "ddp"), "strategy": "ddp"})
     for key in ("loss", "loss_raw"):  # the averaged weights' validation loss, and the live weights'
         assert_same_curve(losses(tmp_path / "ddp", "val", key), losses(tmp_path / "single", "val", key), (5, 10))
-    single, ddp = (io.load_weights(list_checkpoints(tmp_path / run)[-1] / "ema.safetensors") for run in ("single", "ddp"))
+    single, ddp = (
+        io.load_weights(list_checkpoints(tmp_path / run)[-1] / "ema.safetensors") for run in ("single", "ddp")
+    )
     assert single.keys() == ddp.keys()
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5)
@@ -112,7 +126,9 @@ def test_consolidate_turns_sharded_into_single_file_and_back(runs, tmp_path, cap
     first, again = io.load_model(tmp_path / "single"), io.load_model(tmp_path / "again")
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
-    assert (tmp_path / "single" / "optimizer.safetensors").read_bytes() == (tmp_path / "again" / "optimizer.safetensors").read_bytes()
+    assert (tmp_path / "single" / "optimizer.safetensors").read_bytes() == (
+        tmp_path / "again" / "optimizer.safetensors"
+    ).read_bytes()
     with pytest.raises(SystemExit):
         main(["consolidate", "--checkpoint", str(sharded), "--out", str(tmp_path / "single")])  # never overwrites
     with pytest.raises(SystemExit):
@@ -126,26 +142,74 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
     then growth inside the running 2-rank FSDP job (gathered, grown and resharded in memory)."""
     root, options = runs
     sharded = list_checkpoints(root / "fsdp")[-1]
-    main(["grow", "--checkpoint", str(sharded), "--out", str(tmp_path / "grown"), "--ffn_tokens", "48", "--qkv_tokens", "24", "--device", "cpu"])
+    main(
+        [
+            "grow",
+            "--checkpoint",
+            str(sharded),
+            "--out",
+            str(tmp_path / "grown"),
+            "--ffn_tokens",
+            "48",
+            "--qkv_tokens",
+            "24",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "function preserving: True" in capsys.readouterr().out
-    before = [r["loss"] for r in read_metrics(root / "fsdp" / "metrics.jsonl") if r["kind"] == "val" and r["step"] == STEPS][0]
-    grown = {**options, "resume": str(tmp_path / "grown"), "out_dir": str(tmp_path / "run"), "max_steps": STEPS + 4, "strategy": "fsdp", "threads": 1}
+    before = [
+        r["loss"] for r in read_metrics(root / "fsdp" / "metrics.jsonl") if r["kind"] == "val" and r["step"] == STEPS
+    ][0]
+    grown = {
+        **options,
+        "resume": str(tmp_path / "grown"),
+        "out_dir": str(tmp_path / "run"),
+        "max_steps": STEPS + 4,
+        "strategy": "fsdp",
+        "threads": 1,
+    }
     growth = {"grow_at": STEPS + 2, "tokens": {"ffn_tokens": 64}}
-    done = subprocess.run(torchrun_command(2, str(WORKER), json.dumps(grown), json.dumps(growth)), env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        torchrun_command(2, str(WORKER), json.dumps(grown), json.dumps(growth)),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert abs(report["first"] - before) <= 1e-5 * before, (before, report)
     assert abs(report["after"] - report["before"]) <= 1e-5 * report["before"], report
     assert report["moments_fit"]
     assert sorted(losses(tmp_path / "run")) == list(range(STEPS + 1, STEPS + 5))
-    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-00000022", "step-00000024"]  # fit writes one at its last step
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == [
+        "step-00000022",
+        "step-00000024",
+    ]  # fit writes one at its last step
     assert io.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
 
 
 def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_file, cache_dir):
     steps = 60
-    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "killed", max_steps=steps, ckpt_interval=5, eval_interval=20, strategy="ddp", threads=1, dist_timeout=30)
-    launcher = subprocess.Popen(torchrun_command(2, "-m", "tokenformer.cli", "train", *cli_flags(options)), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    options = tiny_train_options(
+        corpus_file,
+        cache_dir,
+        tmp_path / "killed",
+        max_steps=steps,
+        ckpt_interval=5,
+        eval_interval=20,
+        strategy="ddp",
+        threads=1,
+        dist_timeout=30,
+    )
+    launcher = subprocess.Popen(
+        torchrun_command(2, "-m", "tokenformer.cli", "train", *cli_flags(options)),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while max(losses(tmp_path / "killed"), default=0) < 7:
         assert launcher.poll() is None, f"training exited early: {launcher.stderr.read()[-3000:]}"
@@ -174,7 +238,10 @@ def test_bad_distributed_options_are_refused_with_what_is_allowed(tmp_path, corp
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match=r"strategy='zero' is invalid; allowed: single, ddp, fsdp"):
         TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, strategy="zero"))
-    with pytest.raises(ValueError, match=r"strategy=fsdp needs the environment torchrun sets \(RANK, .*missing\); launch with: torchrun"):
+    with pytest.raises(
+        ValueError,
+        match=r"strategy=fsdp needs the environment torchrun sets \(RANK, .*missing\); launch with: torchrun",
+    ):
         Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, strategy="fsdp")))
     with pytest.raises(ValueError, match=r"batch_size=3 does not split over 2 ranks"):
         RankSlice(None, 3, Distributed("ddp", 0, 2))

@@ -5,18 +5,19 @@ import re
 
 import pytest
 import torch
-
-from tokenformer.train import Trainer, TrainConfig
-from tokenformer.train.checkpoint import EMA, latest_checkpoint
-
 from conftest import tiny_train_options
+
+from tokenformer.train import TrainConfig, Trainer
+from tokenformer.train.checkpoint import EMA, latest_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(tmp_path, corpus_file, cache_dir, **overrides) -> Trainer:
     options = dict(ema_decay=0.75, max_steps=6, eval_interval=100, ckpt_interval=100)
-    return Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / "run", **{**options, **overrides})))
+    return Trainer(
+        TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / "run", **{**options, **overrides}))
+    )
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -28,7 +29,7 @@ def test_average_follows_the_weights_step_by_step(tmp_path, corpus_file, cache_d
     expected = None
     # The first update copies the weights; update k moves 1 - decay of the way towards them, with
     # decay min(0.2, (1 + k) / (10 + k)): 2/11 (warming up) for k = 1, then 0.2.
-    for step, decay in zip(range(1, 4), (None, 2 / 11, 0.2)):
+    for step, decay in zip(range(1, 4), (None, 2 / 11, 0.2), strict=True):
         trainer.fit(step)
         now = weights(trainer.model)
         expected = now if expected is None else {n: decay * expected[n] + (1 - decay) * now[n] for n in now}
@@ -47,8 +48,12 @@ def test_validation_uses_the_average_and_logs_the_live_weights(tmp_path, corpus_
     assert last["val_loss"] != last["val_loss_raw"]
     task = trainer.task
     with torch.no_grad():
-        assert task.evaluate(trainer.evaluated_model, trainer.device)["val_loss"] == pytest.approx(last["val_loss"], abs=1e-6)
-        assert task.evaluate(trainer.model.eval(), trainer.device)["val_loss"] == pytest.approx(last["val_loss_raw"], abs=1e-6)
+        assert task.evaluate(trainer.evaluated_model, trainer.device)["val_loss"] == pytest.approx(
+            last["val_loss"], abs=1e-6
+        )
+        assert task.evaluate(trainer.model.eval(), trainer.device)["val_loss"] == pytest.approx(
+            last["val_loss_raw"], abs=1e-6
+        )
 
 
 def test_without_ema_decay_the_model_itself_is_evaluated(tmp_path, corpus_file, cache_dir):
@@ -107,7 +112,10 @@ def test_growth_grows_the_average_and_keeps_its_function(tmp_path, corpus_file, 
         if name in grown:
             g = grown[name]
             assert torch.equal(p.narrow(g.dim, 0, g.old_size), old[name])
-            assert torch.equal(p.narrow(g.dim, g.old_size, p.shape[g.dim] - g.old_size), live[name].narrow(g.dim, g.old_size, p.shape[g.dim] - g.old_size))
+            assert torch.equal(
+                p.narrow(g.dim, g.old_size, p.shape[g.dim] - g.old_size),
+                live[name].narrow(g.dim, g.old_size, p.shape[g.dim] - g.old_size),
+            )
         else:
             assert torch.equal(p, old[name])
     trainer.fit()
@@ -135,7 +143,9 @@ def test_depth_stacking_copies_the_average_of_the_source_layers(tmp_path, corpus
 
 @pytest.mark.parametrize("value", [1.0, -0.1, "0.9", True])
 def test_bad_ema_decay_is_refused(tmp_path, corpus_file, cache_dir, value):
-    with pytest.raises(ValueError, match=re.escape(f"ema_decay={value!r} is invalid; allowed: a number in [0, 1) (0 is off)")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"ema_decay={value!r} is invalid; allowed: a number in [0, 1) (0 is off)")
+    ):
         TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, ema_decay=value))
 
 
@@ -144,7 +154,9 @@ def test_ema_with_sharded_training_is_refused(tmp_path, corpus_file, cache_dir):
         TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, ema_decay=0.9, strategy="fsdp"))
 
 
-def test_grow_command_grows_the_saved_average_and_consolidate_says_it_drops_it(tmp_path, corpus_file, cache_dir, capsys):
+def test_grow_command_grows_the_saved_average_and_consolidate_says_it_drops_it(
+    tmp_path, corpus_file, cache_dir, capsys
+):
     from tokenformer.cli import main
     from tokenformer.train import load_checkpoint
 
@@ -156,7 +168,9 @@ def test_grow_command_grows_the_saved_average_and_consolidate_says_it_drops_it(t
     shapes = {name: p.shape for name, p in grown.model.state_dict().items()}
     assert {name: t.shape for name, t in grown.ema.items()} == shapes
     assert grown.trainer_state["ema_updates"] == 3
-    resumed = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=6, ckpt_interval=3, resume=str(tmp_path / "grown"))
+    resumed = make_trainer(
+        tmp_path, corpus_file, cache_dir, max_steps=6, ckpt_interval=3, resume=str(tmp_path / "grown")
+    )
     assert resumed.evaluated_model.layers[0].mlp.num_tokens == 48
     resumed.fit()
     resumed.close()
@@ -168,6 +182,11 @@ def test_a_sharded_checkpoint_refuses_averaged_weights(tmp_path):
     from tokenformer.train.checkpoint import save_checkpoint
 
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"a sharded checkpoint cannot hold averaged weights \(ema\); allowed: ema=None with sharded=True"):
-        save_checkpoint(tmp_path / "ckpt", model, torch.optim.AdamW(model.parameters()), {}, ema=model.state_dict(), sharded=True)
+    with pytest.raises(
+        ValueError,
+        match=r"a sharded checkpoint cannot hold averaged weights \(ema\); allowed: ema=None with sharded=True",
+    ):
+        save_checkpoint(
+            tmp_path / "ckpt", model, torch.optim.AdamW(model.parameters()), {}, ema=model.state_dict(), sharded=True
+        )
     assert not (tmp_path / "ckpt").exists()

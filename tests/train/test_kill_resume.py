@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cli_flags, tiny_train_options
 
 from tokenformer.cli import main
 from tokenformer.train import list_checkpoints, read_metrics, verify_checkpoint
-
-from conftest import cli_flags, tiny_train_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,10 +25,17 @@ def train_losses(run: Path) -> dict[int, float]:
 
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path, corpus_file, cache_dir):
     steps = 30
-    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "killed", max_steps=steps, ckpt_interval=2, eval_interval=10)
+    options = tiny_train_options(
+        corpus_file, cache_dir, tmp_path / "killed", max_steps=steps, ckpt_interval=2, eval_interval=10
+    )
     kill_at = random.randint(3, steps - 5)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    process = subprocess.Popen([sys.executable, "-m", "tokenformer.cli", "train", *cli_flags(options)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenformer.cli", "train", *cli_flags(options)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while max(train_losses(tmp_path / "killed"), default=0) < kill_at:
         assert process.poll() is None, f"training exited early: {process.stderr.read().decode()}"

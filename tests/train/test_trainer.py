@@ -4,10 +4,17 @@ import math
 import pytest
 import torch
 import yaml
-
-from tokenformer.train import Trainer, TrainConfig, TrainingDiverged, language_modeling_task, list_checkpoints, read_metrics, verify_checkpoint
-
 from conftest import tiny_train_options
+
+from tokenformer.train import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    language_modeling_task,
+    list_checkpoints,
+    read_metrics,
+    verify_checkpoint,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +88,17 @@ class HalvesOfOneBatch:
 def test_gradient_accumulation_equals_the_full_batch(tmp_path, corpus_file, cache_dir):
     weights = []
     for accum in (1, 2):
-        config = TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / f"run{accum}", grad_accum=accum, max_steps=3, eval_interval=3, ckpt_interval=3))
+        config = TrainConfig(
+            **tiny_train_options(
+                corpus_file,
+                cache_dir,
+                tmp_path / f"run{accum}",
+                grad_accum=accum,
+                max_steps=3,
+                eval_interval=3,
+                ckpt_interval=3,
+            )
+        )
         task, tokenizer = language_modeling_task(config)
         trainer = Trainer(config, task=HalvesOfOneBatch(task, accum), tokenizer=tokenizer)
         trainer.fit()
@@ -109,7 +126,9 @@ def test_grow_in_python_keeps_validation_loss_and_continues(tmp_path, corpus_fil
 
 
 def test_stack_in_python_copies_layers_and_their_moments_and_resumes(tmp_path, corpus_file, cache_dir):
-    trainer = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto")
+    trainer = make_trainer(
+        tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto"
+    )
     trainer.fit(4)
     layers = trainer.model.config.n_layers
     moments = {n: trainer.optimizer.state[p]["exp_avg"].clone() for n, p in trainer.model.named_parameters()}
@@ -126,7 +145,9 @@ def test_stack_in_python_copies_layers_and_their_moments_and_resumes(tmp_path, c
     assert trainer.optimizer.state[copied]["exp_avg"] is not trainer.optimizer.state[original]["exp_avg"]
     trainer.fit(6)
     trainer.close()
-    resumed = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto")
+    resumed = make_trainer(
+        tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto"
+    )
     assert resumed.state.step == 6 and resumed.model.config.n_layers == 2 * layers
     assert resumed.state.growth_history[0]["n_layers_after"] == 2 * layers
     resumed.fit()
@@ -134,7 +155,9 @@ def test_stack_in_python_copies_layers_and_their_moments_and_resumes(tmp_path, c
 
 
 def test_bf16_mixed_precision_trains(tmp_path, corpus_file, cache_dir):
-    trainer = make_trainer(tmp_path, corpus_file, cache_dir, precision="bf16-mixed", max_steps=4, eval_interval=4, ckpt_interval=4)
+    trainer = make_trainer(
+        tmp_path, corpus_file, cache_dir, precision="bf16-mixed", max_steps=4, eval_interval=4, ckpt_interval=4
+    )
     trainer.fit()
     trainer.close()
     assert math.isfinite(trainer.state.val_history[-1]["val_loss"])
@@ -152,9 +175,12 @@ def test_resume_in_process_reproduces_the_losses(tmp_path, corpus_file, cache_di
     assert resumed.state.step == 5
     resumed.fit()
     resumed.close()
-    losses = [[(r["step"], r["loss"]) for r in read_metrics(t / "run" / "metrics.jsonl") if r["kind"] == "train"] for t in (tmp_path / "a", tmp_path / "b")]
+    losses = [
+        [(r["step"], r["loss"]) for r in read_metrics(t / "run" / "metrics.jsonl") if r["kind"] == "train"]
+        for t in (tmp_path / "a", tmp_path / "b")
+    ]
     assert [s for s, _ in losses[1]] == list(range(1, 13))
-    for (_, a), (_, b) in zip(*losses):
+    for (_, a), (_, b) in zip(*losses, strict=True):
         assert abs(a - b) <= 1e-6
 
 
@@ -179,7 +205,9 @@ def test_adamw_is_fused_on_cpu_and_keeps_its_implementation_when_resumed(tmp_pat
     old = tmp_path / "old" / "step-00000004"
     save_checkpoint(old, loaded.model, default, loaded.trainer_state, loaded.tokenizer_json, loaded.rng)
     assert all(group["fused"] is None for group in load_checkpoint(old).optimizer_state["param_groups"])
-    resumed = make_trainer(tmp_path, corpus_file, cache_dir, resume=str(old), max_steps=6, eval_interval=6, ckpt_interval=6)
+    resumed = make_trainer(
+        tmp_path, corpus_file, cache_dir, resume=str(old), max_steps=6, eval_interval=6, ckpt_interval=6
+    )
     assert all(group["fused"] is True for group in resumed.optimizer.param_groups)
     assert all(state["step"].dtype == torch.float32 for state in resumed.optimizer.state.values())
     resumed.fit()
@@ -199,7 +227,9 @@ def test_keep_own_implementation_undoes_the_flags_of_a_loaded_state():
     assert plain.param_groups[0]["fused"] is True  # what loading alone leaves behind
     keep_own_implementation(plain)
     assert plain.param_groups[0]["fused"] is None
-    assert plain.state[weights[0]]["step"].device.type == "cpu" and plain.state[weights[0]]["step"].dtype == torch.float32
+    assert (
+        plain.state[weights[0]]["step"].device.type == "cpu" and plain.state[weights[0]]["step"].dtype == torch.float32
+    )
     plain.step()
     assert float(plain.state[weights[0]]["step"]) == 2
 

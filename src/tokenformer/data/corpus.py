@@ -6,9 +6,9 @@ import glob
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 DEFAULT_CORPUS = "kjv"
 HF_PREFIX = "hf:"
@@ -64,16 +64,22 @@ def _read_file(path: Path) -> Document:
     except UnicodeDecodeError as exc:
         raise ValueError(f"corpus file {path} is not UTF-8 text: {exc}") from exc
     if not text.strip():
-        raise ValueError(f"corpus file {path} is empty; allowed: a UTF-8 text file with at least one non-blank character")
+        raise ValueError(
+            f"corpus file {path} is empty; allowed: a UTF-8 text file with at least one non-blank character"
+        )
     return Document(str(path), text)
 
 
 def _directory_files(directory: Path) -> list[Path]:
     files = sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not p.name.startswith(".")
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not p.name.startswith(".")
     )
     if not files:
-        raise ValueError(f"corpus directory {directory} has no text files; allowed suffixes: {', '.join(TEXT_SUFFIXES)}")
+        raise ValueError(
+            f"corpus directory {directory} has no text files; allowed suffixes: {', '.join(TEXT_SUFFIXES)}"
+        )
     return files
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -120,7 +120,9 @@ def build_shards(
             "documents": len(documents),
             "val_fraction": val_fraction,
             "chunk_tokens": chunk_tokens,
-            "files": {split: [[f"{split}-{i:05d}.bin", n] for i, n in enumerate(writers[split].counts)] for split in SPLITS},
+            "files": {
+                split: [[f"{split}-{i:05d}.bin", n] for i, n in enumerate(writers[split].counts)] for split in SPLITS
+            },
         }
         atomic_write_text(staging / META_NAME, json.dumps(meta, indent=2) + "\n")
     return directory
@@ -135,7 +137,7 @@ class TokenShards:
     arrays: dict[str, list[np.ndarray]]
 
     @classmethod
-    def open(cls, directory: str | Path) -> "TokenShards":
+    def open(cls, directory: str | Path) -> TokenShards:
         directory = Path(directory)
         meta_path = directory / META_NAME
         if not meta_path.is_file():
@@ -148,7 +150,9 @@ class TokenShards:
             for name, count in meta["files"][split]:
                 path = directory / name
                 if path.stat().st_size != count * dtype.itemsize:
-                    raise ValueError(f"token shard {path} has {path.stat().st_size} bytes, expected {count * dtype.itemsize}")
+                    raise ValueError(
+                        f"token shard {path} has {path.stat().st_size} bytes, expected {count * dtype.itemsize}"
+                    )
                 arrays[split].append(np.memmap(path, dtype=dtype, mode="r", shape=(count,)))
         return cls(directory, meta, arrays)
 
@@ -165,10 +169,13 @@ class TokenShards:
         if longest < seq_len + 1:
             raise ValueError(
                 f"the {split} split has only {self.num_tokens(split)} tokens (longest shard {longest}); "
-                f"seq_len={seq_len} needs at least {seq_len + 1}: use a smaller seq_len, another val_fraction or more text"
+                f"seq_len={seq_len} needs at least {seq_len + 1}: "
+                "use a smaller seq_len, another val_fraction or more text"
             )
 
-    def random_windows(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def random_windows(
+        self, split: str, batch_size: int, seq_len: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_size`` windows at uniformly random offsets (nanoGPT style): inputs and next-token targets."""
         self.check_window(split, seq_len)
         arrays = [a for a in self._split(split) if len(a) > seq_len]
@@ -176,7 +183,10 @@ class TokenShards:
         offsets = torch.randint(int(starts_per_array.sum()), (batch_size,), generator=generator).numpy()
         bounds = np.cumsum(starts_per_array)
         which = np.searchsorted(bounds, offsets, side="right")
-        rows = [arrays[w][o - (bounds[w] - starts_per_array[w]) :][: seq_len + 1] for w, o in zip(which, offsets)]
+        rows = [
+            arrays[w][o - (bounds[w] - starts_per_array[w]) :][: seq_len + 1]
+            for w, o in zip(which, offsets, strict=True)
+        ]
         return windows_to_batch(rows)
 
     def even_windows(self, split: str, seq_len: int, max_windows: int | None = None) -> list[np.ndarray]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..io import atomic_write_text, file_or_inside
 from .corpus import Document, fingerprint
@@ -33,10 +33,12 @@ class Tokenizer:
         self.json_text = json_text
         self.fingerprint = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.eos_id = next((backend.token_to_id(t) for t in (EOS_TOKEN, "</s>", "<eos>") if backend.token_to_id(t) is not None), None)
+        self.eos_id = next(
+            (backend.token_to_id(t) for t in (EOS_TOKEN, "</s>", "<eos>") if backend.token_to_id(t) is not None), None
+        )
 
     @classmethod
-    def from_json(cls, json_text: str) -> "Tokenizer":
+    def from_json(cls, json_text: str) -> Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         return cls(Backend.from_str(json_text), json_text)
@@ -87,7 +89,9 @@ def train_bpe(documents: Sequence[Document], vocab_size: int, cache_dir: str | P
     vocab size, so a second run on the same text loads it instead of training again.
     """
     if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
-        raise ValueError(f"vocab_size={vocab_size!r} is too small for a byte-level BPE; allowed: an integer >= {MIN_BPE_VOCAB}")
+        raise ValueError(
+            f"vocab_size={vocab_size!r} is too small for a byte-level BPE; allowed: an integer >= {MIN_BPE_VOCAB}"
+        )
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / "tokenizers" / f"bpe-{vocab_size}-{fingerprint(documents)[:16]}.json"
     if path.is_file():
@@ -110,7 +114,9 @@ def train_bpe(documents: Sequence[Document], vocab_size: int, cache_dir: str | P
     return tokenizer
 
 
-def get_tokenizer(spec: str, documents: Sequence[Document], vocab_size: int, cache_dir: str | Path | None = None) -> Tokenizer:
+def get_tokenizer(
+    spec: str, documents: Sequence[Document], vocab_size: int, cache_dir: str | Path | None = None
+) -> Tokenizer:
     """``spec="bpe"`` trains (or loads the cached) byte-level BPE; anything else is a tokenizer.json path."""
     if spec == "bpe":
         return train_bpe(documents, vocab_size, cache_dir)

@@ -20,9 +20,9 @@ import pickle
 import struct
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,14 +30,25 @@ import torch
 from ..config import is_int, is_number
 
 try:  # NumPy >= 2 (and the forward-compatibility alias of 1.26)
-    from numpy._core import multiarray as _np_multiarray, numeric as _np_numeric
+    from numpy._core import multiarray as _np_multiarray
+    from numpy._core import numeric as _np_numeric
 except ImportError:  # pragma: no cover - older NumPy
-    from numpy.core import multiarray as _np_multiarray, numeric as _np_numeric
+    from numpy.core import multiarray as _np_multiarray
+    from numpy.core import numeric as _np_numeric
 
 SPLITS = ("train", "test")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -83,7 +94,14 @@ def channel_stats(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
 # IDX (the MNIST family's format): 0x00 0x00 <element type> <ndim>, ndim big-endian uint32
 # sizes, then the elements big-endian.
 
-IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+IDX_TYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -109,7 +127,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     ndim, dtype = raw[3], IDX_TYPES[raw[2]]
     data_start = 4 + 4 * ndim
     if len(raw) < data_start:
-        raise ValueError(f"{path}: IDX header declares {ndim} dimensions ({4 * ndim} bytes of sizes) but the file ends after {len(raw)} bytes")
+        raise ValueError(
+            f"{path}: IDX header declares {ndim} dimensions ({4 * ndim} bytes of sizes) "
+            f"but the file ends after {len(raw)} bytes"
+        )
     shape = struct.unpack(f">{ndim}I", raw[4:data_start])
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) - data_start != expected:
@@ -136,10 +157,15 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR, split: str = "train
     _check_split(split)
     root = Path(root)
     prefix = "train" if split == "train" else "t10k"
-    images_path, labels_path = _find_idx(root, f"{prefix}-images-idx3-ubyte"), _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images_path, labels_path = (
+        _find_idx(root, f"{prefix}-images-idx3-ubyte"),
+        _find_idx(root, f"{prefix}-labels-idx1-ubyte"),
+    )
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(f"{images_path}: expected uint8 images of shape [N, 28, 28], got {images.dtype} {list(images.shape)}")
+        raise ValueError(
+            f"{images_path}: expected uint8 images of shape [N, 28, 28], got {images.dtype} {list(images.shape)}"
+        )
     if labels.dtype != np.uint8 or labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(
             f"{labels_path}: expected {len(images)} uint8 labels (one per image in {images_path.name}), "
@@ -147,7 +173,9 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR, split: str = "train
         )
     if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"{labels_path}: labels must lie in 0..9 (10 classes), found {labels.max()}")
-    return ImageDataset(torch.from_numpy(images)[:, None], torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES)
+    return ImageDataset(
+        torch.from_numpy(images)[:, None], torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,12 +234,19 @@ def _cifar_batch(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict):
         raise ValueError(f"{source}: expected a dict with b'data' and b'labels', got {type(batch).__name__}")
     images, labels = batch.get(b"data", batch.get("data")), batch.get(b"labels", batch.get("labels"))
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 2
+        or images.shape[1] != 3 * 32 * 32
+    ):
         got = f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
         raise ValueError(f"{source}: expected b'data' as a uint8 array [N, 3072], got {got}")
     labels = np.asarray(labels)
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{source}: expected b'labels' as {len(images)} integers, got {labels.dtype} {list(labels.shape)}")
+        raise ValueError(
+            f"{source}: expected b'labels' as {len(images)} integers, got {labels.dtype} {list(labels.shape)}"
+        )
     if len(labels) and not 0 <= labels.min() <= labels.max() < len(CIFAR10_CLASSES):
         raise ValueError(f"{source}: labels must lie in 0..9 (10 classes), found {labels.min()}..{labels.max()}")
     return images.reshape(-1, 3, 32, 32), labels.astype(np.int64)
@@ -227,7 +262,9 @@ def _cifar_members(path: Path, names: tuple[str, ...]) -> Iterator[tuple[str, by
             yield str(folder / name), (folder / name).read_bytes()
         return
     if not path.is_file():
-        raise FileNotFoundError(f"CIFAR-10 archive not found: {path} (give cifar-10-python.tar.gz or its extracted {_CIFAR_DIR} directory)")
+        raise FileNotFoundError(
+            f"CIFAR-10 archive not found: {path} (give cifar-10-python.tar.gz or its extracted {_CIFAR_DIR} directory)"
+        )
     try:
         with tarfile.open(path, "r:*") as archive:
             for name in names:
@@ -237,7 +274,9 @@ def _cifar_members(path: Path, names: tuple[str, ...]) -> Iterator[tuple[str, by
                 except KeyError:
                     stream = None
                 if stream is None:
-                    raise FileNotFoundError(f"{path}: archive has no file {member}; expected {', '.join(names)} in {_CIFAR_DIR}/")
+                    raise FileNotFoundError(
+                        f"{path}: archive has no file {member}; expected {', '.join(names)} in {_CIFAR_DIR}/"
+                    )
                 yield f"{path}:{member}", stream.read()
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise ValueError(f"{path}: not a readable tar archive (truncated or corrupted?): {exc}") from exc
@@ -263,7 +302,9 @@ def load_image_dataset(name: str, path: str | Path | None = None, split: str = "
         return load_fashion_mnist(FASHION_MNIST_DIR if path is None else path, split)
     if name == "cifar10":
         if path is None:
-            raise ValueError("cifar10 needs a path: cifar-10-python.tar.gz or its extracted cifar-10-batches-py directory")
+            raise ValueError(
+                "cifar10 needs a path: cifar-10-python.tar.gz or its extracted cifar-10-batches-py directory"
+            )
         return load_cifar10(path, split)
     raise ValueError(f"unknown image dataset {name!r}; allowed: {', '.join(VISION_DATASETS)}")
 
@@ -312,7 +353,13 @@ class ImageBatches:
                 f"got mean {mean.tolist()}, std {std.tolist()}"
             )
         self.dataset, self.batch_size = dataset, batch_size
-        self.shuffle, self.crop_padding, self.hflip, self.drop_last, self.seed = shuffle, crop_padding, hflip, drop_last, seed
+        self.shuffle, self.crop_padding, self.hflip, self.drop_last, self.seed = (
+            shuffle,
+            crop_padding,
+            hflip,
+            drop_last,
+            seed,
+        )
         self.erase_prob = float(erase_prob)
         # Batches are put together in NumPy: on a busy CPU, torch's small indexing ops pay for
         # waking its thread pool and take 20x longer.

@@ -29,7 +29,7 @@ import platform
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import yaml
@@ -38,7 +38,7 @@ from .. import io
 from ..config import TokenformerConfig, dataclass_from_dict, is_int, is_number
 from ..flops import count_parameters
 from ..growth import TokenUpdateScale
-from ..train import Trainer, TrainConfig, lr_at
+from ..train import TrainConfig, Trainer, lr_at
 from ..train.metrics import standard_error
 
 ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
@@ -112,12 +112,12 @@ class ScalingPlan:
     model: str = "cpu-0.3M"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     ablation: bool = True
-    ablation_steps: Optional[int] = None
-    data: Union[str, list[str]] = "kjv"
+    ablation_steps: int | None = None
+    data: str | list[str] = "kjv"
     tokenizer: str = "bpe"
     vocab_size: int = 4096
     val_fraction: float = 0.05
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     seq_len: int = 128
     batch_size: int = 16
     grad_accum: int = 1
@@ -128,7 +128,7 @@ class ScalingPlan:
     precision: str = "fp32"
     compile: bool = False
     device: str = "auto"
-    threads: Optional[int] = None
+    threads: int | None = None
     seed: int = 1337
     eval_interval: int = 50
     eval_batches: int = 16
@@ -137,12 +137,22 @@ class ScalingPlan:
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, Stage) else _stage(i, s) for i, s in enumerate(self.stages or [])]
         if len(self.stages) < 3:
-            raise _plan_error("stages", len(self.stages), "a list of at least 3 stages (the grown arms grow at least twice)")
-        for i, (old, new) in enumerate(zip(self.stages, self.stages[1:]), start=2):
+            raise _plan_error(
+                "stages", len(self.stages), "a list of at least 3 stages (the grown arms grow at least twice)"
+            )
+        for i, (old, new) in enumerate(zip(self.stages, self.stages[1:], strict=False), start=2):
             shrinking = [k for k in new.tokens() if new.tokens()[k] < old.tokens()[k]]
             if shrinking or new.tokens() == old.tokens():
-                raise _plan_error(f"stages[{i - 1}]", new.tokens(), f"token counts >= stage {i - 1}'s {old.tokens()}, at least one larger")
-        if not isinstance(self.lr_grid, list) or not self.lr_grid or not all(is_number(v) and v > 0 for v in self.lr_grid):
+                raise _plan_error(
+                    f"stages[{i - 1}]",
+                    new.tokens(),
+                    f"token counts >= stage {i - 1}'s {old.tokens()}, at least one larger",
+                )
+        if (
+            not isinstance(self.lr_grid, list)
+            or not self.lr_grid
+            or not all(is_number(v) and v > 0 for v in self.lr_grid)
+        ):
             raise _plan_error("lr_grid", self.lr_grid, "a non-empty list of learning rates > 0")
         if len(set(self.lr_grid)) != len(self.lr_grid):
             raise _plan_error("lr_grid", self.lr_grid, "distinct learning rates")
@@ -150,7 +160,12 @@ class ScalingPlan:
         if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
             raise _plan_error("arms", self.arms, f"a non-empty list of distinct arms from {', '.join(ARMS)}")
         if "transformer_stacked" in self.arms and len(set(self.stacked_depths())) < 2:
-            raise _plan_error("arms", self.arms, f"transformer_stacked only with a final depth that grows over the stages (depths {self.stacked_depths()}; use n_layers >= 2)")
+            raise _plan_error(
+                "arms",
+                self.arms,
+                "transformer_stacked only with a final depth that grows over the stages "
+                f"(depths {self.stacked_depths()}; use n_layers >= 2)",
+            )
         if self.ablation and "tokenformer_grown" not in self.arms:
             raise _plan_error("ablation", self.ablation, "false unless arms include tokenformer_grown")
         if self.ablation_steps is not None and not (is_int(self.ablation_steps) and self.ablation_steps >= 1):
@@ -181,7 +196,14 @@ class ScalingPlan:
         stages = self.stages if arm in GROWN_ARMS else self.stages[-1:]
         if arm.startswith("tokenformer"):
             return [{**self.model_overrides, **s.tokens()} for s in stages]
-        matched = [{**self.model_overrides, "projection": "linear", "ffn_tokens": self.tokenformer(s).parameter_matched_linear().ffn_tokens} for s in stages]
+        matched = [
+            {
+                **self.model_overrides,
+                "projection": "linear",
+                "ffn_tokens": self.tokenformer(s).parameter_matched_linear().ffn_tokens,
+            }
+            for s in stages
+        ]
         if arm == "transformer_stacked":
             return [{**matched[-1], "n_layers": n} for n in self.stacked_depths()]
         return matched
@@ -198,19 +220,44 @@ class ScalingPlan:
         if arm not in GROWN_ARMS:
             return [({}, self.total_steps)]
         if arm == "transformer_stacked":
-            return [({"n_layers": m["n_layers"]}, end) for m, end in zip(self.arm_models(arm), self.stage_ends())]
+            return [
+                ({"n_layers": m["n_layers"]}, end)
+                for m, end in zip(self.arm_models(arm), self.stage_ends(), strict=True)
+            ]
         kinds = ("qkv_tokens", "proj_tokens", "ffn_tokens") if arm.startswith("tokenformer") else ("ffn_tokens",)
-        return [({k: m[k] for k in kinds}, end) for m, end in zip(self.arm_models(arm), self.stage_ends())]
+        return [({k: m[k] for k in kinds}, end) for m, end in zip(self.arm_models(arm), self.stage_ends(), strict=True)]
 
-    def train_config(self, model_overrides: dict[str, Any], lr: float, out_dir: str | Path, **changes: Any) -> TrainConfig:
+    def train_config(
+        self, model_overrides: dict[str, Any], lr: float, out_dir: str | Path, **changes: Any
+    ) -> TrainConfig:
         options = dict(
-            model=self.model, model_overrides=model_overrides, data=self.data, tokenizer=self.tokenizer,
-            vocab_size=self.vocab_size, val_fraction=self.val_fraction, cache_dir=self.cache_dir, seq_len=self.seq_len,
-            batch_size=self.batch_size, grad_accum=self.grad_accum, max_steps=self.total_steps, lr=lr,
-            min_lr=lr * self.min_lr_ratio, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip, precision=self.precision, compile=self.compile, device=self.device,
-            threads=self.threads, seed=self.seed, out_dir=str(out_dir), eval_interval=self.eval_interval,
-            eval_batches=self.eval_batches, ckpt_interval=self.ckpt_interval, keep_last=2, progress=False,
+            model=self.model,
+            model_overrides=model_overrides,
+            data=self.data,
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            val_fraction=self.val_fraction,
+            cache_dir=self.cache_dir,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            max_steps=self.total_steps,
+            lr=lr,
+            min_lr=lr * self.min_lr_ratio,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            precision=self.precision,
+            compile=self.compile,
+            device=self.device,
+            threads=self.threads,
+            seed=self.seed,
+            out_dir=str(out_dir),
+            eval_interval=self.eval_interval,
+            eval_batches=self.eval_batches,
+            ckpt_interval=self.ckpt_interval,
+            keep_last=2,
+            progress=False,
             log_interval=self.eval_interval,
         )
         return TrainConfig(**{**options, **changes})
@@ -219,7 +266,7 @@ class ScalingPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScalingPlan":
+    def from_dict(cls, data: dict[str, Any]) -> ScalingPlan:
         missing = [name for name in ("out_dir", "stages", "lr_grid") if name not in data]
         if missing:
             raise ValueError(f"plan is missing required field(s) {missing}")
@@ -301,7 +348,10 @@ def run_arm(plan: ScalingPlan, arm: str, lr: float, directory: Path) -> dict[str
         "lr": lr,
         "curve": state.val_history,
         "growth_steps": [g["step"] for g in state.growth_history],
-        "stage_parameters": [count_parameters(plan.train_config(m, lr, directory).model_config(trainer.model.config.vocab_size)) for m in plan.arm_models(arm)],
+        "stage_parameters": [
+            count_parameters(plan.train_config(m, lr, directory).model_config(trainer.model.config.vocab_size))
+            for m in plan.arm_models(arm)
+        ],
         "parameters": count_parameters(trainer.model.config),
         "tokens": state.tokens,
         "flops": state.flops,
@@ -330,7 +380,9 @@ def run_ablation(plan: ScalingPlan, lr: float, source: Path, directory: Path) ->
             continue
         if out.exists():
             shutil.rmtree(out)
-        config = plan.train_config(plan.arm_models("tokenformer_grown")[0], lr, out, resume=str(source), ckpt_interval=plan.total_steps)
+        config = plan.train_config(
+            plan.arm_models("tokenformer_grown")[0], lr, out, resume=str(source), ckpt_interval=plan.total_steps
+        )
         trainer = Trainer(config)
         try:
             before = trainer.state.val_history[-1]
@@ -340,7 +392,7 @@ def run_ablation(plan: ScalingPlan, lr: float, source: Path, directory: Path) ->
                 TokenUpdateScale(trainer.optimizer, record, old_scale=variant["old_scale"])
             if variant["rewarmup"]:
                 rest = dataclasses.replace(config, max_steps=plan.total_steps - start)
-                trainer.lr_schedule = lambda step: lr_at(step - start, rest)
+                trainer.lr_schedule = lambda step, rest=rest: lr_at(step - start, rest)
             trainer.fit(start + steps)
         finally:
             trainer.close()
@@ -426,7 +478,7 @@ def flops_to_reach(curve: list[dict[str, float]], target: float) -> float | None
 
 def loss_at_flops(curve: list[dict[str, float]], flops: float) -> float | None:
     """Validation loss at ``flops``, linear between evaluations; None outside the curve."""
-    for a, b in zip(curve, curve[1:]):
+    for a, b in zip(curve, curve[1:], strict=False):
         if a["flops"] <= flops <= b["flops"]:
             if b["flops"] == a["flops"]:
                 return b["val_loss"]
@@ -454,7 +506,7 @@ def paired_difference(arm: dict[str, Any], baseline: dict[str, Any]) -> tuple[fl
     a, b = arm["curve"][-1].get("val_batch_losses"), baseline["curve"][-1].get("val_batch_losses")
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return None
-    diffs = [x - y for x, y in zip(a, b)]
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
     return sum(diffs) / len(diffs), standard_error(diffs)
 
 
@@ -465,14 +517,16 @@ def comparisons(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         target = best[baseline]["final_val_loss"]
         reached = flops_to_reach(best[arm]["curve"], target)
-        rows.append({
-            "arm": arm,
-            "baseline": baseline,
-            "target_val_loss": target,
-            "flops_to_target": reached,
-            "baseline_flops": best[baseline]["flops"],
-            "ratio": None if reached is None else reached / best[baseline]["flops"],
-        })
+        rows.append(
+            {
+                "arm": arm,
+                "baseline": baseline,
+                "target_val_loss": target,
+                "flops_to_target": reached,
+                "baseline_flops": best[baseline]["flops"],
+                "ratio": None if reached is None else reached / best[baseline]["flops"],
+            }
+        )
     return rows
 
 
@@ -490,7 +544,11 @@ def paired_differences(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def equal_compute(best: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     budget = min(r["flops"] for r in best.values())
     return [
-        {"flops": f * budget, "fraction": f, "val_loss": {arm: loss_at_flops(r["curve"], f * budget) for arm, r in best.items()}}
+        {
+            "flops": f * budget,
+            "fraction": f,
+            "val_loss": {arm: loss_at_flops(r["curve"], f * budget) for arm, r in best.items()},
+        }
         for f in EQUAL_COMPUTE_FRACTIONS
     ]
 
@@ -505,13 +563,29 @@ def plot_curves(best: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for key, label, name in (("flops", "cumulative training FLOPs", "loss_vs_flops.png"), ("wall_time", "training wall time (s)", "loss_vs_wall.png")):
+    for key, label, name in (
+        ("flops", "cumulative training FLOPs", "loss_vs_flops.png"),
+        ("wall_time", "training wall time (s)", "loss_vs_wall.png"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for arm, result in best.items():
             curve = result["curve"]
-            line, = ax.plot([p[key] for p in curve], [p["val_loss"] for p in curve], "o-", markersize=3, label=f"{arm} (lr {result['lr']:g})")
+            (line,) = ax.plot(
+                [p[key] for p in curve],
+                [p["val_loss"] for p in curve],
+                "o-",
+                markersize=3,
+                label=f"{arm} (lr {result['lr']:g})",
+            )
             grown = [p for p in curve if p["step"] in result["growth_steps"]]
-            ax.plot([p[key] for p in grown], [p["val_loss"] for p in grown], "s", color=line.get_color(), markersize=7, fillstyle="none")
+            ax.plot(
+                [p[key] for p in grown],
+                [p["val_loss"] for p in grown],
+                "s",
+                color=line.get_color(),
+                markersize=7,
+                fillstyle="none",
+            )
         if key == "flops":
             ax.set_xscale("log")
         ax.set_xlabel(label + ("; squares: growth" if key == "flops" else ""))
@@ -519,7 +593,7 @@ def plot_curves(best: dict[str, dict[str, Any]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         path = out / name
-        io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        io.atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -531,7 +605,8 @@ def _fmt(value: float | None, spec: str = ".4f", missing: str = "not reached") -
 
 def main_table(results: dict[str, Any]) -> str:
     lines = [
-        "| arm | best lr | parameters | final val loss | ± s.e. | perplexity | cumulative FLOPs | train wall time (s) |",
+        "| arm | best lr | parameters | final val loss | ± s.e. | perplexity | cumulative FLOPs "
+        "| train wall time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for arm, lr in results["best_lr"].items():
@@ -558,8 +633,9 @@ def report(results: dict[str, Any]) -> str:
         f"{m['threads']} thread(s), device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}, {m['precision']}.",
         "",
         f"Data `{plan['data']}`, {plan['tokenizer']} tokenizer ({plan['vocab_size']}), seq_len {plan['seq_len']}, "
-        f"{tokens_per_step} tokens per step, {total_steps} steps ({total_steps * tokens_per_step:,} tokens) for every arm, "
-        f"seed {plan['seed']}. Validation: the same {plan['eval_batches']} batches of fixed windows for every arm and "
+        f"{tokens_per_step} tokens per step, {total_steps} steps ({total_steps * tokens_per_step:,} tokens) "
+        f"for every arm, seed {plan['seed']}. Validation: the same {plan['eval_batches']} batches of fixed windows "
+        "for every arm and "
         f"evaluation. Stages (TokenFormer tokens qkv/proj/ffn, steps): "
         + ", ".join(f"{s['qkv_tokens']}/{s['proj_tokens']}/{s['ffn_tokens']} × {s['steps']}" for s in plan["stages"])
         + ". FLOPs: `tokenformer.flops` (matmuls, 3 × forward), summed over every step of every stage. "
@@ -583,8 +659,17 @@ def report(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for d in results.get("paired_differences", []):
-        out.append(f"| {d['arm']} | {d['baseline']} | {d['difference']:+.4f} | {d['se']:.4f} | {d['difference'] / d['se'] if d['se'] > 0 else math.inf:+.1f} |")
-    out += ["", "## Validation loss at each growth step", "", "| arm | step | before growth | right after | change |", "|---|---|---|---|---|"]
+        out.append(
+            f"| {d['arm']} | {d['baseline']} | {d['difference']:+.4f} | {d['se']:.4f} | "
+            f"{d['difference'] / d['se'] if d['se'] > 0 else math.inf:+.1f} |"
+        )
+    out += [
+        "",
+        "## Validation loss at each growth step",
+        "",
+        "| arm | step | before growth | right after | change |",
+        "|---|---|---|---|---|",
+    ]
     for arm, lr in results["best_lr"].items():
         for step, before, after in growth_jumps(results["runs"][arm][_lr_name(lr)]):
             out.append(f"| {arm} | {step} | {before:.4f} | {after:.4f} | {after - before:+.4f} |")
@@ -612,27 +697,54 @@ def report(results: dict[str, Any]) -> str:
         "",
         "## Validation loss at equal compute",
         "",
-        "Interpolated between evaluations, at fractions of the smallest arm budget; — before an arm's first evaluation.",
+        "Interpolated between evaluations, at fractions of the smallest arm budget; "
+        "— before an arm's first evaluation.",
         "",
         "| FLOPs | " + " | ".join(arms) + " |",
         "|---|" + "---|" * len(arms),
     ]
     for row in results["equal_compute"]:
-        out.append(f"| {row['flops']:.3e} ({row['fraction']:.0%}) | " + " | ".join(_fmt(row["val_loss"][a], ".4f", "—") for a in arms) + " |")
-    out += ["", "## Learning-rate grid (final validation loss)", "", "| arm | " + " | ".join(f"lr {lr:g}" for lr in plan["lr_grid"]) + " |", "|---|" + "---|" * len(plan["lr_grid"])]
+        out.append(
+            f"| {row['flops']:.3e} ({row['fraction']:.0%}) | "
+            + " | ".join(_fmt(row["val_loss"][a], ".4f", "—") for a in arms)
+            + " |"
+        )
+    out += [
+        "",
+        "## Learning-rate grid (final validation loss)",
+        "",
+        "| arm | " + " | ".join(f"lr {lr:g}" for lr in plan["lr_grid"]) + " |",
+        "|---|" + "---|" * len(plan["lr_grid"]),
+    ]
     for arm in arms:
-        out.append(f"| {arm} | " + " | ".join(f"{results['runs'][arm][_lr_name(lr)]['final_val_loss']:.4f}" for lr in plan["lr_grid"]) + " |")
+        out.append(
+            f"| {arm} | "
+            + " | ".join(f"{results['runs'][arm][_lr_name(lr)]['final_val_loss']:.4f}" for lr in plan["lr_grid"])
+            + " |"
+        )
     if results["ablation"]:
         ablation = results["ablation"]
         steps = next(iter(ablation.values()))["steps"]
         out += [
             "",
-            f"## Ablation of the first growth step (from the same stage-1 checkpoint, lr {results['best_lr']['tokenformer_grown']:g}, {steps} steps after growth)",
+            "## Ablation of the first growth step (from the same stage-1 checkpoint, "
+            f"lr {results['best_lr']['tokenformer_grown']:g}, {steps} steps after growth)",
             "",
             "| variant | val loss before growth | right after | after training | ± s.e. |",
             "|---|---|---|---|---|",
         ]
         for name, a in ablation.items():
-            out.append(f"| {ABLATION_LABELS[name]} | {a['loss_before_growth']:.4f} | {a['loss_after_growth']:.4f} | {a['final_val_loss']:.4f} | {a['final_val_loss_se']:.4f} |")
-    out += ["", "## Plots", "", "![validation loss against FLOPs](loss_vs_flops.png)", "", "![validation loss against wall time](loss_vs_wall.png)", ""]
+            out.append(
+                f"| {ABLATION_LABELS[name]} | {a['loss_before_growth']:.4f} | {a['loss_after_growth']:.4f} | "
+                f"{a['final_val_loss']:.4f} | {a['final_val_loss_se']:.4f} |"
+            )
+    out += [
+        "",
+        "## Plots",
+        "",
+        "![validation loss against FLOPs](loss_vs_flops.png)",
+        "",
+        "![validation loss against wall time](loss_vs_wall.png)",
+        "",
+    ]
     return "\n".join(out)

@@ -8,8 +8,8 @@ and lm-evaluation-harness all read it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

@@ -11,8 +11,9 @@ is the ``lm_eval`` command with that registration done, and takes lm_eval's argu
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..io import CONFIG_NAME
 from ..model import TokenformerLM

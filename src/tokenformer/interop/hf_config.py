@@ -35,7 +35,7 @@ class TokenformerHFConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @classmethod
-    def from_tokenformer(cls, config: TokenformerConfig) -> "TokenformerHFConfig":
+    def from_tokenformer(cls, config: TokenformerConfig) -> TokenformerHFConfig:
         return cls(**config.to_dict())
 
     def to_tokenformer(self) -> TokenformerConfig:

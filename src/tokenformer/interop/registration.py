@@ -12,7 +12,7 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 
 def _register_config() -> None:
@@ -43,7 +43,8 @@ def _run(hook: Callable[[], None]) -> None:
         hook()
     except Exception as exc:  # an incompatible transformers must not break importing it
         warnings.warn(
-            f"tokenformer could not register with transformers ({exc}); its Auto classes will not know 'tokenformer'"
+            f"tokenformer could not register with transformers ({exc}); its Auto classes will not know 'tokenformer'",
+            stacklevel=2,
         )
 
 

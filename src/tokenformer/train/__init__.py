@@ -1,6 +1,13 @@
 """Training: the loop, its configuration, checkpoints, metrics, and the language-modelling task."""
 
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, verify_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from .config import TrainConfig
 from .lm import LanguageModelingTask, evaluate_windows, language_modeling_task, prepare_data
 from .metrics import read_metrics

@@ -33,9 +33,10 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -220,7 +221,9 @@ def verify_checkpoint(directory: str | Path) -> dict:
             raise CheckpointError(f"checkpoint file {path} is missing")
         size = path.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint file {path} is truncated or padded: {size} bytes, expected {expected['bytes']}")
+            raise CheckpointError(
+                f"checkpoint file {path} is truncated or padded: {size} bytes, expected {expected['bytes']}"
+            )
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint file {path} is corrupted: its sha256 does not match the manifest")
     return files

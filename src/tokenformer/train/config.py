@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from ..config import TokenformerConfig, dataclass_from_dict, is_int, is_number
 from ..vision import VisionConfig
@@ -44,7 +44,8 @@ class TrainConfig:
         vocab_size: Vocabulary size of the trained BPE.
         val_fraction: Share of the corpus (of the training images with ``task: vision``) held out
             for validation (deterministic, spread evenly).
-        cache_dir: Where tokenizers and token shards are cached (default ``$TOKENFORMER_CACHE`` or ``~/.cache/tokenformer``).
+        cache_dir: Where tokenizers and token shards are cached (default ``$TOKENFORMER_CACHE`` or
+            ``~/.cache/tokenformer``).
         seq_len: Tokens per training sequence.
         batch_size: Sequences per micro-batch.
         grad_accum: Micro-batches per optimizer step.
@@ -89,9 +90,9 @@ class TrainConfig:
     task: TaskName = "lm"
     model: str = "cpu-1M"
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    data: Union[str, list[str]] = "kjv"
+    data: str | list[str] = "kjv"
     dataset: VisionDataset = "fashion-mnist"
-    data_path: Optional[str] = None
+    data_path: str | None = None
     crop_padding: int = 0
     hflip: bool = False
     erase_prob: float = 0.0
@@ -99,7 +100,7 @@ class TrainConfig:
     tokenizer: str = "bpe"
     vocab_size: int = 8192
     val_fraction: float = 0.05
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
@@ -115,12 +116,12 @@ class TrainConfig:
     precision: Precision = "fp32"
     compile: bool = False
     device: str = "auto"
-    threads: Optional[int] = None
+    threads: int | None = None
     strategy: Strategy = "single"
     dist_timeout: float = 600.0
     seed: int = 1337
     out_dir: str = "runs/tokenformer"
-    resume: Optional[str] = None
+    resume: str | None = None
     eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 10
@@ -129,7 +130,18 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval", "ckpt_interval", "keep_last")
+        positive = (
+            "vocab_size",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "ckpt_interval",
+            "keep_last",
+        )
         for name in positive:
             _check(self, name, lambda v: is_int(v) and v >= 1, "a positive integer")
         for name in ("warmup_steps", "seed", "crop_padding"):
@@ -143,20 +155,50 @@ class TrainConfig:
         _check(self, "threads", lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
         _check(self, "label_smoothing", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "erase_prob", lambda v: is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
-        _check(self, "erase_prob", lambda v: v == 0 or self.task == "vision", "0 with task: lm (random erasing is an option of task: vision)")
-        _check(self, "label_smoothing", lambda v: v == 0 or self.task == "vision", "0 with task: lm (label smoothing is an option of task: vision)")
+        _check(
+            self,
+            "erase_prob",
+            lambda v: v == 0 or self.task == "vision",
+            "0 with task: lm (random erasing is an option of task: vision)",
+        )
+        _check(
+            self,
+            "label_smoothing",
+            lambda v: v == 0 or self.task == "vision",
+            "0 with task: lm (label smoothing is an option of task: vision)",
+        )
         _check(self, "val_fraction", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)")
         for name, choices in (("precision", Precision), ("task", TaskName), ("dataset", VisionDataset)):
             allowed = typing.get_args(choices)
-            _check(self, name, lambda v: v in allowed, " or ".join(allowed))
+            _check(self, name, lambda v, allowed=allowed: v in allowed, " or ".join(allowed))
         strategies = typing.get_args(Strategy)
         _check(self, "strategy", lambda v: v in strategies, ", ".join(strategies))
         _check(self, "ema_decay", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 is off)")
-        _check(self, "ema_decay", lambda v: v == 0 or self.strategy != "fsdp", "0 with strategy: fsdp (the average of sharded weights is not supported)")
+        _check(
+            self,
+            "ema_decay",
+            lambda v: v == 0 or self.strategy != "fsdp",
+            "0 with strategy: fsdp (the average of sharded weights is not supported)",
+        )
         _check(self, "dist_timeout", lambda v: is_number(v) and v > 0, "a number of seconds > 0")
-        _check(self, "device", lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps", "xpu"), "auto, cpu, cuda[:N], mps or xpu")
-        _check(self, "data", lambda v: bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)), "a corpus name, path or glob, or a list of them")
-        _check(self, "resume", lambda v: v is None or (isinstance(v, str) and v != ""), "auto, a checkpoint or run directory, or null")
+        _check(
+            self,
+            "device",
+            lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda", "mps", "xpu"),
+            "auto, cpu, cuda[:N], mps or xpu",
+        )
+        _check(
+            self,
+            "data",
+            lambda v: bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)),
+            "a corpus name, path or glob, or a list of them",
+        )
+        _check(
+            self,
+            "resume",
+            lambda v: v is None or (isinstance(v, str) and v != ""),
+            "auto, a checkpoint or run directory, or null",
+        )
         if self.resume in (None, "auto"):
             # An unknown preset or a bad override fails here, before any work. A run resumed from
             # a given checkpoint uses that checkpoint's model instead.
@@ -200,7 +242,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, data, "training option")
 
 

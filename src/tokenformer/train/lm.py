@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data import TokenShards, Tokenizer, build_shards, default_cache_dir, get_tokenizer, load_documents, windows_to_batch
+from ..data import (
+    Tokenizer,
+    TokenShards,
+    build_shards,
+    default_cache_dir,
+    get_tokenizer,
+    load_documents,
+    windows_to_batch,
+)
 from ..flops import training_flops_per_token
 from .config import TrainConfig
 from .metrics import standard_error
@@ -45,7 +53,9 @@ class LanguageModelingTask:
 
 
 @torch.no_grad()
-def evaluate_windows(model: nn.Module, windows: Sequence[np.ndarray], batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate_windows(
+    model: nn.Module, windows: Sequence[np.ndarray], batch_size: int, device: torch.device
+) -> dict[str, float]:
     """Mean next-token loss and perplexity over ``windows`` (arrays of ``seq_len + 1`` ids).
 
     ``val_loss_se`` is the standard error of the mean over the batches: differences between
@@ -61,8 +71,14 @@ def evaluate_windows(model: nn.Module, windows: Sequence[np.ndarray], batch_size
         losses.append(float(model(x.to(device), y.to(device))[1]))
         sizes.append(y.numel())
     count = sum(sizes)
-    mean = sum(loss * size for loss, size in zip(losses, sizes)) / count
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_loss_se": standard_error(losses), "val_tokens": count, "val_batch_losses": losses}
+    mean = sum(loss * size for loss, size in zip(losses, sizes, strict=True)) / count
+    return {
+        "val_loss": mean,
+        "val_ppl": math.exp(min(mean, 700.0)),
+        "val_loss_se": standard_error(losses),
+        "val_tokens": count,
+        "val_batch_losses": losses,
+    }
 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[TokenShards, Tokenizer]:
@@ -75,7 +91,9 @@ def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tup
     return shards, tokenizer
 
 
-def language_modeling_task(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[LanguageModelingTask, Tokenizer]:
+def language_modeling_task(
+    config: TrainConfig, tokenizer: Tokenizer | None = None
+) -> tuple[LanguageModelingTask, Tokenizer]:
     shards, tokenizer = prepare_data(config, tokenizer)
     task = LanguageModelingTask(shards, config.batch_size, config.seq_len, config.seed, config.eval_batches)
     return task, tokenizer

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .. import io
 
@@ -86,7 +87,7 @@ def plot_loss_curve(run_dir: str | Path, growth_steps: list[int] = ()) -> Path:
     for kind, label, style in (("train", "train", "-"), ("val", "validation", "o-")):
         points = [(r["step"], r["loss"]) for r in records if r["kind"] == kind and "loss" in r]
         if points:
-            ax.plot(*zip(*points), style, label=label, markersize=3)
+            ax.plot(*zip(*points, strict=True), style, label=label, markersize=3)
     for i, step in enumerate(growth_steps):
         ax.axvline(step, color="grey", linestyle="--", label="growth" if i == 0 else None)
     ax.set_xlabel("step")

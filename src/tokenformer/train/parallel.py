@@ -55,7 +55,9 @@ def init_distributed(strategy: str, device: torch.device, timeout_s: float) -> D
         raise ValueError(f"strategy={strategy!r} is invalid; allowed: {', '.join(STRATEGIES)}")
     if strategy == "single":
         return Distributed(device=device)
-    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    missing = [
+        name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ
+    ]
     if missing and not dist.is_initialized():
         raise ValueError(
             f"strategy={strategy} needs the environment torchrun sets ({', '.join(missing)} missing); "
@@ -101,7 +103,9 @@ def _whole() -> Any:
     return StateDictOptions(full_state_dict=True)
 
 
-def place(model: nn.Module, optimizer: torch.optim.Optimizer, env: Distributed, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+def place(
+    model: nn.Module, optimizer: torch.optim.Optimizer, env: Distributed, make_optimizer
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Parallelize a whole ``model`` and move ``optimizer``'s state to a new optimizer over it.
 
     Returns the module to run and the new optimizer (``make_optimizer(model)``). The state goes
@@ -111,17 +115,25 @@ def place(model: nn.Module, optimizer: torch.optim.Optimizer, env: Distributed, 
 
     state = get_optimizer_state_dict(model, optimizer, options=_whole()) if optimizer.state else None
     wrapped = parallelize(model, env)
-    model.zero_grad(set_to_none=True)  # DCP builds the new optimizer's state with one zero-gradient step, only where no gradient is left
+    model.zero_grad(
+        set_to_none=True
+    )  # DCP builds the new optimizer's state with one zero-gradient step, only where no gradient is left
     optimizer = make_optimizer(model)
     if state is not None:
         set_optimizer_state_dict(model, optimizer, state, options=_whole())
     return wrapped, optimizer
 
 
-def gather(model: nn.Module, optimizer: torch.optim.Optimizer, whole_model: nn.Module, make_optimizer) -> torch.optim.Optimizer:
+def gather(
+    model: nn.Module, optimizer: torch.optim.Optimizer, whole_model: nn.Module, make_optimizer
+) -> torch.optim.Optimizer:
     """Copy a sharded ``model`` into ``whole_model`` (same architecture, unsharded) on every rank;
     returns an optimizer over ``whole_model`` with ``optimizer``'s state gathered. A collective call."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     whole_model.load_state_dict(get_model_state_dict(model, options=_whole()))
     state = get_optimizer_state_dict(model, optimizer, options=_whole())

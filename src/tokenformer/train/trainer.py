@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -49,9 +50,18 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .metrics import MetricsLogger, plot_loss_curve
-from .parallel import RankSlice, barrier, broadcast_object, full_value, gather, init_distributed, mean_over_ranks, no_sync, place
+from .parallel import (
+    RankSlice,
+    barrier,
+    broadcast_object,
+    full_value,
+    gather,
+    init_distributed,
+    mean_over_ranks,
+    no_sync,
+    place,
+)
 from .task import Task
-
 
 TRAIN_CONFIG = "train_config.yaml"
 
@@ -148,9 +158,10 @@ class Trainer:
 
     Without ``task`` the trainer builds the language-modelling task from ``config.data``;
     without ``model`` it builds the ``config.model`` preset. When resuming, the checkpoint's
-    model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is applied for training steps and again after growth;
-    by default it compiles when ``config.compile`` is set. ``load_model(dir, device)`` reads a
-    checkpoint's model directory (default: :func:`tokenformer.io.load_model`).
+    model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is
+    applied for training steps and again after growth; by default it compiles when
+    ``config.compile`` is set. ``load_model(dir, device)`` reads a checkpoint's model directory
+    (default: :func:`tokenformer.io.load_model`).
     """
 
     def __init__(
@@ -229,7 +240,9 @@ class Trainer:
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
         # replaces the parameters); compiled graphs and DDP buckets are rebuilt for new shapes.
-        placed, self.optimizer = place(self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config))
+        placed, self.optimizer = place(
+            self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config)
+        )
         self.placed = placed  # data-parallel wrappers only: what evaluation runs
         self.wrapped = self._wrap_model(placed)
 
@@ -307,7 +320,13 @@ class Trainer:
             self._metrics = MetricsLogger(self.run_dir, start_step=self.state.step)
             # The resolved options, reusable as `tokenformer train --config <out_dir>/train_config.yaml`.
             io.atomic_write_text(self.run_dir / TRAIN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
-        bar = tqdm(total=target, initial=self.state.step, disable=not (config.progress and main), unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=target,
+            initial=self.state.step,
+            disable=not (config.progress and main),
+            unit="step",
+            dynamic_ncols=True,
+        )
         window_items, window_start = 0, time.perf_counter()
         try:
             while self.state.step < target:
@@ -320,14 +339,25 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     rate = window_items / elapsed if elapsed > 0 else float("nan")
                     lr = self.optimizer.param_groups[0]["lr"]
-                    self._metrics.log(step, "train", loss=loss, lr=lr, tokens=self.state.tokens, flops=self.state.flops, tokens_per_s=rate)
+                    self._metrics.log(
+                        step,
+                        "train",
+                        loss=loss,
+                        lr=lr,
+                        tokens=self.state.tokens,
+                        flops=self.state.flops,
+                        tokens_per_s=rate,
+                    )
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
                     window_items, window_start = 0, time.perf_counter()
                 bar.update(1)
                 if step % config.eval_interval == 0 or step == target:
                     metrics = self.evaluate()
                     if main:
-                        bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+                        bar.write(
+                            f"step {step}: "
+                            + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                        )
                 if step % config.ckpt_interval == 0 or step == target:
                     self.save_checkpoint()
                 if window_items == 0:  # throughput counts training only, not validation or saving
@@ -371,8 +401,14 @@ class Trainer:
     def _check_finite(self, what: str, value: float, step: int) -> None:
         if math.isfinite(value):
             return
-        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-        raise TrainingDiverged(f"{what} is {value} at step {step + 1}; training stopped before updating the weights; {kept}")
+        kept = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint was written yet"
+        )
+        raise TrainingDiverged(
+            f"{what} is {value} at step {step + 1}; training stopped before updating the weights; {kept}"
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics of the current model; recorded in ``state.val_history`` and the logs.
@@ -395,7 +431,13 @@ class Trainer:
         finally:
             model.train(was_training)
         self.state.val_history.append(
-            {"step": self.state.step, "tokens": self.state.tokens, "flops": self.state.flops, "wall_time": self.state.wall_time, **metrics}
+            {
+                "step": self.state.step,
+                "tokens": self.state.tokens,
+                "flops": self.state.flops,
+                "wall_time": self.state.wall_time,
+                **metrics,
+            }
         )
         if self._metrics is not None:
             scalars = {k.removeprefix("val_"): v for k, v in metrics.items() if not isinstance(v, list)}
@@ -429,7 +471,10 @@ class Trainer:
         are a copy; the old layers keep theirs.
         """
         if self.dist.strategy == "fsdp":
-            raise ValueError("depth stacking of a sharded (strategy='fsdp') model is not supported; allowed: strategy 'none' or 'ddp'")
+            raise ValueError(
+                "depth stacking of a sharded (strategy='fsdp') model is not supported; "
+                "allowed: strategy 'none' or 'ddp'"
+            )
         old_state = self.optimizer.state
         sources = dict(self.model.named_parameters())
         record = stack_layers(self.model, n_layers)
@@ -438,7 +483,9 @@ class Trainer:
             source = sources[stacked_source(name, record.sources)]
             if source in old_state:
                 saved = old_state[source]
-                optimizer.state[param] = {k: v.clone() if torch.is_tensor(v) and source is not param else v for k, v in saved.items()}
+                optimizer.state[param] = {
+                    k: v.clone() if torch.is_tensor(v) and source is not param else v for k, v in saved.items()
+                }
         self._place(optimizer)
         self._regrow_ema(lambda name: stacked_source(name, record.sources), {})
         self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
@@ -470,7 +517,9 @@ class Trainer:
         sharded = self.dist.strategy == "fsdp"
         if sharded or main:  # DDP replicas are identical: rank 0 writes
             ema = self.ema.module.state_dict() if self.ema is not None else None
-            save_checkpoint(path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json, sharded=sharded, ema=ema)
+            save_checkpoint(
+                path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json, sharded=sharded, ema=ema
+            )
         if in_run and main:
             prune_checkpoints(self.run_dir, self.config.keep_last)
         barrier(self.dist)

@@ -50,8 +50,16 @@ class ImageClassificationTask:
         mean, std = channel_stats(train_part)
         self.grad_accum = config.grad_accum
         self.train_batches = ImageBatches(
-            train_part, config.batch_size, mean, std, shuffle=True, drop_last=True,
-            crop_padding=config.crop_padding, hflip=config.hflip, erase_prob=config.erase_prob, seed=config.seed,
+            train_part,
+            config.batch_size,
+            mean,
+            std,
+            shuffle=True,
+            drop_last=True,
+            crop_padding=config.crop_padding,
+            hflip=config.hflip,
+            erase_prob=config.erase_prob,
+            seed=config.seed,
         )
         self.val_batches = ImageBatches(val_part, config.batch_size, mean, std)
         self.test_batches = ImageBatches(test, config.batch_size, mean, std)
@@ -79,8 +87,16 @@ class ImageClassificationTask:
         """Evaluate the test split; write ``test_metrics.json`` and ``confusion_matrix.png`` into ``run_dir``."""
         result = self.classification.evaluate(model, self.test_batches)
         run_dir = Path(run_dir)
-        io.atomic_write_text(run_dir / TEST_METRICS, json.dumps({"classes": list(self.classification.classes), **result.to_dict()}, indent=2) + "\n")
-        write_confusion_matrix_png(result.confusion, self.classification.classes, run_dir / CONFUSION_PNG, f"test accuracy {result.accuracy:.2%} of {result.count}")
+        io.atomic_write_text(
+            run_dir / TEST_METRICS,
+            json.dumps({"classes": list(self.classification.classes), **result.to_dict()}, indent=2) + "\n",
+        )
+        write_confusion_matrix_png(
+            result.confusion,
+            self.classification.classes,
+            run_dir / CONFUSION_PNG,
+            f"test accuracy {result.accuracy:.2%} of {result.count}",
+        )
         return result
 
 
