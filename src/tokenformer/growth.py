@@ -150,8 +150,10 @@ def grow(
     Each count is the new total (``None`` leaves that kind alone). New keys are zero
     (function-preserving) or, with ``key_init="random"``, drawn like fresh keys (as the released
     GPU code does; the function changes). New values are ``N(0, value_std)``, by default the
-    model's value init std. On a ``projection="linear"`` model only ``ffn_tokens`` (the MLP hidden
-    width) can grow, Net2Net style. Updates ``model.config`` to the new counts.
+    std the config's init rule (``value_init``, ``value_scale``) gives a new Pattention of that
+    kind with the new count (for a linear MLP, ``value_init_std``). On a ``projection="linear"``
+    model only ``ffn_tokens`` (the MLP hidden width) can grow, Net2Net style. Updates
+    ``model.config`` to the new counts.
     """
     config = model.config
     if key_init not in KEY_INITS:
@@ -177,7 +179,6 @@ def grow(
                     f"grow cannot shrink: {kind}_tokens={n!r} is below layer {i}'s current {before[i][kind]}; "
                     f"allowed: an integer >= {before[i][kind]}"
                 )
-    std = config.value_init_std if value_std is None else value_std
     grown: list[GrownParameter] = []
     after = [dict(counts) for counts in before]
     with torch.no_grad():
@@ -189,8 +190,10 @@ def grow(
                 for name, module in _modules_of_kind(block, kind):
                     prefix = f"layers.{i}.{name}"
                     if isinstance(module, Pattention):
+                        std = config.pattention_init(kind, n)["value_std"] if value_std is None else value_std
                         grown += _grow_pattention(module, n, key_init, std, generator, prefix)
                     else:
+                        std = config.value_init_std if value_std is None else value_std
                         grown += _grow_mlp(module, n, key_init, std, generator, prefix)
                 after[i][kind] = n
     _set_config_tokens(model, after)

@@ -24,18 +24,19 @@ from .pattention import Pattention
 
 def make_projection(
     config: BlockConfig,
+    kind: str,
     num_tokens: int,
     out_std: float,
     in_features: int | None = None,
     out_features: int | None = None,
 ) -> nn.Module:
-    """A projection (``d_model -> d_model`` unless given): a Pattention, or a bias-free Linear for the baseline."""
+    """A projection (``d_model -> d_model`` unless given): a Pattention of token ``kind``
+    (initialised as ``config.pattention_init`` says), or a bias-free Linear for the baseline."""
     in_features = config.d_model if in_features is None else in_features
     out_features = config.d_model if out_features is None else out_features
     if config.projection == "pattention":
-        return Pattention(
-            in_features, out_features, num_tokens, config.norm, key_std=config.init_std, value_std=config.value_init_std
-        )
+        init = config.pattention_init(kind, num_tokens)
+        return Pattention(in_features, out_features, num_tokens, config.norm, **init)
     linear = nn.Linear(in_features, out_features, bias=False)
     nn.init.normal_(linear.weight, std=out_std)
     return linear
@@ -58,7 +59,7 @@ class MLP(nn.Module):
 def make_ffn(config: BlockConfig, num_tokens: int) -> nn.Module:
     # With Pattention the FFN is a single Pattention: its GeLU is the only non-linearity.
     if config.projection == "pattention":
-        return make_projection(config, num_tokens, config.value_init_std)
+        return make_projection(config, "ffn", num_tokens, config.value_init_std)
     return MLP(config, num_tokens)
 
 
@@ -179,10 +180,10 @@ class SelfAttention(nn.Module):
         self.log_temperature = nn.Parameter(torch.zeros(())) if locality else None
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
-        self.query = make_projection(config, tokens["qkv"], config.init_std)
-        self.key = make_projection(config, tokens["qkv"], config.init_std)
-        self.value = make_projection(config, tokens["qkv"], config.init_std)
-        self.proj = make_projection(config, tokens["proj"], config.value_init_std)
+        self.query = make_projection(config, "qkv", tokens["qkv"], config.init_std)
+        self.key = make_projection(config, "qkv", tokens["qkv"], config.init_std)
+        self.value = make_projection(config, "qkv", tokens["qkv"], config.init_std)
+        self.proj = make_projection(config, "proj", tokens["proj"], config.value_init_std)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape

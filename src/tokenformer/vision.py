@@ -25,13 +25,14 @@ its overall contrast; ``patch_bias=True`` adds a constant input that keeps it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import (
+    TOKEN_KINDS,
     BlockConfig,
     check_choice,
     check_divides,
@@ -79,6 +80,9 @@ class VisionConfig(BlockConfig):
     drop_path: float = 0.0
     lsa: bool = False
     patch_bias: bool = False
+
+    # The init fields (tau_scale, ...) also address the patch projection and the head.
+    INIT_KINDS: ClassVar[tuple[str, ...]] = (*TOKEN_KINDS, "patch", "head")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -225,12 +229,12 @@ class TokenformerViT(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.patch_proj = make_projection(config, config.patch_tokens, config.init_std, config.patch_dim, d)
+        self.patch_proj = make_projection(config, "patch", config.patch_tokens, config.init_std, config.patch_dim, d)
         self.cls_token = nn.Parameter(torch.empty(1, 1, d)) if config.pool == "cls" else None
         self.pos_embedding = nn.Parameter(torch.empty(1, config.seq_len, d))
         self.layers = nn.ModuleList(Block(config, i, causal=False, locality=config.lsa) for i in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layernorm_eps)
-        self.head = make_projection(config, config.head_tokens, config.init_std, d, config.num_classes)
+        self.head = make_projection(config, "head", config.head_tokens, config.init_std, d, config.num_classes)
         nn.init.normal_(self.pos_embedding, std=config.init_std)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=config.init_std)

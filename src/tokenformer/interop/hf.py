@@ -8,8 +8,6 @@ transformers' cache reaches it through the two members of ``KVCache`` the LM use
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -50,7 +48,7 @@ class TokenformerForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, Pattention):
             init.normal_(module.key_param_tokens, std=module.key_std)
             init.normal_(module.value_param_tokens, std=module.value_std)
-            init.constant_(module.tau, math.sqrt(module.num_tokens))
+            init.constant_(module.tau, module.initial_tau)
         else:
             super()._init_weights(module)
 
