@@ -292,9 +292,10 @@ class TokenformerLM(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: matrices (embedding, parameter tokens, linears) decay; norms do not."""
-        return weight_decay_groups(self, weight_decay)
+    def param_groups(self, weight_decay: float, token_weight_decay: float | None = None) -> list[dict]:
+        """AdamW groups: matrices (embedding, parameter tokens, linears) decay; norms do not.
+        ``token_weight_decay``: another decay for the parameter tokens (see :func:`weight_decay_groups`)."""
+        return weight_decay_groups(self, weight_decay, token_weight_decay=token_weight_decay)
 
     @torch.no_grad()
     def generate(
@@ -337,14 +338,39 @@ class TokenformerLM(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def weight_decay_groups(model: nn.Module, weight_decay: float, exclude: tuple[nn.Parameter, ...] = ()) -> list[dict]:
-    """Two AdamW groups: matrices decay; vectors (norms) and the parameters in ``exclude`` do not."""
+def weight_decay_groups(
+    model: nn.Module,
+    weight_decay: float,
+    exclude: tuple[nn.Parameter, ...] = (),
+    token_weight_decay: float | None = None,
+) -> list[dict]:
+    """AdamW groups: matrices decay; vectors (norms) and the parameters in ``exclude`` do not.
+
+    With ``token_weight_decay`` the Pattention parameter tokens (keys and values) form a third
+    group with that decay. Each group is named (``decay``, ``no_decay``, ``tokens``)."""
     skip = {id(p) for p in exclude}
+    tokens = set()
+    if token_weight_decay is not None:
+        tokens = {
+            id(p)
+            for m in model.modules()
+            if isinstance(m, Pattention)
+            for p in (m.key_param_tokens, m.value_param_tokens)
+        }
     params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2 and id(p) not in skip], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2 or id(p) in skip], "weight_decay": 0.0},
+    groups = [
+        {
+            "name": "decay",
+            "params": [p for p in params if p.dim() >= 2 and id(p) not in skip and id(p) not in tokens],
+            "weight_decay": weight_decay,
+        },
+        {"name": "no_decay", "params": [p for p in params if p.dim() < 2 or id(p) in skip], "weight_decay": 0.0},
     ]
+    if token_weight_decay is not None:
+        groups.append(
+            {"name": "tokens", "params": [p for p in params if id(p) in tokens], "weight_decay": token_weight_decay}
+        )
+    return groups
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

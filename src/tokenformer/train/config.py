@@ -54,6 +54,10 @@ class TrainConfig:
         min_lr: Learning rate at the end of the cosine decay.
         warmup_steps: Steps of linear warmup from 0 to lr.
         weight_decay: AdamW decoupled weight decay (matrices only; norms and biases get none).
+        token_weight_decay: Weight decay of the Pattention parameter tokens (keys and values)
+            instead of ``weight_decay`` (null: ``weight_decay``). Scores are normalised per row,
+            so decay on the keys only changes their effective learning rate; on the values it
+            regularises.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         grad_clip: Clip the global gradient norm to this value (0 disables clipping).
@@ -109,6 +113,7 @@ class TrainConfig:
     min_lr: float = 2e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    token_weight_decay: float | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -153,6 +158,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             _check(self, name, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "threads", lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
+        _check(
+            self, "token_weight_decay", lambda v: v is None or (is_number(v) and v >= 0), "a finite number >= 0 or null"
+        )
         _check(self, "label_smoothing", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "erase_prob", lambda v: is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
         _check(

@@ -87,7 +87,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on the matrices only.
+    """AdamW with decoupled weight decay on the matrices only (on the parameter tokens with
+    ``token_weight_decay`` when it is set).
 
     The fused implementation (one kernel per parameter) runs where torch has it: plain tensors
     on CPU or CUDA. On CPU the per-tensor loop otherwise costs several milliseconds a step for a
@@ -97,7 +98,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """
     fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in model.parameters())
     optimizer = torch.optim.AdamW(
-        model.param_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None
+        model.param_groups(config.weight_decay, config.token_weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        fused=fused or None,
     )
     optimizer.register_load_state_dict_post_hook(keep_own_implementation)
     return optimizer
@@ -290,10 +294,12 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _apply_hyperparameters(self) -> None:
+        decay = {"decay": self.config.weight_decay, "tokens": self.config.token_weight_decay}
         for group in self.optimizer.param_groups:
             group["betas"] = (self.config.beta1, self.config.beta2)
-            if group["weight_decay"] != 0.0:
-                group["weight_decay"] = self.config.weight_decay
+            name = group.get("name", "decay" if group["weight_decay"] != 0.0 else "no_decay")  # unnamed: older runs
+            if decay.get(name) is not None:
+                group["weight_decay"] = decay[name]
 
     def _default_wrap(self, model: nn.Module) -> nn.Module:
         return torch.compile(model) if self.config.compile else model

@@ -1,0 +1,377 @@
+"""Recipe studies: variants of one training recipe, each over a learning-rate grid and seeds,
+compared with a baseline paired by seed.
+
+A study plan (``configs/studies/*.yaml``) holds its own fields and a ``train:`` section that *is*
+a :class:`~tokenformer.train.TrainConfig` (the shared recipe). Each variant changes model fields
+(``model_overrides``, merged into the recipe's) and training options (``train``); with
+``matched_linear: true`` it is the Transformer (``projection: linear``) parameter-matched to the
+variant's TokenFormer shape. Every (variant, learning rate, seed) is a run of its own in
+``<out_dir>/runs/<variant>/lr-<lr>/seed-<seed>``, trained with that seed (model init and
+batches), on the same data, tokens and validation windows as every other run.
+
+For each variant the report takes the learning rate with the best mean final validation loss
+over the seeds (and says when it lies at an edge of the grid), then compares the variant with
+the baseline at their own best rates: the difference of final validation loss, paired by seed,
+with its standard error across seeds. Outputs in ``out_dir``: ``results.json``, ``report.md`` and
+``curves.png``. A study started again skips finished runs and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import io
+from ..config import dataclass_from_dict, is_number
+from ..flops import count_parameters
+from ..train import TrainConfig
+from . import runner
+
+PLOT = "curves.png"
+
+
+def _plan_error(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"study field {name}={value!r} is invalid; allowed: {allowed}")
+
+
+@dataclass
+class Variant:
+    """One recipe: what it changes on the study's ``train`` section.
+
+    Args:
+        name: Its name in directories and tables (letters, digits, ``-``, ``_``, ``.``).
+        description: What it changes, in words (the report's second column).
+        model_overrides: Model config fields merged into ``train.model_overrides``.
+        train: TrainConfig options changed for this variant (not ``lr``, ``seed`` or ``out_dir``).
+        matched_linear: The Transformer parameter-matched to this variant's TokenFormer shape.
+        lr_grid: This variant's learning rates (default: the study's).
+    """
+
+    name: str
+    description: str = ""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    matched_linear: bool = False
+    lr_grid: list[float] | None = None
+
+
+@dataclass
+class StudyPlan:
+    """A recipe study; every field is validated on construction, every run's options too.
+
+    Args:
+        out_dir: Where the runs, results, report and plot go.
+        variants: The recipes compared (at least two).
+        baseline: The variant every other is compared with, paired by seed.
+        lr_grid: Peak learning rates every variant trains at (unless it has its own grid).
+        seeds: Seeds every (variant, learning rate) trains with.
+        min_lr_ratio: The cosine schedule's floor as a fraction of the peak rate.
+        train: The shared recipe: options of ``tokenformer train`` (``lr``, ``min_lr``, ``seed``
+            and ``out_dir`` are set per run).
+    """
+
+    out_dir: str
+    variants: list[Variant]
+    baseline: str
+    lr_grid: list[float]
+    seeds: list[int] = field(default_factory=lambda: [1337])
+    min_lr_ratio: float = 0.1
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if not isinstance(self.variants, list) or len(self.variants) < 2:
+            raise _plan_error("variants", self.variants, "a list of at least two variants")
+        self.variants = [v if isinstance(v, Variant) else _variant(i, v) for i, v in enumerate(self.variants)]
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise _plan_error("variants", names, "distinct names")
+        if self.baseline not in names:
+            raise _plan_error("baseline", self.baseline, f"one of the variants: {', '.join(names)}")
+        _check_grid("lr_grid", self.lr_grid)
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+            raise _plan_error("seeds", self.seeds, "a non-empty list of integers >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise _plan_error("seeds", self.seeds, "distinct seeds")
+        if not (is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise _plan_error("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        for variant in self.variants:  # every run's options, checked before hours of training
+            self.run_config(variant, self.grid(variant)[0], self.seeds[0])
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+    def grid(self, variant: Variant) -> list[float]:
+        return variant.lr_grid or self.lr_grid
+
+    def model_overrides(self, variant: Variant) -> dict[str, Any]:
+        overrides = {**self.train.model_overrides, **variant.model_overrides}
+        if variant.matched_linear:
+            shape = dataclasses.replace(self.train, model_overrides=overrides, resume=None).model_config()
+            overrides = {**overrides, "projection": "linear", "ffn_tokens": shape.parameter_matched_linear().ffn_tokens}
+        return overrides
+
+    def run_dir(self, variant: Variant, lr: float, seed: int) -> Path:
+        return Path(self.out_dir) / "runs" / variant.name / runner.lr_name(lr) / f"seed-{seed}"
+
+    def run_config(self, variant: Variant, lr: float, seed: int) -> TrainConfig:
+        options = {
+            **self.train.to_dict(),
+            **variant.train,
+            "model_overrides": self.model_overrides(variant),
+            "lr": lr,
+            "min_lr": lr * self.min_lr_ratio,
+            "seed": seed,
+            "out_dir": str(self.run_dir(variant, lr, seed)),
+            "resume": "auto",
+            "progress": False,
+            "keep_last": 1,
+        }
+        return TrainConfig.from_dict(options)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every run, seeds outermost: each variant's first seed over its grid comes first."""
+        return [
+            {"variant": v.name, "lr": lr, "seed": seed, "config": self.run_config(v, lr, seed).to_dict()}
+            for seed in self.seeds
+            for v in self.variants
+            for lr in self.grid(v)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyPlan:
+        missing = [name for name in ("out_dir", "variants", "baseline", "lr_grid") if name not in data]
+        if missing:
+            raise ValueError(f"study plan is missing required field(s) {missing}")
+        return dataclass_from_dict(cls, data, "study field")
+
+
+def _check_grid(name: str, grid: Any) -> None:
+    if not isinstance(grid, list) or not grid or not all(is_number(v) and v > 0 for v in grid):
+        raise _plan_error(name, grid, "a non-empty list of learning rates > 0")
+    if len(set(grid)) != len(grid):
+        raise _plan_error(name, grid, "distinct learning rates")
+
+
+def _variant(index: int, data: Any) -> Variant:
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise _plan_error(f"variants[{index}]", data, "a mapping with at least a name")
+    variant = dataclass_from_dict(Variant, data, f"variants[{index}] field")
+    if not variant.name or not all(c.isalnum() or c in "-_." for c in variant.name):
+        raise _plan_error(f"variants[{index}].name", variant.name, "letters, digits, '-', '_' and '.'")
+    forbidden = sorted({"lr", "min_lr", "seed", "out_dir", "resume", "model_overrides"} & set(variant.train))
+    if forbidden:
+        raise _plan_error(f"variants[{index}].train", variant.train, f"TrainConfig options other than {forbidden}")
+    if variant.lr_grid is not None:
+        _check_grid(f"variants[{index}].lr_grid", variant.lr_grid)
+    return variant
+
+
+def load_plan(path: str | Path, out_dir: str | None = None) -> StudyPlan:
+    """Read and validate a YAML study plan; ``out_dir`` overrides the plan's."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study plan not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"study plan {path} must be a YAML mapping of study fields, got {type(data).__name__}")
+    if out_dir is not None:
+        data["out_dir"] = out_dir
+    return StudyPlan.from_dict(data)
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (variant, learning rate, seed) to the end, resuming; its stored result if finished."""
+    import torch
+
+    from ..train import Trainer
+
+    torch.set_flush_denormal(True)
+    config = TrainConfig.from_dict(job["config"])
+
+    def train() -> dict[str, Any]:
+        trainer = Trainer(config)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        final = trainer.state.val_history[-1]
+        return {
+            "variant": job["variant"],
+            "lr": job["lr"],
+            "seed": job["seed"],
+            "final_val_loss": final["val_loss"],
+            "final_val_loss_se": final.get("val_loss_se"),
+            "val_batch_losses": final.get("val_batch_losses"),
+            "curve": [
+                {k: p[k] for k in ("step", "tokens", "flops", "val_loss") if k in p} for p in trainer.state.val_history
+            ],
+            "tokens": trainer.state.tokens,
+            "flops": trainer.state.flops,
+            "wall_time": trainer.state.wall_time,
+            "parameters": count_parameters(trainer.model.config),
+            "non_embedding_parameters": count_parameters(trainer.model.config, non_embedding=True),
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+
+    return runner.cached_run(config.out_dir, train)
+
+
+def run_study(plan: StudyPlan, command: str = "", workers: int = 1) -> dict[str, Any]:
+    """Run (or continue) every run of the study, ``workers`` at a time, then write the outputs."""
+    out = Path(plan.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    io.atomic_write_text(out / "plan.yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False))
+    jobs = plan.jobs()
+    todo = [job for job in jobs if runner.read_result(job["config"]["out_dir"]) is None]
+    print(f"study {out}: {len(jobs) - len(todo)} of {len(jobs)} runs finished, {len(todo)} to go", flush=True)
+    runner.run_jobs(run_job, todo, workers)
+    runs = [runner.read_result(job["config"]["out_dir"]) for job in jobs]
+    results = {
+        "command": command,
+        "machine": runner.machine(plan.train.threads, plan.train.device, plan.train.precision),
+        "plan": plan.to_dict(),
+        "runs": runs,
+        "analysis": analyse(plan, runs),
+    }
+    io.atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    plot_curves(results, out / PLOT)
+    io.atomic_write_text(out / "report.md", report(results))
+    return results
+
+
+# -- analysis -----------------------------------------------------------------------------------
+
+
+def analyse(plan: StudyPlan, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant: its best rate, final losses per seed there, and paired differences with the
+    baseline, all recomputed from the stored runs."""
+    losses: dict[str, dict[float, dict[int, float]]] = {}
+    for run in runs:
+        losses.setdefault(run["variant"], {}).setdefault(run["lr"], {})[run["seed"]] = run["final_val_loss"]
+    variants = {}
+    for variant in plan.variants:
+        by_lr = losses.get(variant.name)
+        if not by_lr:
+            continue
+        best = runner.best_lr(by_lr)
+        per_seed = by_lr[best]
+        variants[variant.name] = {
+            "best_lr": best,
+            "best_lr_at_edge": runner.at_edge(best, plan.grid(variant)),
+            "final_val_loss": {str(seed): loss for seed, loss in sorted(per_seed.items())},
+            "mean": statistics.fmean(per_seed.values()),
+            "se": runner.standard_error(list(per_seed.values())),
+            "grid": {runner.lr_name(lr): statistics.fmean(seeds.values()) for lr, seeds in sorted(by_lr.items())},
+        }
+    base = variants.get(plan.baseline)
+    for name, entry in variants.items():
+        if base is not None and name != plan.baseline:
+            entry["vs_baseline"] = runner.paired(
+                {int(s): v for s, v in entry["final_val_loss"].items()},
+                {int(s): v for s, v in base["final_val_loss"].items()},
+            )
+    return {"baseline": plan.baseline, "variants": variants}
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Validation loss against training tokens, each variant at its best rate (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, entry in results["analysis"]["variants"].items():
+        curves = [r["curve"] for r in results["runs"] if r["variant"] == name and r["lr"] == entry["best_lr"]]
+        steps = sorted(set.intersection(*({p["step"] for p in c} for c in curves)))
+        mean = [statistics.fmean(next(p["val_loss"] for p in c if p["step"] == s) for c in curves) for s in steps]
+        tokens = [next(p["tokens"] for p in curves[0] if p["step"] == s) for s in steps]
+        ax.plot(tokens, mean, "-", label=f"{name} (lr {entry['best_lr']:g})")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token), mean over seeds")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 7.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def report(results: dict[str, Any]) -> str:
+    plan = StudyPlan.from_dict(results["plan"])
+    analysis = results["analysis"]
+    m = results["machine"]
+    train = plan.train
+    base = plan.baseline
+    lines = [
+        "# Recipe study",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m['platform']}), torch {m['torch']}, "
+        f"{m['threads']} thread(s) per run, device {m['device']}, {m['precision']}.",
+        "",
+        f"Recipe shared by every run: model `{train.model}` with `{json.dumps(train.model_overrides)}`, data "
+        f"`{train.data}`, {train.tokenizer} tokenizer ({train.vocab_size}), seq_len {train.seq_len}, "
+        f"{train.tokens_per_step} tokens per step, {train.max_steps} steps, warmup {train.warmup_steps}, cosine to "
+        f"{plan.min_lr_ratio:g} x the peak rate, weight decay {train.weight_decay:g}, clip {train.grad_clip:g}. "
+        f"Validation: the same {train.eval_batches} batches of fixed windows for every run. Seeds: "
+        f"{', '.join(map(str, plan.seeds))} (each seed sets the model init and the batches).",
+        "",
+        "## Final validation loss, each variant at its best learning rate",
+        "",
+        f"Best rate: the lowest mean final validation loss over the seeds (* at an edge of the grid). "
+        f"Difference to `{base}`: paired by seed, each at its own best rate; s.e. across seeds.",
+        "",
+    ]
+    rows = []
+    for variant in plan.variants:
+        entry = analysis["variants"].get(variant.name)
+        if entry is None:
+            continue
+        per_seed = " / ".join(f"{v:.4f}" for v in entry["final_val_loss"].values())
+        diff = entry.get("vs_baseline")
+        diff_text = "—"
+        if diff is not None:
+            diff_text = f"{diff['mean']:+.4f}" + (f" ± {diff['se']:.4f}" if diff["n"] > 1 else "") + f" (n={diff['n']})"
+        rows.append(
+            [
+                f"`{variant.name}`",
+                variant.description or "—",
+                f"{entry['best_lr']:g}" + ("*" if entry["best_lr_at_edge"] else ""),
+                f"{entry['mean']:.4f}" + (f" ± {entry['se']:.4f}" if not math.isnan(entry["se"]) else ""),
+                per_seed,
+                diff_text,
+            ]
+        )
+    headers = ["variant", "what changes", "best lr", "mean final val loss ± s.e.", "per seed", f"− {base} (paired)"]
+    lines += [runner.markdown_table(headers, rows), ""]
+    grid = sorted({lr for v in plan.variants for lr in plan.grid(v)})
+    lines += ["## Learning-rate grid (mean final validation loss over seeds)", ""]
+    grid_rows = []
+    for variant in plan.variants:
+        entry = analysis["variants"].get(variant.name)
+        if entry is not None:
+            cells = [runner.fmt(entry["grid"].get(runner.lr_name(lr))) for lr in grid]
+            grid_rows.append([f"`{variant.name}`", *cells])
+    lines += [runner.markdown_table(["variant", *(f"lr {lr:g}" for lr in grid)], grid_rows), ""]
+    lines += ["## Curves", "", f"![validation loss against tokens]({PLOT})", ""]
+    return "\n".join(lines)
