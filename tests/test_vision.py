@@ -360,13 +360,13 @@ def test_stochastic_depth_skips_whole_blocks_per_sample_in_training_only():
 
 
 def test_config_and_input_errors():
-    with pytest.raises(ValueError, match="patch_size=5 must divide image_size=12"):
+    with pytest.raises(ValueError, match="config field patch_size=5 is invalid; allowed: a divisor of image_size=12"):
         tiny_vit(patch_size=5)
-    with pytest.raises(ValueError, match="pool='max' is unknown; allowed: cls, mean"):
+    with pytest.raises(ValueError, match="config field pool='max' is invalid; allowed: cls, mean"):
         tiny_vit(pool="max")
-    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="config field num_classes=0 is invalid; allowed: a positive integer"):
         tiny_vit(num_classes=0)
-    with pytest.raises(ValueError, match="n_heads=5 must divide d_model=32"):
+    with pytest.raises(ValueError, match="config field n_heads=5 is invalid; allowed: a divisor of d_model=32"):
         tiny_vit(n_heads=5)
     for shift in (4, -1, True):
         with pytest.raises(

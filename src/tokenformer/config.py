@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .pattention import NORMS
+from .validation import (
+    check_choice,
+    check_divides,
+    check_positive_ints,
+    dataclass_from_dict,
+    invalid,
+    is_number,
+    lookup_preset,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -18,50 +27,6 @@ if TYPE_CHECKING:
 PROJECTIONS = ("pattention", "linear")
 TOKEN_KINDS = ("qkv", "proj", "ffn")
 VALUE_INITS = ("wang", "fan_in")
-
-
-def is_int(value: Any) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_field(config: Any, name: str, ok: Callable[[Any], bool], allowed: str) -> None:
-    """Raise ``config field name=value is invalid; allowed: ...`` unless ``ok(value)``."""
-    value = getattr(config, name)
-    if not ok(value):
-        raise ValueError(f"config field {name}={value!r} is invalid; allowed: {allowed}")
-
-
-def check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not is_int(value) or value < 1:
-            raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
-
-
-def check_divides(config: Any, divisor: str, total: str) -> None:
-    d, t = getattr(config, divisor), getattr(config, total)
-    if t % d:
-        raise ValueError(f"config field {divisor}={d} must divide {total}={t}; allowed: a divisor of {t}")
-
-
-def check_choice(config: Any, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(config, name)
-    if value not in allowed:
-        raise ValueError(f"config field {name}={value!r} is unknown; allowed: {', '.join(allowed)}")
-
-
-def lookup_preset(presets: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
-    """A preset's fields by case-insensitive name; an unknown name lists the allowed ones."""
-    lowered = {key.lower(): values for key, values in presets.items()}
-    if name.lower() not in lowered:
-        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
-    return lowered[name.lower()]
 
 
 @dataclass
@@ -148,12 +113,9 @@ class BlockConfig:
                 )
             for kind, item in value.items():
                 if not ok(item):
-                    raise ValueError(f"config field {name}[{kind!r}]={item!r} is invalid; allowed: {allowed}")
+                    raise invalid("config field", f"{name}[{kind!r}]", item, allowed)
         elif not ok(value):
-            raise ValueError(
-                f"config field {name}={value!r} is invalid; allowed: {allowed}, or a mapping from token kind "
-                f"({', '.join(self.INIT_KINDS)}) to one"
-            )
+            raise invalid("config field", name, value, f"{allowed}, or a mapping from token kind to one")
 
     def _for_kind(self, name: str, kind: str) -> Any:
         if kind not in self.INIT_KINDS:
@@ -253,15 +215,6 @@ class TokenformerConfig(BlockConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TokenformerConfig:
         return cls(**{**lookup_preset(PRESETS, name), **overrides})
-
-
-def dataclass_from_dict(cls, data: dict[str, Any], what: str):
-    """``cls(**data)``, with unknown keys named in the error instead of a bare TypeError."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; allowed: {sorted(known)}")
-    return cls(**data)
 
 
 def _released(n_layers: int, d: int, n_heads: int) -> dict[str, Any]:

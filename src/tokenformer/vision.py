@@ -31,19 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (
-    TOKEN_KINDS,
-    BlockConfig,
-    check_choice,
-    check_divides,
-    check_field,
-    check_positive_ints,
-    is_int,
-    is_number,
-    lookup_preset,
-)
+from .config import TOKEN_KINDS, BlockConfig
 from .flops import block_parameters
 from .model import Block, make_projection, weight_decay_groups
+from .validation import check, check_choice, check_divides, check_positive_ints, is_int, is_number, lookup_preset
 
 POOLS = ("cls", "mean")
 
@@ -91,15 +82,15 @@ class VisionConfig(BlockConfig):
         )
         check_divides(self, "patch_size", "image_size")
         check_choice(self, "pool", POOLS)
-        check_field(
+        check(
             self,
             "patch_shift",
             lambda v: is_int(v) and 0 <= v < self.patch_size,
             f"an integer number of pixels from 0 (off) to patch_size - 1 = {self.patch_size - 1}",
         )
-        check_field(self, "drop_path", lambda v: is_number(v) and 0 <= v < 1, "a probability in [0, 1)")
-        check_field(self, "lsa", lambda v: isinstance(v, bool), "true or false")
-        check_field(self, "patch_bias", lambda v: isinstance(v, bool), "true or false")
+        check(self, "drop_path", lambda v: is_number(v) and 0 <= v < 1, "a probability in [0, 1)")
+        check(self, "lsa", lambda v: isinstance(v, bool), "true or false")
+        check(self, "patch_bias", lambda v: isinstance(v, bool), "true or false")
 
     def drop_rates(self) -> list[float]:
         """Stochastic-depth rate of each block: 0 for the first, rising linearly to ``drop_path``."""

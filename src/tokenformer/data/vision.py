@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import is_int, is_number
+from ..validation import is_int, is_number
 
 try:  # NumPy >= 2 (and the forward-compatibility alias of 1.26)
     from numpy._core import multiarray as _np_multiarray

@@ -35,11 +35,12 @@ import torch
 import yaml
 
 from .. import io
-from ..config import TokenformerConfig, dataclass_from_dict, is_int, is_number
+from ..config import TokenformerConfig
 from ..flops import count_parameters
 from ..growth import TokenUpdateScale
 from ..train import TrainConfig, Trainer, lr_at
 from ..train.metrics import standard_error
+from ..validation import dataclass_from_dict, invalid, is_int, is_number
 
 ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
 GROWN_ARMS = ("tokenformer_grown", "transformer_grown", "transformer_stacked")
@@ -71,7 +72,7 @@ STAGE_ONE = "stage-1"
 
 
 def _plan_error(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"plan field {name}={value!r} is invalid; allowed: {allowed}")
+    return invalid("plan field", name, value, allowed)
 
 
 @dataclass

@@ -30,16 +30,16 @@ from typing import Any
 import yaml
 
 from .. import io
-from ..config import dataclass_from_dict, is_number
 from ..flops import count_parameters
 from ..train import TrainConfig
+from ..validation import dataclass_from_dict, invalid, is_number
 from . import runner
 
 PLOT = "curves.png"
 
 
 def _plan_error(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"study field {name}={value!r} is invalid; allowed: {allowed}")
+    return invalid("study field", name, value, allowed)
 
 
 @dataclass

@@ -7,7 +7,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import TokenformerConfig, dataclass_from_dict, is_int, is_number
+from ..config import TokenformerConfig
+from ..validation import check, dataclass_from_dict, is_int, is_number
 from ..vision import VisionConfig
 
 Precision = Literal["fp32", "bf16-mixed"]
@@ -260,6 +261,4 @@ def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
 
 
 def _check(config: TrainConfig, name: str, ok, allowed: str) -> None:
-    value = getattr(config, name)
-    if not ok(value):
-        raise ValueError(f"training option {name}={value!r} is invalid; allowed: {allowed}")
+    check(config, name, ok, allowed, "training option")
