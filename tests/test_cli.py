@@ -99,8 +99,8 @@ def test_eval_harness_passes_options_to_lm_eval(tmp_path, monkeypatch, capsys):
     from conftest import tiny_config
 
     from tokenformer import TokenformerLM
+    from tokenformer.families import save_model
     from tokenformer.interop import harness
-    from tokenformer.io import save_model
 
     save_model(TokenformerLM(tiny_config()), tmp_path / "m")
     calls = []

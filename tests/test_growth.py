@@ -184,7 +184,7 @@ def test_separate_learning_rate_for_new_tokens():
 
 
 def test_save_model_load_model_round_trip_of_grown_model(tmp_path):
-    from tokenformer.io import load_model, save_model
+    from tokenformer.families import load_model, save_model
 
     model = TokenformerLM(tiny_config())
     grow(model, ffn_tokens=48, layers=[0])

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config, tiny_train_options
 
 from tokenformer import TokenformerLM, VisionConfig, grow
-from tokenformer.io import load_model, save_model
+from tokenformer.families import load_model, save_model
 from tokenformer.pattention import Pattention
 
 OPTIONS = {

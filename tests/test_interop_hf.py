@@ -11,9 +11,9 @@ from reference import random_released_state_dict  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tokenformer import TokenformerLM, from_hf, grow, to_hf  # noqa: E402
+from tokenformer.families import load_model, save_model  # noqa: E402
 from tokenformer.interop import convert_released  # noqa: E402
 from tokenformer.interop.hf import TokenformerForCausalLM  # noqa: E402
-from tokenformer.io import load_model, save_model  # noqa: E402
 
 
 def grown_model() -> TokenformerLM:

@@ -6,7 +6,7 @@ import torch
 from conftest import cli_flags
 from test_vision_data import fake_cifar_archive, fake_fashion_mnist
 
-from tokenformer import io
+from tokenformer import families, io
 from tokenformer.cli import main
 from tokenformer.data.vision import FASHION_MNIST_DIR
 from tokenformer.train import TrainConfig, Trainer
@@ -79,7 +79,7 @@ def test_vision_run_resumes_exactly(tmp_path, fake_data, one_thread):
     resumed = io.load_weights(tmp_path / "resumed/checkpoints/step-00000006/model.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    model = io.load_model(tmp_path / "resumed/checkpoints/step-00000006")
+    model = families.load_model(tmp_path / "resumed/checkpoints/step-00000006")
     assert isinstance(model, TokenformerViT) and model.config.d_model == 16
 
 
@@ -108,7 +108,7 @@ def test_grow_of_a_vision_checkpoint_keeps_validation_loss_and_accuracy(tmp_path
     )
     assert found, out
     assert found.group(1) == found.group(2)
-    grown = io.load_model(tmp_path / "grown")
+    grown = families.load_model(tmp_path / "grown")
     assert isinstance(grown, TokenformerViT)
     assert grown.config.qkv_tokens == 12 and grown.config.ffn_tokens == 24 and grown.config.proj_tokens == 8
     main(
@@ -133,7 +133,7 @@ def test_cifar10_training_end_to_end(tmp_path, one_thread, capsys):
     )
     main(["train", *cli_flags(options)])
     assert "test accuracy" in capsys.readouterr().out
-    model = io.load_model(tmp_path / "run/checkpoints/step-00000006")
+    model = families.load_model(tmp_path / "run/checkpoints/step-00000006")
     assert isinstance(model, TokenformerViT)
     assert (model.config.in_channels, model.config.image_size, model.config.num_patches) == (3, 32, 64)
     metrics = json.loads((tmp_path / "run/test_metrics.json").read_text())
@@ -168,7 +168,7 @@ def test_vision_cli_with_ema_tests_the_averaged_weights(tmp_path, fake_data, one
     run = tmp_path / "run"
     main(["train", *cli_flags(vision_options(run, fake_data, ema_decay=0.9, lr=1e-2))])
     checkpoint = run / "checkpoints" / "step-00000006"
-    model = io.load_model(checkpoint)
+    model = families.load_model(checkpoint)
     trainer = Trainer(TrainConfig(**vision_options(tmp_path / "other", fake_data)))
     live = trainer.task.classification.evaluate(model, trainer.task.test_batches)
     model.load_state_dict(io.load_weights(checkpoint / "ema.safetensors"))

@@ -353,7 +353,7 @@ def model_directory(path: str) -> Path:
 def load_for_inference(path: str, tokenizer: str | None, device) -> tuple[Any, Any, dict | None]:
     """Model, tokenizer and (for a training checkpoint) its training config, from a directory."""
     from .data import load_tokenizer
-    from .io import load_model
+    from .families import load_model
     from .train.checkpoint import MANIFEST, read_train_config
 
     directory = model_directory(path)

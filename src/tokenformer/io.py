@@ -1,13 +1,15 @@
-"""Atomic file writes and safe loading of model weights (safetensors; no pickled code runs)."""
+"""File formats: atomic file writes, JSON, and safe loading of weights (safetensors; no pickled code runs)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,77 +93,13 @@ def file_or_inside(path: str | Path, name: str, what: str) -> Path:
     return path
 
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-# Keys that Hugging Face transformers adds to a config.json; the directory format is shared.
-HF_CONFIG_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map")
-
-
-VISION_MODEL_TYPE = "tokenformer-vit"
-
-
-def save_model(model, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` of a ``TokenformerLM`` or ``TokenformerViT``.
-
-    A language model's directory loads with :func:`load_model` and, with the ``[hf]`` extra, with
-    ``transformers.AutoModelForCausalLM.from_pretrained``; a vision model's config says
-    ``model_type: tokenformer-vit``. Weights are written before the config, each atomically, so a
-    directory with a config always has complete weights beside it.
-    """
-    directory = Path(directory)
-    save_weights(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    save_model_config(model, directory)
-    return directory
-
-
-def save_model_config(model, directory: Path) -> None:
-    """``config.json`` of a model (alone in sharded checkpoints, whose weights are shards)."""
-    import json
-
-    from .vision import TokenformerViT
-
-    if isinstance(model, TokenformerViT):
-        kind = {"model_type": VISION_MODEL_TYPE}
-    else:
-        kind = {"model_type": "tokenformer", "architectures": ["TokenformerForCausalLM"]}
-    atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps({**model.config.to_dict(), **kind}, indent=2) + "\n")
-
-
-def read_model_config(directory: str | Path):
-    """The ``TokenformerConfig`` or ``VisionConfig`` (by ``model_type``) in a model directory's ``config.json``."""
-    import json
-
-    from .config import TokenformerConfig
-    from .vision import VisionConfig
-
-    config_path = Path(directory) / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a tokenformer model directory")
-    data = json.loads(config_path.read_text())
-    fields = {k: v for k, v in data.items() if k not in HF_CONFIG_KEYS}
-    if data.get("model_type") == VISION_MODEL_TYPE:
-        return VisionConfig.from_dict(fields)
-    return TokenformerConfig.from_dict(fields)
-
-
-def build_model(config):
-    """The model a config describes: a ``TokenformerViT`` for a ``VisionConfig``, else a ``TokenformerLM``."""
-    from .model import TokenformerLM
-    from .vision import TokenformerViT, VisionConfig
-
-    return TokenformerViT(config) if isinstance(config, VisionConfig) else TokenformerLM(config)
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu"):
-    """Load the ``TokenformerLM`` or ``TokenformerViT`` (by ``model_type``) written by
-    :func:`save_model` (grown models keep their tau)."""
-    directory = Path(directory)
-    config = read_model_config(directory)
-    with torch.device("meta"):
-        model = build_model(config)
-    state = load_weights(directory / WEIGHTS_NAME, device)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device)
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a file that is not valid JSON raises an error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
 
 
 def fsync_tree(directory: Path) -> None:

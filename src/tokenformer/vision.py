@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TOKEN_KINDS, BlockConfig
-from .flops import block_parameters
+from .flops import count_vision_parameters
 from .model import Block, make_projection, weight_decay_groups
 from .validation import check, check_choice, check_divides, check_positive_ints, is_int, is_number, lookup_preset
 
@@ -157,35 +157,6 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
     # CIFAR-10 (32x32 RGB, 10 classes): 64 patches of 4x4.
     "cifar-1M": _small(32, 4, 3, 4, 128, 4),
 }
-
-
-def count_vision_parameters(config: VisionConfig) -> int:
-    """Trainable parameters of a ``TokenformerViT`` built from ``config``."""
-    d = config.d_model
-    if config.projection == "pattention":
-        patch = config.patch_tokens * (config.patch_dim + d)
-        head = config.head_tokens * (d + config.num_classes)
-    else:
-        patch = config.patch_dim * d
-        head = d * config.num_classes
-    class_token = d if config.pool == "cls" else 0
-    temperatures = config.n_layers if config.lsa else 0
-    return patch + class_token + config.seq_len * d + block_parameters(config) + temperatures + 2 * d + head
-
-
-def training_flops_per_image(config: VisionConfig) -> int:
-    """Forward + backward FLOPs per image, by the conventions of :mod:`tokenformer.flops`: every
-    token of the sequence passes the block weights and attends to the whole sequence; the patch
-    projection runs once per patch and the head once per image."""
-    d, n = config.d_model, config.seq_len
-    patch_weights = (
-        config.patch_tokens * (config.patch_dim + d) if config.projection == "pattention" else config.patch_dim * d
-    )
-    head_weights = (
-        config.head_tokens * (d + config.num_classes) if config.projection == "pattention" else d * config.num_classes
-    )
-    blocks = n * (2 * block_parameters(config) + 2 * 2 * n * d * config.n_layers)
-    return 3 * (blocks + 2 * patch_weights * config.num_patches + 2 * head_weights)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_train_options
 
-from tokenformer.io import load_model
+from tokenformer.families import load_model
 from tokenformer.train import (
     CheckpointError,
     TrainConfig,

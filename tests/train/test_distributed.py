@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import cli_flags, tiny_train_options
 
-from tokenformer import io
+from tokenformer import families, io
 from tokenformer.cli import main
 from tokenformer.train import TrainConfig, Trainer, list_checkpoints, read_metrics, verify_checkpoint
 from tokenformer.train.parallel import Distributed, RankSlice
@@ -123,7 +123,7 @@ def test_consolidate_turns_sharded_into_single_file_and_back(runs, tmp_path, cap
     for source, out in ((sharded, "single"), (tmp_path / "single", "sharded"), (tmp_path / "sharded", "again")):
         main(["consolidate", "--checkpoint", str(source), "--out", str(tmp_path / out)])
     assert "as a single-file checkpoint" in capsys.readouterr().out
-    first, again = io.load_model(tmp_path / "single"), io.load_model(tmp_path / "again")
+    first, again = families.load_model(tmp_path / "single"), families.load_model(tmp_path / "again")
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
     assert (tmp_path / "single" / "optimizer.safetensors").read_bytes() == (
@@ -187,7 +187,7 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
         "step-00000022",
         "step-00000024",
     ]  # fit writes one at its last step
-    assert io.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
+    assert families.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
 
 
 def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_file, cache_dir):

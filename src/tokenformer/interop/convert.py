@@ -1,8 +1,8 @@
 """Released checkpoint (local or on the hub) -> a model directory of ours.
 
-The directory is exactly what :func:`tokenformer.io.save_model` writes (``config.json`` with
+The directory is exactly what :func:`tokenformer.save_model` writes (``config.json`` with
 ``model_type: tokenformer`` and ``model.safetensors``), plus the tokenizer files when a
-tokenizer is given, so ``tokenformer.io.load_model``, ``AutoModelForCausalLM.from_pretrained``
+tokenizer is given, so ``tokenformer.load_model``, ``AutoModelForCausalLM.from_pretrained``
 and lm-evaluation-harness all read it.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import TokenformerConfig
-from ..io import CONFIG_NAME, save_model
+from ..families import CONFIG_NAME, save_model
 from .released import HUB_MODELS, download_released, load_released
 from .tokenizer import GPT_NEOX_TOKENIZER_REPO, TOKENIZER_NAME, save_tokenizer
 

@@ -1,6 +1,6 @@
 """lm-evaluation-harness on TokenFormer models (extra ``[eval]``).
 
-Our model directories (``tokenformer.io.save_model``, ``tokenformer convert``) are transformers
+Our model directories (``tokenformer.save_model``, ``tokenformer convert``) are transformers
 directories, so lm-eval's own ``hf`` model runs them once ``tokenformer`` is imported (which
 registers the ``tokenformer`` model type). From a shell, ``python -m tokenformer.interop.harness``
 is the ``lm_eval`` command with that registration done, and takes lm_eval's arguments::
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import CONFIG_NAME
+from ..families import CONFIG_NAME
 from ..model import TokenformerLM
 from .tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, hf_tokenizer_config, load_tokenizer
 
@@ -76,7 +76,8 @@ def evaluate(
         directory = Path(model).expanduser()
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(
-                f"no {CONFIG_NAME} in {directory}: not a model directory (made by tokenformer convert or io.save_model)"
+                f"no {CONFIG_NAME} in {directory}: not a model directory "
+                "(made by tokenformer convert or tokenformer.save_model)"
             )
         tokenizer = directory if tokenizer is None else tokenizer
         if Path(tokenizer).is_dir() and not (Path(tokenizer) / TOKENIZER_NAME).is_file():

@@ -2,7 +2,7 @@
 
 The transformers model registers the LM's own modules under the LM's own names, so its state
 dict is ``TokenformerLM``'s key for key (tau included) and ``from_pretrained``/``save_pretrained``
-read and write the directory of :func:`tokenformer.io.save_model`. The forward pass is the LM's:
+read and write the directory of :func:`tokenformer.save_model`. The forward pass is the LM's:
 transformers' cache reaches it through the two members of ``KVCache`` the LM uses (``length``, ``update``).
 """
 

@@ -1,7 +1,7 @@
 """transformers' view of a ``TokenformerConfig`` (extra ``[hf]``).
 
 Every field keeps its own name, so the ``config.json`` that ``save_pretrained`` writes is the
-one :func:`tokenformer.io.save_model` writes, give or take transformers' bookkeeping keys.
+one :func:`tokenformer.save_model` writes, give or take transformers' bookkeeping keys.
 """
 
 from __future__ import annotations

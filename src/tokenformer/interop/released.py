@@ -207,7 +207,7 @@ def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
         raise ValueError(
             "the released layout stores no tau and computes sqrt(token count); these layers have another tau "
             f"(a grown model) and would change function: {'; '.join(grown)}. "
-            "Save with tokenformer.io.save_model instead."
+            "Save with tokenformer.save_model instead."
         )
     state = model.state_dict()
     return {released: state[mine] for released, mine in released_key_map(config).items()}

@@ -13,7 +13,7 @@ A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNNN``::
 
 It is built in a hidden staging folder and renamed into place, so a crash never leaves a
 half-written checkpoint under its real name; the manifest catches later truncation or bit rot.
-The model directory loads on its own with ``tokenformer.io.load_model``.
+The model directory loads on its own with ``tokenformer.load_model``.
 
 A *sharded* checkpoint (written by ``--strategy fsdp``) has the same layout except that the
 weights and optimizer moments are ``torch.distributed.checkpoint`` shards::
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import io
+from .. import families, io
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -147,10 +147,10 @@ def save_checkpoint(
                 dcp.save(_named_state(model, optimizer), checkpoint_id=staging / SHARDS)
         if main:
             if sharded:
-                io.save_model_config(model, staging)
+                families.save_model_config(model, staging)
                 io.save_weights(rng, staging / RNG)
             else:
-                io.save_model(model, staging)
+                families.save_model(model, staging)
                 tensors, meta = optimizer_to_tensors(optimizer.state_dict())
                 io.save_weights({**tensors, **rng}, staging / OPTIMIZER)
                 if ema is not None:
@@ -244,7 +244,7 @@ class Checkpoint:
 def load_checkpoint(
     directory: str | Path,
     device: str | torch.device = "cpu",
-    load_model: Callable[[Path, Any], nn.Module] = io.load_model,
+    load_model: Callable[[Path, Any], nn.Module] = families.load_model,
 ) -> Checkpoint:
     """Verify, then load a checkpoint (safetensors and JSON only: no pickled code runs).
 
@@ -257,7 +257,7 @@ def load_checkpoint(
     tokenizer_path = directory / TOKENIZER
     tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
     if is_sharded(directory):
-        model = io.build_model(io.read_model_config(directory)).to(device)
+        model = families.build_model(families.read_model_config(directory)).to(device)
         rng = io.load_weights(directory / RNG, device="cpu")
         return Checkpoint(directory, model, state, {}, rng, tokenizer_json, sharded=True)
     model = load_model(directory, device)

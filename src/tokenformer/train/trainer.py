@@ -31,7 +31,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .. import io
+from .. import families, io
 from ..data import Tokenizer
 from ..growth import GrowthRecord, StackRecord, carry_optimizer_state, grow, growth_summary, stack_layers
 from ..model import TokenformerLM
@@ -165,7 +165,7 @@ class Trainer:
     model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is
     applied for training steps and again after growth; by default it compiles when
     ``config.compile`` is set. ``load_model(dir, device)`` reads a checkpoint's model directory
-    (default: :func:`tokenformer.io.load_model`).
+    (default: :func:`tokenformer.load_model`).
     """
 
     def __init__(
@@ -176,7 +176,7 @@ class Trainer:
         model: nn.Module | None = None,
         tokenizer: Tokenizer | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
-        load_model: Callable[[Path, Any], nn.Module] = io.load_model,
+        load_model: Callable[[Path, Any], nn.Module] = families.load_model,
     ) -> None:
         self.config = config
         self.dist = init_distributed(config.strategy, resolve_device(config.device), config.dist_timeout)
