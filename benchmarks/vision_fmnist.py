@@ -122,7 +122,7 @@ def run_arm(arm: str, options: dict, grow_to: dict[str, int], result_path: Path)
     from tokenformer.train import TrainConfig, Trainer
 
     started, load_before = time.strftime("%H:%M", time.gmtime()), os.getloadavg()[0]
-    config = TrainConfig(**options)
+    config = TrainConfig.from_dict(options)
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer = Trainer(config)
     growth = None
@@ -163,8 +163,8 @@ def run_arm(arm: str, options: dict, grow_to: dict[str, int], result_path: Path)
         parameters=sum(p.numel() for p in trainer.model.parameters()),
         val_accuracy=val["val_accuracy"],
         val_loss=val["val_loss"],
-        test_accuracy=result.accuracy,
-        test_loss=result.loss,
+        test_accuracy=result["test_accuracy"],
+        test_loss=result["test_loss"],
         test_accuracy_raw=raw,
         train_s=trained,
         wall_s=wall,
@@ -271,8 +271,8 @@ def main() -> None:
     try:  # every arm's options, checked before the first arm starts
         from tokenformer.train import TrainConfig
 
-        TrainConfig(
-            **arm_options(
+        TrainConfig.from_dict(
+            arm_options(
                 "tokenformer",
                 lrs[0],
                 args.epochs,

@@ -200,7 +200,7 @@ def main() -> None:
 
         variants = load_variants(args.variants)
         for _, _, options in jobs(variants, args, out):
-            TrainConfig(**options)
+            TrainConfig.from_dict(options)
     except (OSError, TypeError, ValueError) as error:
         raise SystemExit(f"vision_screen.py: {error}") from None
     if args.workers < 1:

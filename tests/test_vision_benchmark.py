@@ -70,7 +70,7 @@ def test_main_pair_can_train_on_the_grid_validation_images(bench, tmp_path):
     assert (grid["val_fraction"], grid["max_steps"]) == (0.05, round(2 * 57000 / 128))
     assert (main["val_fraction"], main["max_steps"]) == (0.001, round(2 * 59940 / 128))
     assert grid["grad_clip"] == main["grad_clip"] == 0.0
-    TrainConfig(**main)  # valid training options
+    TrainConfig.from_dict(main)  # valid training options
     text = bench.data_split(args)
     assert "the grid and the growth pair 57,000 training images (3,000 held out" in text
     assert "the main pair, its rates chosen, 59,940 training images (60 held out" in text

@@ -38,7 +38,7 @@ def test_shipped_variants_give_valid_training_options(screen, tmp_path):
         ("lr7e-4", 3),
     ]  # every variant's first seed first
     for _, _, options in runs:
-        TrainConfig(**options)
+        TrainConfig.from_dict(options)
 
 
 def test_shipped_augmentation_variants_reach_the_run(screen, tmp_path):
@@ -50,7 +50,7 @@ def test_shipped_augmentation_variants_reach_the_run(screen, tmp_path):
         for variant, _, options in screen.jobs(screen.load_variants(args.variants), args, tmp_path)
     }
     for options in runs.values():
-        TrainConfig(**options)
+        TrainConfig.from_dict(options)
     augmentation = {name: (o["crop_padding"], o["hflip"], o["erase_prob"]) for name, o in runs.items()}
     assert augmentation == {
         "base": (0, False, 0.0),

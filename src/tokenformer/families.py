@@ -92,6 +92,12 @@ def family_of(config_or_model: Any) -> Family:
     )
 
 
+def is_registered(model: Any) -> bool:
+    """Whether ``model`` is a model of a registered family (wrappers that keep ``config`` too)."""
+    config = getattr(model, "config", None)
+    return any(type(config) is entry.config_class for entry in FAMILIES.values())
+
+
 def family_of_model_type(model_type: str | None) -> Family:
     for entry in FAMILIES.values():
         if entry.model_type == model_type:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import TokenformerConfig
-from ..validation import check, dataclass_from_dict, is_int, is_number
-from ..vision import VisionConfig
+from ..families import family
+from ..validation import check, dataclass_from_dict, invalid, is_int, is_number
 
 Precision = Literal["fp32", "bf16-mixed"]
 Strategy = Literal["single", "ddp", "fsdp"]
@@ -18,27 +18,64 @@ VisionDataset = Literal["fashion-mnist", "cifar10"]
 
 
 @dataclass
+class VisionOptions:
+    """Options of ``task: vision`` only (the ``vision:`` group of a training config).
+
+    Args:
+        dataset: Image dataset: ``fashion-mnist`` or ``cifar10``.
+        data_path: Where the image dataset is (default for Fashion-MNIST:
+            /usr/share/datasets/fashion-mnist; CIFAR-10 needs its python archive or folder).
+        crop_padding: Augmentation: pad by this many pixels and crop randomly (0: off).
+        hflip: Augmentation: mirror half the training images.
+        erase_prob: Augmentation: random erasing, the probability that a training image gets a
+            rectangle of random pixels (2-40% of its area; 0: off).
+        label_smoothing: Train against the one-hot targets mixed with this share of the uniform
+            distribution over the classes (0: plain cross-entropy); validation and test losses
+            stay the plain cross-entropy.
+    """
+
+    dataset: VisionDataset = "fashion-mnist"
+    data_path: str | None = None
+    crop_padding: int = 0
+    hflip: bool = False
+    erase_prob: float = 0.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        def check_vision(name: str, ok: Callable[[Any], bool], allowed: str) -> None:
+            if not ok(getattr(self, name)):
+                raise invalid("training option", f"vision.{name}", getattr(self, name), allowed)
+
+        datasets = typing.get_args(VisionDataset)
+        check_vision("dataset", lambda v: v in datasets, " or ".join(datasets))
+        check_vision("data_path", lambda v: v is None or isinstance(v, str), "a directory or null")
+        check_vision("crop_padding", lambda v: is_int(v) and v >= 0, "an integer >= 0")
+        check_vision("hflip", lambda v: isinstance(v, bool), "true or false")
+        check_vision("erase_prob", lambda v: is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
+        check_vision("label_smoothing", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+
+    @property
+    def is_default(self) -> bool:
+        return self == VisionOptions(dataset=self.dataset, data_path=self.data_path)
+
+
+VISION_FIELDS = tuple(f.name for f in dataclasses.fields(VisionOptions))
+
+
+@dataclass
 class TrainConfig:
     """Options of a training run.
 
     Args:
         task: ``lm`` (causal language modelling on ``data``) or ``vision`` (image classification
-            on ``dataset``; ``model`` is then a vision preset).
+            on ``vision.dataset``; ``model`` is then a vision preset).
         model: Preset name of the model to train from scratch (``tokenformer presets`` lists
             them). Ignored when resuming: the checkpoint's own (possibly grown) model is used.
         model_overrides: Fields of TokenformerConfig (VisionConfig with ``task: vision``) to change
             on the preset, e.g. ``{n_layers: 2, d_model: 64}``; ``{projection: linear}`` gives the
             ViT baseline. ``vocab_size`` defaults to the tokenizer's, rounded up to 128.
-        dataset: Image dataset with ``task: vision``: ``fashion-mnist`` or ``cifar10``.
-        data_path: Where the image dataset is (default for Fashion-MNIST:
-            /usr/share/datasets/fashion-mnist; CIFAR-10 needs its python archive or folder).
-        crop_padding: Vision augmentation: pad by this many pixels and crop randomly (0: off).
-        hflip: Vision augmentation: mirror half the training images.
-        erase_prob: Vision augmentation: random erasing, the probability that a training image
-            gets a rectangle of random pixels (2-40% of its area; 0: off).
-        label_smoothing: With ``task: vision``, train against the one-hot targets mixed with this
-            share of the uniform distribution over the classes (0: plain cross-entropy);
-            validation and test losses stay the plain cross-entropy.
+        vision: The options of ``task: vision`` (dataset, augmentation, label smoothing): see
+            :class:`VisionOptions`; on the command line ``--vision.dataset cifar10`` and so on.
         data: Corpus: ``kjv`` (the embedded King James Bible), text files, directories, globs,
             or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``[datasets]`` extra and network access).
         tokenizer: ``bpe`` trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
@@ -96,12 +133,7 @@ class TrainConfig:
     model: str = "cpu-1M"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str | list[str] = "kjv"
-    dataset: VisionDataset = "fashion-mnist"
-    data_path: str | None = None
-    crop_padding: int = 0
-    hflip: bool = False
-    erase_prob: float = 0.0
-    label_smoothing: float = 0.0
+    vision: VisionOptions = field(default_factory=VisionOptions)
     tokenizer: str = "bpe"
     vocab_size: int = 8192
     val_fraction: float = 0.05
@@ -150,7 +182,16 @@ class TrainConfig:
         )
         for name in positive:
             _check(self, name, lambda v: is_int(v) and v >= 1, "a positive integer")
-        for name in ("warmup_steps", "seed", "crop_padding"):
+        if isinstance(self.vision, dict):
+            self.vision = dataclass_from_dict(VisionOptions, self.vision, "vision option")
+        _check(self, "vision", lambda v: isinstance(v, VisionOptions), "a mapping of vision options")
+        _check(
+            self,
+            "vision",
+            lambda v: v.is_default or self.task == "vision",
+            "the defaults with task: lm (augmentation and label smoothing are options of task: vision)",
+        )
+        for name in ("warmup_steps", "seed"):
             _check(self, name, lambda v: is_int(v) and v >= 0, "an integer >= 0")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             _check(self, name, lambda v: is_number(v) and v >= 0, "a finite number >= 0")
@@ -162,22 +203,8 @@ class TrainConfig:
         _check(
             self, "token_weight_decay", lambda v: v is None or (is_number(v) and v >= 0), "a finite number >= 0 or null"
         )
-        _check(self, "label_smoothing", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
-        _check(self, "erase_prob", lambda v: is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
-        _check(
-            self,
-            "erase_prob",
-            lambda v: v == 0 or self.task == "vision",
-            "0 with task: lm (random erasing is an option of task: vision)",
-        )
-        _check(
-            self,
-            "label_smoothing",
-            lambda v: v == 0 or self.task == "vision",
-            "0 with task: lm (label smoothing is an option of task: vision)",
-        )
         _check(self, "val_fraction", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)")
-        for name, choices in (("precision", Precision), ("task", TaskName), ("dataset", VisionDataset)):
+        for name, choices in (("precision", Precision), ("task", TaskName)):
             allowed = typing.get_args(choices)
             _check(self, name, lambda v, allowed=allowed: v in allowed, " or ".join(allowed))
         strategies = typing.get_args(Strategy)
@@ -213,29 +240,28 @@ class TrainConfig:
             # a given checkpoint uses that checkpoint's model instead.
             self.model_config()
 
-    def model_config(self, vocab_size: int | None = None) -> TokenformerConfig | VisionConfig:
-        """The preset with ``model_overrides``; ``vocab_size`` (the tokenizer's) unless overridden.
-        With ``task: vision``, the vision preset with ``model_overrides``."""
-        if self.task == "vision":
-            try:
-                return VisionConfig.from_preset(self.model, **self.model_overrides)
-            except TypeError as exc:
-                allowed = ", ".join(f.name for f in dataclasses.fields(VisionConfig))
-                raise ValueError(f"model_overrides={self.model_overrides!r}: {exc}; allowed fields: {allowed}") from exc
+    def model_config(self, vocab_size: int | None = None) -> Any:
+        """The ``model`` preset of the task's model family with ``model_overrides``; a model with a
+        vocabulary gets ``vocab_size`` (the tokenizer's, padded) unless overridden."""
+        config_class = family(self.task).config_class
+        fields = {f.name for f in dataclasses.fields(config_class)}
         overrides = dict(self.model_overrides)
-        if vocab_size is not None and "vocab_size" not in overrides:
+        if vocab_size is not None and "vocab_size" in fields and "vocab_size" not in overrides:
             overrides["vocab_size"] = padded_vocab(vocab_size)
-        try:
-            config = TokenformerConfig.from_preset(self.model, **overrides)
-        except TypeError as exc:  # an override that is not a config field
-            allowed = ", ".join(f.name for f in dataclasses.fields(TokenformerConfig))
-            raise ValueError(f"model_overrides={self.model_overrides!r}: {exc}; allowed fields: {allowed}") from exc
-        if self.seq_len > config.max_seq_len:
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
             raise ValueError(
-                f"seq_len={self.seq_len} exceeds the model's max_seq_len={config.max_seq_len}; "
+                f"model_overrides={self.model_overrides!r}: unknown field(s) {unknown}; "
+                f"allowed fields: {', '.join(sorted(fields))}"
+            )
+        config = config_class.from_preset(self.model, **overrides)
+        max_seq_len = getattr(config, "max_seq_len", None)
+        if max_seq_len is not None and self.seq_len > max_seq_len:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds the model's max_seq_len={max_seq_len}; "
                 f"allowed: seq_len <= max_seq_len (or set model_overrides: {{max_seq_len: {self.seq_len}}})"
             )
-        if vocab_size is not None and config.vocab_size < vocab_size:
+        if vocab_size is not None and getattr(config, "vocab_size", vocab_size) < vocab_size:
             raise ValueError(f"model vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size}")
         return config
 
@@ -252,6 +278,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config of ``to_dict`` (or a YAML file); the vision options of configs written before
+        they formed the ``vision`` group are moved into it."""
+        data = dict(data)
+        flat = {name: data.pop(name) for name in VISION_FIELDS if name in data}
+        if flat:
+            data["vision"] = {**flat, **dict(data.get("vision") or {})}
         return dataclass_from_dict(cls, data, "training option")
 
 

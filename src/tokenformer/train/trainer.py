@@ -34,8 +34,6 @@ from tqdm.auto import tqdm
 from .. import families, io
 from ..data import Tokenizer
 from ..growth import GrowthRecord, StackRecord, carry_optimizer_state, grow, growth_summary, stack_layers
-from ..model import TokenformerLM
-from ..vision import TokenformerViT
 from .checkpoint import (
     CHECKPOINTS,
     Checkpoint,
@@ -62,6 +60,7 @@ from .parallel import (
     place,
 )
 from .task import Task
+from .tasks import make_task
 
 TRAIN_CONFIG = "train_config.yaml"
 
@@ -189,16 +188,10 @@ class Trainer:
         checkpoint = self._find_resume_checkpoint(load_model)
         if checkpoint is not None and checkpoint.tokenizer_json is not None and tokenizer is None:
             tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
-        if task is None and config.task == "vision":
-            from .vision import image_classification_task
-
-            task = image_classification_task(config)
-        elif task is None:
-            from .lm import language_modeling_task
-
+        if task is None:
             if not self.dist.is_main:
-                barrier(self.dist)  # rank 0 trains the tokenizer and writes the token shards to the cache first
-            task, tokenizer = language_modeling_task(config, tokenizer)
+                barrier(self.dist)  # rank 0 prepares the data first (a tokenizer, token shards in the cache)
+            task, tokenizer = make_task(config, tokenizer)
             if self.dist.is_main:
                 barrier(self.dist)
         self.task = RankSlice(task, config.batch_size, self.dist) if self.dist.active else task
@@ -206,10 +199,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         if checkpoint is not None:
             model = checkpoint.model
-        elif model is None and config.task == "vision":
-            model = TokenformerViT(config.model_config())
         elif model is None:
-            model = TokenformerLM(config.model_config(tokenizer.vocab_size if tokenizer else None))
+            model = self.task.build_model(config)
         self.model = model.to(self.device)
         self._model_class = type(self.model)  # FSDP2 changes the class of the model it shards
         self._wrap_model = wrap_model or self._default_wrap
@@ -503,7 +494,7 @@ class Trainer:
         return {
             **asdict(self.state),
             "data_position": {"step": self.state.step, "note": "batch i is a pure function of (seed, i)"},
-            "layers": growth_summary(self.model) if isinstance(self.model, (TokenformerLM, TokenformerViT)) else None,
+            "layers": growth_summary(self.model) if families.is_registered(self.model) else None,
             "train_config": self.config.to_dict(),
             "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
         }
