@@ -29,9 +29,8 @@ from common import (
     write_report,
 )
 
-import tokenformer.model as model_module
-from tokenformer.model import explicit_attention
-from tokenformer.vision import TokenformerViT, VisionConfig
+import tokenformer.vision as model_module
+from tokenformer.vision import TokenformerViT, VisionConfig, explicit_attention
 
 SHAPES = ((16, 16, 128), (49, 16, 128), (64, 32, 64), (197, 64, 16))  # (tokens, head_dim, batch)
 CALLS = 10  # attention calls per timed round

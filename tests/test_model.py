@@ -6,7 +6,8 @@ from conftest import tiny_config
 from reference import our_weights, reference_logits
 
 from tokenformer import TokenformerConfig, TokenformerLM, count_parameters
-from tokenformer.model import apply_rotary, explicit_attention, rotary_cos_sin
+from tokenformer.model import apply_rotary, rotary_cos_sin
+from tokenformer.vision import explicit_attention
 
 
 def test_logits_match_plain_float64_reference():

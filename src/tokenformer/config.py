@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .pattention import NORMS
+from .pattention import NORMS, release_tau
 from .validation import (
     check_choice,
     check_divides,
@@ -129,7 +129,7 @@ class BlockConfig:
         """``tau``, ``key_std`` and ``value_std`` of a new Pattention of ``kind`` with ``num_tokens``
         tokens (the keyword arguments of :class:`~tokenformer.pattention.Pattention`)."""
         fixed = self._for_kind("fixed_tau", kind)
-        tau = fixed if fixed is not None else self._for_kind("tau_scale", kind) * math.sqrt(num_tokens)
+        tau = fixed if fixed is not None else self._for_kind("tau_scale", kind) * release_tau(num_tokens)
         key_std = self._for_kind("key_std", kind)
         base = self.value_init_std if self._for_kind("value_init", kind) == "wang" else 1.0 / math.sqrt(num_tokens)
         return {

@@ -60,14 +60,6 @@ class GrowthRecord:
         }
 
 
-def _modules_of_kind(block: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
-    if kind == "qkv":
-        return [(f"attention.{n}", getattr(block.attention, n)) for n in ("query", "key", "value")]
-    if kind == "proj":
-        return [("attention.proj", block.attention.proj)]
-    return [("mlp", block.mlp)]
-
-
 def _append_rows(param: nn.Parameter, new: torch.Tensor, dim: int) -> None:
     param.data = torch.cat((param.data, new.to(param.dtype)), dim=dim)
     if param.grad is not None:
@@ -122,7 +114,7 @@ def growth_summary(model: nn.Module) -> list[dict]:
     for i, block in enumerate(model.layers):
         entry: dict = {"layer": i}
         for kind in TOKEN_KINDS:
-            for name, module in _modules_of_kind(block, kind):
+            for name, module in block.modules_of_kind(kind):
                 if isinstance(module, Pattention):
                     entry[name] = {"tokens": module.num_tokens, "tau": float(module.tau)}
                 elif isinstance(module, MLP):
@@ -187,7 +179,7 @@ def grow(
             for kind, n in targets.items():
                 if n == before[i][kind]:
                     continue
-                for name, module in _modules_of_kind(block, kind):
+                for name, module in block.modules_of_kind(kind):
                     prefix = f"layers.{i}.{name}"
                     if isinstance(module, Pattention):
                         std = config.pattention_init(kind, n)["value_std"] if value_std is None else value_std

@@ -14,6 +14,8 @@ Linear-GELU-Linear MLP of hidden width ``ffn_tokens``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,51 +135,15 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-# On CPU, PyTorch's fused attention kernels cost more than the plain softmax(QK^T)V for the short
-# sequences of small images: with torch.compile, forward + backward 0.75x / 0.85x the time at 16 / 49
-# tokens, 1.2x / 1.3x at 64 / 197 (benchmarks/results/attention-cpu.md). Up to this length
-# the CPU takes it.
-EXPLICIT_ATTENTION_MAX_LEN = 49
-
-
-def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(head_dim)) v`` computed step by step; ``allowed`` (boolean,
-    broadcastable to the scores) masks out the False pairs, as ``scaled_dot_product_attention``'s
-    boolean ``attn_mask`` does. The softmax runs in at least float32 (as SDPA's CPU kernels accumulate),
-    under bf16 autocast too."""
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ v
-
-
-def bidirectional_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Attention without a causal mask: the explicit form for short sequences on CPU, else SDPA."""
-    if q.device.type == "cpu" and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_LEN:
-        return explicit_attention(q, k, v, allowed)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-
-
 class SelfAttention(nn.Module):
-    """Multi-head token-token attention; ``causal=False`` (vision) lets every token see every other.
+    """Multi-head causal token-token attention with rotary positions and a KV cache.
 
-    ``locality=True`` (bidirectional only) is locality self-attention (Lee et al., 2021): a token
-    does not attend to itself, and the softmax temperature is learned, as ``log_temperature``
-    (a scalar added to the log of the usual 1/sqrt(head_dim) scale, starting at 0).
+    :meth:`attend` is the token-token step; a subclass changes only it (the vision model's
+    bidirectional attention does).
     """
 
-    def __init__(
-        self, config: BlockConfig, tokens: dict[str, int], causal: bool = True, locality: bool = False
-    ) -> None:
+    def __init__(self, config: BlockConfig, tokens: dict[str, int]) -> None:
         super().__init__()
-        if causal and locality:
-            raise ValueError("locality self-attention needs bidirectional attention (causal=False)")
-        self.causal = causal
-        self.log_temperature = nn.Parameter(torch.zeros(())) if locality else None
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.query = make_projection(config, "qkv", tokens["qkv"], config.init_std)
@@ -188,6 +154,18 @@ class SelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(head_dim)) v`` over ``[B, H, T, head_dim]`` heads, causal: query
+        ``i`` (at absolute position ``start + i``) sees keys up to its own position."""
+        length = q.shape[2]
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if length == 1:  # one new token sees every cached one
+            return F.scaled_dot_product_attention(q, k, v)
+        rows = torch.arange(start, start + length, device=q.device)[:, None]
+        mask = torch.arange(start + length, device=q.device)[None, :] <= rows
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def forward(
         self,
@@ -205,31 +183,38 @@ class SelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)
-        if self.log_temperature is not None:  # bidirectional (vision, no cache): every token but itself
-            q = q * self.log_temperature.exp().to(q.dtype)
-            others = ~torch.eye(length, dtype=torch.bool, device=x.device)
-            y = bidirectional_attention(q, k, v, others)
-        elif start == 0 and not self.causal:
-            y = bidirectional_attention(q, k, v)
-        elif start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif length == 1:  # one new token sees every cached one
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            rows = torch.arange(start, start + length, device=x.device)[:, None]
-            mask = torch.arange(start + length, device=x.device)[None, :] <= rows
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = self.attend(q, k, v, start)
         return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
 
 
 class Block(nn.Module):
-    def __init__(self, config: BlockConfig, layer: int, causal: bool = True, locality: bool = False) -> None:
+    """``h = x + Proj(Attention(LN(x))); y = h + FFN(LN(h))``; ``attention(config, tokens)``
+    builds the attention (by default the language model's causal :class:`SelfAttention`)."""
+
+    # Which modules of a block hold each kind of parameter tokens (growth, pruning and the
+    # released layout all address them by these names).
+    KIND_MODULES: dict[str, tuple[str, ...]] = {
+        "qkv": ("attention.query", "attention.key", "attention.value"),
+        "proj": ("attention.proj",),
+        "ffn": ("mlp",),
+    }
+
+    def __init__(
+        self,
+        config: BlockConfig,
+        layer: int,
+        attention: Callable[[BlockConfig, dict[str, int]], SelfAttention] = SelfAttention,
+    ) -> None:
         super().__init__()
         tokens = config.tokens(layer)
         self.layer = layer
         self.eps = config.layernorm_eps
-        self.attention = SelfAttention(config, tokens, causal, locality)
+        self.attention = attention(config, tokens)
         self.mlp = make_ffn(config, tokens["ffn"])
+
+    def modules_of_kind(self, kind: str) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every projection of token ``kind`` (qkv, proj or ffn) in this block."""
+        return [(name, self.get_submodule(name)) for name in self.KIND_MODULES[kind]]
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # The release's in-block LayerNorm has no learnable weight or bias.

@@ -24,6 +24,7 @@ its overall contrast; ``patch_bias=True`` adds a constant input that keeps it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from .config import TOKEN_KINDS, BlockConfig
 from .flops import count_vision_parameters
-from .model import Block, make_projection, weight_decay_groups
+from .model import Block, SelfAttention, make_projection, weight_decay_groups
 from .validation import check, check_choice, check_divides, check_positive_ints, is_int, is_number, lookup_preset
 
 POOLS = ("cls", "mean")
@@ -179,6 +180,55 @@ def shifted_views(images: torch.Tensor, shift: int) -> torch.Tensor:
     return torch.cat([images, *views], dim=1)
 
 
+# On CPU, PyTorch's fused attention kernels cost more than the plain softmax(QK^T)V for the short
+# sequences of small images (benchmarks/results/attention-cpu*.md measure where they cross): up
+# to this length the CPU takes the explicit form.
+EXPLICIT_ATTENTION_MAX_LEN = 49
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(head_dim)) v`` computed step by step; ``allowed`` (boolean,
+    broadcastable to the scores) masks out the False pairs, as ``scaled_dot_product_attention``'s
+    boolean ``attn_mask`` does. The softmax runs in at least float32 (as SDPA's CPU kernels accumulate),
+    under bf16 autocast too."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ v
+
+
+def bidirectional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention without a causal mask: the explicit form for short sequences on CPU, else SDPA."""
+    if q.device.type == "cpu" and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_LEN:
+        return explicit_attention(q, k, v, allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+class BidirectionalAttention(SelfAttention):
+    """Every patch token attends to every other (no causal mask, no cache).
+
+    ``locality=True`` is locality self-attention (Lee et al., 2021): a token does not attend to
+    itself, and the softmax temperature is learned, as ``log_temperature`` (a scalar added to
+    the log of the usual 1/sqrt(head_dim) scale, starting at 0).
+    """
+
+    def __init__(self, config: BlockConfig, tokens: dict[str, int], locality: bool = False) -> None:
+        super().__init__(config, tokens)
+        self.log_temperature = nn.Parameter(torch.zeros(())) if locality else None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        if self.log_temperature is None:
+            return bidirectional_attention(q, k, v)
+        length = q.shape[2]
+        q = q * self.log_temperature.exp().to(q.dtype)
+        others = ~torch.eye(length, dtype=torch.bool, device=q.device)
+        return bidirectional_attention(q, k, v, others)
+
+
 def drop_path(update: torch.Tensor, rate: float) -> torch.Tensor:
     """Stochastic depth on a residual update ``[B, ...]``: zero for each sample with probability
     ``rate``, divided by ``1 - rate`` otherwise (the expectation is unchanged)."""
@@ -194,7 +244,8 @@ class TokenformerViT(nn.Module):
         self.patch_proj = make_projection(config, "patch", config.patch_tokens, config.init_std, config.patch_dim, d)
         self.cls_token = nn.Parameter(torch.empty(1, 1, d)) if config.pool == "cls" else None
         self.pos_embedding = nn.Parameter(torch.empty(1, config.seq_len, d))
-        self.layers = nn.ModuleList(Block(config, i, causal=False, locality=config.lsa) for i in range(config.n_layers))
+        attention = functools.partial(BidirectionalAttention, locality=config.lsa)
+        self.layers = nn.ModuleList(Block(config, i, attention) for i in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layernorm_eps)
         self.head = make_projection(config, "head", config.head_tokens, config.init_std, d, config.num_classes)
         nn.init.normal_(self.pos_embedding, std=config.init_std)

@@ -90,8 +90,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     ``token_weight_decay`` when it is set).
 
     The fused implementation (one kernel per parameter) runs where torch has it: plain tensors
-    on CPU or CUDA. On CPU the per-tensor loop otherwise costs several milliseconds a step for a
-    small model, a few percent of its step time. Sharded (DTensor) parameters and other devices
+    on CPU or CUDA. On CPU the per-tensor loop otherwise costs a noticeable share of a small
+    model's step (benchmarks/results/optimizer_step-cpu.md). Sharded (DTensor) parameters and other devices
     keep torch's default implementation. Every state dict loaded into it later (resume, FSDP
     placement, consolidation) keeps that choice: see :func:`keep_own_implementation`.
     """
@@ -181,7 +181,7 @@ class Trainer:
         self.dist = init_distributed(config.strategy, resolve_device(config.device), config.dist_timeout)
         self.device = self.dist.device
         if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # without it, tiny activations make CPU training ~7x slower
+            torch.set_flush_denormal(True)  # without it, tiny activations make CPU training several times slower
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.run_dir = Path(config.out_dir)
