@@ -133,3 +133,48 @@ def test_eval_harness_passes_options_to_lm_eval(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(tmp_path / "m"), "--harness", "true"])
     assert "--harness needs --tasks" in capsys.readouterr().err
+
+
+def test_language_model_commands_refuse_a_vision_model(tmp_path, capsys):
+    from tokenformer import save_model
+    from tokenformer.vision import TokenformerViT, VisionConfig
+
+    vit = save_model(TokenformerViT(VisionConfig.from_preset("fmnist-0.3M")), tmp_path / "vit")
+    for argv in (
+        ["generate", "--model", str(vit)],
+        ["eval", "--model", str(vit), "--data", "kjv"],
+        ["eval", "--model", str(vit), "--harness", "true", "--tasks", "[piqa]"],
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert f"error: {vit} holds a vision model (tokenformer-vit); this command takes a language model" in err, err
+
+
+def test_a_config_that_is_not_json_is_named(tmp_path, capsys):
+    from conftest import tiny_config
+
+    from tokenformer import TokenformerLM, save_model
+
+    model = save_model(TokenformerLM(tiny_config()), tmp_path / "m")
+    (model / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(model)])
+    assert f"error: {model / 'config.json'} is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_grow_that_would_change_nothing_is_refused(tmp_path, corpus_file, cache_dir, capsys):
+    options = tiny_train_options(
+        corpus_file, cache_dir, tmp_path / "run", max_steps=2, eval_interval=2, ckpt_interval=2
+    )
+    main(["train", *cli_flags(options)])
+    grow = ["grow", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "grown"), "--evaluate", "false"]
+    for flags, message in (
+        (["--ffn_tokens", "32"], "nothing to grow: ffn_tokens=32 equals the current count of every chosen layer"),
+        (["--ffn_tokens", "48", "--layers", "[]"], "layers=[] selects no layer"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*grow, *flags])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "grown").exists()

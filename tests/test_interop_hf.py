@@ -55,6 +55,16 @@ def test_to_hf_and_back_share_the_model():
     assert torch.equal(back(ids), model(ids))
 
 
+def test_a_vision_model_is_refused_by_name(tmp_path):
+    from tokenformer.vision import TokenformerViT, VisionConfig
+
+    vit = TokenformerViT(VisionConfig.from_preset("fmnist-0.3M"))
+    with pytest.raises(ValueError, match=r"to_hf takes a language model; got a TokenformerViT \(tokenformer-vit\)"):
+        to_hf(vit)
+    with pytest.raises(ValueError, match="model type `tokenformer-vit`"):
+        AutoModelForCausalLM.from_pretrained(save_model(vit, tmp_path / "vit"))
+
+
 def test_loss_uses_transformers_label_convention():
     hf = to_hf(grown_model())
     ids = torch.randint(0, 97, (2, 10))

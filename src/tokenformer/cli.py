@@ -60,6 +60,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
+    from .io import describe_os_error
     from .train import CheckpointError, TrainConfig, TrainingDiverged
 
     torch.set_flush_denormal(True)  # CPU training and inference are several times slower without it
@@ -75,15 +76,14 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS[name](**{k: v for k, v in args[name].items() if k != "config"})
     except (
         ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        ConnectionError,
+        OSError,  # files and devices: disk full, read-only output, missing files, connections
         CheckpointError,
         TrainingDiverged,
         ImportError,
         RuntimeError,
     ) as exc:
-        print(f"tokenformer {name}: error: {exc}", file=sys.stderr)
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"tokenformer {name}: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

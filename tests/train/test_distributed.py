@@ -245,3 +245,26 @@ def test_bad_distributed_options_are_refused_with_what_is_allowed(tmp_path, corp
         Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, strategy="fsdp")))
     with pytest.raises(ValueError, match=r"batch_size=3 does not split over 2 ranks"):
         RankSlice(None, 3, Distributed("ddp", 0, 2))
+
+
+def test_a_locked_run_fails_every_rank_at_once(tmp_path, corpus_file, cache_dir):
+    """Rank 0 holds the run's lock for all ranks; when it cannot, no rank waits for it."""
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", strategy="ddp", threads=1, dist_timeout=300)
+    held = io.DirectoryLock(tmp_path / "run")
+    try:
+        started = time.monotonic()
+        done = subprocess.run(
+            torchrun_command(2, "-m", "tokenformer.cli", "train", *cli_flags(options)),
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        held.release()
+    assert done.returncode != 0
+    assert time.monotonic() - started < 120, "a rank waited for the others"
+    assert f"error: {tmp_path / 'run'} is in use by another writer (this process" not in done.stderr
+    assert f"error: {tmp_path / 'run'} is in use by another writer (pid {os.getpid()} on host" in done.stderr
+    assert "error: rank 0 failed: DirectoryLocked" in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

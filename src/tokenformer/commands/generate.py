@@ -55,7 +55,9 @@ def generate(
 
 def model_directory(path: str) -> Path:
     """The folder with config.json + model.safetensors: a model directory as given, a training
-    checkpoint (verified against its manifest) or a run directory's newest complete checkpoint."""
+    checkpoint (verified against its manifest) or a run directory's newest complete checkpoint;
+    of a language model (the commands that take one generate text or score it)."""
+    from ..families import family_of, read_model_config
     from ..train.checkpoint import CHECKPOINTS, MANIFEST, is_sharded, resolve_checkpoint, verify_checkpoint
 
     directory = Path(path).expanduser()
@@ -67,6 +69,11 @@ def model_directory(path: str) -> Path:
                 f"{directory} is a sharded checkpoint; write it whole first: "
                 f"tokenformer consolidate --checkpoint {directory} --out DIR"
             )
+    entry = family_of(read_model_config(directory))
+    if entry.name != "lm":
+        raise ValueError(
+            f"{directory} holds a {entry.name} model ({entry.model_type}); this command takes a language model"
+        )
     return directory
 
 

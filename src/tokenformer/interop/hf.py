@@ -103,6 +103,14 @@ def _check_unpadded(
 
 def to_hf(model: TokenformerLM) -> TokenformerForCausalLM:
     """The transformers model of a ``TokenformerLM``, sharing its weights' memory (grown tau included)."""
+    from ..families import family_of
+
+    entry = family_of(model)
+    if entry.name != "lm":
+        raise ValueError(
+            f"to_hf takes a language model; got a {type(model).__name__} ({entry.model_type}): "
+            "transformers' causal-LM classes hold language models only"
+        )
     config = TokenformerHFConfig.from_tokenformer(model.config)
     with torch.device("meta"):
         hf = TokenformerForCausalLM(config)

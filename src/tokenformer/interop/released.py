@@ -18,7 +18,7 @@ import torch
 
 from ..config import PRESETS, TOKEN_KINDS, TokenformerConfig
 from ..growth import growth_summary
-from ..io import file_or_inside
+from ..io import file_or_inside, one_line
 from ..model import Block, TokenformerLM
 from ..pattention import release_tau
 
@@ -217,7 +217,7 @@ def read_released(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # pickle, zip and torch's weights-only errors have no common base
         raise ValueError(
             f"cannot read {path} as a state dict of tensors (weights_only=True refuses anything else; the file may be "
-            f"truncated, or not a PyTorch checkpoint): {exc}"
+            f"truncated, or not a PyTorch checkpoint): {one_line(exc)}"
         ) from exc
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")

@@ -126,6 +126,10 @@ class TrainConfig:
         log_interval: Log the training loss every this many steps.
         ckpt_interval: Write a checkpoint every this many steps (and at the end).
         keep_last: Checkpoints to keep in out_dir/checkpoints (older ones are deleted).
+        divergence_factor: Warn when a validation loss exceeds this multiple of the best one so far
+            (the first training loss, the untrained model's, counts too): a loss that explodes
+            without becoming NaN. 0 is off.
+        stop_on_divergence: Stop the run instead of warning (before that step's checkpoint).
         progress: Show a progress bar.
     """
 
@@ -165,6 +169,8 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 100
     keep_last: int = 3
+    divergence_factor: float = 3.0
+    stop_on_divergence: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -193,6 +199,14 @@ class TrainConfig:
         )
         for name in ("warmup_steps", "seed"):
             _check(self, name, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+        _check(self, "warmup_steps", lambda v: v <= self.max_steps, f"an integer <= max_steps ({self.max_steps})")
+        _check(
+            self,
+            "divergence_factor",
+            lambda v: is_number(v) and (v == 0 or v > 1),
+            "a number > 1, or 0 (off)",
+        )
+        _check(self, "stop_on_divergence", lambda v: isinstance(v, bool), "true or false")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             _check(self, name, lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         _check(self, "lr", lambda v: v > 0, "a number > 0")

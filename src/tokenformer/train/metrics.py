@@ -32,22 +32,30 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, start_step: int = 0, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
         io.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise io.write_error(self.path, exc) from exc
         self._tensorboard = _summary_writer(self.run_dir / "tensorboard") if tensorboard else None
 
     def log(self, step: int, kind: str, **values: Any) -> None:
-        self._file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise io.write_error(self.path, exc) from exc
         if self._tensorboard is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise io.write_error(self.path, exc) from exc
         if self._tensorboard is not None:
             self._tensorboard.close()
 

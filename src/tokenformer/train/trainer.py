@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,15 +37,18 @@ from ..data import Tokenizer
 from ..growth import GrowthRecord, StackRecord, carry_optimizer_state, grow, growth_summary, stack_layers
 from .checkpoint import (
     CHECKPOINTS,
+    TOKENIZER,
     Checkpoint,
+    CheckpointError,
     checkpoint_name,
-    latest_checkpoint,
     load_checkpoint,
     load_sharded_state,
     prune_checkpoints,
     resolve_checkpoint,
     restore_rng,
     save_checkpoint,
+    scan_checkpoints,
+    set_aside_checkpoints,
 )
 from .config import TrainConfig
 from .metrics import MetricsLogger, plot_loss_curve
@@ -66,7 +70,8 @@ TRAIN_CONFIG = "train_config.yaml"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite; no checkpoint was written for that step."""
+    """The loss or gradient norm became NaN or infinite, or (with ``stop_on_divergence``) the
+    validation loss rose far above its best; no checkpoint was written for that step."""
 
 
 @dataclass
@@ -77,12 +82,28 @@ class TrainState:
     wall_time: float = 0.0  # seconds spent in training steps (not validation or saving), all sessions
     val_history: list[dict[str, float]] = field(default_factory=list)
     growth_history: list[dict[str, Any]] = field(default_factory=list)
+    first_loss: float | None = None  # the first training loss logged (the untrained model's): divergence checks
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available, else cpu) or the device named, refused unless this machine has it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {name!r} is not available: {why}; allowed here: auto or cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device {name!r} is not available: {count} CUDA device(s); allowed: cuda:0..cuda:{count - 1}"
+            )
+    elif device.type in ("mps", "xpu"):
+        backend = torch.backends.mps if device.type == "mps" else torch.xpu
+        if not backend.is_available():
+            raise ValueError(f"device {name!r} is not available on this machine; allowed here: auto or cpu")
+    return device
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -185,9 +206,18 @@ class Trainer:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.run_dir = Path(config.out_dir)
+        self._lock: io.DirectoryLock | None = None  # taken before the first write into run_dir
+        self._claimed = False
         checkpoint = self._find_resume_checkpoint(load_model)
+        if checkpoint is not None:
+            self._check_resume(checkpoint)
         if checkpoint is not None and checkpoint.tokenizer_json is not None and tokenizer is None:
-            tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
+            try:
+                tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
+            except Exception as exc:  # tokenizers raises its own Exception type for malformed files
+                raise CheckpointError(
+                    f"checkpoint file {checkpoint.path / TOKENIZER} is not a tokenizer: {exc}"
+                ) from exc
         if task is None:
             if not self.dist.is_main:
                 barrier(self.dist)  # rank 0 prepares the data first (a tokenizer, token shards in the cache)
@@ -224,13 +254,78 @@ class Trainer:
     # -- construction -------------------------------------------------------------------------
 
     def _find_resume_checkpoint(self, load_model) -> Checkpoint | None:
+        # Rank 0 picks the checkpoint (checking newer ones and noting the damaged), the others load it.
+        self._damaged: list[Path] = []
         resume = self.config.resume
         if resume is None:
             return None
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else resolve_checkpoint(resume)
+        if resume == "auto":
+            found = self._on_main(lambda: scan_checkpoints(self.run_dir))
+            path, self._damaged = broadcast_object(found, self.dist)
+        else:
+            path = broadcast_object(self._on_main(lambda: resolve_checkpoint(resume)), self.dist)
         if path is None:
-            return None  # "auto" in a run directory without checkpoints: a fresh start
+            return None  # "auto" in a run directory without a good checkpoint: a fresh start
         return load_checkpoint(path, self.device, load_model)
+
+    def _check_resume(self, checkpoint: Checkpoint) -> None:
+        """Options that cannot continue ``checkpoint`` are refused here, before anything is written."""
+        config, saved = self.config, checkpoint.trainer_state
+        step, task = saved["step"], saved["train_config"].get("task", "lm")
+        if config.max_steps < step:
+            raise ValueError(
+                f"max_steps={config.max_steps} is below the step of the checkpoint to resume ({step}, "
+                f"{checkpoint.path}); allowed: max_steps >= {step} (a resumed run trains on up to max_steps)"
+            )
+        if task != config.task:
+            raise ValueError(
+                f"task={config.task!r} cannot resume {checkpoint.path}: it holds a model of task {task!r}; "
+                f"allowed: task={task!r}"
+            )
+        max_seq_len = getattr(checkpoint.model.config, "max_seq_len", None)
+        if config.task == "lm" and max_seq_len is not None and config.seq_len > max_seq_len:
+            raise ValueError(
+                f"seq_len={config.seq_len} exceeds max_seq_len={max_seq_len} of the model in {checkpoint.path}; "
+                f"allowed: seq_len <= {max_seq_len}"
+            )
+
+    def _on_main(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on rank 0 alone (its result there, None elsewhere); when it fails, every rank
+        raises, so that no rank waits for the others in a collective that never comes."""
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = work()
+            except Exception as exc:
+                error = exc
+        failure = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", self.dist)
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RuntimeError(f"rank 0 failed: {failure}")
+        return result
+
+    def _claim_run(self) -> None:
+        """Before the first write into the run directory: take its lock (one writer per run; rank 0
+        holds it for all), delete staging folders of a killed save and set aside the checkpoints
+        this run does not continue (damaged ones, and those after its starting step)."""
+        if self._claimed:
+            return
+
+        def claim() -> io.DirectoryLock:
+            lock = io.DirectoryLock(self.run_dir)
+            try:
+                folder = self.run_dir / CHECKPOINTS
+                if folder.is_dir():
+                    io.remove_stale_staging(folder)
+                    set_aside_checkpoints(self.run_dir, self._damaged, self.state.step)
+            except BaseException:
+                lock.release()
+                raise
+            return lock
+
+        self._lock = self._on_main(claim)
+        self._claimed = True
 
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
@@ -313,6 +408,7 @@ class Trainer:
         if target > config.max_steps:
             raise ValueError(f"until_step={target} is beyond max_steps={config.max_steps}")
         main = self.dist.is_main  # only rank 0 prints and writes logs
+        self._claim_run()
         if self._metrics is None and main:
             self._metrics = MetricsLogger(self.run_dir, start_step=self.state.step)
             # The resolved options, reusable as `tokenformer train --config <out_dir>/train_config.yaml`.
@@ -330,6 +426,8 @@ class Trainer:
                 started = time.perf_counter()
                 loss, items = self._train_step()
                 self.state.wall_time += time.perf_counter() - started
+                if self.state.first_loss is None:
+                    self.state.first_loss = loss
                 window_items += items
                 step = self.state.step
                 if (step % config.log_interval == 0 or step == target) and main:
@@ -355,6 +453,7 @@ class Trainer:
                             f"step {step}: "
                             + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                         )
+                    self._check_divergence(metrics.get("val_loss"), step)
                 if step % config.ckpt_interval == 0 or step == target:
                     self.save_checkpoint()
                 if window_items == 0:  # throughput counts training only, not validation or saving
@@ -395,17 +494,39 @@ class Trainer:
         # last micro-batch of an accumulation.
         return no_sync(self.wrapped, skip)
 
+    def _kept(self) -> str:
+        if self.last_checkpoint:
+            return f"the last good checkpoint is {self.last_checkpoint}"
+        return "no checkpoint was written yet"
+
     def _check_finite(self, what: str, value: float, step: int) -> None:
         if math.isfinite(value):
             return
-        kept = (
-            f"the last good checkpoint is {self.last_checkpoint}"
-            if self.last_checkpoint
-            else "no checkpoint was written yet"
-        )
         raise TrainingDiverged(
-            f"{what} is {value} at step {step + 1}; training stopped before updating the weights; {kept}"
+            f"{what} is {value} at step {step + 1}; training stopped before updating the weights; {self._kept()}"
         )
+
+    def _check_divergence(self, loss: float | None, step: int) -> None:
+        """A finite loss far above the best: ``divergence_factor`` times the best earlier validation
+        loss (or the first training loss, the untrained model's) warns, or stops the run with
+        ``stop_on_divergence`` before this step's checkpoint is written."""
+        factor = self.config.divergence_factor
+        earlier = [(r["val_loss"], f"at step {r['step']}") for r in self.state.val_history[:-1] if "val_loss" in r]
+        if self.state.first_loss is not None:
+            earlier.append((self.state.first_loss, "the first training loss"))
+        if not factor or loss is None or not earlier:
+            return
+        best, where = min(earlier, key=lambda pair: pair[0])
+        if not loss > factor * best:
+            return
+        message = (
+            f"validation loss {loss:.4g} at step {step} is {loss / best:.1f}x its best so far ({best:.4g}, {where}), "
+            f"above divergence_factor={factor:g}: training has diverged (learning rate lr={self.config.lr:g} too high?)"
+        )
+        if self.config.stop_on_divergence:
+            raise TrainingDiverged(f"{message}; training stopped before writing this step's checkpoint; {self._kept()}")
+        if self.dist.is_main:
+            warnings.warn(f"{message}; set stop_on_divergence to stop such a run", stacklevel=3)
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics of the current model; recorded in ``state.val_history`` and the logs.
@@ -500,32 +621,45 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint (default: ``<out_dir>/checkpoints/step-N``, keeping the last ``keep_last``)."""
-        in_run, main = path is None, self.dist.is_main
+        """Write a checkpoint (default: ``<out_dir>/checkpoints/step-N``, keeping the last ``keep_last``).
+
+        In the run directory a checkpoint of the same step (one of a run rewound to an earlier
+        step, or written before growth) is replaced, atomically; a ``path`` given must not exist.
+        """
+        in_run = path is None
         if in_run:
-            folder = self.run_dir / CHECKPOINTS
-            path = folder / checkpoint_name(self.state.step)
-            if main:
-                io.remove_stale_staging(folder)
-            if broadcast_object(path.exists(), self.dist):  # this step was checkpointed already (e.g. fit called again)
-                self.last_checkpoint = path
-                return path
+            self._claim_run()
+            path = self.run_dir / CHECKPOINTS / checkpoint_name(self.state.step)
         tokenizer_json = self.tokenizer.json_text if self.tokenizer is not None else None
         sharded = self.dist.strategy == "fsdp"
-        if sharded or main:  # DDP replicas are identical: rank 0 writes
+
+        def save() -> None:
             ema = self.ema.module.state_dict() if self.ema is not None else None
+            state = self.checkpoint_state()
             save_checkpoint(
-                path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json, sharded=sharded, ema=ema
+                path, self.model, self.optimizer, state, tokenizer_json, sharded=sharded, ema=ema, replace=in_run
             )
-        if in_run and main:
-            prune_checkpoints(self.run_dir, self.config.keep_last)
+
+        if sharded:
+            save()  # every rank writes its shards
+        else:
+            self._on_main(save)  # DDP replicas are identical: rank 0 writes
+        if in_run:
+            self._on_main(lambda: prune_checkpoints(self.run_dir, self.config.keep_last, keep=path))
         barrier(self.dist)
         self.last_checkpoint = Path(path)
         return self.last_checkpoint
 
     def close(self) -> None:
-        """Close the metrics log and draw the loss curve (once: a staged run calls ``fit`` often)."""
-        if self._metrics is not None:
-            self._metrics.close()
-            plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
-            self._metrics = None
+        """Close the metrics log, draw the loss curve (once: a staged run calls ``fit`` often) and
+        release the run directory to other writers."""
+        try:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+                plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            self._claimed = False
