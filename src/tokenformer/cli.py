@@ -20,6 +20,7 @@ from .commands.evaluate import evaluate
 from .commands.generate import generate
 from .commands.grow import grow
 from .commands.presets import presets
+from .commands.prune import prune
 from .commands.scale import scale
 from .commands.study import study
 from .commands.train import train
@@ -28,6 +29,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "presets": presets,
     "train": train,
     "grow": grow,
+    "prune": prune,
     "consolidate": consolidate,
     "generate": generate,
     "eval": evaluate,
@@ -43,7 +45,7 @@ def build_parser() -> ArgumentParser:
     from .train import TrainConfig
 
     parser = ArgumentParser(
-        prog="tokenformer", description="TokenFormer: train, grow, evaluate and sample language models."
+        prog="tokenformer", description="TokenFormer: train, grow, prune, evaluate and sample language models."
     )
     subcommands = parser.add_subcommands()
     for name, command in COMMANDS.items():

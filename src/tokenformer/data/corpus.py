@@ -55,7 +55,29 @@ def kjv_documents() -> list[Document]:
     return [Document(f"kjv/{book}", "\n".join(lines) + "\n") for book, lines in books.items()]
 
 
-BUILTIN_CORPORA = {"kjv": kjv_documents}
+def news_path() -> Path:
+    """The Lee corpus, shipped as ``gensim/test/test_data/lee_background.cor`` by the ``gensim``
+    package (located without importing gensim, which is slow to import)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the corpus 'news' needs the gensim package (pip install 'tokenformer[continual]'); "
+            "or pass your own text files with --data"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        raise FileNotFoundError(f"the gensim package is installed but has no {path}")
+    return path
+
+
+def news_documents() -> list[Document]:
+    """300 news articles of the Australian Broadcasting Corporation (the Lee corpus, about 360 KB of
+    English prose from 2001), one document each: a domain far from the default corpus."""
+    lines = news_path().read_text(encoding="utf-8").splitlines()
+    return [Document(f"news/{i}", line.strip() + "\n") for i, line in enumerate(lines) if line.strip()]
+
+
+BUILTIN_CORPORA = {"kjv": kjv_documents, "news": news_documents}
 
 
 def _read_file(path: Path) -> Document:
@@ -108,7 +130,7 @@ def hf_documents(spec: str) -> list[Document]:
 def load_documents(sources: str | Iterable[str]) -> list[Document]:
     """Documents of every source, in order.
 
-    A source is a built-in corpus name (``kjv``), a text file, a directory (its
+    A source is a built-in corpus name (``kjv``, ``news``), a text file, a directory (its
     ``.txt/.text/.md/.rst`` files, recursively), a glob, or ``hf:NAME[:CONFIG[:SPLIT]]``.
     """
     if isinstance(sources, str):
