@@ -141,6 +141,10 @@ def test_clear_errors_and_nothing_changes():
         prune(model, ffn_tokens=20, layers=[2])
     with pytest.raises(ValueError, match="at least one of"):
         prune(model)
+    with pytest.raises(ValueError, match="nothing to prune: ffn_tokens=40 equals the current count"):
+        prune(model, ffn_tokens=40)
+    with pytest.raises(TypeError, match="ffn_tokens=20.5 is not an integer"):
+        prune(model, ffn_tokens=20.5)
     with pytest.raises(ValueError, match=r"scores has no entry for 'layers.1.mlp'"):
         prune(model, ffn_tokens=20, scores={"layers.0.mlp": torch.ones(40)})
     with pytest.raises(ValueError, match=r"must have shape \[40\]"):

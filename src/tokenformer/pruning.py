@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TOKEN_KINDS
-from .growth import layer_tokens, set_config_tokens
+from .growth import _chosen_layers, _require_bare_model, layer_tokens, set_config_tokens
 from .model import MLP
 from .pattention import Pattention, normalise_scores
 
@@ -337,28 +337,29 @@ def prune(
     keeps the removed keys' share of every row's norm; ``ghost_rank`` caps each ghost's rank.
     On a ``projection="linear"`` model only ``ffn_tokens`` (MLP hidden units) can be pruned.
     Updates ``model.config`` (token counts and ``ghost_ranks``). Every argument is checked
-    before anything changes.
+    before anything changes; a call that would change nothing is refused.
     """
+    _require_bare_model(model, "prune")
     config = model.config
     targets = {kind: n for kind, n in zip(TOKEN_KINDS, (qkv_tokens, proj_tokens, ffn_tokens), strict=True)}
     targets = {kind: n for kind, n in targets.items() if n is not None}
     if not targets:
         raise ValueError("prune needs at least one of qkv_tokens, proj_tokens, ffn_tokens")
+    for kind, n in targets.items():
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"{kind}_tokens={n!r} is not an integer; allowed: an integer token count (or None)")
     if config.projection == "linear" and set(targets) - {"ffn"}:
         raise ValueError(
             f"a projection='linear' model has no parameter tokens in its attention; "
             f"got {sorted(set(targets) - {'ffn'})}, allowed: ffn_tokens only (MLP hidden units)"
         )
     ghost = _check_ghost_options(config.projection, config.norm, ghost, ghost_rank)
-    chosen = sorted(set(range(config.n_layers) if layers is None else layers))
-    bad_layers = [i for i in chosen if not isinstance(i, int) or not 0 <= i < config.n_layers]
-    if bad_layers:
-        raise ValueError(f"layers {bad_layers} out of range; allowed: 0..{config.n_layers - 1}")
+    chosen = _chosen_layers(layers, config.n_layers)
     before = layer_tokens(model)
     for i in chosen:
         for kind, n in targets.items():
             current = before[i][kind]
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            if n < 1:
                 raise ValueError(
                     f"prune cannot leave {kind}_tokens={n!r} in layer {i}: every layer keeps at least 1 token; "
                     f"allowed: an integer from 1 to {current}"
@@ -368,6 +369,12 @@ def prune(
                     f"prune cannot grow: {kind}_tokens={n} is above layer {i}'s current {current}; "
                     f"allowed: an integer from 1 to {current} (grow adds tokens)"
                 )
+    if all(n == before[i][kind] for i in chosen for kind, n in targets.items()):
+        asked = ", ".join(f"{kind}_tokens={n}" for kind, n in targets.items())
+        raise ValueError(
+            f"nothing to prune: {asked} equals the current count of every chosen layer; "
+            "allowed: a count below the current one for at least one kind and layer"
+        )
     kept: dict[str, torch.Tensor] = {}
     for name, kind, module in prunable_modules(model):
         layer = int(name.split(".")[1])

@@ -59,8 +59,9 @@ def test_pruning_experiment_end_to_end(tmp_path, corpus_file, cache_dir):
         assert unpruned["val_loss"] == pytest.approx(base[("tokenformer", entry["seed"])], abs=1e-6)
     # Every variant: 2 kinds x 1 share x 2 rules x ghost on/off for the TokenFormer, 2 rules for the Transformer.
     assert len(results["pruned"][0]["rows"]) == 2 + 2 * 2 * 2 + 2
-    assert summary["tokenformer-ffn-0.5-calibration-ghost"]["non_embedding_parameters"] < (
-        summary["tokenformer-unpruned"]["non_embedding_parameters"]
+    assert (
+        summary["tokenformer-ffn-0.5-calibration-ghost"]["non_embedding_parameters"]
+        < (summary["tokenformer-unpruned"]["non_embedding_parameters"])
     )
     assert (
         summary["tokenformer-ffn-0.5-calibration-ghost"]["forward_flops_per_token"]
