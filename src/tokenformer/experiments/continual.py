@@ -211,7 +211,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return runner.cached_run(out_dir, run)
 
 
-def run_experiment(plan: ContinualPlan, command: str = "") -> dict[str, Any]:
+def run_experiment(plan: ContinualPlan, command: str = "", report_only: bool = False) -> dict[str, Any]:
+    """Run every (arm, rate, seed) not finished yet (with ``report_only``: none), then write the
+    results, report and plot from the finished runs."""
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     io.atomic_write_text(out / "plan.yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False))
@@ -240,7 +242,10 @@ def run_experiment(plan: ContinualPlan, command: str = "") -> dict[str, Any]:
         for arm in plan.arms
         for lr in plan.lr_grid
     ]
-    runs = runner.run_jobs(run_job, jobs, plan.workers)
+    if report_only:
+        runs = [r for job in jobs if (r := runner.read_result(plan.run_dir(job["arm"], job["lr"], job["seed"])))]
+    else:
+        runs = runner.run_jobs(run_job, jobs, plan.workers)
     config = TrainConfig.from_dict(base_plan.train)
     results = {
         "command": command,
@@ -279,11 +284,18 @@ def b_targets(plan: dict[str, Any], by: dict[tuple, dict[str, Any]]) -> list[flo
     def mean_b(arm: str, lr: float, index: int) -> float:
         return statistics.fmean(by[(arm, lr, seed)]["curve"][index]["b"] for seed in plan["seeds"])
 
-    top = min(mean_b(arm, plan["lr_grid"][0], 0) for arm in plan["arms"])
-    bottom = max(min(mean_b(arm, lr, -1) for lr in plan["lr_grid"]) for arm in plan["arms"])
+    rates = {arm: complete_rates(plan, by, arm) for arm in plan["arms"]}
+    top = min(mean_b(arm, rates[arm][0], 0) for arm in plan["arms"] if rates[arm])
+    bottom = max(min(mean_b(arm, lr, -1) for lr in rates[arm]) for arm in plan["arms"] if rates[arm])
     if bottom >= top:  # some arm never gets below where another starts
         return [bottom]
     return [top - (top - bottom) * share for share in (1 / 3, 2 / 3, 1.0)]
+
+
+def complete_rates(plan: dict[str, Any], by: dict[tuple, dict[str, Any]], arm: str) -> list[float]:
+    """The rates of ``arm``'s grid that were run with every seed (an interrupted experiment may
+    lack some runs; only complete rates are compared)."""
+    return [lr for lr in plan["lr_grid"] if all((arm, lr, seed) in by for seed in plan["seeds"])]
 
 
 def analyse(results: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +306,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
         arms = {}
         for arm in plan["arms"]:
             best = None
-            for lr in plan["lr_grid"]:
+            for lr in complete_rates(plan, by, arm):
                 values = {seed: forgetting_at_b(by[(arm, lr, seed)]["curve"], target) for seed in plan["seeds"]}
                 if any(v is None for v in values.values()):
                     continue
@@ -312,7 +324,10 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     for arm in plan["arms"]:
         for lr in plan["lr_grid"]:
             seeds = [by[(arm, lr, s)] for s in plan["seeds"] if (arm, lr, s) in by]
+            if not seeds:
+                continue
             final[f"{arm}@{lr:g}"] = {
+                "seeds": [r["seed"] for r in seeds],
                 "a_before": statistics.fmean(r["curve"][0]["a"] for r in seeds),
                 "a_after": statistics.fmean(r["curve"][-1]["a"] for r in seeds),
                 "b_before": statistics.fmean(r["curve"][0]["b"] for r in seeds),
@@ -337,6 +352,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for arm in plan["arms"]:
         lr = (last.get(arm) or {"lr": plan["lr_grid"][0]})["lr"]
         curves = [r["curve"] for r in results["runs"] if r["arm"] == arm and r["lr"] == lr]
+        if not curves:
+            continue
         steps = [p["step"] for p in curves[0]]
         a = [statistics.fmean(c[i]["a"] - c[0]["a"] for c in curves) for i in range(len(steps))]
         b = [statistics.fmean(c[i]["b"] for c in curves) for i in range(len(steps))]
@@ -374,7 +391,7 @@ def report(results: dict[str, Any]) -> str:
         f"{plan['eval_interval']} steps. Growth: every token kind x{plan['growth']:g} (zero keys); "
         f"`tf_grow_slow`: old parameters at {plan['slow_scale']:g} x the rate.",
         "",
-        "## Final losses (mean over seeds)",
+        "## Final losses (mean over the seeds run)",
         "",
     ]
     rows = []
@@ -383,6 +400,7 @@ def report(results: dict[str, Any]) -> str:
             [
                 f"`{name.split('@')[0]}`",
                 name.split("@")[1],
+                ", ".join(map(str, entry["seeds"])),
                 f"{entry['trainable_parameters'] / 1e3:.1f}k",
                 f"{entry['a_before']:.4f}",
                 f"{entry['a_after']:.4f}",
@@ -391,7 +409,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{entry['b_after']:.4f}",
             ]
         )
-    headers = ["arm", "lr", "trainable", "A before", "A after", "forgetting", "B before", "B after"]
+    headers = ["arm", "lr", "seeds", "trainable", "A before", "A after", "forgetting", "B before", "B after"]
     lines += [runner.markdown_table(headers, rows), ""]
     lines += [
         "## Forgetting at equal loss on B",
@@ -427,10 +445,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", help="a YAML plan (configs/experiments/continual-cpu.yaml)")
     parser.add_argument("--out_dir", default=None, help="overrides the plan's out_dir")
+    parser.add_argument("--report_only", action="store_true", help="report the finished runs; run nothing")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     plan = load_plan(args.plan, args.out_dir)
-    results = run_experiment(plan, "python -m tokenformer.experiments.continual " + " ".join(argv or sys.argv[1:]))
+    command = "python -m tokenformer.experiments.continual " + " ".join(argv or sys.argv[1:])
+    results = run_experiment(plan, command, args.report_only)
     print(report(results))
 
 

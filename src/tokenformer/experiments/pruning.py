@@ -64,6 +64,7 @@ class PruningPlan:
         calibration_batches: Training batches the ``calibration`` rule measures on.
         finetune: ``[kind, fraction]`` pairs whose pruned models are fine-tuned (calibration rule;
             the TokenFormer with and without the ghost; for the Transformer the ``ffn`` pairs).
+        finetune_seeds: The seeds whose models are fine-tuned (null: every seed).
         finetune_steps: Steps of each fine-tuning (warmup 10%, cosine to a tenth of the rate).
         finetune_lr: Its peak learning rate.
         throughput_repeats: Timed rounds per model for the inference throughput (median).
@@ -78,6 +79,7 @@ class PruningPlan:
     rules: list[str] = field(default_factory=lambda: list(RULES))
     calibration_batches: int = 8
     finetune: list[list[Any]] = field(default_factory=lambda: [["ffn", 0.5], ["all", 0.5]])
+    finetune_seeds: list[int] | None = None
     finetune_steps: int = 100
     finetune_lr: float = 0.001
     throughput_repeats: int = 5
@@ -385,6 +387,7 @@ def run_experiment(plan: PruningPlan, command: str = "") -> dict[str, Any]:
             "base": base[(variant["model"], seed)],
         }
         for seed in plan.seeds
+        if plan.finetune_seeds is None or seed in plan.finetune_seeds
         for variant in finetune_variants(plan)
     ]
     done = runner.run_jobs(measurement, jobs, plan.workers)
