@@ -73,8 +73,9 @@ def test_pruning_experiment_end_to_end(tmp_path, corpus_file, cache_dir):
     report = (tmp_path / "pruning" / "report.md").read_text()
     assert "## Comparisons" in report and "## Cost of each pruned shape" in report
     assert (tmp_path / "pruning" / "loss_vs_kept.png").read_bytes()[:4] == b"\x89PNG"
-    # Started again, every run is cached.
+    # Started again, every run is cached; a report of the finished runs alone runs nothing.
     assert pruning.run_experiment(plan, "test")["pruned"] == results["pruned"]
+    assert pruning.run_experiment(plan, "test", report_only=True)["finetuned"] == results["finetuned"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the [continual] extra (peft) is not installed")
@@ -107,6 +108,7 @@ def test_continual_experiment_end_to_end(tmp_path, corpus_file, cache_dir):
     lora, grown = runs[("tx_lora", 1)]["trainable_parameters"], runs[("tf_grow_frozen", 1)]["trainable_parameters"]
     assert abs(lora - grown) / grown < 0.25
     assert results["analysis"]["at_target"]
+    assert continual.run_experiment(plan, "test", report_only=True)["runs"] == results["runs"]
     assert "## Forgetting at equal loss on B" in (tmp_path / "continual" / "report.md").read_text()
 
 

@@ -220,7 +220,7 @@ def run_experiment(plan: ContinualPlan, command: str = "", report_only: bool = F
     base_plan = load_pruning_plan(plan.base_plan)
     base_plan.seeds = list(plan.seeds)
     base_plan.workers = plan.workers
-    base = base_runs(base_plan)
+    base = base_runs(base_plan, workers=0 if report_only else plan.workers)
     from ..train import load_checkpoint, resolve_checkpoint
 
     tokenizers = {
@@ -432,7 +432,8 @@ def report(results: dict[str, Any]) -> str:
             diff_text = (
                 "—" if diff is None else f"{diff['mean']:+.4f}" + (f" ± {diff['se']:.4f}" if diff["n"] > 1 else "")
             )
-            rows.append([f"`{arm}`", f"{entry['lr']:g}", f"{entry['mean']:+.4f} ± {entry['se']:.4f}", diff_text])
+            spread = "" if entry["se"] != entry["se"] else f" ± {entry['se']:.4f}"  # NaN with one seed
+            rows.append([f"`{arm}`", f"{entry['lr']:g}", f"{entry['mean']:+.4f}{spread}", diff_text])
         lines += [runner.markdown_table(["arm", "lr", "forgetting at the target", "tf_grow_frozen − arm"], rows), ""]
     lines += [f"![A against B along training]({PLOT})", ""]
     return "\n".join(lines)

@@ -153,11 +153,17 @@ def train_base(config: dict[str, Any]) -> dict[str, Any]:
     return runner.cached_run(config.out_dir, train)
 
 
-def base_runs(plan: PruningPlan, models: tuple[str, ...] = MODELS) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every base model of the plan, trained ``plan.workers`` at a time: ``{(model, seed): result}``."""
+def base_runs(
+    plan: PruningPlan, models: tuple[str, ...] = MODELS, workers: int | None = None
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every base model of the plan, trained ``workers`` (default ``plan.workers``) at a time:
+    ``{(model, seed): result}``. With ``workers=0`` nothing is trained: every model must be there."""
     jobs = {(model, seed): plan.base_config(model, seed).to_dict() for seed in plan.seeds for model in models}
     todo = [config for config in jobs.values() if runner.read_result(config["out_dir"]) is None]
-    runner.run_jobs(train_base, todo, plan.workers)
+    if todo and workers == 0:
+        raise FileNotFoundError(f"base models not trained yet: {[c['out_dir'] for c in todo]}")
+    if todo:
+        runner.run_jobs(train_base, todo, plan.workers if workers is None else workers)
     return {key: runner.read_result(config["out_dir"]) for key, config in jobs.items()}
 
 
@@ -357,6 +363,21 @@ def measure_throughput(plan: PruningPlan, base: dict[tuple[str, int], dict[str, 
 # -- the whole experiment -----------------------------------------------------------------------
 
 
+def measurement_directory(job: dict[str, Any]) -> Path:
+    out = Path(job["plan"]["out_dir"])
+    if job["job"] == "finetune":
+        return out / "finetune" / variant_name(job["variant"]) / f"seed-{job['seed']}"
+    return out / "pruned" / f"seed-{job['seed']}" if job["job"] == "evaluate" else out / "throughput"
+
+
+def measurement_result(job: dict[str, Any]) -> dict[str, Any] | None:
+    """A measurement's stored result (None for a fine-tuning not run; the others must exist)."""
+    result = runner.read_result(measurement_directory(job))
+    if result is None and job["job"] != "finetune":
+        raise FileNotFoundError(f"no result in {measurement_directory(job)}: run the experiment without report_only")
+    return result
+
+
 def measurement(job: dict[str, Any]) -> dict[str, Any]:
     """One job of :func:`run_experiment` (``evaluate``, ``finetune`` or ``throughput``); cached."""
     plan = PruningPlan.from_dict(job["plan"])
@@ -370,11 +391,13 @@ def measurement(job: dict[str, Any]) -> dict[str, Any]:
     return runner.cached_run(out / "throughput", lambda: measure_throughput(plan, job["base"]))
 
 
-def run_experiment(plan: PruningPlan, command: str = "") -> dict[str, Any]:
+def run_experiment(plan: PruningPlan, command: str = "", report_only: bool = False) -> dict[str, Any]:
+    """Run every measurement not finished yet (with ``report_only``: none; the base models and
+    the pruned evaluations must be there), then write the results, report and plot."""
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     io.atomic_write_text(out / "plan.yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False))
-    base = base_runs(plan)
+    base = base_runs(plan, workers=0 if report_only else plan.workers)
     # Every measurement is a job of its own, all of them run plan.workers at a time.
     jobs = [{"job": "throughput", "plan": plan.to_dict(), "base": base}]
     jobs += [{"job": "evaluate", "plan": plan.to_dict(), "base": base, "seed": seed} for seed in plan.seeds]
@@ -390,10 +413,13 @@ def run_experiment(plan: PruningPlan, command: str = "") -> dict[str, Any]:
         if plan.finetune_seeds is None or seed in plan.finetune_seeds
         for variant in finetune_variants(plan)
     ]
-    done = runner.run_jobs(measurement, jobs, plan.workers)
+    if report_only:
+        done = [measurement_result(job) for job in jobs]
+    else:
+        done = runner.run_jobs(measurement, jobs, plan.workers)
     speed = done[0]
     pruned = done[1 : 1 + len(plan.seeds)]
-    finetuned = done[1 + len(plan.seeds) :]
+    finetuned = [result for result in done[1 + len(plan.seeds) :] if result is not None]
     config = TrainConfig.from_dict(plan.train)
     results = {
         "command": command,
@@ -520,7 +546,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("tokens kept (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss, mean over seeds")
-    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
@@ -582,7 +609,8 @@ def report(results: dict[str, Any]) -> str:
     lines += ["## Fine-tuning after pruning (calibration rule)", ""]
     lines += [
         f"{plan['finetune_steps']} steps at peak lr {plan['finetune_lr']:g} (warmup 10%, cosine to a tenth), on other "
-        "training batches than pre-training's; the unpruned models fine-tuned alike are the reference.",
+        "training batches than pre-training's; the unpruned models fine-tuned alike are the reference. Seeds: "
+        f"{', '.join(map(str, sorted({r['seed'] for r in results['finetuned']}))) or 'none run'}.",
         "",
     ]
     tune_rows = []
@@ -641,10 +669,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", help="a YAML plan (configs/experiments/pruning-cpu.yaml)")
     parser.add_argument("--out_dir", default=None, help="overrides the plan's out_dir")
+    parser.add_argument("--report_only", action="store_true", help="report the finished measurements; run nothing")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     plan = load_plan(args.plan, args.out_dir)
-    results = run_experiment(plan, "python -m tokenformer.experiments.pruning " + " ".join(argv or sys.argv[1:]))
+    command = "python -m tokenformer.experiments.pruning " + " ".join(argv or sys.argv[1:])
+    results = run_experiment(plan, command, args.report_only)
     print(report(results))
 
 
