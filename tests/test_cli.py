@@ -54,8 +54,12 @@ def test_train_grow_train_keeps_validation_loss_across_growth(tmp_path, corpus_f
 
     main(["train", *cli_flags({**options, "max_steps": 10, "resume": str(tmp_path / "grown")})])
     assert "resumed from" in capsys.readouterr().out
-    val = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    val = [(r["step"], r["val_loss"]) for r in records if r["kind"] == "val"]
     assert [s for s, _ in val] == [6, 10]
+    # The growth made by `tokenformer grow` is logged when the grown checkpoint is resumed.
+    [event] = [r for r in records if r["kind"] == "event"]
+    assert (event["step"], event["event"], event["after"][0]["ffn"]) == (6, "grow", 48)
     latest = list_checkpoints(tmp_path / "run")[-1]
     assert latest.name == "step-00000010"
     import json

@@ -72,9 +72,11 @@ def test_ddp_and_fsdp_reproduce_the_single_process_losses(runs):
     single = losses(root / "single")
     for strategy in ("ddp", "fsdp"):
         assert_same_curve(losses(root / strategy), single, range(1, STEPS + 1))
-        assert_same_curve(losses(root / strategy, "val"), losses(root / "single", "val"), (10, 20))
+        assert_same_curve(
+            losses(root / strategy, "val", "val_loss"), losses(root / "single", "val", "val_loss"), (10, 20)
+        )
         records = read_metrics(root / strategy / "metrics.jsonl")
-        assert [r["tokens"] for r in records if r["kind"] == "train"][
+        assert [r["train_tokens"] for r in records if r["kind"] == "train"][
             -1
         ] == STEPS * 2 * 4 * 32  # the global batch, counted once
 
@@ -159,7 +161,9 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
     )
     assert "function preserving: True" in capsys.readouterr().out
     before = [
-        r["loss"] for r in read_metrics(root / "fsdp" / "metrics.jsonl") if r["kind"] == "val" and r["step"] == STEPS
+        r["val_loss"]
+        for r in read_metrics(root / "fsdp" / "metrics.jsonl")
+        if r["kind"] == "val" and r["step"] == STEPS
     ][0]
     grown = {
         **options,

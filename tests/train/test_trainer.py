@@ -33,7 +33,7 @@ def test_training_lowers_validation_loss_and_writes_outputs(tmp_path, corpus_fil
     run = tmp_path / "run"
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 31))
-    assert {"loss", "lr", "tokens", "flops", "tokens_per_s"} <= set(records[0])
+    assert {"loss", "lr", "train_tokens", "train_flops", "tokens_per_s"} <= set(records[0])
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert TrainConfig(**yaml.safe_load((run / "train_config.yaml").read_text())) == trainer.config
     if importlib.util.find_spec("tensorboard") is not None:

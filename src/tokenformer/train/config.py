@@ -15,6 +15,7 @@ Precision = Literal["fp32", "bf16-mixed"]
 Strategy = Literal["single", "ddp", "fsdp"]
 TaskName = Literal["lm", "vision"]
 VisionDataset = Literal["fashion-mnist", "cifar10"]
+LoggerName = Literal["tensorboard", "wandb"]
 
 
 @dataclass
@@ -124,6 +125,12 @@ class TrainConfig:
         eval_batches: Validation batches of batch_size windows, the same windows every time
             (language models; a classifier validates on all of its held-out images).
         log_interval: Log the training loss every this many steps.
+        loggers: Where records go besides ``out_dir/metrics.jsonl`` (always written):
+            ``tensorboard`` (``out_dir/tensorboard``; skipped with a warning when TensorBoard is
+            not installed) and ``wandb`` (Weights & Biases, in ``out_dir/wandb``; needs the
+            ``[wandb]`` extra; ``WANDB_MODE=offline`` keeps the run on disk). ``[]``: none.
+        wandb_project: The W&B project of ``loggers: [wandb]`` runs (the run is named after
+            ``out_dir``).
         ckpt_interval: Write a checkpoint every this many steps (and at the end).
         keep_last: Checkpoints to keep in out_dir/checkpoints (older ones are deleted).
         divergence_factor: Warn when a validation loss exceeds this multiple of the best one so far
@@ -167,6 +174,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 10
+    loggers: list[LoggerName] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "tokenformer"
     ckpt_interval: int = 100
     keep_last: int = 3
     divergence_factor: float = 3.0
@@ -221,6 +230,14 @@ class TrainConfig:
         for name, choices in (("precision", Precision), ("task", TaskName)):
             allowed = typing.get_args(choices)
             _check(self, name, lambda v, allowed=allowed: v in allowed, " or ".join(allowed))
+        loggers = typing.get_args(LoggerName)
+        _check(
+            self,
+            "loggers",
+            lambda v: isinstance(v, list) and all(n in loggers for n in v) and len(set(v)) == len(v),
+            f"a list of distinct names from: {', '.join(loggers)}",
+        )
+        _check(self, "wandb_project", lambda v: isinstance(v, str) and v != "", "a W&B project name")
         strategies = typing.get_args(Strategy)
         _check(self, "strategy", lambda v: v in strategies, ", ".join(strategies))
         _check(self, "ema_decay", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 is off)")

@@ -410,7 +410,16 @@ class Trainer:
         main = self.dist.is_main  # only rank 0 prints and writes logs
         self._claim_run()
         if self._metrics is None and main:
-            self._metrics = MetricsLogger(self.run_dir, start_step=self.state.step)
+            self._metrics = MetricsLogger(
+                self.run_dir,
+                start_step=self.state.step,
+                loggers=config.loggers,
+                config=config.to_dict(),
+                wandb_project=config.wandb_project,
+            )
+            for entry in self.state.growth_history:  # the resumed checkpoint's changes at its own step
+                if entry["step"] == self.state.step:
+                    self._log_event(entry)
             # The resolved options, reusable as `tokenformer train --config <out_dir>/train_config.yaml`.
             io.atomic_write_text(self.run_dir / TRAIN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
         bar = tqdm(
@@ -434,15 +443,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     rate = window_items / elapsed if elapsed > 0 else float("nan")
                     lr = self.optimizer.param_groups[0]["lr"]
-                    self._metrics.log(
-                        step,
-                        "train",
-                        loss=loss,
-                        lr=lr,
-                        tokens=self.state.tokens,
-                        flops=self.state.flops,
-                        tokens_per_s=rate,
-                    )
+                    self._metrics.log(step, "train", loss=loss, lr=lr, tokens_per_s=rate, **self._progress())
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
                     window_items, window_start = 0, time.perf_counter()
                 bar.update(1)
@@ -558,9 +559,40 @@ class Trainer:
             }
         )
         if self._metrics is not None:
-            scalars = {k.removeprefix("val_"): v for k, v in metrics.items() if not isinstance(v, list)}
-            self._metrics.log(self.state.step, "val", **scalars)
+            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+            self._metrics.log(self.state.step, "val", **scalars, **self._progress())
         return metrics
+
+    def _progress(self) -> dict[str, float]:
+        return {"train_tokens": self.state.tokens, "train_flops": self.state.flops}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _model_changed(self, event: str, details: dict[str, Any]) -> None:
+        # Every change of the model's shape is kept in the state's growth history (saved with
+        # checkpoints) and logged as an event record, named by ``event``.
+        entry = {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "flops": self.state.flops,
+            "event": event,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            **details,
+        }
+        self.state.growth_history.append(entry)
+        self._log_event(entry)
+
+    def _log_event(self, entry: dict[str, Any]) -> None:
+        # Before ``fit`` opens the loggers nothing is written; ``fit`` logs the changes made at
+        # the step it starts from (growth between runs, a grown checkpoint resumed).
+        if self._metrics is None:
+            return
+        # Entries of checkpoints written before events were named: ``stack`` records layer counts.
+        event = entry.get("event") or ("stack" if "n_layers_after" in entry else "grow")
+        details = {k: v for k, v in entry.items() if k not in ("step", "tokens", "flops", "event")}
+        self._metrics.event(
+            entry["step"], event, train_tokens=entry["tokens"], train_flops=entry.get("flops"), **details
+        )
 
     # -- growth -------------------------------------------------------------------------------
 
@@ -579,7 +611,7 @@ class Trainer:
         carry_optimizer_state(optimizer)
         self._place(optimizer)
         self._regrow_ema(lambda name: name, {g.name: (g.dim, g.old_size) for g in record.grown})
-        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
+        self._model_changed("grow", record.to_dict())
         return record
 
     def stack(self, n_layers: int) -> StackRecord:
@@ -606,7 +638,7 @@ class Trainer:
                 }
         self._place(optimizer)
         self._regrow_ema(lambda name: stacked_source(name, record.sources), {})
-        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
+        self._model_changed("stack", record.to_dict())
         return record
 
     # -- checkpoints --------------------------------------------------------------------------
