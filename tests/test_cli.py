@@ -182,3 +182,41 @@ def test_grow_that_would_change_nothing_is_refused(tmp_path, corpus_file, cache_
             main([*grow, *flags])
         assert message in capsys.readouterr().err
     assert not (tmp_path / "grown").exists()
+
+
+def test_plan_verbs_take_a_config_by_name_or_path_and_flag_overrides(tmp_path, monkeypatch):
+    from tokenformer import cli
+    from tokenformer.experiments.scaling import ScalingPlan
+    from tokenformer.experiments.study import StudyPlan
+
+    called = {}
+    monkeypatch.setitem(cli.COMMANDS, "scale", lambda plan, command="": called.update(scale=(plan, command)))
+    monkeypatch.setitem(cli.COMMANDS, "study", lambda plan, workers=1, command="": called.update(study=(plan, workers)))
+    main(["scale", "demo", "--out_dir", str(tmp_path / "a"), "--seed", "3", "--lr_grid", "[0.001]"])
+    plan, command = called["scale"]
+    assert isinstance(plan, ScalingPlan) and (plan.out_dir, plan.seed, plan.lr_grid) == (
+        str(tmp_path / "a"),
+        3,
+        [0.001],
+    )
+    assert [s.steps for s in plan.stages] == [30, 30, 30]  # the rest from the shipped configs/scaling/demo.yaml
+    assert command.startswith("tokenformer scale --config demo --out_dir")
+    path = cli.PACKAGED_CONFIGS / "studies" / "recipe-screen.yaml"
+    main(["study", "--config", str(path), "--train.max_steps", "7", "--seeds", "[1, 2]", "--workers", "2"])
+    plan, workers = called["study"]
+    assert isinstance(plan, StudyPlan) and plan.train.max_steps == 7 and plan.seeds == [1, 2] and workers == 2
+    assert plan.train.model == "cpu-0.3M" and plan.baseline == "transformer"
+
+
+def test_eval_takes_harness_tasks_as_lm_eval_comma_lists_or_lists(tmp_path, monkeypatch, capsys):
+    from tokenformer.interop import harness
+
+    asked = []
+    monkeypatch.setattr(harness, "evaluate", lambda model, tasks, **kwargs: asked.append(tasks) or {})
+    monkeypatch.setattr(harness, "table", lambda results: "")
+    for tasks in ("piqa,arc_easy", "[piqa, arc_easy]", "piqa, arc_easy,piqa"):
+        main(["eval", "--model", str(tmp_path), "--harness", "true", "--tasks", tasks, "--device", "cpu"])
+    assert asked == [["piqa", "arc_easy"]] * 3
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path), "--harness", "true", "--tasks", ","])
+    assert "--harness needs --tasks: lm-eval task names, e.g. --tasks piqa,arc_easy; got ','" in capsys.readouterr().err
