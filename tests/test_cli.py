@@ -202,21 +202,25 @@ def test_plan_verbs_take_a_config_by_name_or_path_and_flag_overrides(tmp_path, m
     assert [s.steps for s in plan.stages] == [30, 30, 30]  # the rest from the shipped configs/scaling/demo.yaml
     assert command.startswith("tokenformer scale --config demo --out_dir")
     path = cli.PACKAGED_CONFIGS / "studies" / "recipe-screen.yaml"
-    main(["study", "--config", str(path), "--train.max_steps", "7", "--seeds", "[1, 2]", "--workers", "2"])
+    main(["study", "--config", str(path), "--train.max_steps", "300", "--seeds", "[1, 2]", "--workers", "2"])
     plan, workers = called["study"]
-    assert isinstance(plan, StudyPlan) and plan.train.max_steps == 7 and plan.seeds == [1, 2] and workers == 2
+    assert isinstance(plan, StudyPlan) and plan.train.max_steps == 300 and plan.seeds == [1, 2] and workers == 2
     assert plan.train.model == "cpu-0.3M" and plan.baseline == "transformer"
 
 
 def test_eval_takes_harness_tasks_as_lm_eval_comma_lists_or_lists(tmp_path, monkeypatch, capsys):
+    from conftest import tiny_config
+
+    from tokenformer import TokenformerLM, save_model
     from tokenformer.interop import harness
 
+    model = str(save_model(TokenformerLM(tiny_config()), tmp_path / "m"))
     asked = []
     monkeypatch.setattr(harness, "evaluate", lambda model, tasks, **kwargs: asked.append(tasks) or {})
     monkeypatch.setattr(harness, "table", lambda results: "")
     for tasks in ("piqa,arc_easy", "[piqa, arc_easy]", "piqa, arc_easy,piqa"):
-        main(["eval", "--model", str(tmp_path), "--harness", "true", "--tasks", tasks, "--device", "cpu"])
+        main(["eval", "--model", model, "--harness", "true", "--tasks", tasks, "--device", "cpu"])
     assert asked == [["piqa", "arc_easy"]] * 3
     with pytest.raises(SystemExit):
-        main(["eval", "--model", str(tmp_path), "--harness", "true", "--tasks", ","])
+        main(["eval", "--model", model, "--harness", "true", "--tasks", ","])
     assert "--harness needs --tasks: lm-eval task names, e.g. --tasks piqa,arc_easy; got ','" in capsys.readouterr().err

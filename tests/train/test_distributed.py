@@ -94,7 +94,7 @@ def test_ddp_keeps_the_moving_average_of_one_process(tmp_path, corpus_file, cach
     )
     main(["train", *cli_flags(options)])
     torchrun(2, {**options, "out_dir": str(tmp_path / "ddp"), "strategy": "ddp"})
-    for key in ("loss", "loss_raw"):  # the averaged weights' validation loss, and the live weights'
+    for key in ("val_loss", "val_loss_raw"):  # the averaged weights' validation loss, and the live weights'
         assert_same_curve(losses(tmp_path / "ddp", "val", key), losses(tmp_path / "single", "val", key), (5, 10))
     single, ddp = (
         io.load_weights(list_checkpoints(tmp_path / run)[-1] / "ema.safetensors") for run in ("single", "ddp")

@@ -88,7 +88,7 @@ def test_a_resumed_run_logs_each_growth_once(tmp_path, corpus_file, cache_dir):
     trainer = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=6, eval_interval=2, ckpt_interval=2)
     trainer.fit(2)
     trainer.grow(ffn_tokens=48)
-    trainer._metrics.close()  # dies here: its newest checkpoint (step 2) was written before the growth
+    trainer.close()  # stops here: its newest checkpoint (step 2) was written before the growth
     again = make_trainer(tmp_path, corpus_file, cache_dir, max_steps=6, eval_interval=2, ckpt_interval=2, resume="auto")
     assert again.state.step == 2 and not again.state.growth_history
     again.fit(2)  # opens the log as of step 2: the growth that the checkpoint does not hold is gone
@@ -228,3 +228,28 @@ def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"tokenformer\[wandb\]"):
         MetricsLogger(tmp_path, loggers=["wandb"])
+
+
+class ListLogger:
+    """A logger of one's own: keeps the records."""
+
+    def __init__(self):
+        self.records, self.closed = [], False
+
+    def log(self, step, kind, values):
+        self.records.append({"step": step, "kind": kind, **values})
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_logger_of_ones_own_gets_every_record(tmp_path, corpus_file, cache_dir):
+    mine = ListLogger()
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=4, eval_interval=2, loggers=[])
+    trainer = Trainer(TrainConfig(**options), loggers=[mine])
+    trainer.fit(2)
+    trainer.grow(ffn_tokens=48)
+    trainer.fit()
+    trainer.close()
+    assert mine.closed and [r["kind"] for r in mine.records].count("event") == 1
+    assert mine.records == read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -179,9 +179,9 @@ class WandbLogger:
 
 
 class MetricsLogger:
-    """The loggers of a run: JSON lines always, and those named in ``loggers`` (``tensorboard``,
-    ``wandb``). TensorBoard is skipped with a warning when it is not installed; W&B, which a
-    user asks for explicitly, raises an ImportError instead."""
+    """The loggers of a run: JSON lines always, those named in ``loggers`` (``tensorboard``,
+    ``wandb``), and ``extra`` ones of the caller's. TensorBoard is skipped with a warning when it
+    is not installed; W&B, which a user asks for explicitly, raises an ImportError instead."""
 
     def __init__(
         self,
@@ -190,6 +190,7 @@ class MetricsLogger:
         loggers: Sequence[str] = ("tensorboard",),
         config: Mapping[str, Any] | None = None,
         wandb_project: str = "tokenformer",
+        extra: Sequence[Logger] = (),
     ) -> None:
         self.run_dir = Path(run_dir)
         self.loggers: list[Logger] = [JsonLinesLogger(self.run_dir, start_step)]
@@ -205,6 +206,7 @@ class MetricsLogger:
                     )
             if "wandb" in loggers:
                 self.loggers.append(WandbLogger(self.run_dir, wandb_project, config))
+            self.loggers.extend(extra)
         except BaseException:
             self.close()
             raise

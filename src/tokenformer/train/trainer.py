@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from .checkpoint import (
     set_aside_checkpoints,
 )
 from .config import TrainConfig
-from .metrics import MetricsLogger, plot_loss_curve
+from .metrics import Logger, MetricsLogger, plot_loss_curve
 from .parallel import (
     RankSlice,
     barrier,
@@ -185,7 +185,9 @@ class Trainer:
     model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is
     applied for training steps and again after growth; by default it compiles when
     ``config.compile`` is set. ``load_model(dir, device)`` reads a checkpoint's model directory
-    (default: :func:`tokenformer.load_model`).
+    (default: :func:`tokenformer.load_model`). ``loggers`` receive every record (on rank 0)
+    besides those of ``config.loggers``: objects with ``log(step, kind, values)`` and ``close()``
+    (:class:`~tokenformer.train.metrics.Logger`), closed by :meth:`close`.
     """
 
     def __init__(
@@ -197,8 +199,10 @@ class Trainer:
         tokenizer: Tokenizer | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
         load_model: Callable[[Path, Any], nn.Module] = families.load_model,
+        loggers: Sequence[Logger] = (),
     ) -> None:
         self.config = config
+        self._extra_loggers = list(loggers)
         self.dist = init_distributed(config.strategy, resolve_device(config.device), config.dist_timeout)
         self.device = self.dist.device
         if self.device.type == "cpu":
@@ -416,6 +420,7 @@ class Trainer:
                 loggers=config.loggers,
                 config=config.to_dict(),
                 wandb_project=config.wandb_project,
+                extra=self._extra_loggers,
             )
             for entry in self.state.growth_history:  # the resumed checkpoint's changes at its own step
                 if entry["step"] == self.state.step:
