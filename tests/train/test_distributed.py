@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo): DDP and FSDP2 reproduce a single-process run (DDP with a
 moving average of the weights too); sharded checkpoints resume on 1 and 2 ranks; growth of a
-sharded run; a killed rank fails the job fast."""
+sharded run; a killed rank fails the job fast; an image classifier trained with DDP is tested on
+its test split."""
 
 import json
 import os
@@ -14,6 +15,8 @@ import psutil
 import pytest
 import torch
 from conftest import cli_flags, tiny_train_options
+from test_vision_data import fake_fashion_mnist
+from test_vision_train import vision_options
 
 from tokenformer import families, io
 from tokenformer.cli import main
@@ -192,6 +195,19 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
         "step-00000024",
     ]  # fit writes one at its last step
     assert families.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
+
+
+def test_a_vision_run_under_ddp_writes_the_test_metrics_of_one_process(tmp_path):
+    data = fake_fashion_mnist(tmp_path / "fm", n_train=200, n_test=20)
+    options = vision_options(tmp_path / "single", data, max_steps=8, eval_interval=4, ckpt_interval=4)
+    main(["train", *cli_flags(options)])
+    stdout = torchrun(2, {**options, "out_dir": str(tmp_path / "ddp"), "strategy": "ddp"})
+    assert stdout.count("test accuracy") == 1, stdout  # rank 0 reports the test, for both ranks
+    single, ddp = (json.loads((tmp_path / run / "test_metrics.json").read_text()) for run in ("single", "ddp"))
+    assert ddp["count"] == single["count"] == 20
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    assert abs(ddp["accuracy"] - single["accuracy"]) <= 1 / 20  # at most one image on the edge of a decision
+    assert (tmp_path / "ddp" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_file, cache_dir):
