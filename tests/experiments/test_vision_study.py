@@ -126,6 +126,12 @@ def test_variant_changes_reach_the_run(tmp_path):
     assert (big.vision.crop_padding, big.vision.label_smoothing) == (1, 0.1)
     assert (base.vision.crop_padding, base.vision.label_smoothing) == (0, 0.1)
     assert base.device == big.device == "cuda:1" and base.out_dir != big.out_dir
+    # An option of the group given ungrouped changes the run all the same.
+    flat = StudyPlan.from_dict(
+        vision_plan(tmp_path / "out", variants=[{"name": "base"}, {"name": "f", "train": {"hflip": True}}])
+    )
+    config = flat.run_config(flat.variant("f"), 1e-3, 1)
+    assert (config.vision.hflip, config.vision.label_smoothing) == (True, 0.1)
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from .. import io
 from ..families import family_of
 from ..flops import count_parameters
 from ..train import TrainConfig
+from ..train.config import VISION_FIELDS
 from ..validation import dataclass_from_dict, invalid, is_number
 from . import runner
 
@@ -63,7 +64,8 @@ class Variant:
         description: What it changes, in words (the report's second column).
         model_overrides: Model config fields merged into ``train.model_overrides``.
         train: TrainConfig options changed for this variant (not ``lr``, ``seed`` or ``out_dir``);
-            a group of options (``vision``) is merged into the recipe's.
+            a group of options (``vision``) is merged into the recipe's, and its options may
+            also be given ungrouped (``crop_padding: 2``).
         matched_linear: The Transformer parameter-matched to this variant's TokenFormer shape.
         lr_grid: This variant's learning rates (default: the study's).
         min_lr_ratio: This variant's floor of the cosine schedule (default: the study's).
@@ -148,10 +150,13 @@ class StudyPlan:
         return self.min_lr_ratio if variant.min_lr_ratio is None else variant.min_lr_ratio
 
     def run_config(self, variant: Variant, lr: float, seed: int) -> TrainConfig:
-        recipe = self.train.to_dict()
+        recipe, changes = self.train.to_dict(), dict(variant.train)
+        ungrouped = {name: changes.pop(name) for name in VISION_FIELDS if name in changes}  # crop_padding: 2
+        if ungrouped:
+            changes["vision"] = {**ungrouped, **changes.get("vision", {})}
         changes = {  # a group of options (vision) changes only the options it names
             name: {**recipe[name], **value} if isinstance(recipe.get(name), dict) else value
-            for name, value in variant.train.items()
+            for name, value in changes.items()
         }
         options = {
             **recipe,
