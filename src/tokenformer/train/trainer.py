@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .. import families, io
 from ..data import Tokenizer
 from ..growth import GrowthRecord, StackRecord, carry_optimizer_state, grow, growth_summary, stack_layers
+from ..model import set_activation_checkpointing
 from .checkpoint import (
     CHECKPOINTS,
     TOKENIZER,
@@ -334,6 +335,10 @@ class Trainer:
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
         # replaces the parameters); compiled graphs and DDP buckets are rebuilt for new shapes.
+        # Activation checkpointing goes on the blocks first, as in torchtitan: grown or stacked
+        # blocks get it too.
+        if self.config.activation_checkpointing:
+            set_activation_checkpointing(self.model)
         placed, self.optimizer = place(
             self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config)
         )
