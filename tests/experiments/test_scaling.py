@@ -353,8 +353,13 @@ def test_a_finished_plan_reruns_from_its_stored_results(finished, monkeypatch, c
 def test_worker_processes_train_the_same_runs(finished, tmp_path, corpus_file, cache_dir):
     plan, _, _ = finished
     stored = stored_runs(plan)
+    # A fresh cache: the tokenizer and token shards are built once, before the workers start.
     data = tiny_plan(
-        corpus_file, cache_dir, tmp_path / "plan", arms=["tokenformer_grown", "transformer_scratch"], ablation=False
+        corpus_file,
+        tmp_path / "cache",
+        tmp_path / "plan",
+        arms=["tokenformer_grown", "transformer_scratch"],
+        ablation=False,
     )
     data["lr_grid"] = plan.lr_grid[:1]
     path = tmp_path / "plan.yaml"

@@ -89,6 +89,17 @@ def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int, 
         return pool.map(function, jobs, chunksize=1)
 
 
+def prepare_data(config: Any) -> None:
+    """Build the tokenizer and token shards of a run's ``config`` (a TrainConfig) into the cache.
+
+    Called once before worker processes start: workers that all found the cache empty would
+    each build the same files at once.
+    """
+    from ..train.tasks import make_task
+
+    make_task(config)
+
+
 def paired(values: dict[Any, float], baseline: dict[Any, float]) -> dict[str, Any] | None:
     """Mean and standard error of ``values[k] - baseline[k]`` over the keys (seeds) both have."""
     keys = sorted(set(values) & set(baseline))

@@ -305,6 +305,8 @@ def run_study(plan: StudyPlan, command: str = "", workers: int = 1) -> dict[str,
     jobs = plan.jobs()
     todo = [job for job in jobs if runner.read_result(job["config"]["out_dir"]) is None]
     print(f"study {out}: {len(jobs) - len(todo)} of {len(jobs)} runs finished, {len(todo)} to go", flush=True)
+    if workers > 1 and len(todo) > 1:
+        runner.prepare_data(TrainConfig.from_dict(todo[0]["config"]))
     runner.run_jobs(run_job, todo, workers)
     runs = [runner.read_result(job["config"]["out_dir"]) for job in jobs]
     results = {

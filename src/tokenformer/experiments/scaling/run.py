@@ -161,6 +161,8 @@ def _run_unfinished(plan: ScalingPlan, jobs: list[dict[str, Any]], workers: int,
     todo = broadcast_object(todo, env)
     if env.is_main:
         print(f"{what}: {len(jobs) - len(todo)} of {len(jobs)} runs finished, {len(todo)} to go", flush=True)
+    if workers > 1 and len(todo) > 1:
+        runner.prepare_data(plan.run_config(plan.train.model_overrides, plan.lr_grid[0], plan.seeds[0], plan.out_dir))
     plan_data = plan.to_dict()
     runner.run_jobs(run_job, [{**job, "plan": plan_data} for job in todo], workers)
 
