@@ -493,12 +493,18 @@ def test_plan_errors_name_the_field_the_value_and_what_is_allowed(tmp_path, path
         ScalingPlan.from_dict(_broken(base, path, value))
 
 
-def test_a_plan_in_the_flat_form_says_to_move_its_training_options_under_train(tmp_path):
+def test_a_plan_in_the_flat_form_says_to_move_its_training_options_under_train(tmp_path, capsys):
     data = tiny_plan("kjv", tmp_path, tmp_path / "out")
     flat = {**{k: v for k, v in data.items() if k not in ("train", "seeds")}, **data["train"], "seed": 1337}
     with pytest.raises(ValueError, match=r"plan fields \[.*'data'.*'seed'.*\] are training options") as error:
         ScalingPlan.from_dict(flat)
     assert "`train:` section" in str(error.value) and "`seed: N` became `seeds: [N]`" in str(error.value)
+    path = tmp_path / "flat.yaml"
+    path.write_text(yaml.safe_dump(flat))
+    with pytest.raises(SystemExit):
+        main(["scale", str(path)])  # the command line says the same, not just "unknown option"
+    assert str(error.value) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_training_option_can_be_set_in_the_train_section(tmp_path):

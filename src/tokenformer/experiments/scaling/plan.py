@@ -222,9 +222,8 @@ class ScalingPlan:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScalingPlan:
-        if not isinstance(data, dict):
-            raise ValueError(f"a plan must be a mapping of plan fields, got {type(data).__name__}")
+    def check_layout(cls, data: dict[str, Any]) -> None:
+        """Refuse a plan written before plans had a ``train:`` section, saying what goes where."""
         own = {f.name for f in dataclasses.fields(cls)}
         flat = sorted(k for k in data if k not in own and k in {f.name for f in dataclasses.fields(TrainConfig)})
         if flat:
@@ -234,6 +233,12 @@ class ScalingPlan:
                 + ("; `seed: N` became `seeds: [N]`" if "seed" in flat else "")
                 + " (configs/scaling/*.yaml show the layout)"
             )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScalingPlan:
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan must be a mapping of plan fields, got {type(data).__name__}")
+        cls.check_layout(data)
         missing = [name for name in ("out_dir", "stages", "lr_grid") if name not in data]
         if missing:
             raise ValueError(f"plan is missing required field(s) {missing}")
@@ -241,11 +246,13 @@ class ScalingPlan:
 
 
 def _train_section(data: dict[str, Any], max_steps: int) -> TrainConfig:
-    per_run = sorted(set(PER_RUN) & set(data))
+    # Defaults pass: the command line fills every option of the section in.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    per_run = {k: data[k] for k in PER_RUN if k in data and data[k] != defaults[k]}
     if per_run:
         raise _plan_error(
             "train",
-            {k: data[k] for k in per_run},
+            per_run,
             f"training options other than {', '.join(PER_RUN)}: every run gets them from the plan "
             "(lr_grid, min_lr_ratio, seeds, stages, out_dir)",
         )
