@@ -22,7 +22,6 @@ from common import (
     add_common_arguments,
     fmt_ms,
     interleaved_times,
-    markdown_table,
     median,
     paired_ratio,
     setup,
@@ -30,6 +29,7 @@ from common import (
 )
 
 import tokenformer.vision as model_module
+from tokenformer.experiments.runner import markdown_table
 from tokenformer.vision import TokenformerViT, VisionConfig, explicit_attention
 
 SHAPES = ((16, 16, 128), (49, 16, 128), (64, 32, 64), (197, 64, 16))  # (tokens, head_dim, batch)

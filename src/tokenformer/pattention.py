@@ -189,9 +189,11 @@ IMPLS = ("auto", "reference", "fused", "triton")
 
 @functools.cache
 def triton_available() -> bool:
-    """Whether the optional ``triton`` package imports (``pip install 'tokenformer[triton]'``)."""
+    """Whether the Triton kernels import: the optional ``triton`` package is installed (``pip install
+    'tokenformer[triton]'``) and so is their module, which the code a model directory carries for
+    transformers leaves out."""
     try:
-        import triton  # noqa: F401
+        from . import triton_kernels  # noqa: F401
     except ImportError:
         return False
     return True

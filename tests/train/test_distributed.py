@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo): DDP and FSDP2 reproduce a single-process run (DDP with a
 moving average of the weights too); sharded checkpoints resume on 1 and 2 ranks; growth of a
-sharded run; a killed rank fails the job fast."""
+sharded run; a killed rank fails the job fast; an image classifier trained with DDP is tested on
+its test split."""
 
 import json
 import os
@@ -14,6 +15,8 @@ import psutil
 import pytest
 import torch
 from conftest import cli_flags, tiny_train_options
+from test_vision_data import fake_fashion_mnist
+from test_vision_train import vision_options
 
 from tokenformer import families, io
 from tokenformer.cli import main
@@ -72,9 +75,11 @@ def test_ddp_and_fsdp_reproduce_the_single_process_losses(runs):
     single = losses(root / "single")
     for strategy in ("ddp", "fsdp"):
         assert_same_curve(losses(root / strategy), single, range(1, STEPS + 1))
-        assert_same_curve(losses(root / strategy, "val"), losses(root / "single", "val"), (10, 20))
+        assert_same_curve(
+            losses(root / strategy, "val", "val_loss"), losses(root / "single", "val", "val_loss"), (10, 20)
+        )
         records = read_metrics(root / strategy / "metrics.jsonl")
-        assert [r["tokens"] for r in records if r["kind"] == "train"][
+        assert [r["train_tokens"] for r in records if r["kind"] == "train"][
             -1
         ] == STEPS * 2 * 4 * 32  # the global batch, counted once
 
@@ -92,7 +97,7 @@ def test_ddp_keeps_the_moving_average_of_one_process(tmp_path, corpus_file, cach
     )
     main(["train", *cli_flags(options)])
     torchrun(2, {**options, "out_dir": str(tmp_path / "ddp"), "strategy": "ddp"})
-    for key in ("loss", "loss_raw"):  # the averaged weights' validation loss, and the live weights'
+    for key in ("val_loss", "val_loss_raw"):  # the averaged weights' validation loss, and the live weights'
         assert_same_curve(losses(tmp_path / "ddp", "val", key), losses(tmp_path / "single", "val", key), (5, 10))
     single, ddp = (
         io.load_weights(list_checkpoints(tmp_path / run)[-1] / "ema.safetensors") for run in ("single", "ddp")
@@ -159,7 +164,9 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
     )
     assert "function preserving: True" in capsys.readouterr().out
     before = [
-        r["loss"] for r in read_metrics(root / "fsdp" / "metrics.jsonl") if r["kind"] == "val" and r["step"] == STEPS
+        r["val_loss"]
+        for r in read_metrics(root / "fsdp" / "metrics.jsonl")
+        if r["kind"] == "val" and r["step"] == STEPS
     ][0]
     grown = {
         **options,
@@ -188,6 +195,19 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
         "step-00000024",
     ]  # fit writes one at its last step
     assert families.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
+
+
+def test_a_vision_run_under_ddp_writes_the_test_metrics_of_one_process(tmp_path):
+    data = fake_fashion_mnist(tmp_path / "fm", n_train=200, n_test=20)
+    options = vision_options(tmp_path / "single", data, max_steps=8, eval_interval=4, ckpt_interval=4)
+    main(["train", *cli_flags(options)])
+    stdout = torchrun(2, {**options, "out_dir": str(tmp_path / "ddp"), "strategy": "ddp"})
+    assert stdout.count("test accuracy") == 1, stdout  # rank 0 reports the test, for both ranks
+    single, ddp = (json.loads((tmp_path / run / "test_metrics.json").read_text()) for run in ("single", "ddp"))
+    assert ddp["count"] == single["count"] == 20
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    assert abs(ddp["accuracy"] - single["accuracy"]) <= 1 / 20  # at most one image on the edge of a decision
+    assert (tmp_path / "ddp" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_file, cache_dir):

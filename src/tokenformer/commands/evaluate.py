@@ -20,7 +20,7 @@ def evaluate(
     precision: Literal["fp32", "bf16-mixed"] = "fp32",
     device: str = "auto",
     harness: bool = False,
-    tasks: list[str] | None = None,
+    tasks: list[str] | str | None = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
     include_path: str | None = None,
@@ -39,7 +39,8 @@ def evaluate(
         precision: ``fp32`` or ``bf16-mixed``.
         device: ``auto``, ``cpu``, ``cuda``, ...
         harness: Run lm-evaluation-harness tasks instead (needs the ``[eval]`` extra).
-        tasks: lm-eval task names with --harness, e.g. ``[piqa,arc_easy]``; the paper's six:
+        tasks: lm-eval task names with --harness, comma-separated like lm-eval's
+            (``piqa,arc_easy``) or a list (``[piqa,arc_easy]``); the paper's six:
             lambada_openai, hellaswag, piqa, arc_easy, arc_challenge, winogrande.
         num_fewshot: Few-shot examples per task with --harness (null: the task's default).
         limit: Evaluate at most this many examples per task (a fraction if < 1) with --harness.
@@ -50,8 +51,7 @@ def evaluate(
     import torch
 
     if harness:
-        if not tasks:
-            raise ValueError("--harness needs --tasks, e.g. --tasks '[piqa,arc_easy]'")
+        tasks = task_names(tasks)
         from ..interop.harness import evaluate as run_harness
         from ..interop.harness import table
         from ..train.trainer import resolve_device
@@ -99,3 +99,12 @@ def evaluate(
         f"(loss {metrics['val_loss']:.4f} nats/token over {metrics['val_tokens']} tokens of {what})"
     )
     return metrics
+
+
+def task_names(tasks: list[str] | str | None) -> list[str]:
+    """lm-eval task names from ``a,b``, ``[a, b]`` or a mix (``[a,b, c]``), in order, each once."""
+    names = [name.strip() for item in ([tasks] if isinstance(tasks, str) else tasks or []) for name in item.split(",")]
+    names = list(dict.fromkeys(name for name in names if name))
+    if not names:
+        raise ValueError(f"--harness needs --tasks: lm-eval task names, e.g. --tasks piqa,arc_easy; got {tasks!r}")
+    return names

@@ -1,5 +1,6 @@
 """What every experiment shares: cached, resumable runs; worker processes; the choice of a
-learning rate on a grid; comparisons paired by seed; the machine; Markdown tables.
+learning rate on a grid; comparisons paired by seed; the machine and the commit; Markdown tables
+and reports.
 
 A run lives in its own directory. Training there resumes from its newest checkpoint, and the
 run is finished once its ``result.json`` exists: an experiment started again skips finished runs
@@ -14,14 +15,34 @@ import math
 import multiprocessing
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import io
+from ..validation import invalid, is_int, is_number
 
 RESULT = "result.json"
+
+
+def check_lr_grid(name: str, grid: Any, what: str) -> None:
+    """A learning-rate grid: a non-empty list of distinct rates > 0."""
+    if not isinstance(grid, list) or not grid or not all(is_number(v) and v > 0 for v in grid):
+        raise invalid(what, name, grid, "a non-empty list of learning rates > 0")
+    if len(set(grid)) != len(grid):
+        raise invalid(what, name, grid, "distinct learning rates")
+
+
+def check_seeds(name: str, seeds: Any, what: str) -> None:
+    """Seeds: a non-empty list of distinct integers >= 0."""
+    if not isinstance(seeds, list) or not seeds or not all(is_int(s) and s >= 0 for s in seeds):
+        raise invalid(what, name, seeds, "a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise invalid(what, name, seeds, "distinct seeds")
 
 
 def read_result(directory: str | Path) -> dict[str, Any] | None:
@@ -48,16 +69,35 @@ def lr_name(lr: float) -> str:
     return f"lr-{lr:g}"
 
 
-def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> list[Any]:
-    """``function(job)`` for every job, ``workers`` worker processes at a time (in this process
-    with one worker). Each job gets a fresh process: training leaves threads and caches behind."""
-    if workers < 1:
+def seed_name(seed: int) -> str:
+    return f"seed-{seed}"
+
+
+def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int, isolate: bool = False) -> list[Any]:
+    """``function(job)`` for every job, ``workers`` worker processes at a time. Each job gets a
+    fresh process: training leaves threads and caches behind. With one worker the jobs run in
+    this process instead, unless ``isolate`` (for timings that an earlier job's compiled code or
+    threads must not change)."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if workers == 1 or len(jobs) <= 1:
+    if not jobs:
+        return []
+    if not isolate and (workers == 1 or len(jobs) == 1):
         return [function(job) for job in jobs]
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, maxtasksperchild=1) as pool:
+    with context.Pool(min(workers, len(jobs)), maxtasksperchild=1) as pool:
         return pool.map(function, jobs, chunksize=1)
+
+
+def prepare_data(config: Any) -> None:
+    """Build the tokenizer and token shards of a run's ``config`` (a TrainConfig) into the cache.
+
+    Called once before worker processes start: workers that all found the cache empty would
+    each build the same files at once.
+    """
+    from ..train.tasks import make_task
+
+    make_task(config)
 
 
 def paired(values: dict[Any, float], baseline: dict[Any, float]) -> dict[str, Any] | None:
@@ -107,23 +147,113 @@ def machine(threads: int | None, device: str, precision: str) -> dict[str, Any]:
         "threads": threads or torch.get_num_threads(),
         "device": device,
         "precision": precision,
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
     }
     if torch.cuda.is_available() and device != "cpu":
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def cpu_model() -> str:
-    """The CPU's model name and its vector/bf16 class (``/proc/cpuinfo``), else the platform's."""
+def load_average() -> float | None:
+    """The system's one-minute load average (None where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key`` line of ``/proc/cpuinfo`` (None where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name or platform.machine()} ({', '.join(features) or 'no AVX2'})"
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(key)), None)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix extensions that decide the speed of a kernel (``/proc/cpuinfo``)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [flag for flag in VECTOR_FLAGS if flag in flags]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the platform's."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its vector/bf16 class."""
+    return f"{cpu_name()} ({', '.join(cpu_flags()) or 'no AVX2'})"
+
+
+def machine_description(device: str | Any) -> str:
+    """The machine as Markdown bullets: CPU (cores, threads, vector flags), software, GPU."""
+    import torch
+
+    device = torch.device(device)
+    flags = " ".join(cpu_flags()) or "none of " + "/".join(VECTOR_FLAGS)
+    lines = [
+        f"- CPU: {cpu_name()} ({os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}; "
+        f"vector flags: {flags})",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}",
+    ]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"- GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+    return "\n".join(lines)
+
+
+def source_version() -> str:
+    """The commit of the checkout this library runs from (``-dirty`` with uncommitted changes)."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    return done.stdout.strip() or "unknown (not a git checkout)"
+
+
+def command_line(program: str, argv: Sequence[str]) -> str:
+    """A command as a user types it: ``program`` and the arguments, quoted for the shell."""
+    return " ".join([program, shlex.join(argv)]) if argv else program
+
+
+def write_report(
+    path: str | Path | None,
+    title: str,
+    body: str,
+    command: str,
+    device: str | Any = "cpu",
+    launched_at: str | None = None,
+    timing: str = "wall-clock seconds",
+) -> str:
+    """A Markdown report: title, the command and the commit, the machine, then ``body``; written
+    atomically to ``path`` when one is given.
+
+    ``launched_at``: the commit when a long experiment started (``source_version()`` then); the
+    report names it, and the commit at the end too where the two differ.
+    """
+    finished_at = source_version()
+    version = (
+        finished_at
+        if launched_at in (None, finished_at)
+        else f"{launched_at} when it started, {finished_at} when it finished"
+    )
+    text = (
+        f"# {title}\n\n"
+        f"Command (from the repository root, at commit {version}):\n\n    {command}\n\n"
+        f"Machine:\n\n{machine_description(device)}\n"
+        f"- Times are {timing}; run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{body}\n"
+    )
+    if path:
+        io.atomic_write_text(Path(path), text)
+    return text
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

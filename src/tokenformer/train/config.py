@@ -15,6 +15,7 @@ Precision = Literal["fp32", "bf16-mixed"]
 Strategy = Literal["single", "ddp", "fsdp"]
 TaskName = Literal["lm", "vision"]
 VisionDataset = Literal["fashion-mnist", "cifar10"]
+LoggerName = Literal["tensorboard", "wandb"]
 
 
 @dataclass
@@ -111,6 +112,10 @@ class TrainConfig:
             ``strategy: fsdp``.
         precision: ``fp32``, or ``bf16-mixed`` (bf16 autocast, fp32 weights and optimizer state).
         compile: Run the model through ``torch.compile``.
+        activation_checkpointing: Keep only each transformer block's input for backward and
+            recompute the rest there (``torch.utils.checkpoint``): much less activation memory for
+            one more forward pass of the blocks; the gradients are the same
+            (benchmarks/results/activation_checkpointing-cpu.md).
         device: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1``, ...
         threads: CPU threads for PyTorch's intra-op parallelism (null: PyTorch's default). On a
             busy machine, fewer threads than cores can be much faster for small models.
@@ -137,6 +142,12 @@ class TrainConfig:
         eval_batches: Validation batches of batch_size windows, the same windows every time
             (language models; a classifier validates on all of its held-out images).
         log_interval: Log the training loss every this many steps.
+        loggers: Where records go besides ``out_dir/metrics.jsonl`` (always written):
+            ``tensorboard`` (``out_dir/tensorboard``; skipped with a warning when TensorBoard is
+            not installed) and ``wandb`` (Weights & Biases, in ``out_dir/wandb``; needs the
+            ``[wandb]`` extra; ``WANDB_MODE=offline`` keeps the run on disk). ``[]``: none.
+        wandb_project: The W&B project of ``loggers: [wandb]`` runs (the run is named after
+            ``out_dir``).
         ckpt_interval: Write a checkpoint every this many steps (and at the end).
         keep_last: Checkpoints to keep in out_dir/checkpoints (older ones are deleted).
         divergence_factor: Warn when a validation loss exceeds this multiple of the best one so far
@@ -170,6 +181,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     precision: Precision = "fp32"
     compile: bool = False
+    activation_checkpointing: bool = False
     device: str = "auto"
     threads: int | None = None
     strategy: Strategy = "single"
@@ -183,6 +195,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 10
+    loggers: list[LoggerName] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "tokenformer"
     ckpt_interval: int = 100
     keep_last: int = 3
     divergence_factor: float = 3.0
@@ -229,6 +243,7 @@ class TrainConfig:
         _check(self, "min_lr", lambda v: v <= self.lr, f"a number <= lr ({self.lr})")
         for name in ("beta1", "beta2"):
             _check(self, name, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "activation_checkpointing", lambda v: isinstance(v, bool), "true or false")
         _check(self, "threads", lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
         _check(
             self, "token_weight_decay", lambda v: v is None or (is_number(v) and v >= 0), "a finite number >= 0 or null"
@@ -237,6 +252,14 @@ class TrainConfig:
         for name, choices in (("precision", Precision), ("task", TaskName)):
             allowed = typing.get_args(choices)
             _check(self, name, lambda v, allowed=allowed: v in allowed, " or ".join(allowed))
+        loggers = typing.get_args(LoggerName)
+        _check(
+            self,
+            "loggers",
+            lambda v: isinstance(v, list) and all(n in loggers for n in v) and len(set(v)) == len(v),
+            f"a list of distinct names from: {', '.join(loggers)}",
+        )
+        _check(self, "wandb_project", lambda v: isinstance(v, str) and v != "", "a W&B project name")
         strategies = typing.get_args(Strategy)
         _check(self, "strategy", lambda v: v in strategies, ", ".join(strategies))
         _check(self, "ema_decay", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 is off)")

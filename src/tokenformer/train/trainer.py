@@ -18,10 +18,11 @@ wrapped one and validates the unwrapped one (data-parallel wrappers kept).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from ..growth import (
     growth_summary,
     stack_layers,
 )
+from ..model import set_activation_checkpointing
 from ..pruning import PruneRecord, calibration_scores, prune, prune_like, prune_optimizer_state
 from .checkpoint import (
     CHECKPOINTS,
@@ -62,7 +64,7 @@ from .checkpoint import (
     set_aside_checkpoints,
 )
 from .config import TrainConfig
-from .metrics import MetricsLogger, plot_loss_curve
+from .metrics import Logger, MetricsLogger, plot_loss_curve
 from .parallel import (
     RankSlice,
     barrier,
@@ -196,7 +198,9 @@ class Trainer:
     model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is
     applied for training steps and again after growth; by default it compiles when
     ``config.compile`` is set. ``load_model(dir, device)`` reads a checkpoint's model directory
-    (default: :func:`tokenformer.load_model`).
+    (default: :func:`tokenformer.load_model`). ``loggers`` receive every record (on rank 0)
+    besides those of ``config.loggers``: objects with ``log(step, kind, values)`` and ``close()``
+    (:class:`~tokenformer.train.metrics.Logger`), closed by :meth:`close`.
     """
 
     def __init__(
@@ -208,8 +212,10 @@ class Trainer:
         tokenizer: Tokenizer | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
         load_model: Callable[[Path, Any], nn.Module] = families.load_model,
+        loggers: Sequence[Logger] = (),
     ) -> None:
         self.config = config
+        self._extra_loggers = list(loggers)
         self.dist = init_distributed(config.strategy, resolve_device(config.device), config.dist_timeout)
         self.device = self.dist.device
         if self.device.type == "cpu":
@@ -395,11 +401,22 @@ class Trainer:
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
         # replaces the parameters); compiled graphs and DDP buckets are rebuilt for new shapes.
+        # Activation checkpointing goes on the blocks first, as in torchtitan: grown or stacked
+        # blocks get it too.
+        if self.config.activation_checkpointing:
+            set_activation_checkpointing(self.model)
         placed, self.optimizer = place(
             self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config)
         )
         self.placed = placed  # data-parallel wrappers only: what evaluation runs
         self.wrapped = self._wrap_model(placed)
+
+    def _unplace(self) -> None:
+        # Before parameters change shape: a DDP wrapper's reducer holds each parameter's gradient
+        # accumulator, which keeps the old shape; while it lives, backward refuses the new one.
+        # The wrappers form reference cycles, so they go only with a collection.
+        self.placed = self.wrapped = None
+        gc.collect()
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         if checkpoint.sharded:
@@ -475,7 +492,17 @@ class Trainer:
         main = self.dist.is_main  # only rank 0 prints and writes logs
         self._claim_run()
         if self._metrics is None and main:
-            self._metrics = MetricsLogger(self.run_dir, start_step=self.state.step)
+            self._metrics = MetricsLogger(
+                self.run_dir,
+                start_step=self.state.step,
+                loggers=config.loggers,
+                config=config.to_dict(),
+                wandb_project=config.wandb_project,
+                extra=self._extra_loggers,
+            )
+            for entry in self.state.growth_history:  # the resumed checkpoint's changes at its own step
+                if entry["step"] == self.state.step:
+                    self._log_event(entry)
             # The resolved options, reusable as `tokenformer train --config <out_dir>/train_config.yaml`.
             io.atomic_write_text(self.run_dir / TRAIN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
         bar = tqdm(
@@ -499,15 +526,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     rate = window_items / elapsed if elapsed > 0 else float("nan")
                     lr = self.optimizer.param_groups[0]["lr"]
-                    self._metrics.log(
-                        step,
-                        "train",
-                        loss=loss,
-                        lr=lr,
-                        tokens=self.state.tokens,
-                        flops=self.state.flops,
-                        tokens_per_s=rate,
-                    )
+                    self._metrics.log(step, "train", loss=loss, lr=lr, tokens_per_s=rate, **self._progress())
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
                     window_items, window_start = 0, time.perf_counter()
                 bar.update(1)
@@ -623,9 +642,40 @@ class Trainer:
             }
         )
         if self._metrics is not None:
-            scalars = {k.removeprefix("val_"): v for k, v in metrics.items() if not isinstance(v, list)}
-            self._metrics.log(self.state.step, "val", **scalars)
+            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+            self._metrics.log(self.state.step, "val", **scalars, **self._progress())
         return metrics
+
+    def _progress(self) -> dict[str, float]:
+        return {"train_tokens": self.state.tokens, "train_flops": self.state.flops}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _model_changed(self, event: str, details: dict[str, Any]) -> None:
+        # Every change of the model's shape is kept in the state's growth history (saved with
+        # checkpoints) and logged as an event record, named by ``event``.
+        entry = {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "flops": self.state.flops,
+            "event": event,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            **details,
+        }
+        self.state.growth_history.append(entry)
+        self._log_event(entry)
+
+    def _log_event(self, entry: dict[str, Any]) -> None:
+        # Before ``fit`` opens the loggers nothing is written; ``fit`` logs the changes made at
+        # the step it starts from (growth between runs, a grown checkpoint resumed).
+        if self._metrics is None:
+            return
+        # Entries of checkpoints written before events were named: ``stack`` records layer counts.
+        event = entry.get("event") or ("stack" if "n_layers_after" in entry else "grow")
+        details = {k: v for k, v in entry.items() if k not in ("step", "tokens", "flops", "event")}
+        self._metrics.event(
+            entry["step"], event, train_tokens=entry["tokens"], train_flops=entry.get("flops"), **details
+        )
 
     # -- growth -------------------------------------------------------------------------------
 
@@ -636,6 +686,7 @@ class Trainer:
         again with its optimizer state; a collective call then.
         """
         optimizer = self.optimizer
+        self._unplace()
         if self.dist.strategy == "fsdp":
             whole = self._model_class(self.model.config).to(self.device)
             optimizer = gather(self.model, self.optimizer, whole, lambda model: make_optimizer(model, self.config))
@@ -644,7 +695,7 @@ class Trainer:
         carry_optimizer_state(optimizer)
         self._place(optimizer)
         self._regrow_ema(lambda name: name, {g.name: (g.dim, g.old_size) for g in record.grown})
-        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
+        self._model_changed("grow", record.to_dict())
         return record
 
     def calibration_scores(self, batches: int) -> dict[str, torch.Tensor]:
@@ -691,6 +742,7 @@ class Trainer:
                 "depth stacking of a sharded (strategy='fsdp') model is not supported; "
                 "allowed: strategy 'none' or 'ddp'"
             )
+        self._unplace()
         old_state = self.optimizer.state
         sources = dict(self.model.named_parameters())
         record = stack_layers(self.model, n_layers)
@@ -704,7 +756,7 @@ class Trainer:
                 }
         self._place(optimizer)
         self._regrow_ema(lambda name: stacked_source(name, record.sources), {})
-        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
+        self._model_changed("stack", record.to_dict())
         return record
 
     # -- checkpoints --------------------------------------------------------------------------
