@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BlockConfig, TokenformerConfig
-from .pattention import Pattention
+from .pattention import Pattention, run_pattentions
 
 
 def make_projection(
@@ -151,6 +151,19 @@ class SelfAttention(nn.Module):
         self.value = make_projection(config, "qkv", tokens["qkv"], config.init_std)
         self.proj = make_projection(config, "proj", tokens["proj"], config.value_init_std)
 
+    def _qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Query, key and value of ``x``. Three Pattentions run as one group: one score product over
+        their concatenated key tokens and one batched value product (see ``pattention_group``);
+        three Linears as one product with their concatenated weights. Each keeps its own
+        parameters, so state dicts, growth and conversion see three layers."""
+        layers = (self.query, self.key, self.value)
+        if all(isinstance(layer, Pattention) for layer in layers):
+            return run_pattentions(layers, x)
+        if all(type(layer) is nn.Linear for layer in layers):
+            weights = [layer.weight for layer in layers]
+            return list(F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1))
+        return [layer(x) for layer in layers]
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -176,9 +189,8 @@ class SelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         batch, length, d_model = x.shape
-        q = apply_rotary(self._heads(self.query(x)), cos, sin)
-        k = apply_rotary(self._heads(self.key(x)), cos, sin)
-        v = self._heads(self.value(x))
+        q, k, v = (self._heads(t) for t in self._qkv(x))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         start = 0
         if cache is not None:
             start = cache.length
