@@ -82,18 +82,23 @@ if [[ $smoke == 1 ]]; then
   # CPU compilation is slow and the interpreter slower: the limits only guard against hangs.
   limits=(60 60 90 90)
   shapes=(96x32x64)
-  layer=(--repeats 2 --warmup 1)
+  layer=(--repeats 1 --warmup 1 --threads 1)
   small=cpu-0.3M  # stands in for both presets
-  # The interpreter runs the Triton arm too; on the CPU "auto" is the torch operator.
-  train=(--impls auto triton --batch 2 --seq 16 --repeats 2 --warmup 1 --peak-size 256 --gen-prompt 4 --gen-tokens 3
-    --gen-repeats 1)
+  # The whole-model stages run the real run's arms on the CPU ("auto" and "fused": the torch
+  # operator eager, the plain formula compiled); the kernels and layer stages run Triton's.
+  # Compiling with aot_eager traces as inductor does (the operator's fake and autograd
+  # registrations included) without generating code.
+  train=(--impls auto fused --compiled-impls auto --compile-backend aot_eager --threads 1 --batch 2 --seq 16
+    --repeats 1 --warmup 1 --peak-size 256 --gen-prompt 4 --gen-tokens 2 --gen-repeats 1)
 else
   limits=(90 120 120 150)
   shapes=(4096x256x768 4096x512x2048 16384x1024x4096)
   layer=(--repeats 20 --warmup 3)
   small=
-  # On CUDA "auto" is the Triton operator; "fused" the same operator with torch ops inside.
-  train=(--impls auto fused --batch 8 --seq 1024 --repeats 10 --warmup 2 --peak-size 8192 --gen-repeats 3)
+  # On CUDA "auto" is the Triton operator, "fused" the same operator with torch ops inside (eager
+  # only: each compiled arm costs a compilation).
+  train=(--impls auto fused --compiled-impls auto --batch 8 --seq 1024 --repeats 10 --warmup 2 --peak-size 8192
+    --gen-repeats 3)
 fi
 
 stage kernels "${limits[0]}" "$py" tests/triton_checks.py "$device"

@@ -60,7 +60,9 @@ def matmul_peak_flops(device: torch.device, precision: str, size: int, repeats: 
 class Arm:
     """One model with its optimizer, a training step and greedy generation."""
 
-    def __init__(self, config: TokenformerConfig, impl: str, device: torch.device, precision: str, mode: str) -> None:
+    def __init__(
+        self, config: TokenformerConfig, impl: str, device: torch.device, precision: str, mode: str, backend: str
+    ) -> None:
         torch.manual_seed(0)
         self.config = config
         self.model = TokenformerLM(config).to(device)
@@ -68,12 +70,12 @@ class Arm:
             if isinstance(module, Pattention):
                 module.impl = impl
         self.optimizer = make_optimizer(self.model, TrainConfig(lr=1e-3, weight_decay=0.1))
-        self.forward = torch.compile(self.model) if mode == "compiled" else self.model
+        self.forward = torch.compile(self.model, backend=backend) if mode == "compiled" else self.model
         if mode == "compiled-blocks":
             # Each block compiled on its own: the layers share one compiled graph, so compiling
             # a deep model takes the time of one block (embedding, head and loss stay eager).
             for block in self.model.layers:
-                block.compile()
+                block.compile(backend=backend)
         self.device, self.precision = device, precision
 
     def train_step(self, ids: torch.Tensor) -> None:
@@ -112,7 +114,11 @@ GEN_HEADERS = ["preset", "precision", "model", "median ms", "new tokens/s", "x t
 
 
 def train_rows(preset, precision, mode, device, args, peak) -> list[list[object]]:
-    arms = {name: Arm(cfg, impl, device, precision, mode) for name, (cfg, impl) in configs(preset, args.impls).items()}
+    impls = args.impls if mode == "eager" else args.compiled_impls or args.impls
+    arms = {
+        name: Arm(cfg, impl, device, precision, mode, args.compile_backend)
+        for name, (cfg, impl) in configs(preset, impls).items()
+    }
     gen = torch.Generator().manual_seed(1)
     vocab = next(iter(arms.values())).config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen).to(device)
@@ -143,7 +149,8 @@ def train_rows(preset, precision, mode, device, args, peak) -> list[list[object]
 
 def generation_rows(preset, precision, device, args) -> list[list[object]]:
     arms = {
-        name: Arm(cfg, impl, device, precision, "eager") for name, (cfg, impl) in configs(preset, args.impls).items()
+        name: Arm(cfg, impl, device, precision, "eager", args.compile_backend)
+        for name, (cfg, impl) in configs(preset, args.impls).items()
     }
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(
@@ -199,6 +206,18 @@ def main(argv: list[str] | None = None) -> None:
         choices=IMPLS,
         default=["auto"],
         help="TokenFormer arms, one per Pattention implementation (auto: the library's choice)",
+    )
+    parser.add_argument(
+        "--compiled-impls",
+        nargs="+",
+        choices=IMPLS,
+        default=None,
+        help="TokenFormer arms when compiled (default: --impls)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (aot_eager traces as inductor does without generating code: quick checks)",
     )
     add_common_arguments(parser, repeats=10)
     args = parser.parse_args(argv)

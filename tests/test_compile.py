@@ -127,3 +127,17 @@ def test_validation_runs_the_model_without_the_compiled_wrapper(corpus_file, cac
     assert [row["step"] for row in trainer.state.val_history] == [1, 2, 3]
     assert trainer.model.training
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_identical_blocks_share_one_compiled_graph():
+    # Compiling block by block (benchmarks/train_step.py --modes compiled-blocks) costs one
+    # compilation for all layers, however deep the model.
+    torch._dynamo.reset()
+    counters.clear()
+    model = TokenformerLM(tiny_config(n_layers=3))
+    for block in model.layers:
+        block.compile(backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert model.generate(ids[:, :4], 3, temperature=0).shape == (2, 7)

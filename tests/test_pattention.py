@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenformer import NORMS, Pattention
-from tokenformer.pattention import _use_triton, pattention, pattention_group
+from tokenformer.pattention import _use_triton, pattention, pattention_group, run_pattentions
 
 
 def reference(x, keys, values, norm, tau):
@@ -330,3 +330,31 @@ def test_torch_func_transforms_match_the_reference(norm):
     same(lambda impl: torch.func.vmap(torch.func.grad(loss(impl), argnums=1), in_dims=(0, None, None))(x, keys, values))
     same(lambda impl: torch.func.jacrev(lambda k: pattention(x[0], k, values, tau, norm, impl))(keys))
     same(lambda impl: torch.func.hessian(lambda x: loss(impl)(x, keys, values))(x[0, :2]))
+
+
+def test_inference_sees_every_parameter_change():
+    # Without autograd (generation) a group keeps its concatenated, cast tokens between calls:
+    # an in-place update (an optimizer step, a load) and growth must show in the next output.
+    layers = [Pattention(8, 8, 12) for _ in range(3)]
+    x = torch.randn(2, 8)
+
+    def check(autocast: bool):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = run_pattentions(layers, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            expected = [
+                pattention(x, m.key_param_tokens, m.value_param_tokens, m.tau, impl="reference") for m in layers
+            ]
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e.detach(), rtol=0.02 if autocast else 1e-5, atol=0.02 if autocast else 1e-6)
+        return got
+
+    for autocast in (False, True):
+        first = check(autocast)
+        with torch.no_grad():
+            layers[1].value_param_tokens.mul_(2)
+        assert not torch.allclose(check(autocast)[1], first[1])
+        for layer in layers:
+            layer.key_param_tokens.data = torch.cat((layer.key_param_tokens.data, torch.randn(4, 8)))
+            layer.value_param_tokens.data = torch.cat((layer.value_param_tokens.data, torch.randn(4, 8)))
+        check(autocast)

@@ -215,6 +215,8 @@ def _(grad_out, x, keys, values, tau, probs, aux, row_scale, norm, use_triton):
 
 def _reference_group(x, keys, values, tau, norm):
     """The plain formula with :func:`_forward_op`'s arguments and output ``[S, N, d_out]``."""
+    if tau.shape[0] == 1:
+        return (normalise_scores(F.linear(x, keys), norm, tau) @ values).unsqueeze(0)
     (s, n), rows = _segments(keys, tau), x.shape[0]
     probs = normalise_scores((x @ keys.T).view(rows, s, n), norm, tau.view(s, 1))
     return torch.bmm(probs.transpose(0, 1), values.view(s, n, -1))
@@ -345,6 +347,10 @@ def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tuple(tensors))
 
 
+def _stack(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    return taus[0].reshape(1) if len(taus) == 1 else torch.stack(tuple(taus))
+
+
 def pattention_group(
     x: torch.Tensor,
     keys: Sequence[torch.Tensor],
@@ -368,19 +374,37 @@ def pattention_group(
         )
     if len({(k.shape[0], v.shape[-1]) for k, v in zip(keys, values, strict=True)}) > 1:
         return [pattention(x, k, v, t, norm, impl) for k, v, t in zip(keys, values, taus, strict=True)]
+    return _group(x, keys, values, taus, norm, impl)
+
+
+def _group(x, keys, values, taus, norm, impl, holder: nn.Module | None = None) -> list[torch.Tensor]:
     lead, d_out = x.shape[:-1], values[0].shape[-1]
     flat = x.reshape(-1, x.shape[-1])
-    key_tokens, value_tokens = _concat(keys), _concat(values)
-    tau = _concat([t.reshape(1) for t in taus])
     if _plain(impl, x, taus):
-        out = _reference_group(flat, key_tokens, value_tokens, tau, norm)
+        out = _reference_group(flat, _concat(keys), _concat(values), _stack(taus), norm)
     else:
         use_triton = _use_triton(impl, x, norm)
         # Autocast does not reach into a custom operator: cast on the way in.
-        dtype = _compute_dtype(x, key_tokens)
-        flat, key_tokens, value_tokens = _cast(flat, dtype), _cast(key_tokens, dtype), _cast(value_tokens, dtype)
-        out = _fused(flat, key_tokens, value_tokens, tau, norm, use_triton)
+        dtype = _compute_dtype(x, keys[0])
+        if holder is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            tokens = _inference_tokens(holder, keys, values, taus, dtype)
+        else:
+            tokens = _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
+        out = _fused(_cast(flat, dtype), *tokens, norm, use_triton)
     return [part.view(*lead, d_out) for part in out.unbind(0)]
+
+
+def _inference_tokens(holder: nn.Module, keys, values, taus, dtype):
+    """The concatenated key and value tokens in ``dtype`` and the taus, kept on ``holder`` while
+    no parameter changes: token by token, generation would otherwise concatenate and cast the
+    weights anew for every token (autocast keeps its casts of weights, but not these)."""
+    params = (*keys, *values, *taus)
+    version = (dtype, *((t.data_ptr(), t._version, t.shape) for t in params))
+    cached = holder.__dict__.get("_inference_tokens")
+    if cached is None or cached[0] != version:
+        cached = (version, _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus))
+        holder.__dict__["_inference_tokens"] = cached
+    return cached[1:]
 
 
 def pattention(
@@ -402,9 +426,7 @@ def pattention(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown Pattention impl {impl!r}; allowed: {', '.join(IMPLS)}")
-    if _plain(impl, x, (tau,)):
-        return normalise_scores(F.linear(x, keys), norm, tau) @ values
-    return pattention_group(x, (keys,), (values,), (tau,), norm, impl)[0]
+    return _group(x, (keys,), (values,), (tau,), norm, impl)[0]
 
 
 class Pattention(nn.Module):
@@ -463,7 +485,11 @@ class Pattention(nn.Module):
             self.tau.fill_(self.initial_tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pattention(x, self.key_param_tokens, self.value_param_tokens, self.tau, self.norm, self.impl)
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown Pattention impl {self.impl!r}; allowed: {', '.join(IMPLS)}")
+        return _group(x, (self.key_param_tokens,), (self.value_param_tokens,), (self.tau,), self.norm, self.impl, self)[
+            0
+        ]
 
     def extra_repr(self) -> str:
         return (
@@ -476,13 +502,9 @@ def run_pattentions(layers: Sequence[Pattention], x: torch.Tensor) -> list[torch
     """``[layer(x) for layer in layers]``, as one group (:func:`pattention_group`) when the layers
     share their norm and implementation."""
     first = layers[0]
-    if any(layer.norm != first.norm or layer.impl != first.impl for layer in layers):
+    shapes = {(layer.num_tokens, layer.out_features, layer.norm, layer.impl) for layer in layers}
+    if len(shapes) > 1 or first.impl not in IMPLS:
         return [layer(x) for layer in layers]
-    return pattention_group(
-        x,
-        [layer.key_param_tokens for layer in layers],
-        [layer.value_param_tokens for layer in layers],
-        [layer.tau for layer in layers],
-        first.norm,
-        first.impl,
-    )
+    keys = [layer.key_param_tokens for layer in layers]
+    values = [layer.value_param_tokens for layer in layers]
+    return _group(x, keys, values, [layer.tau for layer in layers], first.norm, first.impl, first)
