@@ -46,9 +46,19 @@ def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]
     return [triton.Config({"BM": m, "BN": n, "BK": k}, num_warps=w, num_stages=s) for m, n, k, w, s in tiles]
 
 
-# Candidates for Hopper-class GPUs; the autotuner times them once per shape.
-_TILES = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
-_FIXED_N_TILES = [(m, SCORE_TILE, k, w, s) for m, n, k, w, s in _TILES if n == 128]
+# Candidates for Hopper-class GPUs; the autotuner times them once per shape and dtype.
+_TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 32, 4, 3)]
+_FIXED_N_TILES = [(m, SCORE_TILE, k, w, s) for m, n, k, w, s in _TILES if n == 128] + [(64, SCORE_TILE, 32, 4, 3)]
+
+
+def _prune(configs, named_args, **_):
+    # float64 tiles need four times the memory of bf16 ones: the smallest candidate only.
+    if next(iter(named_args.values())).dtype == torch.float64:
+        return [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"] * c.kwargs["BK"])]
+    return configs
+
+
+_PRUNE = {"early_config_prune": _prune}
 
 
 @triton.jit
@@ -91,7 +101,7 @@ def _row_scale(partials_ptr, rows, row_ok, seg, S, T, tau, eps, BT: tl.constexpr
     return tau / tl.maximum(tl.sqrt(squares), eps)
 
 
-@triton.autotune(configs=_configs(_FIXED_N_TILES), key=["n", "D"])
+@triton.autotune(configs=_configs(_FIXED_N_TILES), key=["n", "D"], prune_configs_by=_PRUNE)
 @triton.jit
 def _scores_kernel(
     x_ptr, k_ptr, a_ptr, sq_ptr, N, n, D, S, T,
@@ -119,7 +129,7 @@ def _scores_kernel(
     tl.store(sq_ptr + (rows * S + seg) * T + pid_n, tl.sum(acc * acc, axis=1), mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_TILES), key=["n", "Dout"])
+@triton.autotune(configs=_configs(_TILES), key=["n", "Dout"], prune_configs_by=_PRUNE)
 @triton.jit
 def _values_kernel(
     a_ptr, sq_ptr, tau_ptr, v_ptr, out_ptr, scale_ptr, N, n, Dout, S, T, eps,
@@ -152,7 +162,7 @@ def _values_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_configs(_FIXED_N_TILES), key=["n", "Dout"])
+@triton.autotune(configs=_configs(_FIXED_N_TILES), key=["n", "Dout"], prune_configs_by=_PRUNE)
 @triton.jit
 def _grad_probs_kernel(
     g_ptr, v_ptr, a_ptr, scale_ptr, h_ptr, dot_ptr, N, n, Dout, S, T,
@@ -183,7 +193,7 @@ def _grad_probs_kernel(
     tl.store(dot_ptr + (rows * S + seg) * T + pid_n, tl.sum(h * z, axis=1), mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_TILES), key=["n", "Dout"])
+@triton.autotune(configs=_configs(_TILES), key=["n", "Dout"], prune_configs_by=_PRUNE)
 @triton.jit
 def _grad_values_kernel(
     a_ptr, scale_ptr, g_ptr, out_ptr, N, n, Dout, S,
