@@ -100,7 +100,12 @@ def _row_norm(t):
 
 def _row_dot(a, b, tau):
     """``(a . b) / tau^2`` per row and segment, in the dtype of ``a``."""
-    return ((a * b).sum(-1, keepdim=True) / (tau * tau)).to(a.dtype)
+    if a.is_contiguous() and b.is_contiguous():
+        # As a batch of dot products: no [N, S, n] temporary of the products.
+        dots = torch.bmm(a.view(-1, 1, a.shape[-1]), b.view(-1, b.shape[-1], 1)).view(*a.shape[:-1], 1)
+    else:
+        dots = (a * b).sum(-1, keepdim=True)
+    return (dots / (tau * tau)).to(a.dtype)
 
 
 def _segments(keys: torch.Tensor, tau: torch.Tensor) -> tuple[int, int]:
@@ -111,43 +116,41 @@ def _segments(keys: torch.Tensor, tau: torch.Tensor) -> tuple[int, int]:
 def _torch_forward(x, keys, values, tau, norm):
     (s, n), rows = _segments(keys, tau), x.shape[0]
     scores = x @ keys.T
-    a, t = scores.view(rows, s, n), tau.view(s, 1)
+    a, t = scores.view(rows, s, n), _cast(tau.view(s, 1), _accumulate_dtype(x.dtype))
     if norm == "l2_norm_gelu":
         row_scale = t / _row_norm(a)
         probs = F.gelu(a.mul_(row_scale.to(a.dtype)))
-        aux = scores
     elif norm == "gelu_l2_norm":
-        activated = F.gelu(a)
-        row_scale = t / _row_norm(activated)
-        probs = activated.mul_(row_scale.to(a.dtype))
-        aux = scores
+        probs = F.gelu(a)
+        row_scale = t / _row_norm(probs)
+        probs.mul_(row_scale.to(a.dtype))
     else:
         # n * softmax(A), n = tau^2 frozen at creation; softmax subtracts the row maximum.
         probs = torch.softmax(a, dim=-1).mul_((t * t).to(a.dtype))
-        aux, row_scale = scores.new_empty(0), scores.new_empty(0)
+        scores, row_scale = scores.new_empty(0), scores.new_empty(0)
     out = torch.bmm(probs.transpose(0, 1), values.view(s, n, -1))
-    return out, probs.view(rows, s * n), aux, row_scale.view(rows, -1) if row_scale.numel() else row_scale
+    return out, probs.view(rows, s * n), scores, row_scale.view(rows, -1) if row_scale.numel() else row_scale
 
 
 def _torch_backward(grad_out, x, keys, values, tau, probs, aux, row_scale, norm):
     (s, n), rows = _segments(keys, tau), x.shape[0]
-    p, t = probs.view(rows, s, n), tau.view(s, 1)
+    p, t = probs.view(rows, s, n), _cast(tau.view(s, 1), _accumulate_dtype(x.dtype))
     grad_values = torch.bmm(p.permute(1, 2, 0), grad_out).view(s * n, -1)
-    # dL/dS per segment, read in place as [N, S, n]; every pass below writes the contiguous buffer.
-    grad_probs = torch.bmm(grad_out, values.view(s, n, -1).transpose(1, 2)).transpose(0, 1)
-    grad = torch.empty_like(p)
+    # dL/dS, written as [N, S, n]; every step below works in place in that buffer.
+    grad = x.new_empty(rows, s, n)
+    torch.bmm(grad_out, values.view(s, n, -1).transpose(1, 2), out=grad.transpose(0, 1))
     if norm == "l2_norm_gelu":
         # With z = A * r, r = tau / ||A||: dL/dA = r * (h - z * (h . z) / tau^2), h = dL/dz.
         z = aux.view(rows, s, n)
-        torch.ops.aten.gelu_backward.grad_input(grad_probs, z, grad_input=grad)
+        torch.ops.aten.gelu_backward.grad_input(grad, z, grad_input=grad)
         grad.addcmul_(z, _row_dot(grad, z, t), value=-1)
     elif norm == "gelu_l2_norm":
         # With S = G * r, r = tau / ||G||: dL/dG = r * (dS - S * (dS . S) / tau^2); then GeLU'.
-        torch.addcmul(grad_probs, p, _row_dot(grad_probs, p, t), value=-1, out=grad)
+        grad.addcmul_(p, _row_dot(grad, p, t), value=-1)
         torch.ops.aten.gelu_backward.grad_input(grad, aux.view(rows, s, n), grad_input=grad)
     else:
         # S = n * softmax(A): dL/dA = S * (dS - (dS . S) / n), n = tau^2.
-        torch.sub(grad_probs, _row_dot(grad_probs, p, t), out=grad).mul_(p)
+        grad.sub_(_row_dot(grad, p, t)).mul_(p)
     grad = grad.view(rows, s * n)
     if row_scale.numel() == 0:
         return grad @ keys, grad.T @ x, grad_values
@@ -281,10 +284,10 @@ class _FusedPattention(torch.autograd.Function):
             # Only the input is batched: the batch joins the token axis.
             x = x.movedim(x_dim, 0)
             batch, rows = x.shape[:2]
-            outputs = _FusedPattention.apply(x.reshape(batch * rows, -1), keys, values, tau, norm, use_triton)
-            out, *saved = outputs
+            out, *saved = _FusedPattention.apply(x.reshape(batch * rows, -1), keys, values, tau, norm, use_triton)
             saved = [t.view(batch, rows, *t.shape[1:]) if t.numel() else t for t in saved]
-            return (out.view(out.shape[0], batch, rows, -1), *saved), (1, *(0 if t.numel() else None for t in saved))
+            dims = (1, *(0 if t.numel() else None for t in saved))
+            return (out.view(out.shape[0], batch, rows, -1), *saved), dims
         args = (x, keys, values, tau)
         per_sample = [
             _FusedPattention.apply(
