@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BlockConfig, TokenformerConfig
-from .pattention import Pattention, run_pattentions
+from .pattention import Pattention, reuse_tokens, run_pattentions
 
 
 def make_projection(
@@ -319,20 +319,23 @@ class TokenformerLM(nn.Module):
                 f"prompt ({input_ids.shape[-1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                 f"max_seq_len={self.config.max_seq_len}"
             )
-        cache = KVCache(self.config.n_layers, total)
-        logits = self(input_ids, cache=cache)[:, -1]
-        out = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done |= token == eos_token_id
-            out.append(token[:, None])
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
-                break
-            logits = self(token[:, None], cache=cache)[:, -1]
-        return torch.cat(out, dim=1)
+        # The weights do not change between new tokens: Pattention groups build their concatenated
+        # tokens once.
+        with reuse_tokens():
+            cache = KVCache(self.config.n_layers, total)
+            logits = self(input_ids, cache=cache)[:, -1]
+            out = [input_ids]
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for step in range(max_new_tokens):
+                token = sample_next(logits, temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                    done |= token == eos_token_id
+                out.append(token[:, None])
+                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                    break
+                logits = self(token[:, None], cache=cache)[:, -1]
+            return torch.cat(out, dim=1)
 
 
 def weight_decay_groups(

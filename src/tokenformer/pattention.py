@@ -14,6 +14,8 @@ the function (with a tau that follows n, every old score is rescaled by sqrt(n_n
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -79,9 +81,9 @@ def normalise_scores(scores: torch.Tensor, norm: str, tau: torch.Tensor) -> torc
 # ``theta`` takes several passes over the [N, S * n] score matrix and autograd keeps three such
 # matrices; here forward and backward are a registered operator pair (``tokenformer::
 # pattention_forward`` / ``pattention_backward``) that keeps what backward needs and nothing more.
-# ``torch.compile`` sees each as one opaque node (its fake implementation gives the shapes), and
-# with the Triton kernels (``triton_kernels.py``) each [N, S * n] matrix is written once and read
-# once in forward.
+# ``torch.compile`` sees each as one opaque node (its fake implementation gives the shapes); with
+# the Triton kernels (``triton_kernels.py``) each [N, S * n] matrix is written once and read where
+# it is needed, the normalisation folded into the neighbouring products.
 #
 # Forward returns ``(out [S, N, d_out], probs, aux, row_scale)``: the last three are what backward
 # needs (a custom operator can keep only its inputs and outputs). Per implementation:
@@ -380,7 +382,7 @@ def pattention_group(
     return _group(x, keys, values, taus, norm, impl)
 
 
-def _group(x, keys, values, taus, norm, impl, holder: nn.Module | None = None) -> list[torch.Tensor]:
+def _group(x, keys, values, taus, norm, impl) -> list[torch.Tensor]:
     lead, d_out = x.shape[:-1], values[0].shape[-1]
     flat = x.reshape(-1, x.shape[-1])
     if _plain(impl, x, taus):
@@ -389,25 +391,37 @@ def _group(x, keys, values, taus, norm, impl, holder: nn.Module | None = None) -
         use_triton = _use_triton(impl, x, norm)
         # Autocast does not reach into a custom operator: cast on the way in.
         dtype = _compute_dtype(x, keys[0])
-        if holder is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            tokens = _inference_tokens(holder, keys, values, taus, dtype)
-        else:
-            tokens = _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
-        out = _fused(_cast(flat, dtype), *tokens, norm, use_triton)
+        out = _fused(_cast(flat, dtype), *_tokens(keys, values, taus, dtype), norm, use_triton)
     return [part.view(*lead, d_out) for part in out.unbind(0)]
 
 
-def _inference_tokens(holder: nn.Module, keys, values, taus, dtype):
-    """The concatenated key and value tokens in ``dtype`` and the taus, kept on ``holder`` while
-    no parameter changes: token by token, generation would otherwise concatenate and cast the
-    weights anew for every token (autocast keeps its casts of weights, but not these)."""
-    params = (*keys, *values, *taus)
-    version = (dtype, *((t.data_ptr(), t._version, t.shape) for t in params))
-    cached = holder.__dict__.get("_inference_tokens")
-    if cached is None or cached[0] != version:
-        cached = (version, _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus))
-        holder.__dict__["_inference_tokens"] = cached
-    return cached[1:]
+_reused_tokens: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reused_tokens", default=None)
+
+
+@contextlib.contextmanager
+def reuse_tokens():
+    """Within this block, calls without autograd keep each group's concatenated key and value
+    tokens (cast to the autocast dtype) from call to call instead of building them anew.
+
+    For generation (``TokenformerLM.generate`` uses it), where the weights do not change between
+    new tokens; a parameter changed in place inside the block would not be seen.
+    """
+    reset = _reused_tokens.set({})
+    try:
+        yield
+    finally:
+        _reused_tokens.reset(reset)
+
+
+def _tokens(keys, values, taus, dtype):
+    """The key and value tokens of a group concatenated in ``dtype``, and its taus as one tensor."""
+    cache = _reused_tokens.get()
+    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
+    key = (dtype, *((t.data_ptr(), t.shape) for t in (*keys, *values, *taus)))
+    if key not in cache:
+        cache[key] = _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
+    return cache[key]
 
 
 def pattention(
@@ -490,9 +504,8 @@ class Pattention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl not in IMPLS:
             raise ValueError(f"unknown Pattention impl {self.impl!r}; allowed: {', '.join(IMPLS)}")
-        return _group(x, (self.key_param_tokens,), (self.value_param_tokens,), (self.tau,), self.norm, self.impl, self)[
-            0
-        ]
+        keys, values = self.key_param_tokens, self.value_param_tokens
+        return _group(x, (keys,), (values,), (self.tau,), self.norm, self.impl)[0]
 
     def extra_repr(self) -> str:
         return (
@@ -510,4 +523,4 @@ def run_pattentions(layers: Sequence[Pattention], x: torch.Tensor) -> list[torch
         return [layer(x) for layer in layers]
     keys = [layer.key_param_tokens for layer in layers]
     values = [layer.value_param_tokens for layer in layers]
-    return _group(x, keys, values, [layer.tau for layer in layers], first.norm, first.impl, first)
+    return _group(x, keys, values, [layer.tau for layer in layers], first.norm, first.impl)
