@@ -415,8 +415,9 @@ def reuse_tokens():
 
 def _tokens(keys, values, taus, dtype):
     """The key and value tokens of a group concatenated in ``dtype``, and its taus as one tensor."""
-    cache = _reused_tokens.get()
-    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    # (The compiler cannot trace a context variable: it is only read outside compiled code.)
+    cache = None if torch.compiler.is_compiling() or torch.is_grad_enabled() else _reused_tokens.get()
+    if cache is None:
         return _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
     key = (dtype, *((t.data_ptr(), t.shape) for t in (*keys, *values, *taus)))
     if key not in cache:
