@@ -190,15 +190,22 @@ def test_plan_verbs_take_a_config_by_name_or_path_and_flag_overrides(tmp_path, m
     from tokenformer.experiments.study import StudyPlan
 
     called = {}
-    monkeypatch.setitem(cli.COMMANDS, "scale", lambda plan, command="": called.update(scale=(plan, command)))
-    monkeypatch.setitem(cli.COMMANDS, "study", lambda plan, workers=1, command="": called.update(study=(plan, workers)))
-    main(["scale", "demo", "--out_dir", str(tmp_path / "a"), "--seed", "3", "--lr_grid", "[0.001]"])
-    plan, command = called["scale"]
-    assert isinstance(plan, ScalingPlan) and (plan.out_dir, plan.seed, plan.lr_grid) == (
-        str(tmp_path / "a"),
-        3,
-        [0.001],
+    monkeypatch.setitem(
+        cli.COMMANDS, "scale", lambda plan, workers=1, command="": called.update(scale=(plan, workers, command))
     )
+    monkeypatch.setitem(cli.COMMANDS, "study", lambda plan, workers=1, command="": called.update(study=(plan, workers)))
+    main(
+        ["scale", "demo", "--out_dir", str(tmp_path / "a"), "--seeds", "[3, 4]", "--lr_grid", "[0.001]"]
+        + ["--train.threads", "2", "--workers", "2"]
+    )
+    plan, workers, command = called["scale"]
+    assert isinstance(plan, ScalingPlan) and (plan.out_dir, plan.seeds, plan.lr_grid, workers) == (
+        str(tmp_path / "a"),
+        [3, 4],
+        [0.001],
+        2,
+    )
+    assert plan.train.threads == 2 and plan.train.model == "cpu-0.3M"  # the shipped plan's train: section
     assert [s.steps for s in plan.stages] == [30, 30, 30]  # the rest from the shipped configs/scaling/demo.yaml
     assert command.startswith("tokenformer scale --config demo --out_dir")
     path = cli.PACKAGED_CONFIGS / "studies" / "recipe-screen.yaml"

@@ -80,16 +80,30 @@ def find_config(value: str, folder: str) -> str:
     raise ValueError(f"--config {value!r} is neither a file nor a config shipped with tokenformer; shipped: {shipped}")
 
 
-def _config_action(folder: str) -> type[ActionConfigFile]:
+def _config_action(folder: str, config_class: type) -> type[ActionConfigFile]:
     class PackagedConfigFile(ActionConfigFile):
         def __call__(self, parser, cfg, values, option_string=None):
             try:
                 values = find_config(values, folder)
+                check_layout(config_class, values)
             except ValueError as exc:
                 parser.error(str(exc))
             super().__call__(parser, cfg, values, option_string)
 
     return PackagedConfigFile
+
+
+def check_layout(config_class: type, source: str) -> None:
+    """A config class with ``check_layout(data)`` (a scaling plan) refuses a file of an older
+    layout with what to move where, before the flags parser meets its unknown keys."""
+    check = getattr(config_class, "check_layout", None)
+    if check is None:
+        return
+    import yaml
+
+    data = yaml.safe_load(Path(source).read_text() if Path(source).is_file() else source)
+    if isinstance(data, dict):
+        check(data)
 
 
 def build_parser() -> ArgumentParser:
@@ -105,7 +119,9 @@ def build_parser() -> ArgumentParser:
             config_class, folder = configured[name]
             shipped = ", ".join(packaged_configs(folder))
             what = f"A YAML file of options, or a config shipped with tokenformer ({shipped})"
-            sub.add_argument("--config", action=_config_action(folder), help=f"{what}; later flags override it.")
+            sub.add_argument(
+                "--config", action=_config_action(folder, config_class), help=f"{what}; later flags override it."
+            )
             sub.add_class_arguments(config_class, None, as_group=False)
             skip = {next(iter(inspect.signature(command).parameters)), "command"}
             sub.add_function_arguments(command, None, as_group=False, skip=skip)

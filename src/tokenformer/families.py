@@ -9,7 +9,7 @@ model classes.
 A model directory is ``config.json`` (the config's fields and ``model_type``) beside
 ``model.safetensors`` (the state dict, tau buffers included): what :func:`save_model` writes
 and :func:`load_model` reads, for every family. A language model's directory is also a
-Hugging Face transformers model directory (``architectures``).
+Hugging Face hub folder that loads without tokenformer (``trust_remote_code``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ class Family:
         training_flops: Training FLOPs (forward + backward) per trained item, from the config
             and the sequence length the task trains at (ignored where the config fixes it).
         architectures: The ``architectures`` entry of its ``config.json`` (transformers' class).
+        write_extras: Writes the files its model directory holds beside the config and the weights,
+            ``(config, directory, tokenizer) -> keys added to config.json``; the language model's
+            makes the directory a Hugging Face hub folder (:mod:`tokenformer.interop.hub`).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Family:
     count_parameters: Callable[[Any], int]
     training_flops: Callable[[Any, int | None], int]
     architectures: tuple[str, ...] = ()
+    write_extras: Callable[[Any, Path, Any], dict[str, Any]] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -107,6 +111,12 @@ def family_of_model_type(model_type: str | None) -> Family:
     )
 
 
+def _write_hub_files(config: TokenformerConfig, directory: Path, tokenizer: Any) -> dict[str, Any]:
+    from .interop.hub import write_hub_files
+
+    return write_hub_files(config, directory, tokenizer)
+
+
 register(
     Family(
         name="lm",
@@ -117,6 +127,7 @@ register(
         count_parameters=count_parameters,
         training_flops=training_flops_per_token,
         architectures=("TokenformerForCausalLM",),
+        write_extras=_write_hub_files,
     )
 )
 register(
@@ -140,26 +151,39 @@ def build_model(config: Any) -> nn.Module:
     return family_of(config).model_class(config)
 
 
-def save_model(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` of a model of any family.
+def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write a model of any family into ``directory``: ``model.safetensors``, the files of its
+    family, ``config.json``.
 
-    Weights are written before the config, each atomically, so a directory with a config always
-    has complete weights beside it. :func:`load_model` reads it back (grown models keep their
-    tau); a language model's directory also loads with ``transformers``' auto classes.
+    A language model's directory is a complete Hugging Face hub folder: its code (for
+    ``trust_remote_code``), a model card and, given ``tokenizer`` (a ``tokenformer.data.Tokenizer``,
+    a ``tokenizer.json`` or a directory with one), the tokenizer files and generation config (see
+    :mod:`tokenformer.interop.hub`). Every file is written atomically and the config last, so a
+    directory with a config always has everything else beside it. :func:`load_model` reads it back
+    (grown models keep their tau).
     """
     directory = Path(directory)
+    entry = family_of(model)
+    if tokenizer is not None:
+        if entry.write_extras is None:
+            raise ValueError(f"a {entry.name} model directory holds no tokenizer; allowed: tokenizer=None")
+        from .interop.tokenizer import as_tokenizer
+
+        tokenizer = as_tokenizer(tokenizer)  # read before anything is written
     io.save_weights(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    save_model_config(model, directory)
+    extra = entry.write_extras(model.config, directory, tokenizer) if entry.write_extras is not None else {}
+    save_model_config(model, directory, extra)
     return directory
 
 
-def save_model_config(model: nn.Module, directory: str | Path) -> None:
-    """``config.json`` of a model (alone in sharded checkpoints, whose weights are shards)."""
+def save_model_config(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """``config.json`` of a model, with ``extra`` keys (alone in sharded checkpoints, whose weights are shards)."""
     entry = family_of(model)
     kind: dict[str, Any] = {"model_type": entry.model_type}
     if entry.architectures:
         kind["architectures"] = list(entry.architectures)
-    io.atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps({**model.config.to_dict(), **kind}, indent=2) + "\n")
+    data = {**model.config.to_dict(), **kind, **(extra or {})}
+    io.atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(data, indent=2) + "\n")
 
 
 def read_model_config(directory: str | Path) -> Any:

@@ -176,7 +176,7 @@ def _forward_impl(x, keys, values, tau, norm, use_triton):
     if use_triton:
         from . import triton_kernels
 
-        return triton_kernels.forward(x, keys, values, tau)
+        return triton_kernels.forward(x, keys, values, tau, _NORM_EPS)
     return _torch_forward(x, keys, values, tau, norm)
 
 
@@ -314,11 +314,16 @@ IMPLS = ("auto", "reference", "fused", "triton")
 
 
 # Looked up once, without importing it: the check also runs while torch.compile traces.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = (
+    importlib.util.find_spec("triton") is not None
+    and importlib.util.find_spec(".triton_kernels", __package__) is not None
+)
 
 
 def triton_available() -> bool:
-    """Whether the optional ``triton`` package is installed (``pip install 'tokenformer[triton]'``)."""
+    """Whether the Triton kernels can run: the optional ``triton`` package is installed (``pip install
+    'tokenformer[triton]'``) and so is their module, which the code a model directory carries for
+    transformers leaves out."""
     return _TRITON_INSTALLED
 
 

@@ -267,11 +267,9 @@ def _grid(rows: int, cols: int, s: int):
     return lambda meta: (triton.cdiv(rows, meta["BM"]) * triton.cdiv(cols, meta["BN"]), s)
 
 
-def forward(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torch.Tensor):
+def forward(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, eps: float):
     """``(out [S, N, d_out], empty, A [N, S*n], row_scale [N, S])``: the contract of
-    ``tokenformer::pattention_forward`` (see ``pattention.py``)."""
-    from .pattention import _NORM_EPS
-
+    ``tokenformer::pattention_forward`` (see ``pattention.py``); ``eps`` is the floor of a row's norm."""
     (s, n, t), (rows, d_in), d_out = _segments(keys, tau), x.shape, values.shape[-1]
     acc, precision = _accumulate(x.dtype), _precision(x.dtype)
     scores = x.new_empty(rows, s * n)
@@ -283,7 +281,7 @@ def forward(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torc
             x, keys, scores, squares, rows, n, d_in, s, t, *x.stride(), *keys.stride(), ACC=acc, PRECISION=precision
         )
         _values_kernel[_grid(rows, d_out, s)](
-            scores, squares, tau, values, out, row_scale, rows, n, d_out, s, t, _NORM_EPS, *values.stride(),
+            scores, squares, tau, values, out, row_scale, rows, n, d_out, s, t, eps, *values.stride(),
             BT=triton.next_power_of_2(t), ACC=acc, PRECISION=precision,
         )  # fmt: skip
     return out, x.new_empty(0), scores, row_scale

@@ -220,13 +220,14 @@ class BidirectionalAttention(SelfAttention):
         super().__init__(config, tokens)
         self.log_temperature = nn.Parameter(torch.zeros(())) if locality else None
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        if self.log_temperature is None:
-            return bidirectional_attention(q, k, v)
-        length = q.shape[2]
-        q = q * self.log_temperature.exp().to(q.dtype)
-        others = ~torch.eye(length, dtype=torch.bool, device=q.device)
-        return bidirectional_attention(q, k, v, others)
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.log_temperature is not None:
+            q = q * self.log_temperature.exp().to(q.dtype)
+            others = ~torch.eye(q.shape[2], dtype=torch.bool, device=q.device)
+            allowed = others if allowed is None else allowed & others
+        return bidirectional_attention(q, k, v, allowed)
 
 
 def drop_path(update: torch.Tensor, rate: float) -> torch.Tensor:

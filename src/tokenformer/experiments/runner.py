@@ -24,8 +24,25 @@ from pathlib import Path
 from typing import Any
 
 from .. import io
+from ..validation import invalid, is_int, is_number
 
 RESULT = "result.json"
+
+
+def check_lr_grid(name: str, grid: Any, what: str) -> None:
+    """A learning-rate grid: a non-empty list of distinct rates > 0."""
+    if not isinstance(grid, list) or not grid or not all(is_number(v) and v > 0 for v in grid):
+        raise invalid(what, name, grid, "a non-empty list of learning rates > 0")
+    if len(set(grid)) != len(grid):
+        raise invalid(what, name, grid, "distinct learning rates")
+
+
+def check_seeds(name: str, seeds: Any, what: str) -> None:
+    """Seeds: a non-empty list of distinct integers >= 0."""
+    if not isinstance(seeds, list) or not seeds or not all(is_int(s) and s >= 0 for s in seeds):
+        raise invalid(what, name, seeds, "a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise invalid(what, name, seeds, "distinct seeds")
 
 
 def read_result(directory: str | Path) -> dict[str, Any] | None:
@@ -52,6 +69,10 @@ def lr_name(lr: float) -> str:
     return f"lr-{lr:g}"
 
 
+def seed_name(seed: int) -> str:
+    return f"seed-{seed}"
+
+
 def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int, isolate: bool = False) -> list[Any]:
     """``function(job)`` for every job, ``workers`` worker processes at a time. Each job gets a
     fresh process: training leaves threads and caches behind. With one worker the jobs run in
@@ -66,6 +87,17 @@ def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int, 
     context = multiprocessing.get_context("spawn")
     with context.Pool(min(workers, len(jobs)), maxtasksperchild=1) as pool:
         return pool.map(function, jobs, chunksize=1)
+
+
+def prepare_data(config: Any) -> None:
+    """Build the tokenizer and token shards of a run's ``config`` (a TrainConfig) into the cache.
+
+    Called once before worker processes start: workers that all found the cache empty would
+    each build the same files at once.
+    """
+    from ..train.tasks import make_task
+
+    make_task(config)
 
 
 def paired(values: dict[Any, float], baseline: dict[Any, float]) -> dict[str, Any] | None:
@@ -115,11 +147,16 @@ def machine(threads: int | None, device: str, precision: str) -> dict[str, Any]:
         "threads": threads or torch.get_num_threads(),
         "device": device,
         "precision": precision,
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
     }
     if torch.cuda.is_available() and device != "cpu":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def load_average() -> float | None:
+    """The system's one-minute load average (None where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

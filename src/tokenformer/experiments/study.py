@@ -119,11 +119,8 @@ class StudyPlan:
             raise _plan_error("variants", names, "distinct names")
         if self.baseline not in names:
             raise _plan_error("baseline", self.baseline, f"one of the variants: {', '.join(names)}")
-        _check_grid("lr_grid", self.lr_grid)
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
-            raise _plan_error("seeds", self.seeds, "a non-empty list of integers >= 0")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise _plan_error("seeds", self.seeds, "distinct seeds")
+        runner.check_lr_grid("lr_grid", self.lr_grid, "study field")
+        runner.check_seeds("seeds", self.seeds, "study field")
         _check_ratio("min_lr_ratio", self.min_lr_ratio)
         if self.metric not in METRICS:
             raise _plan_error("metric", self.metric, ", ".join(METRICS))
@@ -144,7 +141,7 @@ class StudyPlan:
         return overrides
 
     def run_dir(self, variant: Variant, lr: float, seed: int) -> Path:
-        return Path(self.out_dir) / "runs" / variant.name / runner.lr_name(lr) / f"seed-{seed}"
+        return Path(self.out_dir) / "runs" / variant.name / runner.lr_name(lr) / runner.seed_name(seed)
 
     def min_lr_ratio_of(self, variant: Variant) -> float:
         return self.min_lr_ratio if variant.min_lr_ratio is None else variant.min_lr_ratio
@@ -203,13 +200,6 @@ def _check_ratio(name: str, ratio: Any) -> None:
         raise _plan_error(name, ratio, "a number in [0, 1]")
 
 
-def _check_grid(name: str, grid: Any) -> None:
-    if not isinstance(grid, list) or not grid or not all(is_number(v) and v > 0 for v in grid):
-        raise _plan_error(name, grid, "a non-empty list of learning rates > 0")
-    if len(set(grid)) != len(grid):
-        raise _plan_error(name, grid, "distinct learning rates")
-
-
 def _variant(index: int, data: Any) -> Variant:
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         raise _plan_error(f"variants[{index}]", data, "a mapping with at least a name")
@@ -220,7 +210,7 @@ def _variant(index: int, data: Any) -> Variant:
     if forbidden:
         raise _plan_error(f"variants[{index}].train", variant.train, f"TrainConfig options other than {forbidden}")
     if variant.lr_grid is not None:
-        _check_grid(f"variants[{index}].lr_grid", variant.lr_grid)
+        runner.check_lr_grid(f"variants[{index}].lr_grid", variant.lr_grid, "study field")
     if variant.min_lr_ratio is not None:
         _check_ratio(f"variants[{index}].min_lr_ratio", variant.min_lr_ratio)
     return variant
@@ -315,6 +305,8 @@ def run_study(plan: StudyPlan, command: str = "", workers: int = 1) -> dict[str,
     jobs = plan.jobs()
     todo = [job for job in jobs if runner.read_result(job["config"]["out_dir"]) is None]
     print(f"study {out}: {len(jobs) - len(todo)} of {len(jobs)} runs finished, {len(todo)} to go", flush=True)
+    if workers > 1 and len(todo) > 1:
+        runner.prepare_data(TrainConfig.from_dict(todo[0]["config"]))
     runner.run_jobs(run_job, todo, workers)
     runs = [runner.read_result(job["config"]["out_dir"]) for job in jobs]
     results = {

@@ -2,7 +2,10 @@
 
 A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNNN``::
 
-    config.json, model.safetensors   the model (tokenformer.io's model directory format)
+    config.json, model.safetensors   the model directory of tokenformer.save_model; a language
+                                     model's is a Hugging Face hub folder: with its code (*.py),
+                                     README.md and, beside the tokenizer, tokenizer_config.json,
+                                     special_tokens_map.json and generation_config.json
     tokenizer.json                   the tokenizer it was trained with (when there is one)
     optimizer.safetensors            optimizer moments and RNG states
     ema.safetensors                  the moving average of the weights (with ``ema_decay``), a
@@ -48,6 +51,7 @@ import torch
 from torch import nn
 
 from .. import families, io
+from ..data.tokenizer import Tokenizer
 from ..validation import is_int
 
 CHECKPOINTS = "checkpoints"
@@ -160,15 +164,16 @@ def save_checkpoint(
             if sharded:
                 families.save_model_config(model, staging)
                 io.save_weights(rng, staging / RNG)
+                if tokenizer_json is not None:
+                    io.atomic_write_text(staging / TOKENIZER, tokenizer_json)
             else:
-                families.save_model(model, staging)
+                tokenizer = Tokenizer.from_json(tokenizer_json) if tokenizer_json is not None else None
+                families.save_model(model, staging, tokenizer)
                 tensors, meta = optimizer_to_tensors(optimizer.state_dict())
                 io.save_weights({**tensors, **rng}, staging / OPTIMIZER)
                 if ema is not None:
                     io.save_weights(ema, staging / EMA)
                 trainer_state = {**trainer_state, "optimizer": meta}
-            if tokenizer_json is not None:
-                io.atomic_write_text(staging / TOKENIZER, tokenizer_json)
             io.atomic_write_text(staging / STATE, json.dumps(trainer_state, indent=2) + "\n")
             _write_manifest(staging)
     if collective:

@@ -109,6 +109,10 @@ class TrainConfig:
             ``strategy: fsdp``.
         precision: ``fp32``, or ``bf16-mixed`` (bf16 autocast, fp32 weights and optimizer state).
         compile: Run the model through ``torch.compile``.
+        activation_checkpointing: Keep only each transformer block's input for backward and
+            recompute the rest there (``torch.utils.checkpoint``): much less activation memory for
+            one more forward pass of the blocks; the gradients are the same
+            (benchmarks/results/activation_checkpointing-cpu.md).
         device: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1``, ...
         threads: CPU threads for PyTorch's intra-op parallelism (null: PyTorch's default). On a
             busy machine, fewer threads than cores can be much faster for small models.
@@ -164,6 +168,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     precision: Precision = "fp32"
     compile: bool = False
+    activation_checkpointing: bool = False
     device: str = "auto"
     threads: int | None = None
     strategy: Strategy = "single"
@@ -222,6 +227,7 @@ class TrainConfig:
         _check(self, "min_lr", lambda v: v <= self.lr, f"a number <= lr ({self.lr})")
         for name in ("beta1", "beta2"):
             _check(self, name, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "activation_checkpointing", lambda v: isinstance(v, bool), "true or false")
         _check(self, "threads", lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
         _check(
             self, "token_weight_decay", lambda v: v is None or (is_number(v) and v >= 0), "a finite number >= 0 or null"

@@ -18,6 +18,7 @@ wrapped one and validates the unwrapped one (data-parallel wrappers kept).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 import warnings
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 from .. import families, io
 from ..data import Tokenizer
 from ..growth import GrowthRecord, StackRecord, carry_optimizer_state, grow, growth_summary, stack_layers
+from ..model import set_activation_checkpointing
 from .checkpoint import (
     CHECKPOINTS,
     TOKENIZER,
@@ -334,11 +336,22 @@ class Trainer:
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
         # replaces the parameters); compiled graphs and DDP buckets are rebuilt for new shapes.
+        # Activation checkpointing goes on the blocks first, as in torchtitan: grown or stacked
+        # blocks get it too.
+        if self.config.activation_checkpointing:
+            set_activation_checkpointing(self.model)
         placed, self.optimizer = place(
             self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config)
         )
         self.placed = placed  # data-parallel wrappers only: what evaluation runs
         self.wrapped = self._wrap_model(placed)
+
+    def _unplace(self) -> None:
+        # Before parameters change shape: a DDP wrapper's reducer holds each parameter's gradient
+        # accumulator, which keeps the old shape; while it lives, backward refuses the new one.
+        # The wrappers form reference cycles, so they go only with a collection.
+        self.placed = self.wrapped = None
+        gc.collect()
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         if checkpoint.sharded:
@@ -608,6 +621,7 @@ class Trainer:
         again with its optimizer state; a collective call then.
         """
         optimizer = self.optimizer
+        self._unplace()
         if self.dist.strategy == "fsdp":
             whole = self._model_class(self.model.config).to(self.device)
             optimizer = gather(self.model, self.optimizer, whole, lambda model: make_optimizer(model, self.config))
@@ -630,6 +644,7 @@ class Trainer:
                 "depth stacking of a sharded (strategy='fsdp') model is not supported; "
                 "allowed: strategy 'none' or 'ddp'"
             )
+        self._unplace()
         old_state = self.optimizer.state
         sources = dict(self.model.named_parameters())
         record = stack_layers(self.model, n_layers)
