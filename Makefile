@@ -48,13 +48,15 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pattention.py
 
-# Fashion-MNIST for the vision model; Debian and Ubuntu package its IDX files. Not fatal: without
-# apt (or root) the tests that need it are skipped, and training takes the files' directory.
+# Fashion-MNIST for the vision model; Debian and Ubuntu package its IDX files. Not fatal, and never
+# sudo: apt-get runs only as root; otherwise (or without apt) the tests that need it are skipped,
+# and training takes the files' directory.
 fashion-mnist:
 	@if [ -d $(FASHION_MNIST_DIR) ]; then echo "Fashion-MNIST: $(FASHION_MNIST_DIR)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "Fashion-MNIST not installed: as root, apt-get install dataset-fashion-mnist; the tests that need it will be skipped"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
-		($$SUDO apt-get install -y -q dataset-fashion-mnist || ($$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist)) \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) \
 			|| echo "Fashion-MNIST not installed (apt-get failed); the tests that need it will be skipped"; \
 	else echo "no apt-get: put Fashion-MNIST's four IDX files in a directory and pass it to the loader"; fi
 

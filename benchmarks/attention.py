@@ -22,16 +22,15 @@ from common import (
     add_common_arguments,
     fmt_ms,
     interleaved_times,
-    markdown_table,
     median,
     paired_ratio,
     setup,
     write_report,
 )
 
-import tokenformer.model as model_module
-from tokenformer.model import explicit_attention
-from tokenformer.vision import TokenformerViT, VisionConfig
+import tokenformer.vision as model_module
+from tokenformer.experiments.runner import markdown_table
+from tokenformer.vision import TokenformerViT, VisionConfig, explicit_attention
 
 SHAPES = ((16, 16, 128), (49, 16, 128), (64, 32, 64), (197, 64, 16))  # (tokens, head_dim, batch)
 CALLS = 10  # attention calls per timed round

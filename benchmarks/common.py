@@ -1,5 +1,6 @@
-"""Shared measuring code for the benchmark scripts: interleaved repeats, machine description,
-saved-activation and peak-memory accounting, markdown reports.
+"""Shared measuring code for the benchmark scripts: interleaved repeats, saved-activation and
+peak-memory accounting. Reports (command, commit, machine, Markdown tables) are the experiments'
+own: :mod:`tokenformer.experiments.runner`.
 
 Every arm of a comparison is timed in the same rounds, one call each, in an order that rotates
 from round to round, so that load from other processes falls on all arms alike. Reported:
@@ -15,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +25,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "src"))  # time this checkout's code, whichever tokenformer is installed
+
+from tokenformer.experiments import runner  # noqa: E402
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
@@ -137,87 +137,17 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-                return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
-    except OSError:
-        pass
-    return "unknown"
-
-
-def machine_description(device: torch.device) -> str:
-    lines = [
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}; "
-        f"vector flags: {cpu_flags()})",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}",
-    ]
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        lines.append(f"- GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
-    return "\n".join(lines)
-
-
-def source_version() -> str:
-    """The commit the benchmark ran at ("-dirty" with uncommitted changes)."""
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (no git)"
-    return done.stdout.strip() or "unknown (not a git checkout)"
-
-
 def command_line() -> str:
-    return "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-
-
-def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return runner.command_line("python " + os.path.relpath(sys.argv[0], ROOT), sys.argv[1:])
 
 
 def write_report(
     path: str | None, title: str, device: torch.device, clock: str, body: str, launched_at: str | None = None
 ) -> str:
-    """The report as markdown; written atomically to ``path`` when one is given.
-
-    ``launched_at``: the commit when a long benchmark started (``source_version()`` then); the
-    report names it, and the commit at the end too where the two differ.
-    """
+    """The report as markdown (command, commit, machine, then ``body``); written atomically to
+    ``path`` when one is given."""
     timing = "wall-clock seconds" if clock == "wall" else "CPU seconds of this process (--clock cpu)"
-    finished_at = source_version()
-    version = (
-        finished_at
-        if launched_at in (None, finished_at)
-        else f"{launched_at} when it started, {finished_at} when it finished"
-    )
-    text = (
-        f"# {title}\n\n"
-        f"Command (from the repository root, at commit {version}):\n\n    {command_line()}\n\n"
-        f"Machine:\n\n{machine_description(device)}\n"
-        f"- Times are {timing}; run finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{body}\n"
-    )
-    if path:
-        from tokenformer.io import atomic_write_text
-
-        atomic_write_text(Path(path), text)
-    return text
+    return runner.write_report(path, title, body, command_line(), device, launched_at, timing)
 
 
 def fmt_ms(seconds: float) -> str:

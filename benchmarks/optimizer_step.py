@@ -19,7 +19,6 @@ from common import (
     add_common_arguments,
     fmt_ms,
     interleaved_times,
-    markdown_table,
     median,
     paired_ratio,
     setup,
@@ -27,6 +26,7 @@ from common import (
 )
 
 from tokenformer import TokenformerConfig, TokenformerLM
+from tokenformer.experiments.runner import markdown_table
 from tokenformer.vision import VISION_PRESETS, TokenformerViT, VisionConfig
 
 IMPLEMENTATIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}

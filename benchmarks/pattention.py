@@ -31,7 +31,6 @@ from common import (
     fmt_mib,
     fmt_ms,
     interleaved_times,
-    markdown_table,
     median,
     paired_ratio,
     peak_memory_bytes,
@@ -41,6 +40,7 @@ from common import (
     write_report,
 )
 
+from tokenformer.experiments.runner import markdown_table
 from tokenformer.pattention import pattention, triton_available
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -22,7 +22,6 @@ from common import (
     add_common_arguments,
     fmt_ms,
     interleaved_times,
-    markdown_table,
     median,
     paired_ratio,
     repeats_for,
@@ -31,6 +30,7 @@ from common import (
 )
 
 from tokenformer import Pattention, TokenformerConfig, TokenformerLM, training_flops_per_token
+from tokenformer.experiments.runner import markdown_table
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

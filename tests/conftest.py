@@ -76,9 +76,15 @@ def cli_flags(options: dict) -> list[str]:
     """The same options as ``tokenformer train`` flags."""
     import json
 
+    flat = {}
+    for key, value in options.items():
+        if key == "vision":  # a group of options: --vision.dataset cifar10 ...
+            flat.update({f"vision.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
     return [
         item
-        for key, value in options.items()
+        for key, value in flat.items()
         for item in (f"--{key}", json.dumps(value) if not isinstance(value, str) else value)
     ]
 

@@ -133,6 +133,42 @@ def test_growth_errors():
     linear = TokenformerLM(tiny_config(projection="linear"))
     with pytest.raises(ValueError, match=r"no parameter tokens in its attention; got \['qkv'\]"):
         grow(linear, qkv_tokens=30)
+    with pytest.raises(TypeError, match=r"ffn_tokens=300.0 is not an integer; allowed: an integer token count"):
+        grow(model, ffn_tokens=300.0)
+    with pytest.raises(TypeError, match=r"layers=\[True\] holds non-integers \[True\]; allowed: layer indices 0..1"):
+        grow(model, ffn_tokens=50, layers=[True])
+    with pytest.raises(ValueError, match=r"layers=\[\] selects no layer; allowed: None \(every layer\)"):
+        grow(model, ffn_tokens=50, layers=[])
+
+
+def test_growth_that_changes_nothing_is_refused():
+    model = TokenformerLM(tiny_config())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"nothing to grow: qkv_tokens=24, ffn_tokens=40 equals the current count"):
+        grow(model, qkv_tokens=24, ffn_tokens=40)
+    grow(model, ffn_tokens=48, layers=[1])
+    with pytest.raises(ValueError, match="nothing to grow: ffn_tokens=48"):
+        grow(model, ffn_tokens=48, layers=[1])
+    assert model.config.tokens(0)["ffn"] == 40 and model.state_dict()["layers.0.mlp.key_param_tokens"].equal(
+        before["layers.0.mlp.key_param_tokens"]
+    )
+
+
+def test_growth_refuses_a_data_parallel_wrapper():
+    """Growing inside DDP would leave its gradient buckets at the old shapes: grow the model inside."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(TokenformerLM(tiny_config()))
+        hint = r"got a DistributedDataParallel; pass the model inside it \(DistributedDataParallel.module\)"
+        with pytest.raises(TypeError, match=hint):
+            grow(wrapped, ffn_tokens=48)
+        with pytest.raises(TypeError, match=hint):
+            stack_layers(wrapped, 3)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_optimizer_state_carried_across_growth():
@@ -184,7 +220,7 @@ def test_separate_learning_rate_for_new_tokens():
 
 
 def test_save_model_load_model_round_trip_of_grown_model(tmp_path):
-    from tokenformer.io import load_model, save_model
+    from tokenformer.families import load_model, save_model
 
     model = TokenformerLM(tiny_config())
     grow(model, ffn_tokens=48, layers=[0])

@@ -12,9 +12,9 @@ pytest.importorskip("lm_eval", reason="the [eval] extra (lm-evaluation-harness) 
 from conftest import tiny_config  # noqa: E402
 
 from tokenformer import TokenformerLM  # noqa: E402
+from tokenformer.families import load_model, save_model  # noqa: E402
 from tokenformer.interop.harness import evaluate  # noqa: E402
 from tokenformer.interop.tokenizer import save_tokenizer  # noqa: E402
-from tokenformer.io import load_model, save_model  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "harness"
 EOS = "<|endoftext|>"

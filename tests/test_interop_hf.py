@@ -8,12 +8,12 @@ pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not
 
 from conftest import GPT_NEOX_TOKENIZER, tiny_config  # noqa: E402
 from reference import random_released_state_dict  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tokenformer import TokenformerLM, from_hf, grow, to_hf  # noqa: E402
+from tokenformer.families import load_model, save_model  # noqa: E402
 from tokenformer.interop import convert_released  # noqa: E402
-from tokenformer.interop.hf import TokenformerForCausalLM  # noqa: E402
-from tokenformer.io import load_model, save_model  # noqa: E402
+from tokenformer.interop.hf import TokenformerForCausalLM, TokenformerModel  # noqa: E402
 
 
 def grown_model() -> TokenformerLM:
@@ -55,6 +55,16 @@ def test_to_hf_and_back_share_the_model():
     assert torch.equal(back(ids), model(ids))
 
 
+def test_a_vision_model_is_refused_by_name(tmp_path):
+    from tokenformer.vision import TokenformerViT, VisionConfig
+
+    vit = TokenformerViT(VisionConfig.from_preset("fmnist-0.3M"))
+    with pytest.raises(ValueError, match=r"to_hf takes a language model; got a TokenformerViT \(tokenformer-vit\)"):
+        to_hf(vit)
+    with pytest.raises(ValueError, match="model type `tokenformer-vit`"):
+        AutoModelForCausalLM.from_pretrained(save_model(vit, tmp_path / "vit"))
+
+
 def test_loss_uses_transformers_label_convention():
     hf = to_hf(grown_model())
     ids = torch.randint(0, 97, (2, 10))
@@ -76,13 +86,83 @@ def test_greedy_generate_equals_tokenformer_generate_and_uses_the_cache():
     assert lengths == [5] + [1] * 19
 
 
-def test_padded_batches_are_refused():
+def left_padded(sequences: list[torch.Tensor], pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :], mask[i, width - len(s) :] = s, 1
+    return ids, mask
+
+
+def test_left_padded_batched_generate_equals_one_by_one():
+    model = grown_model()
+    hf = to_hf(model)
+    sequences = [torch.randint(1, 97, (n,)) for n in (3, 9, 6)]
+    ids, mask = left_padded(sequences)
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    new = out[:, ids.shape[1] :]
+    assert torch.equal(out, model.generate(ids, 12, temperature=0, attention_mask=mask))
+    for i, s in enumerate(sequences):
+        alone = hf.generate(s[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(s) :]
+        assert torch.equal(new[i], alone)
+
+
+def test_right_padded_labels_score_each_row_as_alone():
     hf = to_hf(grown_model())
-    ids = torch.randint(1, 97, (2, 6))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    with pytest.raises(ValueError, match="does not support padded batches"):
-        hf(ids, attention_mask=mask)
+    sequences = [torch.randint(1, 97, (n,)) for n in (8, 3, 5)]
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(s)] = s, 1, s
+    loss = hf(ids, attention_mask=mask, labels=labels).loss
+    alone = [hf(s[None], labels=s[None]).loss * (len(s) - 1) for s in sequences]
+    torch.testing.assert_close(loss, sum(alone) / sum(len(s) - 1 for s in sequences), rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_states_and_the_base_model(tmp_path):
+    model = grown_model()
+    ids = torch.randint(0, 97, (2, 7))
+    out = to_hf(model)(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.n_layers + 1
+    assert torch.equal(out.hidden_states[-1], model.hidden_states(ids)[0])
+    assert to_hf(model)(ids).hidden_states is None
+    save_model(model, tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, TokenformerModel)
+    base_out = base(ids, output_hidden_states=True)
+    assert torch.equal(base_out.last_hidden_state, out.hidden_states[-1])
+    assert all(torch.equal(a, b) for a, b in zip(base_out.hidden_states, out.hidden_states, strict=True))
+    with pytest.raises(ValueError, match="returns no attention weights; allowed: output_attentions=False"):
+        base(ids, output_attentions=True)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    hf = to_hf(grown_model()).train()
+    ids = torch.randint(0, 97, (2, 16))
+    hf(ids, labels=ids).loss.backward()
+    expected = {name: p.grad.clone() for name, p in hf.named_parameters()}
+    hf.zero_grad()
+    hf.activation_checkpointing_enable()
+    assert hf.is_activation_checkpointing
+    hf(ids, labels=ids).loss.backward()
+    for name, p in hf.named_parameters():
+        assert torch.equal(p.grad, expected[name]), name
+    hf.activation_checkpointing_disable()
+    assert not hf.is_activation_checkpointing
+    with pytest.warns(FutureWarning):  # transformers' older name for it
+        hf.gradient_checkpointing_enable()
+    assert hf.is_activation_checkpointing
+
+
+def test_sdpa_attention_is_what_it_runs(tmp_path):
+    model = grown_model()
+    save_model(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert hf.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 97, (1, 9))
+    assert torch.equal(hf(ids).logits, model(ids))
 
 
 def test_converted_release_loads_with_auto_classes(tmp_path):
@@ -107,15 +187,17 @@ def test_importing_tokenformer_does_not_import_transformers():
 
 def test_registration_when_transformers_was_loaded_first(monkeypatch):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
     from tokenformer.interop import registration
-    from tokenformer.interop.hf_config import TokenformerHFConfig
+    from tokenformer.interop.hf import TokenformerHFConfig
 
     # As in a process that imported transformers' Auto classes before tokenformer.
     monkeypatch.setattr(CONFIG_MAPPING, "_extra_content", {})
     monkeypatch.setattr(MODEL_FOR_CAUSAL_LM_MAPPING, "_extra_content", {})
+    monkeypatch.setattr(MODEL_MAPPING, "_extra_content", {})
     assert "tokenformer" not in CONFIG_MAPPING
     registration.install()
     assert CONFIG_MAPPING["tokenformer"] is TokenformerHFConfig
     assert MODEL_FOR_CAUSAL_LM_MAPPING[TokenformerHFConfig] is TokenformerForCausalLM
+    assert MODEL_MAPPING[TokenformerHFConfig] is TokenformerModel

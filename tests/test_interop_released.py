@@ -7,9 +7,9 @@ from reference import random_released_state_dict, reference_logits, released_wei
 
 from tokenformer import TokenformerLM, grow
 from tokenformer.cli import main as cli
+from tokenformer.families import load_model
 from tokenformer.interop import CheckpointMismatchError, infer_config, load_released, ours_to_released, read_released
 from tokenformer.interop.tokenizer import TOKENIZER_NAME, load_tokenizer
-from tokenformer.io import load_model
 
 
 def cli_error(args, capsys) -> str:

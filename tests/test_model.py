@@ -6,7 +6,8 @@ from conftest import tiny_config
 from reference import our_weights, reference_logits
 
 from tokenformer import TokenformerConfig, TokenformerLM, count_parameters
-from tokenformer.model import apply_rotary, explicit_attention, rotary_cos_sin
+from tokenformer.model import apply_rotary, rotary_cos_sin
+from tokenformer.vision import explicit_attention
 
 
 def test_logits_match_plain_float64_reference():
@@ -193,17 +194,17 @@ def test_cpu_presets_sizes(name, target):
 
 
 def test_config_errors_name_value_and_allowed():
-    with pytest.raises(ValueError, match="n_heads=5 must divide d_model=32"):
+    with pytest.raises(ValueError, match="config field n_heads=5 is invalid; allowed: a divisor of d_model=32"):
         tiny_config(n_heads=5)
     with pytest.raises(ValueError, match="rotary dims must be even.*gives 3"):
         tiny_config(rotary_pct=3 / 8)
-    with pytest.raises(ValueError, match="norm='relu' is unknown; allowed: l2_norm_gelu"):
+    with pytest.raises(ValueError, match="config field norm='relu' is invalid; allowed: l2_norm_gelu"):
         tiny_config(norm="relu")
-    with pytest.raises(ValueError, match="projection='mlp' is unknown; allowed: pattention, linear"):
+    with pytest.raises(ValueError, match="config field projection='mlp' is invalid; allowed: pattention, linear"):
         tiny_config(projection="mlp")
     with pytest.raises(ValueError, match="unknown preset 'gpt5'; allowed: 150M"):
         TokenformerConfig.from_preset("gpt5")
-    with pytest.raises(ValueError, match="d_model must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="config field d_model=0 is invalid; allowed: a positive integer"):
         tiny_config(d_model=0)
 
 

@@ -6,9 +6,9 @@ from conftest import reference_ops
 
 from tokenformer import grow, growth_summary
 from tokenformer.io import load_weights, save_weights
-from tokenformer.model import SelfAttention
 from tokenformer.vision import (
     VISION_PRESETS,
+    BidirectionalAttention,
     TokenformerViT,
     VisionConfig,
     count_vision_parameters,
@@ -125,7 +125,7 @@ def test_logits_match_plain_float64_reference(pool, patch_shift, lsa, patch_bias
 def test_explicit_and_fused_attention_paths_agree(monkeypatch, lsa):
     """On CPU short sequences take the explicit softmax attention; longer ones (here: every
     length, by setting the limit to 0) PyTorch's fused kernel. Logits and gradients agree."""
-    import tokenformer.model as model_module
+    import tokenformer.vision as vision_module
 
     model = TokenformerViT(tiny_vit(lsa=lsa)).double()
     images = images_for(model.config).double()
@@ -137,7 +137,7 @@ def test_explicit_and_fused_attention_paths_agree(monkeypatch, lsa):
         return logits.detach(), [p.grad.clone() for p in model.parameters()]
 
     explicit = logits_and_grads()
-    monkeypatch.setattr(model_module, "EXPLICIT_ATTENTION_MAX_LEN", 0)
+    monkeypatch.setattr(vision_module, "EXPLICIT_ATTENTION_MAX_LEN", 0)
     fused = logits_and_grads()
     torch.testing.assert_close(explicit[0], fused[0], rtol=1e-10, atol=1e-10)
     for a, b in zip(explicit[1], fused[1], strict=True):
@@ -169,7 +169,7 @@ def test_attention_is_bidirectional(pool):
     before, after = model.features(images), model.features(changed)
     assert (after[:, 0] - before[:, 0]).abs().max() > 1e-4  # the first position (class token or first patch)
     assert (model(changed) - model(images)).abs().max() > 1e-4
-    assert not any(layer.attention.causal for layer in model.layers)
+    assert all(isinstance(layer.attention, BidirectionalAttention) for layer in model.layers)
 
 
 def test_patchify_raster_order_channel_major():
@@ -360,13 +360,13 @@ def test_stochastic_depth_skips_whole_blocks_per_sample_in_training_only():
 
 
 def test_config_and_input_errors():
-    with pytest.raises(ValueError, match="patch_size=5 must divide image_size=12"):
+    with pytest.raises(ValueError, match="config field patch_size=5 is invalid; allowed: a divisor of image_size=12"):
         tiny_vit(patch_size=5)
-    with pytest.raises(ValueError, match="pool='max' is unknown; allowed: cls, mean"):
+    with pytest.raises(ValueError, match="config field pool='max' is invalid; allowed: cls, mean"):
         tiny_vit(pool="max")
-    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="config field num_classes=0 is invalid; allowed: a positive integer"):
         tiny_vit(num_classes=0)
-    with pytest.raises(ValueError, match="n_heads=5 must divide d_model=32"):
+    with pytest.raises(ValueError, match="config field n_heads=5 is invalid; allowed: a divisor of d_model=32"):
         tiny_vit(n_heads=5)
     for shift in (4, -1, True):
         with pytest.raises(
@@ -382,8 +382,6 @@ def test_config_and_input_errors():
         tiny_vit(lsa="yes")
     with pytest.raises(ValueError, match=r"patch_bias=1 is invalid; allowed: true or false"):
         tiny_vit(patch_bias=1)
-    with pytest.raises(ValueError, match=r"locality self-attention needs bidirectional attention \(causal=False\)"):
-        SelfAttention(tiny_vit(), {"qkv": 8, "proj": 8}, causal=True, locality=True)
     with pytest.raises(ValueError, match="unknown preset 'imagenet'; allowed: fmnist-0.3M"):
         VisionConfig.from_preset("imagenet")
     model = TokenformerViT(tiny_vit())

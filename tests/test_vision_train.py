@@ -6,7 +6,7 @@ import torch
 from conftest import cli_flags
 from test_vision_data import fake_cifar_archive, fake_fashion_mnist
 
-from tokenformer import io
+from tokenformer import families, io
 from tokenformer.cli import main
 from tokenformer.data.vision import FASHION_MNIST_DIR
 from tokenformer.train import TrainConfig, Trainer
@@ -17,7 +17,7 @@ TINY_VIT = dict(
 )
 
 
-def vision_options(out_dir, data_path=None, **overrides) -> dict:
+def vision_options(out_dir, data_path=None, vision=None, **overrides) -> dict:
     base = dict(
         task="vision",
         model="fmnist-0.3M",
@@ -35,8 +35,7 @@ def vision_options(out_dir, data_path=None, **overrides) -> dict:
         out_dir=str(out_dir),
         seed=3,
     )
-    if data_path is not None:
-        base["data_path"] = str(data_path)
+    base["vision"] = {**({} if data_path is None else {"data_path": str(data_path)}), **(vision or {})}
     return {**base, **overrides}
 
 
@@ -79,7 +78,7 @@ def test_vision_run_resumes_exactly(tmp_path, fake_data, one_thread):
     resumed = io.load_weights(tmp_path / "resumed/checkpoints/step-00000006/model.safetensors")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    model = io.load_model(tmp_path / "resumed/checkpoints/step-00000006")
+    model = families.load_model(tmp_path / "resumed/checkpoints/step-00000006")
     assert isinstance(model, TokenformerViT) and model.config.d_model == 16
 
 
@@ -108,7 +107,7 @@ def test_grow_of_a_vision_checkpoint_keeps_validation_loss_and_accuracy(tmp_path
     )
     assert found, out
     assert found.group(1) == found.group(2)
-    grown = io.load_model(tmp_path / "grown")
+    grown = families.load_model(tmp_path / "grown")
     assert isinstance(grown, TokenformerViT)
     assert grown.config.qkv_tokens == 12 and grown.config.ffn_tokens == 24 and grown.config.proj_tokens == 8
     main(
@@ -126,14 +125,12 @@ def test_cifar10_training_end_to_end(tmp_path, one_thread, capsys):
         tmp_path / "run",
         archive,
         model="cifar-1M",
-        dataset="cifar10",
+        vision={"dataset": "cifar10", "crop_padding": 4, "hflip": True},
         batch_size=8,
-        crop_padding=4,
-        hflip=True,
     )
     main(["train", *cli_flags(options)])
     assert "test accuracy" in capsys.readouterr().out
-    model = io.load_model(tmp_path / "run/checkpoints/step-00000006")
+    model = families.load_model(tmp_path / "run/checkpoints/step-00000006")
     assert isinstance(model, TokenformerViT)
     assert (model.config.in_channels, model.config.image_size, model.config.num_patches) == (3, 32, 64)
     metrics = json.loads((tmp_path / "run/test_metrics.json").read_text())
@@ -144,7 +141,7 @@ def test_cifar10_training_end_to_end(tmp_path, one_thread, capsys):
 
 def test_random_erasing_option_reaches_the_training_batches(tmp_path, fake_data, one_thread):
     plain = Trainer(TrainConfig(**vision_options(tmp_path / "plain", fake_data)))
-    erased = Trainer(TrainConfig(**vision_options(tmp_path / "erased", fake_data, erase_prob=1.0)))
+    erased = Trainer(TrainConfig(**vision_options(tmp_path / "erased", fake_data, vision={"erase_prob": 1.0})))
     for step in range(3):
         (a, labels_a), (b, labels_b) = (t.task.train_batch(step, 0, t.device) for t in (plain, erased))
         assert torch.equal(labels_a, labels_b)
@@ -155,7 +152,7 @@ def test_random_erasing_option_reaches_the_training_batches(tmp_path, fake_data,
 
 
 def test_label_smoothing_option_reaches_the_training_loss(tmp_path, fake_data, one_thread):
-    trainer = Trainer(TrainConfig(**vision_options(tmp_path / "run", fake_data, label_smoothing=0.2)))
+    trainer = Trainer(TrainConfig(**vision_options(tmp_path / "run", fake_data, vision={"label_smoothing": 0.2})))
     images, labels = batch = trainer.task.train_batch(0, 0, trainer.device)
     logits = trainer.model(images)
     expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
@@ -168,7 +165,7 @@ def test_vision_cli_with_ema_tests_the_averaged_weights(tmp_path, fake_data, one
     run = tmp_path / "run"
     main(["train", *cli_flags(vision_options(run, fake_data, ema_decay=0.9, lr=1e-2))])
     checkpoint = run / "checkpoints" / "step-00000006"
-    model = io.load_model(checkpoint)
+    model = families.load_model(checkpoint)
     trainer = Trainer(TrainConfig(**vision_options(tmp_path / "other", fake_data)))
     live = trainer.task.classification.evaluate(model, trainer.task.test_batches)
     model.load_state_dict(io.load_weights(checkpoint / "ema.safetensors"))
@@ -186,13 +183,18 @@ def test_vision_options_are_checked():
         TrainConfig(task="vision", model="cpu-1M")
     with pytest.raises(ValueError, match="allowed fields: .*patch_tokens"):
         TrainConfig(task="vision", model="fmnist-0.3M", model_overrides={"vocab_size": 10})
-    with pytest.raises(ValueError, match="crop_padding=-1 is invalid"):
-        TrainConfig(task="vision", model="fmnist-0.3M", crop_padding=-1)
-    with pytest.raises(ValueError, match=r"label_smoothing=1.5 is invalid; allowed: a number in \[0, 1\)"):
-        TrainConfig(task="vision", model="fmnist-0.3M", label_smoothing=1.5)
-    with pytest.raises(ValueError, match="label_smoothing=0.1 is invalid; allowed: 0 with task: lm"):
-        TrainConfig(task="lm", label_smoothing=0.1)
-    with pytest.raises(ValueError, match=r"erase_prob=2 is invalid; allowed: a probability in \[0, 1\]"):
-        TrainConfig(task="vision", model="fmnist-0.3M", erase_prob=2)
-    with pytest.raises(ValueError, match="erase_prob=0.5 is invalid; allowed: 0 with task: lm"):
-        TrainConfig(task="lm", erase_prob=0.5)
+    with pytest.raises(ValueError, match="training option vision.crop_padding=-1 is invalid"):
+        TrainConfig(task="vision", model="fmnist-0.3M", vision={"crop_padding": -1})
+    with pytest.raises(ValueError, match=r"vision.label_smoothing=1.5 is invalid; allowed: a number in \[0, 1\)"):
+        TrainConfig(task="vision", model="fmnist-0.3M", vision={"label_smoothing": 1.5})
+    with pytest.raises(ValueError, match="allowed: the defaults with task: lm"):
+        TrainConfig(task="lm", vision={"label_smoothing": 0.1})
+    with pytest.raises(ValueError, match=r"vision.erase_prob=2 is invalid; allowed: a probability in \[0, 1\]"):
+        TrainConfig(task="vision", model="fmnist-0.3M", vision={"erase_prob": 2})
+    with pytest.raises(ValueError, match="allowed: the defaults with task: lm"):
+        TrainConfig(task="lm", vision={"erase_prob": 0.5})
+    with pytest.raises(ValueError, match=r"unknown vision option\(s\) \['colour'\]"):
+        TrainConfig(task="vision", model="fmnist-0.3M", vision={"colour": 1})
+    # A config written before the vision options formed a group still loads.
+    old = TrainConfig.from_dict({"task": "vision", "model": "fmnist-0.3M", "crop_padding": 2, "dataset": "cifar10"})
+    assert (old.vision.crop_padding, old.vision.dataset) == (2, "cifar10")

@@ -1,6 +1,7 @@
 """TokenFormer: transformers whose every linear projection is attention to parameter tokens."""
 
 from .config import PRESETS, TokenformerConfig
+from .families import FAMILIES, load_model, save_model
 from .flops import count_parameters, training_flops, training_flops_per_token
 from .growth import TokenUpdateScale, carry_optimizer_state, grow, growth_summary, stack_layers
 from .interop.registration import install as _register_with_transformers
@@ -11,6 +12,7 @@ from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "FAMILIES",
     "NORMS",
     "PRESETS",
     "Pattention",
@@ -25,6 +27,8 @@ __all__ = [
     "from_hf",
     "grow",
     "growth_summary",
+    "load_model",
+    "save_model",
     "stack_layers",
     "to_hf",
     "training_flops",

@@ -8,59 +8,25 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .pattention import NORMS
+from .pattention import NORMS, release_tau
+from .validation import (
+    check_choice,
+    check_divides,
+    check_positive_ints,
+    dataclass_from_dict,
+    invalid,
+    is_number,
+    lookup_preset,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 PROJECTIONS = ("pattention", "linear")
 TOKEN_KINDS = ("qkv", "proj", "ffn")
-
-
-def is_int(value: Any) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_field(config: Any, name: str, ok: Callable[[Any], bool], allowed: str) -> None:
-    """Raise ``config field name=value is invalid; allowed: ...`` unless ``ok(value)``."""
-    value = getattr(config, name)
-    if not ok(value):
-        raise ValueError(f"config field {name}={value!r} is invalid; allowed: {allowed}")
-
-
-def check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not is_int(value) or value < 1:
-            raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
-
-
-def check_divides(config: Any, divisor: str, total: str) -> None:
-    d, t = getattr(config, divisor), getattr(config, total)
-    if t % d:
-        raise ValueError(f"config field {divisor}={d} must divide {total}={t}; allowed: a divisor of {t}")
-
-
-def check_choice(config: Any, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(config, name)
-    if value not in allowed:
-        raise ValueError(f"config field {name}={value!r} is unknown; allowed: {', '.join(allowed)}")
-
-
-def lookup_preset(presets: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
-    """A preset's fields by case-insensitive name; an unknown name lists the allowed ones."""
-    lowered = {key.lower(): values for key, values in presets.items()}
-    if name.lower() not in lowered:
-        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(presets)}")
-    return lowered[name.lower()]
+VALUE_INITS = ("wang", "fan_in")
 
 
 @dataclass
@@ -72,6 +38,23 @@ class BlockConfig:
     Q/K/V/O are bias-free ``nn.Linear(d_model, d_model)`` and ``ffn_tokens`` is the hidden width of
     a Linear-GELU-Linear MLP. ``layer_tokens`` overrides the counts per layer after a growth that
     touched only some layers (``None``: every layer uses the three fields).
+
+    How a new Pattention of a token kind starts (``kind``: ``qkv``, ``proj``, ``ffn``; the
+    vision model adds ``patch`` and ``head``). Each of these fields takes one value for every kind
+    or a mapping ``{kind: value}`` (kinds left out keep the default); with
+    ``projection="linear"`` they are ignored.
+
+    - ``tau_scale``: the score scale is ``tau = tau_scale * sqrt(n)`` for a layer created with ``n``
+      tokens (the release: 1). ``fixed_tau`` sets ``tau`` independently of ``n`` instead. Either
+      way ``tau`` is frozen at creation, so growth keeps the function exactly.
+    - ``key_std``: std of the initial key tokens (``None``: ``init_std``). Scores are normalised
+      per row, so scaling every key alike only changes their effective learning rate.
+    - ``value_init`` and ``value_scale``: the initial value tokens are ``N(0, value_scale * s)``
+      with ``s = 2 / (n_layers * sqrt(d_model))`` for ``"wang"`` (the release's init of layers
+      that write into the residual stream) or ``s = 1 / sqrt(n)`` for ``"fan_in"``. The
+      normalised scores are of order 1 whatever the input, so a Pattention's output at
+      initialisation grows like ``sqrt(n)`` times the value std: ``"fan_in"`` keeps it at about
+      ``value_scale`` for any token count, as a linear layer's output follows its input.
     """
 
     d_model: int = 768
@@ -85,6 +68,14 @@ class BlockConfig:
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
     layer_tokens: list[dict[str, int]] | None = field(default=None)
+    tau_scale: float | dict[str, float] = 1.0
+    fixed_tau: float | dict[str, float] | None = None
+    key_std: float | dict[str, float] | None = None
+    value_init: str | dict[str, str] = "wang"
+    value_scale: float | dict[str, float] = 1.0
+
+    # Token kinds whose Pattentions the init fields above can address.
+    INIT_KINDS: ClassVar[tuple[str, ...]] = TOKEN_KINDS
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("d_model", "n_layers", "n_heads", "qkv_tokens", "proj_tokens", "ffn_tokens"))
@@ -105,6 +96,47 @@ class BlockConfig:
                         f"config field layer_tokens[{i}]={counts!r} must map each of {TOKEN_KINDS} "
                         "to a positive integer"
                     )
+        positive = "a finite number > 0"
+        self._check_per_kind("tau_scale", lambda v: is_number(v) and v > 0, positive)
+        self._check_per_kind("fixed_tau", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
+        self._check_per_kind("key_std", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
+        self._check_per_kind("value_init", lambda v: v in VALUE_INITS, " or ".join(VALUE_INITS))
+        self._check_per_kind("value_scale", lambda v: is_number(v) and v > 0, positive)
+
+    def _check_per_kind(self, name: str, ok: Callable[[Any], bool], allowed: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(self.INIT_KINDS), key=str)
+            if unknown:
+                raise ValueError(
+                    f"config field {name} has unknown token kind(s) {unknown}; allowed: {', '.join(self.INIT_KINDS)}"
+                )
+            for kind, item in value.items():
+                if not ok(item):
+                    raise invalid("config field", f"{name}[{kind!r}]", item, allowed)
+        elif not ok(value):
+            raise invalid("config field", name, value, f"{allowed}, or a mapping from token kind to one")
+
+    def _for_kind(self, name: str, kind: str) -> Any:
+        if kind not in self.INIT_KINDS:
+            raise ValueError(f"unknown token kind {kind!r}; allowed: {', '.join(self.INIT_KINDS)}")
+        value = getattr(self, name)
+        if isinstance(value, dict):
+            return value.get(kind, getattr(type(self), name))
+        return value
+
+    def pattention_init(self, kind: str, num_tokens: int) -> dict[str, float]:
+        """``tau``, ``key_std`` and ``value_std`` of a new Pattention of ``kind`` with ``num_tokens``
+        tokens (the keyword arguments of :class:`~tokenformer.pattention.Pattention`)."""
+        fixed = self._for_kind("fixed_tau", kind)
+        tau = fixed if fixed is not None else self._for_kind("tau_scale", kind) * release_tau(num_tokens)
+        key_std = self._for_kind("key_std", kind)
+        base = self.value_init_std if self._for_kind("value_init", kind) == "wang" else 1.0 / math.sqrt(num_tokens)
+        return {
+            "tau": float(tau),
+            "key_std": self.init_std if key_std is None else float(key_std),
+            "value_std": self._for_kind("value_scale", kind) * base,
+        }
 
     @property
     def head_dim(self) -> int:
@@ -183,15 +215,6 @@ class TokenformerConfig(BlockConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TokenformerConfig:
         return cls(**{**lookup_preset(PRESETS, name), **overrides})
-
-
-def dataclass_from_dict(cls, data: dict[str, Any], what: str):
-    """``cls(**data)``, with unknown keys named in the error instead of a bare TypeError."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; allowed: {sorted(known)}")
-    return cls(**data)
 
 
 def _released(n_layers: int, d: int, n_heads: int) -> dict[str, Any]:

@@ -10,7 +10,11 @@ GeLU are elementwise and not counted.
 
 from __future__ import annotations
 
-from .config import BlockConfig, TokenformerConfig
+from typing import Any
+
+# The counts read config fields only (a BlockConfig, TokenformerConfig or VisionConfig): this
+# module imports no config or model module, so every model module can count with it.
+BlockConfig = TokenformerConfig = VisionConfig = Any
 
 
 def _block_weights(config: BlockConfig, layer: int) -> int:
@@ -53,3 +57,32 @@ def training_flops_per_token(config: TokenformerConfig, seq_len: int | None = No
 def training_flops(config: TokenformerConfig, tokens: int, seq_len: int | None = None) -> int:
     """FLOPs to train ``config`` on ``tokens`` tokens of sequences of ``seq_len``."""
     return tokens * training_flops_per_token(config, seq_len)
+
+
+def count_vision_parameters(config: VisionConfig) -> int:
+    """Trainable parameters of a ``TokenformerViT`` built from ``config``."""
+    d = config.d_model
+    if config.projection == "pattention":
+        patch = config.patch_tokens * (config.patch_dim + d)
+        head = config.head_tokens * (d + config.num_classes)
+    else:
+        patch = config.patch_dim * d
+        head = d * config.num_classes
+    class_token = d if config.pool == "cls" else 0
+    temperatures = config.n_layers if config.lsa else 0
+    return patch + class_token + config.seq_len * d + block_parameters(config) + temperatures + 2 * d + head
+
+
+def training_flops_per_image(config: VisionConfig) -> int:
+    """Forward + backward FLOPs per image, by the conventions of :mod:`tokenformer.flops`: every
+    token of the sequence passes the block weights and attends to the whole sequence; the patch
+    projection runs once per patch and the head once per image."""
+    d, n = config.d_model, config.seq_len
+    patch_weights = (
+        config.patch_tokens * (config.patch_dim + d) if config.projection == "pattention" else config.patch_dim * d
+    )
+    head_weights = (
+        config.head_tokens * (d + config.num_classes) if config.projection == "pattention" else d * config.num_classes
+    )
+    blocks = n * (2 * block_parameters(config) + 2 * 2 * n * d * config.n_layers)
+    return 3 * (blocks + 2 * patch_weights * config.num_patches + 2 * head_weights)

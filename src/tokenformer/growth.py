@@ -27,6 +27,7 @@ from torch import nn
 from .config import TOKEN_KINDS
 from .model import MLP
 from .pattention import Pattention
+from .validation import is_int
 
 KEY_INITS = ("zeros", "random")
 
@@ -58,14 +59,6 @@ class GrowthRecord:
             "key_init": self.key_init,
             "function_preserving": self.function_preserving,
         }
-
-
-def _modules_of_kind(block: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
-    if kind == "qkv":
-        return [(f"attention.{n}", getattr(block.attention, n)) for n in ("query", "key", "value")]
-    if kind == "proj":
-        return [("attention.proj", block.attention.proj)]
-    return [("mlp", block.mlp)]
 
 
 def _append_rows(param: nn.Parameter, new: torch.Tensor, dim: int) -> None:
@@ -122,7 +115,7 @@ def growth_summary(model: nn.Module) -> list[dict]:
     for i, block in enumerate(model.layers):
         entry: dict = {"layer": i}
         for kind in TOKEN_KINDS:
-            for name, module in _modules_of_kind(block, kind):
+            for name, module in block.modules_of_kind(kind):
                 if isinstance(module, Pattention):
                     entry[name] = {"tokens": module.num_tokens, "tau": float(module.tau)}
                 elif isinstance(module, MLP):
@@ -150,9 +143,13 @@ def grow(
     Each count is the new total (``None`` leaves that kind alone). New keys are zero
     (function-preserving) or, with ``key_init="random"``, drawn like fresh keys (as the released
     GPU code does; the function changes). New values are ``N(0, value_std)``, by default the
-    model's value init std. On a ``projection="linear"`` model only ``ffn_tokens`` (the MLP hidden
-    width) can grow, Net2Net style. Updates ``model.config`` to the new counts.
+    std the config's init rule (``value_init``, ``value_scale``) gives a new Pattention of that
+    kind with the new count (for a linear MLP, ``value_init_std``). On a ``projection="linear"``
+    model only ``ffn_tokens`` (the MLP hidden width) can grow, Net2Net style. Updates
+    ``model.config`` to the new counts. A call that would change nothing (every count already
+    reached) is refused.
     """
+    _require_bare_model(model, "grow")
     config = model.config
     if key_init not in KEY_INITS:
         raise ValueError(f"unknown key_init {key_init!r}; allowed: {', '.join(KEY_INITS)}")
@@ -160,24 +157,29 @@ def grow(
     targets = {kind: n for kind, n in targets.items() if n is not None}
     if not targets:
         raise ValueError("grow needs at least one of qkv_tokens, proj_tokens, ffn_tokens")
+    for kind, n in targets.items():
+        if not is_int(n):
+            raise TypeError(f"{kind}_tokens={n!r} is not an integer; allowed: an integer token count (or None)")
     if config.projection == "linear" and set(targets) - {"ffn"}:
         raise ValueError(
             f"a projection='linear' model has no parameter tokens in its attention; "
             f"got {sorted(set(targets) - {'ffn'})}, allowed: ffn_tokens only (widens the MLP)"
         )
-    chosen = sorted(set(range(config.n_layers) if layers is None else layers))
-    bad_layers = [i for i in chosen if not 0 <= i < config.n_layers]
-    if bad_layers:
-        raise ValueError(f"layers {bad_layers} out of range; allowed: 0..{config.n_layers - 1}")
+    chosen = _chosen_layers(layers, config.n_layers)
     before = layer_tokens(model)
     for i in chosen:
         for kind, n in targets.items():
-            if not isinstance(n, int) or n < before[i][kind]:
+            if n < before[i][kind]:
                 raise ValueError(
                     f"grow cannot shrink: {kind}_tokens={n!r} is below layer {i}'s current {before[i][kind]}; "
                     f"allowed: an integer >= {before[i][kind]}"
                 )
-    std = config.value_init_std if value_std is None else value_std
+    if all(n == before[i][kind] for i in chosen for kind, n in targets.items()):
+        asked = ", ".join(f"{kind}_tokens={n}" for kind, n in targets.items())
+        raise ValueError(
+            f"nothing to grow: {asked} equals the current count of every chosen layer; "
+            "allowed: a count above the current one for at least one kind and layer"
+        )
     grown: list[GrownParameter] = []
     after = [dict(counts) for counts in before]
     with torch.no_grad():
@@ -186,11 +188,13 @@ def grow(
             for kind, n in targets.items():
                 if n == before[i][kind]:
                     continue
-                for name, module in _modules_of_kind(block, kind):
+                for name, module in block.modules_of_kind(kind):
                     prefix = f"layers.{i}.{name}"
                     if isinstance(module, Pattention):
+                        std = config.pattention_init(kind, n)["value_std"] if value_std is None else value_std
                         grown += _grow_pattention(module, n, key_init, std, generator, prefix)
                     else:
+                        std = config.value_init_std if value_std is None else value_std
                         grown += _grow_mlp(module, n, key_init, std, generator, prefix)
                 after[i][kind] = n
     _set_config_tokens(model, after)
@@ -201,6 +205,38 @@ def grow(
         )
     preserving = not grown or (key_init == "zeros" and not softmax)
     return GrowthRecord(before, after, key_init, preserving, grown)
+
+
+def _require_bare_model(model: nn.Module, what: str) -> None:
+    # A data-parallel wrapper hides config and layers; growing the model inside it in place would
+    # also leave the wrapper's gradient buckets built for the old shapes.
+    if hasattr(model, "config") and hasattr(model, "layers"):
+        return
+    inner = getattr(model, "module", None)
+    hint = (
+        f"; pass the model inside it ({type(model).__name__}.module) and wrap the result again"
+        if inner is not None and hasattr(inner, "layers")
+        else ""
+    )
+    raise TypeError(
+        f"{what} takes a TokenformerLM or TokenformerViT (a model with config and layers), got a "
+        f"{type(model).__name__}{hint}"
+    )
+
+
+def _chosen_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    layers = list(layers)
+    wrong = [i for i in layers if not is_int(i)]
+    if wrong:
+        raise TypeError(f"layers={layers!r} holds non-integers {wrong!r}; allowed: layer indices 0..{n_layers - 1}")
+    if not layers:
+        raise ValueError(f"layers=[] selects no layer; allowed: None (every layer) or indices 0..{n_layers - 1}")
+    out_of_range = sorted({i for i in layers if not 0 <= i < n_layers})
+    if out_of_range:
+        raise ValueError(f"layers {out_of_range} out of range; allowed: 0..{n_layers - 1}")
+    return sorted(set(layers))
 
 
 def _set_config_tokens(model: nn.Module, counts: list[dict[str, int]]) -> None:
@@ -234,6 +270,7 @@ def stack_layers(model: nn.Module, n_layers: int) -> StackRecord:
     preserving: each copy adds its residual update again. Works on any model with ``config`` and
     ``layers`` of blocks whose config tokens are uniform or per layer; updates ``model.config``.
     """
+    _require_bare_model(model, "stack_layers")
     config = model.config
     old = config.n_layers
     if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers <= old:

@@ -1,13 +1,24 @@
-"""Atomic file writes and safe loading of model weights (safetensors; no pickled code runs)."""
+"""File formats: atomic file writes, JSON, and safe loading of weights (safetensors; no pickled code runs).
+
+Writes that fail for a reason of the environment (a full disk, a read-only or unwritable folder)
+raise an ``OSError`` whose message names the path, what failed and what to do
+(:func:`write_error`); :func:`describe_os_error` turns any ``OSError`` into such a line.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,11 +47,68 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# What to do about the errors of the environment a write can meet.
+_ADVICE = {
+    errno.ENOSPC: "the file system is full: free some space there or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space there or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "permission denied: make the folder writable or write somewhere else",
+    errno.EPERM: "permission denied: make the folder writable or write somewhere else",
+    errno.EFBIG: "the file is too large for this file system: write somewhere else",
+    errno.EIO: "the device reported an I/O error: check the disk",
+}
+
+
+class WriteError(OSError):
+    """Writing a path failed for a reason of the environment; the message says which, why and what to do."""
+
+    def __init__(self, path: str | Path, code: int | None, reason: str) -> None:
+        advice = _ADVICE.get(code, "check the path and the device")
+        super().__init__(code, f"cannot write {path}: {reason}; {advice}")
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def write_error(path: str | Path, exc: BaseException) -> WriteError:
+    """A :class:`WriteError` (same errno) saying that writing ``path`` failed, why and what to do.
+
+    ``exc`` is an ``OSError``, a :class:`WriteError` of a file inside ``path``, or a library's
+    error that carries the OS error in its text (safetensors reports ``... (os error 28)``).
+    """
+    if isinstance(exc, WriteError):
+        return WriteError(path, exc.errno, exc.reason)
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and (match := re.search(r"os error (\d+)", str(exc))):
+        code = int(match.group(1))
+    return WriteError(path, code, os.strerror(code) if code else " ".join(str(exc).split()))
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an ``OSError``: the path, what failed and what to do."""
+    if exc.errno is None or exc.filename is None:
+        text = str(exc)  # raised with a message of its own (write_error, or a plain FileNotFoundError)
+        if exc.errno in _ADVICE and _ADVICE[exc.errno] not in text:
+            text += f"; {_ADVICE[exc.errno]}"
+        return text
+    path = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    advice = _ADVICE.get(exc.errno, "check the path and the device")
+    return f"{path}: {exc.strerror}; {advice}"
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp)`` so that readers see the old file or the whole new one."""
+    """Write ``path`` through ``write(tmp)`` so that readers see the old file or the whole new one.
+
+    A failure of the environment (disk full, read-only folder, ...) raises :func:`write_error`'s
+    ``OSError``; the old file, if any, is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -49,10 +117,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if _is_os_failure(exc):
+            raise write_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def _is_os_failure(exc: BaseException) -> bool:
+    # An OSError, or a library's error wrapping one (safetensors: "I/O error: ... (os error N)").
+    return isinstance(exc, OSError) or (isinstance(exc, Exception) and re.search(r"os error \d+", str(exc)) is not None)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -91,77 +166,21 @@ def file_or_inside(path: str | Path, name: str, what: str) -> Path:
     return path
 
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-# Keys that Hugging Face transformers adds to a config.json; the directory format is shared.
-HF_CONFIG_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map")
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line; of ``torch.load(weights_only=True)``'s long refusal, the reason."""
+    text = str(exc)
+    if match := re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.S):
+        text = f"torch.load(weights_only=True) refused it: {match.group(1)}"
+    return " ".join(text.split()) or type(exc).__name__
 
 
-VISION_MODEL_TYPE = "tokenformer-vit"
-
-
-def save_model(model, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` of a ``TokenformerLM`` or ``TokenformerViT``.
-
-    A language model's directory loads with :func:`load_model` and, with the ``[hf]`` extra, with
-    ``transformers.AutoModelForCausalLM.from_pretrained``; a vision model's config says
-    ``model_type: tokenformer-vit``. Weights are written before the config, each atomically, so a
-    directory with a config always has complete weights beside it.
-    """
-    directory = Path(directory)
-    save_weights(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    save_model_config(model, directory)
-    return directory
-
-
-def save_model_config(model, directory: Path) -> None:
-    """``config.json`` of a model (alone in sharded checkpoints, whose weights are shards)."""
-    import json
-
-    from .vision import TokenformerViT
-
-    if isinstance(model, TokenformerViT):
-        kind = {"model_type": VISION_MODEL_TYPE}
-    else:
-        kind = {"model_type": "tokenformer", "architectures": ["TokenformerForCausalLM"]}
-    atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps({**model.config.to_dict(), **kind}, indent=2) + "\n")
-
-
-def read_model_config(directory: str | Path):
-    """The ``TokenformerConfig`` or ``VisionConfig`` (by ``model_type``) in a model directory's ``config.json``."""
-    import json
-
-    from .config import TokenformerConfig
-    from .vision import VisionConfig
-
-    config_path = Path(directory) / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a tokenformer model directory")
-    data = json.loads(config_path.read_text())
-    fields = {k: v for k, v in data.items() if k not in HF_CONFIG_KEYS}
-    if data.get("model_type") == VISION_MODEL_TYPE:
-        return VisionConfig.from_dict(fields)
-    return TokenformerConfig.from_dict(fields)
-
-
-def build_model(config):
-    """The model a config describes: a ``TokenformerViT`` for a ``VisionConfig``, else a ``TokenformerLM``."""
-    from .model import TokenformerLM
-    from .vision import TokenformerViT, VisionConfig
-
-    return TokenformerViT(config) if isinstance(config, VisionConfig) else TokenformerLM(config)
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu"):
-    """Load the ``TokenformerLM`` or ``TokenformerViT`` (by ``model_type``) written by
-    :func:`save_model` (grown models keep their tau)."""
-    directory = Path(directory)
-    config = read_model_config(directory)
-    with torch.device("meta"):
-        model = build_model(config)
-    state = load_weights(directory / WEIGHTS_NAME, device)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device)
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a file that is not valid JSON raises an error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
 
 
 def fsync_tree(directory: Path) -> None:
@@ -174,26 +193,71 @@ def fsync_tree(directory: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """Build a directory in a hidden staging folder beside ``path``, then rename it into place.
 
     Readers see no directory or the complete one: a crash leaves only a ``.<name>.tmp-*`` folder,
-    which :func:`remove_stale_staging` deletes later. ``path`` must not exist yet.
+    which :func:`remove_stale_staging` deletes later. ``path`` must not exist yet, unless
+    ``replace``: then an existing ``path`` is swapped for the new directory in one step where the
+    system can (Linux ``renameat2``), else moved aside just before the new one is renamed in; it
+    is deleted afterwards. Readers never see a mix of the two.
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() and not replace:
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(staging, DIR_MODE)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        os.chmod(staging, DIR_MODE)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         yield staging
         fsync_tree(staging)
-        os.rename(staging, path)
-    except BaseException:
+        old = _swap(staging, path) if path.exists() else None
+        if old is None:
+            os.rename(staging, path)
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if _is_os_failure(exc):  # named by the directory, not by its hidden staging folder
+            raise write_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # what is left if this is cut short is a stale staging folder
+
+
+def _swap(new: Path, path: Path) -> Path:
+    """Put ``new`` in place of the existing ``path``; returns where the old directory now is (a
+    hidden staging name, deleted by the caller or, after a crash, by :func:`remove_stale_staging`)."""
+    if _exchange(new, path):
+        return new
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.rename(path, aside / path.name)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(aside / path.name, path)  # the old one back
+        raise
+    return aside
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without renameat2
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system or kernel without it
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def remove_directory(path: str | Path) -> None:
@@ -205,8 +269,95 @@ def remove_directory(path: str | Path) -> None:
     shutil.rmtree(doomed)
 
 
+def set_aside(path: str | Path, label: str) -> Path:
+    """Rename ``path`` to ``<name>.<label>`` (``<name>.<label>-2``, ... if taken) beside it; returns the new path."""
+    path = Path(path)
+    target, n = path.with_name(f"{path.name}.{label}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{label}-{n}")
+    os.rename(path, target)
+    _fsync_dir(path.parent)
+    return target
+
+
 def remove_stale_staging(parent: str | Path) -> None:
     """Delete staging folders left by a process killed inside :func:`atomic_directory`."""
     for stale in Path(parent).glob(".*.tmp-*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+
+
+LOCK_NAME = ".lock"
+
+
+class DirectoryLocked(RuntimeError):
+    """Another process (or another object of this one) holds the lock of a directory."""
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory: ``fcntl.flock`` on ``<directory>/.lock``, held until
+    :meth:`release` or the end of the process.
+
+    The kernel drops the lock when its holder dies, however it dies, so a lock file left by a
+    killed process is simply taken over; the file only records who holds the lock (pid, host,
+    since when) for the error that a second writer gets. Where ``flock`` is missing (not POSIX)
+    or refused by the file system, the directory is used unlocked, with a warning for the latter.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        path = self.directory / LOCK_NAME
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as exc:
+            raise write_error(path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise DirectoryLocked(
+                f"{self.directory} is in use by another writer ({holder}; lock file {path}); "
+                "wait for it to finish, or write somewhere else"
+            ) from None
+        except OSError as exc:  # a file system without locks
+            os.close(fd)
+            import warnings
+
+            warnings.warn(f"cannot lock {path} ({exc.strerror}): a second writer would not be stopped", stacklevel=2)
+            return
+        self._fd = fd
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError as exc:
+            self.release()
+            raise write_error(path, exc) from exc
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+        pid, host, since = holder["pid"], holder["host"], holder["since"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+    if pid == os.getpid() and host == socket.gethostname():
+        return f"this process, pid {pid}, since {since}: close the other trainer of this directory first"
+    return f"pid {pid} on host {host}, since {since}"

@@ -14,8 +14,12 @@ Linear-GELU-Linear MLP of hidden width ``ffn_tokens``).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import BlockConfig, TokenformerConfig
@@ -24,18 +28,19 @@ from .pattention import Pattention
 
 def make_projection(
     config: BlockConfig,
+    kind: str,
     num_tokens: int,
     out_std: float,
     in_features: int | None = None,
     out_features: int | None = None,
 ) -> nn.Module:
-    """A projection (``d_model -> d_model`` unless given): a Pattention, or a bias-free Linear for the baseline."""
+    """A projection (``d_model -> d_model`` unless given): a Pattention of token ``kind``
+    (initialised as ``config.pattention_init`` says), or a bias-free Linear for the baseline."""
     in_features = config.d_model if in_features is None else in_features
     out_features = config.d_model if out_features is None else out_features
     if config.projection == "pattention":
-        return Pattention(
-            in_features, out_features, num_tokens, config.norm, key_std=config.init_std, value_std=config.value_init_std
-        )
+        init = config.pattention_init(kind, num_tokens)
+        return Pattention(in_features, out_features, num_tokens, config.norm, **init)
     linear = nn.Linear(in_features, out_features, bias=False)
     nn.init.normal_(linear.weight, std=out_std)
     return linear
@@ -58,18 +63,18 @@ class MLP(nn.Module):
 def make_ffn(config: BlockConfig, num_tokens: int) -> nn.Module:
     # With Pattention the FFN is a single Pattention: its GeLU is the only non-linearity.
     if config.projection == "pattention":
-        return make_projection(config, num_tokens, config.value_init_std)
+        return make_projection(config, "ffn", num_tokens, config.value_init_std)
     return MLP(config, num_tokens)
 
 
 def rotary_cos_sin(
     config: TokenformerConfig, positions: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[T, rotary_dims]`` for the given absolute positions."""
+    """cos/sin tables ``[..., T, rotary_dims]`` for the given absolute positions ``[..., T]``."""
     dims = config.rotary_dims
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = config.rope_base ** (-torch.arange(0, dims, 2, device=positions.device, dtype=compute) / dims)
-    freqs = positions.to(compute)[:, None] * inv_freq[None, :]
+    freqs = positions.to(compute)[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -102,7 +107,8 @@ class _Rotary(torch.autograd.Function):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of ``x [B, H, T, head_dim]`` (NeoX rotate-half)."""
+    """Rotate the first ``cos.shape[-1]`` dims of ``x [B, H, T, head_dim]`` (NeoX rotate-half); the
+    tables are ``[T, dims]``, or ``[B, 1, T, dims]`` for positions that differ between rows."""
     if cos.shape[-1] == 0:
         return x
     return _Rotary.apply(x, cos, sin)
@@ -132,61 +138,60 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-# On CPU, PyTorch's fused attention kernels cost more than the plain softmax(QK^T)V for the short
-# sequences of small images: with torch.compile, forward + backward 0.75x / 0.85x the time at 16 / 49
-# tokens, 1.2x / 1.3x at 64 / 197 (benchmarks/results/attention-cpu.md). Up to this length
-# the CPU takes it.
-EXPLICIT_ATTENTION_MAX_LEN = 49
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position ``[B, S]`` of every slot of a padded batch (``attention_mask`` 1 for a token, 0
+    for padding): each row's tokens count from 0; padding takes its preceding token's position, or 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(head_dim)) v`` computed step by step; ``allowed`` (boolean,
-    broadcastable to the scores) masks out the False pairs, as ``scaled_dot_product_attention``'s
-    boolean ``attn_mask`` does. The softmax runs in at least float32 (as SDPA's CPU kernels accumulate),
-    under bf16 autocast too."""
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ v
-
-
-def bidirectional_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Attention without a causal mask: the explicit form for short sequences on CPU, else SDPA."""
-    if q.device.type == "cpu" and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_LEN:
-        return explicit_attention(q, k, v, allowed)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+def padding_allowed(attention_mask: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Which keys the queries at slots ``start .. start + length - 1`` attend to, as the boolean
+    ``attn_mask [B, 1, length, start + length]`` of ``scaled_dot_product_attention``: the tokens at
+    or before their own slot. A padding query sees itself too, so that no softmax row is empty (its
+    output is never used)."""
+    slots = torch.arange(start + length, device=attention_mask.device)
+    rows = torch.arange(start, start + length, device=attention_mask.device)[:, None]
+    tokens = attention_mask.bool()[:, None, None, :]
+    return ((slots <= rows) & tokens) | (slots == rows)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head token-token attention; ``causal=False`` (vision) lets every token see every other.
+    """Multi-head causal token-token attention with rotary positions and a KV cache.
 
-    ``locality=True`` (bidirectional only) is locality self-attention (Lee et al., 2021): a token
-    does not attend to itself, and the softmax temperature is learned, as ``log_temperature``
-    (a scalar added to the log of the usual 1/sqrt(head_dim) scale, starting at 0).
+    :meth:`attend` is the token-token step; a subclass changes only it (the vision model's
+    bidirectional attention does).
     """
 
-    def __init__(
-        self, config: BlockConfig, tokens: dict[str, int], causal: bool = True, locality: bool = False
-    ) -> None:
+    def __init__(self, config: BlockConfig, tokens: dict[str, int]) -> None:
         super().__init__()
-        if causal and locality:
-            raise ValueError("locality self-attention needs bidirectional attention (causal=False)")
-        self.causal = causal
-        self.log_temperature = nn.Parameter(torch.zeros(())) if locality else None
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
-        self.query = make_projection(config, tokens["qkv"], config.init_std)
-        self.key = make_projection(config, tokens["qkv"], config.init_std)
-        self.value = make_projection(config, tokens["qkv"], config.init_std)
-        self.proj = make_projection(config, tokens["proj"], config.value_init_std)
+        self.query = make_projection(config, "qkv", tokens["qkv"], config.init_std)
+        self.key = make_projection(config, "qkv", tokens["qkv"], config.init_std)
+        self.value = make_projection(config, "qkv", tokens["qkv"], config.init_std)
+        self.proj = make_projection(config, "proj", tokens["proj"], config.value_init_std)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(head_dim)) v`` over ``[B, H, T, head_dim]`` heads, causal: query
+        ``i`` (at absolute position ``start + i``) sees keys up to its own position. ``allowed``
+        (boolean, broadcastable to the scores) is the mask of a padded batch, causal already
+        (:func:`padding_allowed`)."""
+        if allowed is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        length = q.shape[2]
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if length == 1:  # one new token sees every cached one
+            return F.scaled_dot_product_attention(q, k, v)
+        rows = torch.arange(start, start + length, device=q.device)[:, None]
+        mask = torch.arange(start + length, device=q.device)[None, :] <= rows
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def forward(
         self,
@@ -195,7 +200,9 @@ class SelfAttention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
+        allowed: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``allowed``: the mask of a padded batch, passed on to :meth:`attend`."""
         batch, length, d_model = x.shape
         q = apply_rotary(self._heads(self.query(x)), cos, sin)
         k = apply_rotary(self._heads(self.key(x)), cos, sin)
@@ -204,41 +211,93 @@ class SelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)
-        if self.log_temperature is not None:  # bidirectional (vision, no cache): every token but itself
-            q = q * self.log_temperature.exp().to(q.dtype)
-            others = ~torch.eye(length, dtype=torch.bool, device=x.device)
-            y = bidirectional_attention(q, k, v, others)
-        elif start == 0 and not self.causal:
-            y = bidirectional_attention(q, k, v)
-        elif start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif length == 1:  # one new token sees every cached one
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            rows = torch.arange(start, start + length, device=x.device)[:, None]
-            mask = torch.arange(start + length, device=x.device)[None, :] <= rows
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = self.attend(q, k, v, start, allowed)
         return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
 
 
 class Block(nn.Module):
-    def __init__(self, config: BlockConfig, layer: int, causal: bool = True, locality: bool = False) -> None:
+    """``h = x + Proj(Attention(LN(x))); y = h + FFN(LN(h))``; ``attention(config, tokens)``
+    builds the attention (by default the language model's causal :class:`SelfAttention`)."""
+
+    # Which modules of a block hold each kind of parameter tokens (growth, pruning and the
+    # released layout all address them by these names).
+    KIND_MODULES: dict[str, tuple[str, ...]] = {
+        "qkv": ("attention.query", "attention.key", "attention.value"),
+        "proj": ("attention.proj",),
+        "ffn": ("mlp",),
+    }
+
+    def __init__(
+        self,
+        config: BlockConfig,
+        layer: int,
+        attention: Callable[[BlockConfig, dict[str, int]], SelfAttention] = SelfAttention,
+    ) -> None:
         super().__init__()
         tokens = config.tokens(layer)
         self.layer = layer
         self.eps = config.layernorm_eps
-        self.attention = SelfAttention(config, tokens, causal, locality)
+        self.attention = attention(config, tokens)
         self.mlp = make_ffn(config, tokens["ffn"])
+        # A torch.utils.checkpoint-style function, set by set_activation_checkpointing: with one,
+        # backward recomputes this block's activations instead of keeping them from the forward pass.
+        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
+
+    def modules_of_kind(self, kind: str) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every projection of token ``kind`` (qkv, proj or ffn) in this block."""
+        return [(name, self.get_submodule(name)) for name in self.KIND_MODULES[kind]]
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # The release's in-block LayerNorm has no learnable weight or bias.
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self._norm(x), cos, sin, cache, self.layer)
+        # Not with a cache: recomputing the block would write its keys and values twice.
+        if self.checkpoint_fn is not None and cache is None and torch.is_grad_enabled():
+            return self.checkpoint_fn(self._forward, x, cos, sin, None, allowed)
+        return self._forward(x, cos, sin, cache, allowed)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        allowed: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self._norm(x), cos, sin, cache, self.layer, allowed)
         return h + self.mlp(self._norm(h))
+
+
+def set_activation_checkpointing(
+    model: nn.Module,
+    enabled: bool = True,
+    checkpoint_fn: Callable[..., torch.Tensor] | None = None,
+    every_n_layers: int = 1,
+) -> None:
+    """Activation checkpointing of a model's transformer blocks: when gradients are recorded, each
+    block keeps only its input for backward and runs its forward pass again there, trading one more
+    forward pass of the blocks for the memory of their activations.
+
+    ``checkpoint_fn`` defaults to ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``;
+    ``every_n_layers`` checkpoints every n-th block only. Gradients are those without it.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks (tokenformer.model.Block) to checkpoint")
+    if not isinstance(every_n_layers, int) or every_n_layers < 1:
+        raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+    if checkpoint_fn is None:
+        checkpoint_fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for i, block in enumerate(blocks):
+        block.checkpoint_fn = checkpoint_fn if enabled and i % every_n_layers == 0 else None
 
 
 class TokenformerLM(nn.Module):
@@ -268,32 +327,100 @@ class TokenformerLM(nn.Module):
                 bad = low if low < 0 else high
                 raise ValueError(f"token id {bad} out of range; allowed: 0 <= id < vocab_size={self.config.vocab_size}")
 
+    def _check_padding(
+        self,
+        input_ids: torch.Tensor,
+        start: int,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> None:
+        batch, length = input_ids.shape
+        if attention_mask is not None:
+            expected = (batch, start + length)
+            if tuple(attention_mask.shape) != expected or attention_mask.is_floating_point():
+                raise ValueError(
+                    f"attention_mask must be an integer or bool tensor of shape [batch, cached + new tokens] = "
+                    f"{list(expected)} (1 for a token, 0 for padding), got {attention_mask.dtype} "
+                    f"{list(attention_mask.shape)}"
+                )
+        if position_ids is not None and (
+            position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length
+        ):
+            raise ValueError(
+                f"position_ids must have shape [batch, seq] = {[batch, length]} (or [1, seq]), "
+                f"got {list(position_ids.shape)}"
+            )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        every_layer: bool = False,
+    ) -> list[torch.Tensor]:
+        """The final (normalised) hidden states ``[B, T, d_model]`` in a list; with ``every_layer``
+        the input of every block first (``n_layers + 1`` tensors, as transformers'
+        ``output_hidden_states``). The arguments are :meth:`forward`'s."""
+        start = cache.length if cache is not None else 0
+        self._check_input(input_ids, start)
+        self._check_padding(input_ids, start, attention_mask, position_ids)
+        length = input_ids.shape[1]
+        allowed = None
+        if attention_mask is not None:
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)[:, start:]
+            # Without padding the mask changes nothing: the unmasked causal path is faster.
+            if not bool(attention_mask.all()):
+                allowed = padding_allowed(attention_mask, start, length)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + length, device=input_ids.device)
+        cos, sin = rotary_cos_sin(self.config, position_ids, self.word_embeddings.weight.dtype)
+        if cos.dim() == 3:  # positions per row: [B, T, dims] -> [B, 1, T, dims] against [B, H, T, head_dim]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        x = self.word_embeddings(input_ids)
+        states = []
+        for block in self.layers:
+            if every_layer:
+                states.append(x)
+            x = block(x, cos, sin, cache, allowed)
+        if cache is not None:
+            cache.length += length
+        return [*states, self.final_norm(x)]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of final hidden states: the output head is the word embedding (tied)."""
+        return F.linear(hidden, self.word_embeddings.weight)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, T, vocab]``; with ``targets`` (``-100`` ignored) also the mean cross-entropy."""
-        start = cache.length if cache is not None else 0
-        self._check_input(input_ids, start)
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        cos, sin = rotary_cos_sin(self.config, positions, self.word_embeddings.weight.dtype)
-        x = self.word_embeddings(input_ids)
-        for block in self.layers:
-            x = block(x, cos, sin, cache)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        logits = F.linear(self.final_norm(x), self.word_embeddings.weight)  # tied head
+        """Logits ``[B, T, vocab]``; with ``targets`` (``-100`` ignored) also the mean cross-entropy.
+
+        A batch of sequences of different lengths is padded and given ``attention_mask`` ``[B,
+        cached + T]`` (1 for a token, 0 for padding, cached tokens included): padding on the left for
+        generation, on the right for scoring (with ``-100`` targets there). Tokens then attend to
+        the tokens of their own row only, and their positions (``position_ids [B, T]``, by default
+        from the mask) count tokens, not padding: each row's logits are those of the row alone.
+        """
+        hidden = self.hidden_states(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids)
+        logits = self.logits(hidden[-1])
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: matrices (embedding, parameter tokens, linears) decay; norms do not."""
-        return weight_decay_groups(self, weight_decay)
+    def param_groups(self, weight_decay: float, token_weight_decay: float | None = None) -> list[dict]:
+        """AdamW groups: matrices (embedding, parameter tokens, linears) decay; norms do not.
+        ``token_weight_decay``: another decay for the parameter tokens (see :func:`weight_decay_groups`)."""
+        return weight_decay_groups(self, weight_decay, token_weight_decay=token_weight_decay)
 
     @torch.no_grad()
     def generate(
@@ -305,11 +432,13 @@ class TokenformerLM(nn.Module):
         top_p: float | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Continue ``input_ids [B, T]`` by up to ``max_new_tokens`` tokens with a KV cache.
 
         ``temperature=0`` is greedy decoding. Rows that emit ``eos_token_id`` are padded with it;
-        generation stops early once every row has.
+        generation stops early once every row has. Prompts of different lengths are padded on the
+        left with ``attention_mask`` (0 for padding); each row then continues as it would alone.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -320,8 +449,19 @@ class TokenformerLM(nn.Module):
                 f"prompt ({input_ids.shape[-1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                 f"max_seq_len={self.config.max_seq_len}"
             )
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"attention_mask must have the prompt's shape {list(input_ids.shape)}, "
+                    f"got {list(attention_mask.shape)}"
+                )
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError(
+                    "generate needs prompts padded on the left: the last position of every row must be a token "
+                    "(attention_mask 1)"
+                )
         cache = KVCache(self.config.n_layers, total)
-        logits = self(input_ids, cache=cache)[:, -1]
+        logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
         out = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
@@ -332,18 +472,45 @@ class TokenformerLM(nn.Module):
             out.append(token[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
-            logits = self(token[:, None], cache=cache)[:, -1]
+            if attention_mask is not None:
+                attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), 1)
+            logits = self(token[:, None], cache=cache, attention_mask=attention_mask)[:, -1]
         return torch.cat(out, dim=1)
 
 
-def weight_decay_groups(model: nn.Module, weight_decay: float, exclude: tuple[nn.Parameter, ...] = ()) -> list[dict]:
-    """Two AdamW groups: matrices decay; vectors (norms) and the parameters in ``exclude`` do not."""
+def weight_decay_groups(
+    model: nn.Module,
+    weight_decay: float,
+    exclude: tuple[nn.Parameter, ...] = (),
+    token_weight_decay: float | None = None,
+) -> list[dict]:
+    """AdamW groups: matrices decay; vectors (norms) and the parameters in ``exclude`` do not.
+
+    With ``token_weight_decay`` the Pattention parameter tokens (keys and values) form a third
+    group with that decay. Each group is named (``decay``, ``no_decay``, ``tokens``)."""
     skip = {id(p) for p in exclude}
+    tokens = set()
+    if token_weight_decay is not None:
+        tokens = {
+            id(p)
+            for m in model.modules()
+            if isinstance(m, Pattention)
+            for p in (m.key_param_tokens, m.value_param_tokens)
+        }
     params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2 and id(p) not in skip], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2 or id(p) in skip], "weight_decay": 0.0},
+    groups = [
+        {
+            "name": "decay",
+            "params": [p for p in params if p.dim() >= 2 and id(p) not in skip and id(p) not in tokens],
+            "weight_decay": weight_decay,
+        },
+        {"name": "no_decay", "params": [p for p in params if p.dim() < 2 or id(p) in skip], "weight_decay": 0.0},
     ]
+    if token_weight_decay is not None:
+        groups.append(
+            {"name": "tokens", "params": [p for p in params if id(p) in tokens], "weight_decay": token_weight_decay}
+        )
+    return groups
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

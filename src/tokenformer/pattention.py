@@ -9,7 +9,7 @@ For input ``X [..., d_in]``, key tokens ``K [n, d_in]`` and value tokens ``V [n,
 ``theta`` is one of the three normalisations of the released code (see ``NORMS``). The scale
 ``tau`` is fixed when the layer is created (``sqrt(n)`` then) and stored with the weights:
 appending parameter tokens must not rescale the scores of the old ones, or growth would change
-the function (a 26% output change was measured for 64 -> 96 tokens with a tau that follows n).
+the function (with a tau that follows n, every old score is rescaled by sqrt(n_new / n_old)).
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 # Only guards the all-zero row (an all-zero input), where the normalised result is 0 either
 # way; any real score row has a norm many orders of magnitude above it.
 _NORM_EPS = 1e-12
+
+
+def release_tau(num_tokens: int) -> float:
+    """The released code's score scale for ``num_tokens`` parameter tokens: ``sqrt(n)``."""
+    return math.sqrt(num_tokens)
 
 
 def check_norm(norm: str) -> str:
@@ -173,9 +178,11 @@ IMPLS = ("auto", "reference", "fused", "triton")
 
 @functools.cache
 def triton_available() -> bool:
-    """Whether the optional ``triton`` package imports (``pip install 'tokenformer[triton]'``)."""
+    """Whether the Triton kernels import: the optional ``triton`` package is installed (``pip install
+    'tokenformer[triton]'``) and so is their module, which the code a model directory carries for
+    transformers leaves out."""
     try:
-        import triton  # noqa: F401
+        from . import triton_kernels  # noqa: F401
     except ImportError:
         return False
     return True
@@ -245,8 +252,10 @@ class Pattention(nn.Module):
     """A batch-first drop-in for ``nn.Linear(in_features, out_features, bias=False)``.
 
     Parameters ``key_param_tokens [num_tokens, in_features]`` and ``value_param_tokens
-    [num_tokens, out_features]``; the buffer ``tau`` is saved in the state dict. ``impl`` chooses
-    the implementation (see :func:`pattention`); every choice computes the same function.
+    [num_tokens, out_features]``; the buffer ``tau`` is saved in the state dict. ``tau`` is the
+    score scale at creation: ``sqrt(num_tokens)`` unless given, then frozen (never recomputed
+    from the token count, so appending tokens keeps the function). ``impl`` chooses the
+    implementation (see :func:`pattention`); every choice computes the same function.
     """
 
     def __init__(
@@ -258,6 +267,7 @@ class Pattention(nn.Module):
         *,
         key_std: float = 0.02,
         value_std: float = 0.02,
+        tau: float | None = None,
         impl: str = "auto",
         device=None,
         dtype=None,
@@ -268,16 +278,19 @@ class Pattention(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features), ("num_tokens", num_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Pattention {name} must be a positive integer, got {value!r}")
+        if tau is not None and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"Pattention tau must be a finite number > 0 or None (sqrt(num_tokens)), got {tau!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.norm = check_norm(norm)
         self.key_std = key_std
         self.value_std = value_std
+        self.initial_tau = release_tau(num_tokens) if tau is None else float(tau)
         self.impl = impl
         factory = {"device": device, "dtype": dtype}
         self.key_param_tokens = nn.Parameter(torch.empty(num_tokens, in_features, **factory))
         self.value_param_tokens = nn.Parameter(torch.empty(num_tokens, out_features, **factory))
-        self.register_buffer("tau", torch.tensor(math.sqrt(num_tokens), **factory))
+        self.register_buffer("tau", torch.tensor(self.initial_tau, **factory))
         self.reset_parameters()
 
     @property
@@ -288,7 +301,7 @@ class Pattention(nn.Module):
         nn.init.normal_(self.key_param_tokens, std=self.key_std)
         nn.init.normal_(self.value_param_tokens, std=self.value_std)
         if not self.tau.is_meta:
-            self.tau.fill_(math.sqrt(self.num_tokens))
+            self.tau.fill_(self.initial_tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pattention(x, self.key_param_tokens, self.value_param_tokens, self.tau, self.norm, self.impl)

@@ -24,25 +24,18 @@ its overall contrast; ``patch_bias=True`` adds a constant input that keeps it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (
-    BlockConfig,
-    check_choice,
-    check_divides,
-    check_field,
-    check_positive_ints,
-    is_int,
-    is_number,
-    lookup_preset,
-)
-from .flops import block_parameters
-from .model import Block, make_projection, weight_decay_groups
+from .config import TOKEN_KINDS, BlockConfig
+from .flops import count_vision_parameters
+from .model import Block, SelfAttention, make_projection, weight_decay_groups
+from .validation import check, check_choice, check_divides, check_positive_ints, is_int, is_number, lookup_preset
 
 POOLS = ("cls", "mean")
 
@@ -80,6 +73,9 @@ class VisionConfig(BlockConfig):
     lsa: bool = False
     patch_bias: bool = False
 
+    # The init fields (tau_scale, ...) also address the patch projection and the head.
+    INIT_KINDS: ClassVar[tuple[str, ...]] = (*TOKEN_KINDS, "patch", "head")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(
@@ -87,15 +83,15 @@ class VisionConfig(BlockConfig):
         )
         check_divides(self, "patch_size", "image_size")
         check_choice(self, "pool", POOLS)
-        check_field(
+        check(
             self,
             "patch_shift",
             lambda v: is_int(v) and 0 <= v < self.patch_size,
             f"an integer number of pixels from 0 (off) to patch_size - 1 = {self.patch_size - 1}",
         )
-        check_field(self, "drop_path", lambda v: is_number(v) and 0 <= v < 1, "a probability in [0, 1)")
-        check_field(self, "lsa", lambda v: isinstance(v, bool), "true or false")
-        check_field(self, "patch_bias", lambda v: isinstance(v, bool), "true or false")
+        check(self, "drop_path", lambda v: is_number(v) and 0 <= v < 1, "a probability in [0, 1)")
+        check(self, "lsa", lambda v: isinstance(v, bool), "true or false")
+        check(self, "patch_bias", lambda v: isinstance(v, bool), "true or false")
 
     def drop_rates(self) -> list[float]:
         """Stochastic-depth rate of each block: 0 for the first, rising linearly to ``drop_path``."""
@@ -164,35 +160,6 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def count_vision_parameters(config: VisionConfig) -> int:
-    """Trainable parameters of a ``TokenformerViT`` built from ``config``."""
-    d = config.d_model
-    if config.projection == "pattention":
-        patch = config.patch_tokens * (config.patch_dim + d)
-        head = config.head_tokens * (d + config.num_classes)
-    else:
-        patch = config.patch_dim * d
-        head = d * config.num_classes
-    class_token = d if config.pool == "cls" else 0
-    temperatures = config.n_layers if config.lsa else 0
-    return patch + class_token + config.seq_len * d + block_parameters(config) + temperatures + 2 * d + head
-
-
-def training_flops_per_image(config: VisionConfig) -> int:
-    """Forward + backward FLOPs per image, by the conventions of :mod:`tokenformer.flops`: every
-    token of the sequence passes the block weights and attends to the whole sequence; the patch
-    projection runs once per patch and the head once per image."""
-    d, n = config.d_model, config.seq_len
-    patch_weights = (
-        config.patch_tokens * (config.patch_dim + d) if config.projection == "pattention" else config.patch_dim * d
-    )
-    head_weights = (
-        config.head_tokens * (d + config.num_classes) if config.projection == "pattention" else d * config.num_classes
-    )
-    blocks = n * (2 * block_parameters(config) + 2 * 2 * n * d * config.n_layers)
-    return 3 * (blocks + 2 * patch_weights * config.num_patches + 2 * head_weights)
-
-
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[B, C, H, W] -> [B, N, C * p * p]``, patches in raster order, channel-major inside a patch."""
     batch, channels, height, width = images.shape
@@ -213,6 +180,56 @@ def shifted_views(images: torch.Tensor, shift: int) -> torch.Tensor:
     return torch.cat([images, *views], dim=1)
 
 
+# On CPU, PyTorch's fused attention kernels cost more than the plain softmax(QK^T)V for the short
+# sequences of small images (benchmarks/results/attention-cpu*.md measure where they cross): up
+# to this length the CPU takes the explicit form.
+EXPLICIT_ATTENTION_MAX_LEN = 49
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(head_dim)) v`` computed step by step; ``allowed`` (boolean,
+    broadcastable to the scores) masks out the False pairs, as ``scaled_dot_product_attention``'s
+    boolean ``attn_mask`` does. The softmax runs in at least float32 (as SDPA's CPU kernels accumulate),
+    under bf16 autocast too."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ v
+
+
+def bidirectional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention without a causal mask: the explicit form for short sequences on CPU, else SDPA."""
+    if q.device.type == "cpu" and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_LEN:
+        return explicit_attention(q, k, v, allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+class BidirectionalAttention(SelfAttention):
+    """Every patch token attends to every other (no causal mask, no cache).
+
+    ``locality=True`` is locality self-attention (Lee et al., 2021): a token does not attend to
+    itself, and the softmax temperature is learned, as ``log_temperature`` (a scalar added to
+    the log of the usual 1/sqrt(head_dim) scale, starting at 0).
+    """
+
+    def __init__(self, config: BlockConfig, tokens: dict[str, int], locality: bool = False) -> None:
+        super().__init__(config, tokens)
+        self.log_temperature = nn.Parameter(torch.zeros(())) if locality else None
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.log_temperature is not None:
+            q = q * self.log_temperature.exp().to(q.dtype)
+            others = ~torch.eye(q.shape[2], dtype=torch.bool, device=q.device)
+            allowed = others if allowed is None else allowed & others
+        return bidirectional_attention(q, k, v, allowed)
+
+
 def drop_path(update: torch.Tensor, rate: float) -> torch.Tensor:
     """Stochastic depth on a residual update ``[B, ...]``: zero for each sample with probability
     ``rate``, divided by ``1 - rate`` otherwise (the expectation is unchanged)."""
@@ -225,12 +242,13 @@ class TokenformerViT(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.patch_proj = make_projection(config, config.patch_tokens, config.init_std, config.patch_dim, d)
+        self.patch_proj = make_projection(config, "patch", config.patch_tokens, config.init_std, config.patch_dim, d)
         self.cls_token = nn.Parameter(torch.empty(1, 1, d)) if config.pool == "cls" else None
         self.pos_embedding = nn.Parameter(torch.empty(1, config.seq_len, d))
-        self.layers = nn.ModuleList(Block(config, i, causal=False, locality=config.lsa) for i in range(config.n_layers))
+        attention = functools.partial(BidirectionalAttention, locality=config.lsa)
+        self.layers = nn.ModuleList(Block(config, i, attention) for i in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layernorm_eps)
-        self.head = make_projection(config, config.head_tokens, config.init_std, d, config.num_classes)
+        self.head = make_projection(config, "head", config.head_tokens, config.init_std, d, config.num_classes)
         nn.init.normal_(self.pos_embedding, std=config.init_std)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=config.init_std)
@@ -277,7 +295,8 @@ class TokenformerViT(nn.Module):
             return logits
         return logits, F.cross_entropy(logits.float(), labels)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: matrices decay; norms, the position embedding and the class token do not (as in ViT)."""
+    def param_groups(self, weight_decay: float, token_weight_decay: float | None = None) -> list[dict]:
+        """AdamW groups: matrices decay; norms, the position embedding and the class token do not (as in ViT).
+        ``token_weight_decay``: another decay for the parameter tokens (see :func:`weight_decay_groups`)."""
         exclude = (self.pos_embedding,) if self.cls_token is None else (self.pos_embedding, self.cls_token)
-        return weight_decay_groups(self, weight_decay, exclude)
+        return weight_decay_groups(self, weight_decay, exclude, token_weight_decay)

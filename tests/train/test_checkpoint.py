@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_train_options
 
-from tokenformer.io import load_model
+from tokenformer.families import load_model
 from tokenformer.train import (
     CheckpointError,
     TrainConfig,
@@ -111,3 +111,134 @@ def test_outputs_get_ordinary_permissions(run):
     assert checkpoint.stat().st_mode & 0o777 == DIR_MODE  # not tempfile's private 0700
     assert (checkpoint / "model.safetensors").stat().st_mode & 0o777 == FILE_MODE
     assert (run[0] / "metrics.jsonl").stat().st_mode & 0o777 == FILE_MODE
+
+
+def weights(path):
+    return load_model(path).state_dict()
+
+
+def same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rewind_leaves_checkpoints_with_the_new_weights(run, tmp_path, corpus_file, cache_dir):
+    """Resumed from step 4 of a run that reached 12, with another learning rate: the checkpoints of
+    steps 8 and 12 are the new run's; the old ones are set aside (renamed), never resumed from."""
+    out = copy_run(run[0], tmp_path / "run")
+    old = {p.name: weights(p) for p in list_checkpoints(out)}
+    options = tiny_train_options(corpus_file, cache_dir, out, resume=str(list_checkpoints(out)[0]), lr=1e-3)
+    trainer = Trainer(TrainConfig(**options))
+    with pytest.warns(UserWarning, match=r"set aside 2 checkpoint\(s\) this run does not continue"):
+        trainer.fit()
+    trainer.close()
+    paths = list_checkpoints(out)
+    assert [p.name for p in paths] == ["step-00000004", "step-00000008", "step-00000012"]
+    assert trainer.last_checkpoint == paths[-1]
+    assert same_weights(weights(paths[-1]), trainer.model.state_dict())
+    for path in paths[1:]:
+        assert not same_weights(weights(path), old[path.name]), path.name
+        assert load_checkpoint(path).trainer_state["train_config"]["lr"] == 1e-3
+        assert same_weights(weights(path.with_name(f"{path.name}.superseded")), old[path.name])
+    assert same_weights(weights(paths[0]), old["step-00000004"])
+    resumed = Trainer(TrainConfig(**{**options, "resume": "auto"}))
+    assert resumed.state.step == 12 and same_weights(resumed.model.state_dict(), trainer.model.state_dict())
+
+
+def test_rewind_to_fewer_steps_is_what_resume_auto_continues(run, tmp_path, corpus_file, cache_dir):
+    out = copy_run(run[0], tmp_path / "run")
+    options = tiny_train_options(corpus_file, cache_dir, out, resume=str(list_checkpoints(out)[0]), max_steps=8)
+    trainer = Trainer(TrainConfig(**options))
+    with pytest.warns(UserWarning, match=r"step-00000008.superseded, step-00000012.superseded"):
+        trainer.fit()
+    trainer.close()
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000004", "step-00000008"]
+    resumed = Trainer(TrainConfig(**{**options, "resume": "auto"}))
+    assert resumed.state.step == 8 and same_weights(resumed.model.state_dict(), trainer.model.state_dict())
+
+
+def test_a_checkpoint_of_an_existing_step_is_replaced(tmp_path, corpus_file, cache_dir):
+    """Saving again at a step already checkpointed (here after growth) replaces the checkpoint."""
+    trainer = Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=4)))
+    trainer.fit()
+    path = trainer.last_checkpoint
+    trainer.grow(ffn_tokens=48)
+    assert trainer.save_checkpoint() == path
+    trainer.close()
+    assert load_checkpoint(path).model.config.ffn_tokens == 48
+    assert same_weights(weights(path), trainer.model.state_dict())
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [path.name]  # nothing left aside
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_every_remaining_one_loads(run, tmp_path, corpus_file, cache_dir):
+    out = copy_run(run[0], tmp_path / "run")
+    newest = list_checkpoints(out)[-1]
+    os.truncate(newest / "model.safetensors", 100)
+    with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
+        trainer = Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, out, resume="auto")))
+    with pytest.warns(UserWarning, match=r"step-00000012\.corrupt"):
+        trainer.fit()
+    trainer.close()
+    assert trainer.resumed_from.name == "step-00000008"
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000004", "step-00000008", "step-00000012"]
+    for path in list_checkpoints(out):
+        load_checkpoint(path)
+    assert (out / "checkpoints" / "step-00000012.corrupt" / "model.safetensors").stat().st_size == 100
+    assert latest_checkpoint(out) == newest  # a rerun finds nothing to fall back from
+
+
+def test_all_checkpoints_corrupt_starts_afresh_and_keeps_its_new_checkpoints(run, tmp_path, corpus_file, cache_dir):
+    out = copy_run(run[0], tmp_path / "run")
+    for path in list_checkpoints(out):
+        os.truncate(path / "optimizer.safetensors", 10)
+    options = tiny_train_options(corpus_file, cache_dir, out, resume="auto", keep_last=2)
+    with pytest.warns(UserWarning):
+        trainer = Trainer(TrainConfig(**options))
+        assert trainer.resumed_from is None and trainer.state.step == 0
+        trainer.fit()
+    trainer.close()
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000008", "step-00000012"]  # the new ones, kept
+    for path in list_checkpoints(out):
+        load_checkpoint(path)
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.corrupt")) == [
+        "step-00000004.corrupt",
+        "step-00000008.corrupt",
+        "step-00000012.corrupt",
+    ]
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
+    from tokenformer.train.checkpoint import prune_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (folder / f"step-0000000{step}").mkdir(parents=True)
+    prune_checkpoints(tmp_path, keep_last=1, keep=folder / "step-00000001")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000003"]
+
+
+def test_a_second_writer_in_one_process_is_refused(tmp_path, corpus_file, cache_dir):
+    from tokenformer.io import DirectoryLocked
+
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=2, eval_interval=2)
+    first = Trainer(TrainConfig(**options))
+    first.fit()
+    second = Trainer(TrainConfig(**{**options, "resume": "auto"}))
+    with pytest.raises(DirectoryLocked, match=r"in use by another writer \(this process, pid \d+"):
+        second.fit()
+    first.close()
+    second.fit()  # free now
+    second.close()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, corpus_file, cache_dir):
+    import json
+    import socket
+
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname(), "since": "long ago"}))
+    trainer = Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=2)))
+    trainer.fit()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    trainer.close()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002"]

@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo): DDP and FSDP2 reproduce a single-process run (DDP with a
 moving average of the weights too); sharded checkpoints resume on 1 and 2 ranks; growth of a
-sharded run; a killed rank fails the job fast."""
+sharded run; a killed rank fails the job fast; an image classifier trained with DDP is tested on
+its test split."""
 
 import json
 import os
@@ -14,8 +15,10 @@ import psutil
 import pytest
 import torch
 from conftest import cli_flags, tiny_train_options
+from test_vision_data import fake_fashion_mnist
+from test_vision_train import vision_options
 
-from tokenformer import io
+from tokenformer import families, io
 from tokenformer.cli import main
 from tokenformer.train import TrainConfig, Trainer, list_checkpoints, read_metrics, verify_checkpoint
 from tokenformer.train.parallel import Distributed, RankSlice
@@ -72,9 +75,11 @@ def test_ddp_and_fsdp_reproduce_the_single_process_losses(runs):
     single = losses(root / "single")
     for strategy in ("ddp", "fsdp"):
         assert_same_curve(losses(root / strategy), single, range(1, STEPS + 1))
-        assert_same_curve(losses(root / strategy, "val"), losses(root / "single", "val"), (10, 20))
+        assert_same_curve(
+            losses(root / strategy, "val", "val_loss"), losses(root / "single", "val", "val_loss"), (10, 20)
+        )
         records = read_metrics(root / strategy / "metrics.jsonl")
-        assert [r["tokens"] for r in records if r["kind"] == "train"][
+        assert [r["train_tokens"] for r in records if r["kind"] == "train"][
             -1
         ] == STEPS * 2 * 4 * 32  # the global batch, counted once
 
@@ -92,7 +97,7 @@ def test_ddp_keeps_the_moving_average_of_one_process(tmp_path, corpus_file, cach
     )
     main(["train", *cli_flags(options)])
     torchrun(2, {**options, "out_dir": str(tmp_path / "ddp"), "strategy": "ddp"})
-    for key in ("loss", "loss_raw"):  # the averaged weights' validation loss, and the live weights'
+    for key in ("val_loss", "val_loss_raw"):  # the averaged weights' validation loss, and the live weights'
         assert_same_curve(losses(tmp_path / "ddp", "val", key), losses(tmp_path / "single", "val", key), (5, 10))
     single, ddp = (
         io.load_weights(list_checkpoints(tmp_path / run)[-1] / "ema.safetensors") for run in ("single", "ddp")
@@ -123,7 +128,7 @@ def test_consolidate_turns_sharded_into_single_file_and_back(runs, tmp_path, cap
     for source, out in ((sharded, "single"), (tmp_path / "single", "sharded"), (tmp_path / "sharded", "again")):
         main(["consolidate", "--checkpoint", str(source), "--out", str(tmp_path / out)])
     assert "as a single-file checkpoint" in capsys.readouterr().out
-    first, again = io.load_model(tmp_path / "single"), io.load_model(tmp_path / "again")
+    first, again = families.load_model(tmp_path / "single"), families.load_model(tmp_path / "again")
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
     assert (tmp_path / "single" / "optimizer.safetensors").read_bytes() == (
@@ -159,7 +164,9 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
     )
     assert "function preserving: True" in capsys.readouterr().out
     before = [
-        r["loss"] for r in read_metrics(root / "fsdp" / "metrics.jsonl") if r["kind"] == "val" and r["step"] == STEPS
+        r["val_loss"]
+        for r in read_metrics(root / "fsdp" / "metrics.jsonl")
+        if r["kind"] == "val" and r["step"] == STEPS
     ][0]
     grown = {
         **options,
@@ -187,7 +194,20 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
         "step-00000022",
         "step-00000024",
     ]  # fit writes one at its last step
-    assert io.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
+    assert families.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
+
+
+def test_a_vision_run_under_ddp_writes_the_test_metrics_of_one_process(tmp_path):
+    data = fake_fashion_mnist(tmp_path / "fm", n_train=200, n_test=20)
+    options = vision_options(tmp_path / "single", data, max_steps=8, eval_interval=4, ckpt_interval=4)
+    main(["train", *cli_flags(options)])
+    stdout = torchrun(2, {**options, "out_dir": str(tmp_path / "ddp"), "strategy": "ddp"})
+    assert stdout.count("test accuracy") == 1, stdout  # rank 0 reports the test, for both ranks
+    single, ddp = (json.loads((tmp_path / run / "test_metrics.json").read_text()) for run in ("single", "ddp"))
+    assert ddp["count"] == single["count"] == 20
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    assert abs(ddp["accuracy"] - single["accuracy"]) <= 1 / 20  # at most one image on the edge of a decision
+    assert (tmp_path / "ddp" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_file, cache_dir):
@@ -245,3 +265,26 @@ def test_bad_distributed_options_are_refused_with_what_is_allowed(tmp_path, corp
         Trainer(TrainConfig(**tiny_train_options(corpus_file, cache_dir, tmp_path, strategy="fsdp")))
     with pytest.raises(ValueError, match=r"batch_size=3 does not split over 2 ranks"):
         RankSlice(None, 3, Distributed("ddp", 0, 2))
+
+
+def test_a_locked_run_fails_every_rank_at_once(tmp_path, corpus_file, cache_dir):
+    """Rank 0 holds the run's lock for all ranks; when it cannot, no rank waits for it."""
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", strategy="ddp", threads=1, dist_timeout=300)
+    held = io.DirectoryLock(tmp_path / "run")
+    try:
+        started = time.monotonic()
+        done = subprocess.run(
+            torchrun_command(2, "-m", "tokenformer.cli", "train", *cli_flags(options)),
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        held.release()
+    assert done.returncode != 0
+    assert time.monotonic() - started < 120, "a rank waited for the others"
+    assert f"error: {tmp_path / 'run'} is in use by another writer (this process" not in done.stderr
+    assert f"error: {tmp_path / 'run'} is in use by another writer (pid {os.getpid()} on host" in done.stderr
+    assert "error: rank 0 failed: DirectoryLocked" in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -33,7 +33,7 @@ def test_training_lowers_validation_loss_and_writes_outputs(tmp_path, corpus_fil
     run = tmp_path / "run"
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 31))
-    assert {"loss", "lr", "tokens", "flops", "tokens_per_s"} <= set(records[0])
+    assert {"loss", "lr", "train_tokens", "train_flops", "tokens_per_s"} <= set(records[0])
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert TrainConfig(**yaml.safe_load((run / "train_config.yaml").read_text())) == trainer.config
     if importlib.util.find_spec("tensorboard") is not None:
@@ -240,3 +240,27 @@ def test_standard_error_of_the_mean():
     # sample s.d. of 1, 2, 3, 4.5 is sqrt(2.2292) = 1.4930; over sqrt(4)
     assert standard_error([1.0, 2.0, 3.0, 4.5]) == pytest.approx(0.746520, abs=1e-6)
     assert math.isnan(standard_error([0.9]))
+
+
+def test_activation_checkpointing_trains_the_same_weights(tmp_path, corpus_file, cache_dir):
+    weights, losses = [], []
+    for checkpointing in (False, True):
+        trainer = make_trainer(
+            tmp_path / str(checkpointing),
+            corpus_file,
+            cache_dir,
+            max_steps=4,
+            eval_interval=4,
+            ckpt_interval=4,
+            activation_checkpointing=checkpointing,
+        )
+        trainer.fit(2)
+        trainer.grow(qkv_tokens=24, ffn_tokens=48)  # grown blocks are checkpointed too
+        assert all((block.checkpoint_fn is not None) == checkpointing for block in trainer.model.layers)
+        trainer.fit()
+        trainer.close()
+        weights.append(trainer.model.state_dict())
+        losses.append([r["val_loss"] for r in trainer.state.val_history])
+    assert losses[0] == losses[1]
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name

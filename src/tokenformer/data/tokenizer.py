@@ -85,9 +85,8 @@ class Tokenizer:
         self.json_text = json_text
         self.fingerprint = hashlib.sha256(json_text.encode("utf-8")).hexdigest()
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.eos_id = next(
-            (backend.token_to_id(t) for t in (EOS_TOKEN, "</s>", "<eos>") if backend.token_to_id(t) is not None), None
-        )
+        self.eos_token = next((t for t in (EOS_TOKEN, "</s>", "<eos>") if backend.token_to_id(t) is not None), None)
+        self.eos_id = backend.token_to_id(self.eos_token) if self.eos_token is not None else None
 
     @classmethod
     def from_json(cls, json_text: str) -> Tokenizer:

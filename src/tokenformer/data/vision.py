@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import is_int, is_number
+from ..validation import is_int, is_number
 
 try:  # NumPy >= 2 (and the forward-compatibility alias of 1.26)
     from numpy._core import multiarray as _np_multiarray
@@ -362,7 +362,7 @@ class ImageBatches:
         )
         self.erase_prob = float(erase_prob)
         # Batches are put together in NumPy: on a busy CPU, torch's small indexing ops pay for
-        # waking its thread pool and take 20x longer.
+        # waking its thread pool and take far longer.
         self._images, self._labels = dataset.images.numpy(), dataset.labels.numpy()
         self._scale = (1.0 / (255.0 * std)).numpy().reshape(1, -1, 1, 1)
         self._shift = (mean / std).numpy().reshape(1, -1, 1, 1)

@@ -2,8 +2,10 @@
 
 - :mod:`.released`: the released ``pytorch_model.bin`` key layout to and from ``TokenformerLM``.
 - :mod:`.convert`: a released checkpoint (local or on the hub) to a model directory of ours.
-- :mod:`.tokenizer`: the GPT-NeoX-20B tokenizer, stored beside a model for ``AutoTokenizer``.
-- :mod:`.hf` (extra ``[hf]``): ``TokenformerForCausalLM`` for transformers, ``to_hf``/``from_hf``.
+- :mod:`.tokenizer`: a model's tokenizer, stored beside it for ``AutoTokenizer``.
+- :mod:`.hub`: the rest of a hub folder (model code and ``auto_map``, generation config, card).
+- :mod:`.hf` (extra ``[hf]``): ``to_hf``/``from_hf``; the transformers classes themselves are
+  ``tokenformer.modeling_tokenformer`` (they travel with every model directory).
 - :mod:`.harness` (extra ``[eval]``): lm-evaluation-harness on our model directories.
 
 Nothing here imports transformers until it is used.

@@ -1,9 +1,10 @@
 """Released checkpoint (local or on the hub) -> a model directory of ours.
 
-The directory is exactly what :func:`tokenformer.io.save_model` writes (``config.json`` with
-``model_type: tokenformer`` and ``model.safetensors``), plus the tokenizer files when a
-tokenizer is given, so ``tokenformer.io.load_model``, ``AutoModelForCausalLM.from_pretrained``
-and lm-evaluation-harness all read it.
+The directory is exactly what :func:`tokenformer.save_model` writes (``config.json`` with
+``model_type: tokenformer``, ``model.safetensors``, the model code and card, and the tokenizer
+files when a tokenizer is given), so ``tokenformer.load_model``,
+``AutoModelForCausalLM.from_pretrained`` (with ``trust_remote_code=True`` where tokenformer is not
+installed) and lm-evaluation-harness all read it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 import torch
 
 from ..config import TokenformerConfig
-from ..io import CONFIG_NAME, save_model
+from ..families import CONFIG_NAME, save_model
 from .released import HUB_MODELS, download_released, load_released
-from .tokenizer import GPT_NEOX_TOKENIZER_REPO, TOKENIZER_NAME, save_tokenizer
+from .tokenizer import GPT_NEOX_TOKENIZER_REPO, TOKENIZER_NAME, as_tokenizer
 
 
 def convert_released(
@@ -38,10 +39,9 @@ def convert_released(
         raise FileExistsError(
             f"{destination} already holds a model ({CONFIG_NAME}); pass overwrite=True (--overwrite) to replace it"
         )
+    tokenizer = as_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
     model = load_released(source, config, n_heads=n_heads)
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, destination, model.config.max_seq_len)
-    return save_model(model, destination)
+    return save_model(model, destination, tokenizer)
 
 
 def convert_from_hub(

@@ -1,9 +1,12 @@
 """lm-evaluation-harness on TokenFormer models (extra ``[eval]``).
 
-Our model directories (``tokenformer.io.save_model``, ``tokenformer convert``) are transformers
-directories, so lm-eval's own ``hf`` model runs them once ``tokenformer`` is imported (which
-registers the ``tokenformer`` model type). From a shell, ``python -m tokenformer.interop.harness``
-is the ``lm_eval`` command with that registration done, and takes lm_eval's arguments::
+Our model directories (``tokenformer.save_model``, ``tokenformer convert``, training
+checkpoints) are hub folders with their own code, so plain ``lm_eval`` runs them::
+
+    lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks piqa
+
+``python -m tokenformer.interop.harness`` is the ``lm_eval`` command with ``tokenformer``
+imported (its registered classes, no ``trust_remote_code``) and takes lm_eval's arguments::
 
     python -m tokenformer.interop.harness --model hf --model_args pretrained=DIR --tasks piqa
 """
@@ -15,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import CONFIG_NAME
+from ..families import CONFIG_NAME
 from ..model import TokenformerLM
-from .tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, hf_tokenizer_config, load_tokenizer
+from .tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, as_tokenizer, hf_tokenizer_config
 
 # The paper's zero-shot suite (accuracy on each; the average is the reported figure).
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
@@ -30,9 +33,9 @@ def _hf_tokenizer(path: str | Path, model_max_length: int):
     path = Path(path).expanduser()
     if path.is_dir() and (path / TOKENIZER_CONFIG_NAME).is_file():
         return AutoTokenizer.from_pretrained(str(path))
-    backend = load_tokenizer(path)
-    special = {k: v for k, v in hf_tokenizer_config(backend, model_max_length).items() if k != "tokenizer_class"}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    tokenizer = as_tokenizer(path)
+    special = {k: v for k, v in hf_tokenizer_config(tokenizer, model_max_length).items() if k != "tokenizer_class"}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, **special)
 
 
 def evaluate(
@@ -76,7 +79,8 @@ def evaluate(
         directory = Path(model).expanduser()
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(
-                f"no {CONFIG_NAME} in {directory}: not a model directory (made by tokenformer convert or io.save_model)"
+                f"no {CONFIG_NAME} in {directory}: not a model directory "
+                "(made by tokenformer convert or tokenformer.save_model)"
             )
         tokenizer = directory if tokenizer is None else tokenizer
         if Path(tokenizer).is_dir() and not (Path(tokenizer) / TOKENIZER_NAME).is_file():

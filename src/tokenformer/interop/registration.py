@@ -2,8 +2,9 @@
 
 Importing transformers' model code takes seconds, more than ``import tokenformer`` itself, so
 registration waits for the moment transformers loads its Auto mappings: the config class when
-``AutoConfig``'s module is imported, the model class when ``AutoModelForCausalLM``'s is (both
-load the same code then anyway). If they are already loaded, registration happens at once.
+``AutoConfig``'s module is imported, the model classes when that of ``AutoModel`` and
+``AutoModelForCausalLM`` is (it loads the same code then anyway). If they are already loaded,
+registration happens at once.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ from collections.abc import Callable
 def _register_config() -> None:
     from transformers.models.auto.configuration_auto import AutoConfig
 
-    from .hf_config import MODEL_TYPE, TokenformerHFConfig
+    from ..configuration_tokenformer import MODEL_TYPE, TokenformerHFConfig
 
     AutoConfig.register(MODEL_TYPE, TokenformerHFConfig, exist_ok=True)
 
 
 def _register_model() -> None:
-    from transformers.models.auto.modeling_auto import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import AutoModel, AutoModelForCausalLM
 
-    from .hf import TokenformerForCausalLM
-    from .hf_config import TokenformerHFConfig
+    from ..configuration_tokenformer import TokenformerHFConfig
+    from ..modeling_tokenformer import TokenformerForCausalLM, TokenformerModel
 
+    AutoModel.register(TokenformerHFConfig, TokenformerModel, exist_ok=True)
     AutoModelForCausalLM.register(TokenformerHFConfig, TokenformerForCausalLM, exist_ok=True)
 
 

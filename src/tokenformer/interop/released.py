@@ -18,8 +18,9 @@ import torch
 
 from ..config import PRESETS, TOKEN_KINDS, TokenformerConfig
 from ..growth import growth_summary
-from ..io import file_or_inside
-from ..model import TokenformerLM
+from ..io import file_or_inside, one_line
+from ..model import Block, TokenformerLM
+from ..pattention import release_tau
 
 RELEASED_WEIGHTS_NAME = "pytorch_model.bin"
 HUB_MODELS = {
@@ -30,13 +31,7 @@ HUB_MODELS = {
 }
 EMBEDDING_KEY = "sequential.0.word_embeddings.weight"
 # Module paths shared by both layouts below the layer prefix, with the token kind each uses.
-PATTENTIONS = {
-    "attention.query": "qkv",
-    "attention.key": "qkv",
-    "attention.value": "qkv",
-    "attention.proj": "proj",
-    "mlp": "ffn",
-}
+PATTENTIONS = {name: kind for kind, names in Block.KIND_MODULES.items() for name in names}
 PARTS = ("key_param_tokens", "value_param_tokens")
 # How many of its keys the error for an unrecognisable state dict shows.
 _KEYS_SHOWN = 20
@@ -185,7 +180,7 @@ def released_to_ours(state_dict: Mapping[str, torch.Tensor], config: Tokenformer
     for name in ours:
         if name.endswith(".tau"):
             keys = converted[name[: -len("tau")] + "key_param_tokens"]
-            converted[name] = torch.tensor(math.sqrt(keys.shape[0]), dtype=keys.dtype)
+            converted[name] = torch.tensor(release_tau(keys.shape[0]), dtype=keys.dtype)
     return converted
 
 
@@ -198,16 +193,17 @@ def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
     config = model.config
     _require_pattention(config)
     grown = [
-        f"layers.{entry['layer']}.{name}: tau={info['tau']:.6g}, sqrt({info['tokens']})={math.sqrt(info['tokens']):.6g}"
+        f"layers.{entry['layer']}.{name}: tau={info['tau']:.6g}, "
+        f"sqrt({info['tokens']})={release_tau(info['tokens']):.6g}"
         for entry in growth_summary(model)
         for name, info in entry.items()
-        if name != "layer" and not math.isclose(info["tau"], math.sqrt(info["tokens"]), rel_tol=1e-6)
+        if name != "layer" and not math.isclose(info["tau"], release_tau(info["tokens"]), rel_tol=1e-6)
     ]
     if grown:
         raise ValueError(
             "the released layout stores no tau and computes sqrt(token count); these layers have another tau "
             f"(a grown model) and would change function: {'; '.join(grown)}. "
-            "Save with tokenformer.io.save_model instead."
+            "Save with tokenformer.save_model instead."
         )
     state = model.state_dict()
     return {released: state[mine] for released, mine in released_key_map(config).items()}
@@ -221,7 +217,7 @@ def read_released(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # pickle, zip and torch's weights-only errors have no common base
         raise ValueError(
             f"cannot read {path} as a state dict of tensors (weights_only=True refuses anything else; the file may be "
-            f"truncated, or not a PyTorch checkpoint): {exc}"
+            f"truncated, or not a PyTorch checkpoint): {one_line(exc)}"
         ) from exc
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")

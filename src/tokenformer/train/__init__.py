@@ -10,13 +10,14 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .lm import LanguageModelingTask, evaluate_windows, language_modeling_task, prepare_data
-from .metrics import read_metrics
+from .metrics import Logger, read_metrics
 from .task import Task
 from .trainer import Trainer, TrainingDiverged, TrainState, lr_at
 
 __all__ = [
     "CheckpointError",
     "LanguageModelingTask",
+    "Logger",
     "Task",
     "TrainConfig",
     "TrainState",

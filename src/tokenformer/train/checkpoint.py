@@ -2,7 +2,10 @@
 
 A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNNN``::
 
-    config.json, model.safetensors   the model (tokenformer.io's model directory format)
+    config.json, model.safetensors   the model directory of tokenformer.save_model; a language
+                                     model's is a Hugging Face hub folder: with its code (*.py),
+                                     README.md and, beside the tokenizer, tokenizer_config.json,
+                                     special_tokens_map.json and generation_config.json
     tokenizer.json                   the tokenizer it was trained with (when there is one)
     optimizer.safetensors            optimizer moments and RNG states
     ema.safetensors                  the moving average of the weights (with ``ema_decay``), a
@@ -11,9 +14,10 @@ A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNNN``::
                                      hyperparameters, the resolved training config
     manifest.json                    size and sha256 of every file above, written last
 
-It is built in a hidden staging folder and renamed into place, so a crash never leaves a
-half-written checkpoint under its real name; the manifest catches later truncation or bit rot.
-The model directory loads on its own with ``tokenformer.io.load_model``.
+It is built in a hidden staging folder and renamed into place (swapped for an older checkpoint
+of the same step), so a crash never leaves a half-written checkpoint under its real name; the
+manifest catches later truncation or bit rot. The model directory loads on its own with
+``tokenformer.load_model``.
 
 A *sharded* checkpoint (written by ``--strategy fsdp``) has the same layout except that the
 weights and optimizer moments are ``torch.distributed.checkpoint`` shards::
@@ -23,7 +27,10 @@ weights and optimizer moments are ``torch.distributed.checkpoint`` shards::
     dcp/                             the model and optimizer state, one file per writing rank
 
 It loads on any number of ranks (DCP reshards on load), including one process without a
-process group; ``tokenformer consolidate`` turns it into the single-file format and back.
+process group; ``tokenformer consolidate`` turns it into the single-file format and back. DCP
+pickles its metadata and the non-tensor values (optimizer hyperparameters); loading reads them
+with unpicklers that accept only DCP's metadata classes and plain data, so no code in a
+checkpoint runs, sharded or not.
 """
 
 from __future__ import annotations
@@ -31,17 +38,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import pickle
 import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import io
+from .. import families, io
+from ..data.tokenizer import Tokenizer
+from ..validation import is_int
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -116,8 +127,12 @@ def save_checkpoint(
     rng: dict[str, torch.Tensor] | None = None,
     sharded: bool = False,
     ema: dict[str, torch.Tensor] | None = None,
+    replace: bool = False,
 ) -> Path:
     """Write a complete checkpoint at ``directory`` (which must not exist yet), atomically.
+
+    With ``replace`` an existing ``directory`` is swapped for the new checkpoint in one step once
+    the new one is complete.
 
     ``rng`` defaults to this process's RNG states. ``sharded`` writes the weights and optimizer
     state with ``torch.distributed.checkpoint``: then this is a collective call, every rank
@@ -130,12 +145,12 @@ def save_checkpoint(
     directory = Path(directory)
     if ema is not None and sharded:
         raise ValueError("a sharded checkpoint cannot hold averaged weights (ema); allowed: ema=None with sharded=True")
-    if directory.exists():
+    if directory.exists() and not replace:
         raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
     collective = sharded and dist.is_initialized()
     main = not collective or dist.get_rank() == 0
     rng = rng_tensors() if rng is None else rng
-    with io.atomic_directory(directory) if main else contextlib.nullcontext() as staging:
+    with io.atomic_directory(directory, replace=replace) if main else contextlib.nullcontext() as staging:
         if sharded:
             import torch.distributed.checkpoint as dcp
 
@@ -147,17 +162,18 @@ def save_checkpoint(
                 dcp.save(_named_state(model, optimizer), checkpoint_id=staging / SHARDS)
         if main:
             if sharded:
-                io.save_model_config(model, staging)
+                families.save_model_config(model, staging)
                 io.save_weights(rng, staging / RNG)
+                if tokenizer_json is not None:
+                    io.atomic_write_text(staging / TOKENIZER, tokenizer_json)
             else:
-                io.save_model(model, staging)
+                tokenizer = Tokenizer.from_json(tokenizer_json) if tokenizer_json is not None else None
+                families.save_model(model, staging, tokenizer)
                 tensors, meta = optimizer_to_tensors(optimizer.state_dict())
                 io.save_weights({**tensors, **rng}, staging / OPTIMIZER)
                 if ema is not None:
                     io.save_weights(ema, staging / EMA)
                 trainer_state = {**trainer_state, "optimizer": meta}
-            if tokenizer_json is not None:
-                io.atomic_write_text(staging / TOKENIZER, tokenizer_json)
             io.atomic_write_text(staging / STATE, json.dumps(trainer_state, indent=2) + "\n")
             _write_manifest(staging)
     if collective:
@@ -196,13 +212,146 @@ def _named_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 def load_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Fill ``model`` and ``optimizer`` (sharded or not, on any number of ranks) from a sharded checkpoint."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _named_state(model, optimizer)
-    with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=Path(directory) / SHARDS)
+    shards = Path(directory) / SHARDS
+    reader, planner = _safe_reader(shards), _safe_planner(shards)
+    try:
+        with _one_process_is_fine(), _quiet_dcp_fallbacks():
+            dcp.load(state, storage_reader=reader, planner=planner)
+    except (Exception, CheckpointException) as exc:  # DCP reports a rank's failure as a BaseException
+        refused = reader.refused or planner.refused
+        if refused is not None:
+            raise refused from None
+        failures = getattr(exc, "failures", {})
+        cause = next(iter(failures.values()))[0] if failures else exc
+        raise CheckpointError(
+            f"cannot load the checkpoint shards in {shards} (corrupted or tampered with?): {io.one_line(cause)}"
+        ) from None
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+@contextlib.contextmanager
+def _quiet_dcp_fallbacks():
+    # DCP logs each metadata file it cannot read (with a traceback) on the root logger before
+    # trying the next; the error raised afterwards says it once.
+    import logging
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "torch/distributed/checkpoint" not in record.pathname.replace("\\", "/")
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _metadata_globals() -> Callable[[str, str], Any]:
+    """What DCP's pickled metadata may name: its own metadata classes, the storage record of its
+    file reader, ``torch.Size``, dtypes, layouts and paths. Anything else is refused."""
+    import pathlib
+
+    import torch.distributed.checkpoint.metadata as metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    def find(module: str, name: str) -> Any:
+        if module == metadata.__name__:
+            found = getattr(metadata, name, None)
+            if isinstance(found, type) and found.__module__ == metadata.__name__:
+                return found
+        elif module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo":
+            return _StorageInfo
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        elif module == "torch.serialization" and name == "_get_layout":  # a layout by its name
+            return torch.serialization._get_layout
+        elif module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+            return getattr(pathlib, name)
+        return None
+
+    return find
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+        self.allowed = _metadata_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.allowed(module, name)
+        if found is None:
+            raise CheckpointError(
+                f"checkpoint file {self.path} names {module}.{name}, which DCP metadata never holds; refusing to "
+                "load it (the file was tampered with or is not DCP metadata)"
+            )
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"checkpoint file {self.path} holds a persistent id {pid!r}; refusing to load it")
+
+
+def _safe_reader(shards: Path):
+    """DCP's file reader, reading the metadata with :class:`_MetadataUnpickler` instead of ``pickle.load``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class Reader(FileSystemReader):
+        refused: CheckpointError | None = None
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            path = Path(self._get_metadata_path(kwargs.get("rank")))
+            with open(path, "rb") as f:  # a missing file: DCP goes on to look for per-rank metadata
+                try:
+                    metadata = _MetadataUnpickler(f, path).load()
+                    if not isinstance(metadata, Metadata):
+                        raise CheckpointError(
+                            f"checkpoint file {path} holds a {type(metadata).__name__}, not DCP metadata"
+                        )
+                except Exception as exc:  # a damaged pickle can fail in many ways
+                    if not isinstance(exc, CheckpointError):
+                        exc = CheckpointError(f"checkpoint file {path} is not readable DCP metadata: {exc}")
+                    self.refused = self.refused or exc
+                    raise exc from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(shards)
+
+
+def _safe_planner(shards: Path):
+    """DCP's load planner, reading non-tensor values (optimizer hyperparameters) with
+    ``torch.load(weights_only=True)`` as DCP's reader already reads tensors: plain data only,
+    where DCP's own planner would unpickle anything."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    class Planner(DefaultLoadPlanner):
+        refused: CheckpointError | None = None
+
+        def load_bytes(self, read_item: ReadItem, value: BytesIO) -> None:
+            try:
+                data = torch.load(value, weights_only=True)
+            except Exception as exc:  # weights_only refuses every global it does not know
+                self.refused = CheckpointError(
+                    f"checkpoint shards in {shards}: cannot read {read_item.dest_index.fqn!r} as plain data "
+                    f"(tampered with?): {io.one_line(exc)}"
+                )
+                raise self.refused from None
+            # DCP's own placement of the value, handed a copy that is plain data by construction.
+            plain = BytesIO()
+            torch.save(data, plain)
+            plain.seek(0)
+            super().load_bytes(read_item, plain)
+
+    return Planner()
 
 
 def verify_checkpoint(directory: str | Path) -> dict:
@@ -212,19 +361,26 @@ def verify_checkpoint(directory: str | Path) -> dict:
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {directory} is incomplete: {manifest_path} is missing")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint file {manifest_path} is corrupted: {exc}") from exc
-    for name, expected in files.items():
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        entries = [(name, int(expected["bytes"]), str(expected["sha256"])) for name, expected in files.items()]
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"checkpoint file {manifest_path} is corrupted: it is not UTF-8 text") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint file {manifest_path} is corrupted: {exc!r}") from exc
+    for name, size_expected, sha256 in entries:
         path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(
+                f"checkpoint file {manifest_path} is corrupted: it names {name!r}, outside {directory}"
+            )
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing")
         size = path.stat().st_size
-        if size != expected["bytes"]:
+        if size != size_expected:
             raise CheckpointError(
-                f"checkpoint file {path} is truncated or padded: {size} bytes, expected {expected['bytes']}"
+                f"checkpoint file {path} is truncated or padded: {size} bytes, expected {size_expected}"
             )
-        if _sha256(path) != expected["sha256"]:
+        if _sha256(path) != sha256:
             raise CheckpointError(f"checkpoint file {path} is corrupted: its sha256 does not match the manifest")
     return files
 
@@ -244,7 +400,7 @@ class Checkpoint:
 def load_checkpoint(
     directory: str | Path,
     device: str | torch.device = "cpu",
-    load_model: Callable[[Path, Any], nn.Module] = io.load_model,
+    load_model: Callable[[Path, Any], nn.Module] = families.load_model,
 ) -> Checkpoint:
     """Verify, then load a checkpoint (safetensors and JSON only: no pickled code runs).
 
@@ -253,23 +409,51 @@ def load_checkpoint(
     """
     directory = Path(directory)
     verify_checkpoint(directory)
-    state = json.loads((directory / STATE).read_text())
+    state = read_trainer_state(directory)
     tokenizer_path = directory / TOKENIZER
-    tokenizer_json = tokenizer_path.read_text(encoding="utf-8") if tokenizer_path.is_file() else None
+    tokenizer_json = None
+    if tokenizer_path.is_file():
+        try:
+            tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"checkpoint file {tokenizer_path} is not a tokenizer (not UTF-8 text)") from exc
     if is_sharded(directory):
-        model = io.build_model(io.read_model_config(directory)).to(device)
+        model = families.build_model(families.read_model_config(directory)).to(device)
         rng = io.load_weights(directory / RNG, device="cpu")
         return Checkpoint(directory, model, state, {}, rng, tokenizer_json, sharded=True)
     model = load_model(directory, device)
     tensors = io.load_weights(directory / OPTIMIZER, device="cpu")
-    optimizer_state = optimizer_from_tensors(tensors, state.pop("optimizer"))
+    try:
+        optimizer_state = optimizer_from_tensors(tensors, state.pop("optimizer"))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {directory}: {STATE} and {OPTIMIZER} do not describe an optimizer state: {exc!r}"
+        ) from exc
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     ema = io.load_weights(directory / EMA, device=device) if (directory / EMA).is_file() else None
     return Checkpoint(directory, model, state, optimizer_state, rng, tokenizer_json, ema=ema)
 
 
+def read_trainer_state(directory: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint; one that is not a trainer state raises a
+    :class:`CheckpointError` naming the file."""
+    path = Path(directory) / STATE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a training checkpoint: {STATE} is missing")
+    try:
+        state = io.read_json(path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if not (isinstance(state, dict) and is_int(state.get("step")) and isinstance(state.get("train_config"), dict)):
+        raise CheckpointError(
+            f"checkpoint file {path} is not a trainer state: it needs an integer step and a train_config"
+        )
+    return state
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoints of a run, oldest first (staging folders of an interrupted save are not listed)."""
+    """Checkpoints of a run, oldest first (staging folders of an interrupted save and checkpoints
+    set aside as ``*.corrupt`` or ``*.superseded`` are not listed)."""
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
@@ -277,16 +461,31 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run that verifies; damaged newer ones are reported and skipped."""
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint's name (``step-00000040`` -> 40)."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step-NNNNNNNN)")
+    return int(match.group(1))
+
+
+def scan_checkpoints(run_dir: str | Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint of a run that verifies, and the damaged newer ones (each reported)."""
+    damaged = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(path)
         except CheckpointError as exc:
-            warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
+            warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=3)
+            damaged.append(path)
             continue
-        return path
-    return None
+        return path, damaged
+    return None, damaged
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that verifies; damaged newer ones are reported and skipped."""
+    return scan_checkpoints(run_dir)[0]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -302,15 +501,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with {CHECKPOINTS}/")
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (each vanishes whole, never halfway)."""
+def set_aside_checkpoints(run_dir: str | Path, damaged: list[Path], start_step: int) -> list[Path]:
+    """Before a run that starts at ``start_step`` writes into ``run_dir``: rename each damaged
+    checkpoint to ``*.corrupt`` and each later one (written by an earlier run that went further,
+    which this run replaces) to ``*.superseded``, so that neither is resumed from, blocks a step
+    or counts for ``keep_last``. Returns the new paths; nothing is deleted."""
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if path in damaged:
+            moved.append(io.set_aside(path, "corrupt"))
+        elif checkpoint_step(path) > start_step:
+            moved.append(io.set_aside(path, "superseded"))
+    if moved:
+        warnings.warn(
+            f"set aside {len(moved)} checkpoint(s) this run does not continue: {', '.join(p.name for p in moved)} "
+            f"(in {Path(run_dir) / CHECKPOINTS}; delete them when no longer needed)",
+            stacklevel=2,
+        )
+    return moved
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path | None = None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (each vanishes whole, never halfway);
+    ``keep`` (the checkpoint just written) is never deleted."""
     for path in list_checkpoints(run_dir)[:-keep_last]:
-        io.remove_directory(path)
+        if keep is None or path != Path(keep):
+            io.remove_directory(path)
 
 
 def read_train_config(directory: str | Path) -> dict[str, Any]:
     """The resolved training config saved with a checkpoint."""
-    path = Path(directory) / STATE
-    if not path.is_file():
-        raise CheckpointError(f"{directory} is not a training checkpoint: {STATE} is missing")
-    return json.loads(path.read_text())["train_config"]
+    return read_trainer_state(directory)["train_config"]

@@ -4,16 +4,63 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import TokenformerConfig, dataclass_from_dict, is_int, is_number
-from ..vision import VisionConfig
+from ..families import family
+from ..validation import check, dataclass_from_dict, invalid, is_int, is_number
 
 Precision = Literal["fp32", "bf16-mixed"]
 Strategy = Literal["single", "ddp", "fsdp"]
 TaskName = Literal["lm", "vision"]
 VisionDataset = Literal["fashion-mnist", "cifar10"]
+LoggerName = Literal["tensorboard", "wandb"]
+
+
+@dataclass
+class VisionOptions:
+    """Options of ``task: vision`` only (the ``vision:`` group of a training config).
+
+    Args:
+        dataset: Image dataset: ``fashion-mnist`` or ``cifar10``.
+        data_path: Where the image dataset is (default for Fashion-MNIST:
+            /usr/share/datasets/fashion-mnist; CIFAR-10 needs its python archive or folder).
+        crop_padding: Augmentation: pad by this many pixels and crop randomly (0: off).
+        hflip: Augmentation: mirror half the training images.
+        erase_prob: Augmentation: random erasing, the probability that a training image gets a
+            rectangle of random pixels (2-40% of its area; 0: off).
+        label_smoothing: Train against the one-hot targets mixed with this share of the uniform
+            distribution over the classes (0: plain cross-entropy); validation and test losses
+            stay the plain cross-entropy.
+    """
+
+    dataset: VisionDataset = "fashion-mnist"
+    data_path: str | None = None
+    crop_padding: int = 0
+    hflip: bool = False
+    erase_prob: float = 0.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        def check_vision(name: str, ok: Callable[[Any], bool], allowed: str) -> None:
+            if not ok(getattr(self, name)):
+                raise invalid("training option", f"vision.{name}", getattr(self, name), allowed)
+
+        datasets = typing.get_args(VisionDataset)
+        check_vision("dataset", lambda v: v in datasets, " or ".join(datasets))
+        check_vision("data_path", lambda v: v is None or isinstance(v, str), "a directory or null")
+        check_vision("crop_padding", lambda v: is_int(v) and v >= 0, "an integer >= 0")
+        check_vision("hflip", lambda v: isinstance(v, bool), "true or false")
+        check_vision("erase_prob", lambda v: is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
+        check_vision("label_smoothing", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+
+    @property
+    def is_default(self) -> bool:
+        return self == VisionOptions(dataset=self.dataset, data_path=self.data_path)
+
+
+VISION_FIELDS = tuple(f.name for f in dataclasses.fields(VisionOptions))
 
 
 @dataclass
@@ -22,22 +69,14 @@ class TrainConfig:
 
     Args:
         task: ``lm`` (causal language modelling on ``data``) or ``vision`` (image classification
-            on ``dataset``; ``model`` is then a vision preset).
+            on ``vision.dataset``; ``model`` is then a vision preset).
         model: Preset name of the model to train from scratch (``tokenformer presets`` lists
             them). Ignored when resuming: the checkpoint's own (possibly grown) model is used.
         model_overrides: Fields of TokenformerConfig (VisionConfig with ``task: vision``) to change
             on the preset, e.g. ``{n_layers: 2, d_model: 64}``; ``{projection: linear}`` gives the
             ViT baseline. ``vocab_size`` defaults to the tokenizer's, rounded up to 128.
-        dataset: Image dataset with ``task: vision``: ``fashion-mnist`` or ``cifar10``.
-        data_path: Where the image dataset is (default for Fashion-MNIST:
-            /usr/share/datasets/fashion-mnist; CIFAR-10 needs its python archive or folder).
-        crop_padding: Vision augmentation: pad by this many pixels and crop randomly (0: off).
-        hflip: Vision augmentation: mirror half the training images.
-        erase_prob: Vision augmentation: random erasing, the probability that a training image
-            gets a rectangle of random pixels (2-40% of its area; 0: off).
-        label_smoothing: With ``task: vision``, train against the one-hot targets mixed with this
-            share of the uniform distribution over the classes (0: plain cross-entropy);
-            validation and test losses stay the plain cross-entropy.
+        vision: The options of ``task: vision`` (dataset, augmentation, label smoothing): see
+            :class:`VisionOptions`; on the command line ``--vision.dataset cifar10`` and so on.
         data: Corpus: ``kjv`` (the embedded King James Bible), text files, directories, globs,
             or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``[datasets]`` extra and network access).
         tokenizer: ``bpe`` trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
@@ -54,6 +93,10 @@ class TrainConfig:
         min_lr: Learning rate at the end of the cosine decay.
         warmup_steps: Steps of linear warmup from 0 to lr.
         weight_decay: AdamW decoupled weight decay (matrices only; norms and biases get none).
+        token_weight_decay: Weight decay of the Pattention parameter tokens (keys and values)
+            instead of ``weight_decay`` (null: ``weight_decay``). Scores are normalised per row,
+            so decay on the keys only changes their effective learning rate; on the values it
+            regularises.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         grad_clip: Clip the global gradient norm to this value (0 disables clipping).
@@ -66,6 +109,10 @@ class TrainConfig:
             ``strategy: fsdp``.
         precision: ``fp32``, or ``bf16-mixed`` (bf16 autocast, fp32 weights and optimizer state).
         compile: Run the model through ``torch.compile``.
+        activation_checkpointing: Keep only each transformer block's input for backward and
+            recompute the rest there (``torch.utils.checkpoint``): much less activation memory for
+            one more forward pass of the blocks; the gradients are the same
+            (benchmarks/results/activation_checkpointing-cpu.md).
         device: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1``, ...
         threads: CPU threads for PyTorch's intra-op parallelism (null: PyTorch's default). On a
             busy machine, fewer threads than cores can be much faster for small models.
@@ -82,8 +129,18 @@ class TrainConfig:
         eval_batches: Validation batches of batch_size windows, the same windows every time
             (language models; a classifier validates on all of its held-out images).
         log_interval: Log the training loss every this many steps.
+        loggers: Where records go besides ``out_dir/metrics.jsonl`` (always written):
+            ``tensorboard`` (``out_dir/tensorboard``; skipped with a warning when TensorBoard is
+            not installed) and ``wandb`` (Weights & Biases, in ``out_dir/wandb``; needs the
+            ``[wandb]`` extra; ``WANDB_MODE=offline`` keeps the run on disk). ``[]``: none.
+        wandb_project: The W&B project of ``loggers: [wandb]`` runs (the run is named after
+            ``out_dir``).
         ckpt_interval: Write a checkpoint every this many steps (and at the end).
         keep_last: Checkpoints to keep in out_dir/checkpoints (older ones are deleted).
+        divergence_factor: Warn when a validation loss exceeds this multiple of the best one so far
+            (the first training loss, the untrained model's, counts too): a loss that explodes
+            without becoming NaN. 0 is off.
+        stop_on_divergence: Stop the run instead of warning (before that step's checkpoint).
         progress: Show a progress bar.
     """
 
@@ -91,12 +148,7 @@ class TrainConfig:
     model: str = "cpu-1M"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str | list[str] = "kjv"
-    dataset: VisionDataset = "fashion-mnist"
-    data_path: str | None = None
-    crop_padding: int = 0
-    hflip: bool = False
-    erase_prob: float = 0.0
-    label_smoothing: float = 0.0
+    vision: VisionOptions = field(default_factory=VisionOptions)
     tokenizer: str = "bpe"
     vocab_size: int = 8192
     val_fraction: float = 0.05
@@ -109,12 +161,14 @@ class TrainConfig:
     min_lr: float = 2e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    token_weight_decay: float | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     ema_decay: float = 0.0
     precision: Precision = "fp32"
     compile: bool = False
+    activation_checkpointing: bool = False
     device: str = "auto"
     threads: int | None = None
     strategy: Strategy = "single"
@@ -125,8 +179,12 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 10
+    loggers: list[LoggerName] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "tokenformer"
     ckpt_interval: int = 100
     keep_last: int = 3
+    divergence_factor: float = 3.0
+    stop_on_divergence: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -144,33 +202,48 @@ class TrainConfig:
         )
         for name in positive:
             _check(self, name, lambda v: is_int(v) and v >= 1, "a positive integer")
-        for name in ("warmup_steps", "seed", "crop_padding"):
+        if isinstance(self.vision, dict):
+            self.vision = dataclass_from_dict(VisionOptions, self.vision, "vision option")
+        _check(self, "vision", lambda v: isinstance(v, VisionOptions), "a mapping of vision options")
+        _check(
+            self,
+            "vision",
+            lambda v: v.is_default or self.task == "vision",
+            "the defaults with task: lm (augmentation and label smoothing are options of task: vision)",
+        )
+        for name in ("warmup_steps", "seed"):
             _check(self, name, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+        _check(self, "warmup_steps", lambda v: v <= self.max_steps, f"an integer <= max_steps ({self.max_steps})")
+        _check(
+            self,
+            "divergence_factor",
+            lambda v: is_number(v) and (v == 0 or v > 1),
+            "a number > 1, or 0 (off)",
+        )
+        _check(self, "stop_on_divergence", lambda v: isinstance(v, bool), "true or false")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             _check(self, name, lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         _check(self, "lr", lambda v: v > 0, "a number > 0")
         _check(self, "min_lr", lambda v: v <= self.lr, f"a number <= lr ({self.lr})")
         for name in ("beta1", "beta2"):
             _check(self, name, lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "activation_checkpointing", lambda v: isinstance(v, bool), "true or false")
         _check(self, "threads", lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
-        _check(self, "label_smoothing", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)")
-        _check(self, "erase_prob", lambda v: is_number(v) and 0 <= v <= 1, "a probability in [0, 1]")
         _check(
-            self,
-            "erase_prob",
-            lambda v: v == 0 or self.task == "vision",
-            "0 with task: lm (random erasing is an option of task: vision)",
-        )
-        _check(
-            self,
-            "label_smoothing",
-            lambda v: v == 0 or self.task == "vision",
-            "0 with task: lm (label smoothing is an option of task: vision)",
+            self, "token_weight_decay", lambda v: v is None or (is_number(v) and v >= 0), "a finite number >= 0 or null"
         )
         _check(self, "val_fraction", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)")
-        for name, choices in (("precision", Precision), ("task", TaskName), ("dataset", VisionDataset)):
+        for name, choices in (("precision", Precision), ("task", TaskName)):
             allowed = typing.get_args(choices)
             _check(self, name, lambda v, allowed=allowed: v in allowed, " or ".join(allowed))
+        loggers = typing.get_args(LoggerName)
+        _check(
+            self,
+            "loggers",
+            lambda v: isinstance(v, list) and all(n in loggers for n in v) and len(set(v)) == len(v),
+            f"a list of distinct names from: {', '.join(loggers)}",
+        )
+        _check(self, "wandb_project", lambda v: isinstance(v, str) and v != "", "a W&B project name")
         strategies = typing.get_args(Strategy)
         _check(self, "strategy", lambda v: v in strategies, ", ".join(strategies))
         _check(self, "ema_decay", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 is off)")
@@ -204,29 +277,28 @@ class TrainConfig:
             # a given checkpoint uses that checkpoint's model instead.
             self.model_config()
 
-    def model_config(self, vocab_size: int | None = None) -> TokenformerConfig | VisionConfig:
-        """The preset with ``model_overrides``; ``vocab_size`` (the tokenizer's) unless overridden.
-        With ``task: vision``, the vision preset with ``model_overrides``."""
-        if self.task == "vision":
-            try:
-                return VisionConfig.from_preset(self.model, **self.model_overrides)
-            except TypeError as exc:
-                allowed = ", ".join(f.name for f in dataclasses.fields(VisionConfig))
-                raise ValueError(f"model_overrides={self.model_overrides!r}: {exc}; allowed fields: {allowed}") from exc
+    def model_config(self, vocab_size: int | None = None) -> Any:
+        """The ``model`` preset of the task's model family with ``model_overrides``; a model with a
+        vocabulary gets ``vocab_size`` (the tokenizer's, padded) unless overridden."""
+        config_class = family(self.task).config_class
+        fields = {f.name for f in dataclasses.fields(config_class)}
         overrides = dict(self.model_overrides)
-        if vocab_size is not None and "vocab_size" not in overrides:
+        if vocab_size is not None and "vocab_size" in fields and "vocab_size" not in overrides:
             overrides["vocab_size"] = padded_vocab(vocab_size)
-        try:
-            config = TokenformerConfig.from_preset(self.model, **overrides)
-        except TypeError as exc:  # an override that is not a config field
-            allowed = ", ".join(f.name for f in dataclasses.fields(TokenformerConfig))
-            raise ValueError(f"model_overrides={self.model_overrides!r}: {exc}; allowed fields: {allowed}") from exc
-        if self.seq_len > config.max_seq_len:
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
             raise ValueError(
-                f"seq_len={self.seq_len} exceeds the model's max_seq_len={config.max_seq_len}; "
+                f"model_overrides={self.model_overrides!r}: unknown field(s) {unknown}; "
+                f"allowed fields: {', '.join(sorted(fields))}"
+            )
+        config = config_class.from_preset(self.model, **overrides)
+        max_seq_len = getattr(config, "max_seq_len", None)
+        if max_seq_len is not None and self.seq_len > max_seq_len:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds the model's max_seq_len={max_seq_len}; "
                 f"allowed: seq_len <= max_seq_len (or set model_overrides: {{max_seq_len: {self.seq_len}}})"
             )
-        if vocab_size is not None and config.vocab_size < vocab_size:
+        if vocab_size is not None and getattr(config, "vocab_size", vocab_size) < vocab_size:
             raise ValueError(f"model vocab_size={config.vocab_size} is smaller than the tokenizer's {vocab_size}")
         return config
 
@@ -243,6 +315,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config of ``to_dict`` (or a YAML file); the vision options of configs written before
+        they formed the ``vision`` group are moved into it."""
+        data = dict(data)
+        flat = {name: data.pop(name) for name in VISION_FIELDS if name in data}
+        if flat:
+            data["vision"] = {**flat, **dict(data.get("vision") or {})}
         return dataclass_from_dict(cls, data, "training option")
 
 
@@ -252,6 +330,4 @@ def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
 
 
 def _check(config: TrainConfig, name: str, ok, allowed: str) -> None:
-    value = getattr(config, name)
-    if not ok(value):
-        raise ValueError(f"training option {name}={value!r} is invalid; allowed: {allowed}")
+    check(config, name, ok, allowed, "training option")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from ..data import (
     get_tokenizer,
     windows_to_batch,
 )
-from ..flops import training_flops_per_token
+from ..families import build_model, family_of
 from .config import TrainConfig
 from .metrics import standard_error
 from .task import batch_seed
@@ -29,9 +30,18 @@ class LanguageModelingTask:
     spaced windows of the validation split (the same every time, so curves are comparable and
     a function-preserving growth leaves the validation loss unchanged)."""
 
-    def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, seed: int, eval_batches: int) -> None:
+    def __init__(
+        self,
+        shards: TokenShards,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        eval_batches: int,
+        vocab_size: int | None = None,
+    ) -> None:
         shards.check_window("train", seq_len)
         self.shards, self.batch_size, self.seq_len, self.seed = shards, batch_size, seq_len, seed
+        self.vocab_size = vocab_size  # the tokenizer's: new models get an embedding at least this large
         self.eval_windows = shards.even_windows("val", seq_len, eval_batches * batch_size)
 
     def train_batch(self, step: int, micro: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +56,17 @@ class LanguageModelingTask:
         return batch[1].numel()
 
     def flops_per_item(self, model: nn.Module) -> int:
-        return training_flops_per_token(model.config, self.seq_len)
+        return family_of(model).training_flops(model.config, self.seq_len)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         return evaluate_windows(model, self.eval_windows, self.batch_size, device)
+
+    def build_model(self, config: TrainConfig) -> nn.Module:
+        return build_model(config.model_config(self.vocab_size))
+
+    def test(self, model: nn.Module, run_dir: str | Path, write: bool = True) -> None:
+        """Language models have no test split apart from validation: nothing to do."""
+        return None
 
 
 @torch.no_grad()
@@ -95,5 +112,7 @@ def language_modeling_task(
     config: TrainConfig, tokenizer: Tokenizer | None = None
 ) -> tuple[LanguageModelingTask, Tokenizer]:
     shards, tokenizer = prepare_data(config, tokenizer)
-    task = LanguageModelingTask(shards, config.batch_size, config.seq_len, config.seed, config.eval_batches)
+    task = LanguageModelingTask(
+        shards, config.batch_size, config.seq_len, config.seed, config.eval_batches, tokenizer.vocab_size
+    )
     return task, tokenizer

@@ -33,6 +33,14 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Validation metrics; must contain ``val_loss``. Called under ``torch.no_grad``."""
 
+    def build_model(self, config: Any) -> nn.Module:
+        """A new model for this task: ``config`` (a ``TrainConfig``) names the preset and overrides."""
+
+    def test(self, model: nn.Module, run_dir: Any, write: bool = True) -> dict[str, Any] | None:
+        """The final test pass after training, if the task has one: metrics named ``test_*``
+        (with ``write``, also saved in ``run_dir``); None for a task without a test split.
+        Every rank calls it (sharded models need every rank in every forward pass)."""
+
 
 def batch_seed(seed: int, step: int, micro: int) -> int:
     """A 63-bit seed for one micro-batch, decorrelated from its neighbours."""

@@ -18,9 +18,11 @@ wrapped one and validates the unwrapped one (data-parallel wrappers kept).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,25 +33,27 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .. import io
+from .. import families, io
 from ..data import Tokenizer
 from ..growth import GrowthRecord, StackRecord, carry_optimizer_state, grow, growth_summary, stack_layers
-from ..model import TokenformerLM
-from ..vision import TokenformerViT
+from ..model import set_activation_checkpointing
 from .checkpoint import (
     CHECKPOINTS,
+    TOKENIZER,
     Checkpoint,
+    CheckpointError,
     checkpoint_name,
-    latest_checkpoint,
     load_checkpoint,
     load_sharded_state,
     prune_checkpoints,
     resolve_checkpoint,
     restore_rng,
     save_checkpoint,
+    scan_checkpoints,
+    set_aside_checkpoints,
 )
 from .config import TrainConfig
-from .metrics import MetricsLogger, plot_loss_curve
+from .metrics import Logger, MetricsLogger, plot_loss_curve
 from .parallel import (
     RankSlice,
     barrier,
@@ -62,12 +66,14 @@ from .parallel import (
     place,
 )
 from .task import Task
+from .tasks import make_task
 
 TRAIN_CONFIG = "train_config.yaml"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite; no checkpoint was written for that step."""
+    """The loss or gradient norm became NaN or infinite, or (with ``stop_on_divergence``) the
+    validation loss rose far above its best; no checkpoint was written for that step."""
 
 
 @dataclass
@@ -78,26 +84,46 @@ class TrainState:
     wall_time: float = 0.0  # seconds spent in training steps (not validation or saving), all sessions
     val_history: list[dict[str, float]] = field(default_factory=list)
     growth_history: list[dict[str, Any]] = field(default_factory=list)
+    first_loss: float | None = None  # the first training loss logged (the untrained model's): divergence checks
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available, else cpu) or the device named, refused unless this machine has it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {name!r} is not available: {why}; allowed here: auto or cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device {name!r} is not available: {count} CUDA device(s); allowed: cuda:0..cuda:{count - 1}"
+            )
+    elif device.type in ("mps", "xpu"):
+        backend = torch.backends.mps if device.type == "mps" else torch.xpu
+        if not backend.is_available():
+            raise ValueError(f"device {name!r} is not available on this machine; allowed here: auto or cpu")
+    return device
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on the matrices only.
+    """AdamW with decoupled weight decay on the matrices only (on the parameter tokens with
+    ``token_weight_decay`` when it is set).
 
     The fused implementation (one kernel per parameter) runs where torch has it: plain tensors
-    on CPU or CUDA. On CPU the per-tensor loop otherwise costs several milliseconds a step for a
-    small model, a few percent of its step time. Sharded (DTensor) parameters and other devices
+    on CPU or CUDA. On CPU the per-tensor loop otherwise costs a noticeable share of a small
+    model's step (benchmarks/results/optimizer_step-cpu.md). Sharded (DTensor) parameters and other devices
     keep torch's default implementation. Every state dict loaded into it later (resume, FSDP
     placement, consolidation) keeps that choice: see :func:`keep_own_implementation`.
     """
     fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in model.parameters())
     optimizer = torch.optim.AdamW(
-        model.param_groups(config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None
+        model.param_groups(config.weight_decay, config.token_weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        fused=fused or None,
     )
     optimizer.register_load_state_dict_post_hook(keep_own_implementation)
     return optimizer
@@ -161,7 +187,9 @@ class Trainer:
     model (read with ``load_model``) is used instead of either. ``wrap_model(model) -> module`` is
     applied for training steps and again after growth; by default it compiles when
     ``config.compile`` is set. ``load_model(dir, device)`` reads a checkpoint's model directory
-    (default: :func:`tokenformer.io.load_model`).
+    (default: :func:`tokenformer.load_model`). ``loggers`` receive every record (on rank 0)
+    besides those of ``config.loggers``: objects with ``log(step, kind, values)`` and ``close()``
+    (:class:`~tokenformer.train.metrics.Logger`), closed by :meth:`close`.
     """
 
     def __init__(
@@ -172,29 +200,34 @@ class Trainer:
         model: nn.Module | None = None,
         tokenizer: Tokenizer | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
-        load_model: Callable[[Path, Any], nn.Module] = io.load_model,
+        load_model: Callable[[Path, Any], nn.Module] = families.load_model,
+        loggers: Sequence[Logger] = (),
     ) -> None:
         self.config = config
+        self._extra_loggers = list(loggers)
         self.dist = init_distributed(config.strategy, resolve_device(config.device), config.dist_timeout)
         self.device = self.dist.device
         if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # without it, tiny activations make CPU training ~7x slower
+            torch.set_flush_denormal(True)  # without it, tiny activations make CPU training several times slower
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.run_dir = Path(config.out_dir)
+        self._lock: io.DirectoryLock | None = None  # taken before the first write into run_dir
+        self._claimed = False
         checkpoint = self._find_resume_checkpoint(load_model)
+        if checkpoint is not None:
+            self._check_resume(checkpoint)
         if checkpoint is not None and checkpoint.tokenizer_json is not None and tokenizer is None:
-            tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
-        if task is None and config.task == "vision":
-            from .vision import image_classification_task
-
-            task = image_classification_task(config)
-        elif task is None:
-            from .lm import language_modeling_task
-
+            try:
+                tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
+            except Exception as exc:  # tokenizers raises its own Exception type for malformed files
+                raise CheckpointError(
+                    f"checkpoint file {checkpoint.path / TOKENIZER} is not a tokenizer: {exc}"
+                ) from exc
+        if task is None:
             if not self.dist.is_main:
-                barrier(self.dist)  # rank 0 trains the tokenizer and writes the token shards to the cache first
-            task, tokenizer = language_modeling_task(config, tokenizer)
+                barrier(self.dist)  # rank 0 prepares the data first (a tokenizer, token shards in the cache)
+            task, tokenizer = make_task(config, tokenizer)
             if self.dist.is_main:
                 barrier(self.dist)
         self.task = RankSlice(task, config.batch_size, self.dist) if self.dist.active else task
@@ -202,10 +235,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         if checkpoint is not None:
             model = checkpoint.model
-        elif model is None and config.task == "vision":
-            model = TokenformerViT(config.model_config())
         elif model is None:
-            model = TokenformerLM(config.model_config(tokenizer.vocab_size if tokenizer else None))
+            model = self.task.build_model(config)
         self.model = model.to(self.device)
         self._model_class = type(self.model)  # FSDP2 changes the class of the model it shards
         self._wrap_model = wrap_model or self._default_wrap
@@ -229,22 +260,98 @@ class Trainer:
     # -- construction -------------------------------------------------------------------------
 
     def _find_resume_checkpoint(self, load_model) -> Checkpoint | None:
+        # Rank 0 picks the checkpoint (checking newer ones and noting the damaged), the others load it.
+        self._damaged: list[Path] = []
         resume = self.config.resume
         if resume is None:
             return None
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else resolve_checkpoint(resume)
+        if resume == "auto":
+            found = self._on_main(lambda: scan_checkpoints(self.run_dir))
+            path, self._damaged = broadcast_object(found, self.dist)
+        else:
+            path = broadcast_object(self._on_main(lambda: resolve_checkpoint(resume)), self.dist)
         if path is None:
-            return None  # "auto" in a run directory without checkpoints: a fresh start
+            return None  # "auto" in a run directory without a good checkpoint: a fresh start
         return load_checkpoint(path, self.device, load_model)
+
+    def _check_resume(self, checkpoint: Checkpoint) -> None:
+        """Options that cannot continue ``checkpoint`` are refused here, before anything is written."""
+        config, saved = self.config, checkpoint.trainer_state
+        step, task = saved["step"], saved["train_config"].get("task", "lm")
+        if config.max_steps < step:
+            raise ValueError(
+                f"max_steps={config.max_steps} is below the step of the checkpoint to resume ({step}, "
+                f"{checkpoint.path}); allowed: max_steps >= {step} (a resumed run trains on up to max_steps)"
+            )
+        if task != config.task:
+            raise ValueError(
+                f"task={config.task!r} cannot resume {checkpoint.path}: it holds a model of task {task!r}; "
+                f"allowed: task={task!r}"
+            )
+        max_seq_len = getattr(checkpoint.model.config, "max_seq_len", None)
+        if config.task == "lm" and max_seq_len is not None and config.seq_len > max_seq_len:
+            raise ValueError(
+                f"seq_len={config.seq_len} exceeds max_seq_len={max_seq_len} of the model in {checkpoint.path}; "
+                f"allowed: seq_len <= {max_seq_len}"
+            )
+
+    def _on_main(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on rank 0 alone (its result there, None elsewhere); when it fails, every rank
+        raises, so that no rank waits for the others in a collective that never comes."""
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = work()
+            except Exception as exc:
+                error = exc
+        failure = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", self.dist)
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RuntimeError(f"rank 0 failed: {failure}")
+        return result
+
+    def _claim_run(self) -> None:
+        """Before the first write into the run directory: take its lock (one writer per run; rank 0
+        holds it for all), delete staging folders of a killed save and set aside the checkpoints
+        this run does not continue (damaged ones, and those after its starting step)."""
+        if self._claimed:
+            return
+
+        def claim() -> io.DirectoryLock:
+            lock = io.DirectoryLock(self.run_dir)
+            try:
+                folder = self.run_dir / CHECKPOINTS
+                if folder.is_dir():
+                    io.remove_stale_staging(folder)
+                    set_aside_checkpoints(self.run_dir, self._damaged, self.state.step)
+            except BaseException:
+                lock.release()
+                raise
+            return lock
+
+        self._lock = self._on_main(claim)
+        self._claimed = True
 
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
         # replaces the parameters); compiled graphs and DDP buckets are rebuilt for new shapes.
+        # Activation checkpointing goes on the blocks first, as in torchtitan: grown or stacked
+        # blocks get it too.
+        if self.config.activation_checkpointing:
+            set_activation_checkpointing(self.model)
         placed, self.optimizer = place(
             self.model, optimizer, self.dist, lambda model: make_optimizer(model, self.config)
         )
         self.placed = placed  # data-parallel wrappers only: what evaluation runs
         self.wrapped = self._wrap_model(placed)
+
+    def _unplace(self) -> None:
+        # Before parameters change shape: a DDP wrapper's reducer holds each parameter's gradient
+        # accumulator, which keeps the old shape; while it lives, backward refuses the new one.
+        # The wrappers form reference cycles, so they go only with a collection.
+        self.placed = self.wrapped = None
+        gc.collect()
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         if checkpoint.sharded:
@@ -290,10 +397,12 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _apply_hyperparameters(self) -> None:
+        decay = {"decay": self.config.weight_decay, "tokens": self.config.token_weight_decay}
         for group in self.optimizer.param_groups:
             group["betas"] = (self.config.beta1, self.config.beta2)
-            if group["weight_decay"] != 0.0:
-                group["weight_decay"] = self.config.weight_decay
+            name = group.get("name", "decay" if group["weight_decay"] != 0.0 else "no_decay")  # unnamed: older runs
+            if decay.get(name) is not None:
+                group["weight_decay"] = decay[name]
 
     def _default_wrap(self, model: nn.Module) -> nn.Module:
         return torch.compile(model) if self.config.compile else model
@@ -316,8 +425,19 @@ class Trainer:
         if target > config.max_steps:
             raise ValueError(f"until_step={target} is beyond max_steps={config.max_steps}")
         main = self.dist.is_main  # only rank 0 prints and writes logs
+        self._claim_run()
         if self._metrics is None and main:
-            self._metrics = MetricsLogger(self.run_dir, start_step=self.state.step)
+            self._metrics = MetricsLogger(
+                self.run_dir,
+                start_step=self.state.step,
+                loggers=config.loggers,
+                config=config.to_dict(),
+                wandb_project=config.wandb_project,
+                extra=self._extra_loggers,
+            )
+            for entry in self.state.growth_history:  # the resumed checkpoint's changes at its own step
+                if entry["step"] == self.state.step:
+                    self._log_event(entry)
             # The resolved options, reusable as `tokenformer train --config <out_dir>/train_config.yaml`.
             io.atomic_write_text(self.run_dir / TRAIN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
         bar = tqdm(
@@ -333,21 +453,15 @@ class Trainer:
                 started = time.perf_counter()
                 loss, items = self._train_step()
                 self.state.wall_time += time.perf_counter() - started
+                if self.state.first_loss is None:
+                    self.state.first_loss = loss
                 window_items += items
                 step = self.state.step
                 if (step % config.log_interval == 0 or step == target) and main:
                     elapsed = time.perf_counter() - window_start
                     rate = window_items / elapsed if elapsed > 0 else float("nan")
                     lr = self.optimizer.param_groups[0]["lr"]
-                    self._metrics.log(
-                        step,
-                        "train",
-                        loss=loss,
-                        lr=lr,
-                        tokens=self.state.tokens,
-                        flops=self.state.flops,
-                        tokens_per_s=rate,
-                    )
+                    self._metrics.log(step, "train", loss=loss, lr=lr, tokens_per_s=rate, **self._progress())
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
                     window_items, window_start = 0, time.perf_counter()
                 bar.update(1)
@@ -358,6 +472,7 @@ class Trainer:
                             f"step {step}: "
                             + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                         )
+                    self._check_divergence(metrics.get("val_loss"), step)
                 if step % config.ckpt_interval == 0 or step == target:
                     self.save_checkpoint()
                 if window_items == 0:  # throughput counts training only, not validation or saving
@@ -398,17 +513,39 @@ class Trainer:
         # last micro-batch of an accumulation.
         return no_sync(self.wrapped, skip)
 
+    def _kept(self) -> str:
+        if self.last_checkpoint:
+            return f"the last good checkpoint is {self.last_checkpoint}"
+        return "no checkpoint was written yet"
+
     def _check_finite(self, what: str, value: float, step: int) -> None:
         if math.isfinite(value):
             return
-        kept = (
-            f"the last good checkpoint is {self.last_checkpoint}"
-            if self.last_checkpoint
-            else "no checkpoint was written yet"
-        )
         raise TrainingDiverged(
-            f"{what} is {value} at step {step + 1}; training stopped before updating the weights; {kept}"
+            f"{what} is {value} at step {step + 1}; training stopped before updating the weights; {self._kept()}"
         )
+
+    def _check_divergence(self, loss: float | None, step: int) -> None:
+        """A finite loss far above the best: ``divergence_factor`` times the best earlier validation
+        loss (or the first training loss, the untrained model's) warns, or stops the run with
+        ``stop_on_divergence`` before this step's checkpoint is written."""
+        factor = self.config.divergence_factor
+        earlier = [(r["val_loss"], f"at step {r['step']}") for r in self.state.val_history[:-1] if "val_loss" in r]
+        if self.state.first_loss is not None:
+            earlier.append((self.state.first_loss, "the first training loss"))
+        if not factor or loss is None or not earlier:
+            return
+        best, where = min(earlier, key=lambda pair: pair[0])
+        if not loss > factor * best:
+            return
+        message = (
+            f"validation loss {loss:.4g} at step {step} is {loss / best:.1f}x its best so far ({best:.4g}, {where}), "
+            f"above divergence_factor={factor:g}: training has diverged (learning rate lr={self.config.lr:g} too high?)"
+        )
+        if self.config.stop_on_divergence:
+            raise TrainingDiverged(f"{message}; training stopped before writing this step's checkpoint; {self._kept()}")
+        if self.dist.is_main:
+            warnings.warn(f"{message}; set stop_on_divergence to stop such a run", stacklevel=3)
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics of the current model; recorded in ``state.val_history`` and the logs.
@@ -440,9 +577,40 @@ class Trainer:
             }
         )
         if self._metrics is not None:
-            scalars = {k.removeprefix("val_"): v for k, v in metrics.items() if not isinstance(v, list)}
-            self._metrics.log(self.state.step, "val", **scalars)
+            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+            self._metrics.log(self.state.step, "val", **scalars, **self._progress())
         return metrics
+
+    def _progress(self) -> dict[str, float]:
+        return {"train_tokens": self.state.tokens, "train_flops": self.state.flops}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _model_changed(self, event: str, details: dict[str, Any]) -> None:
+        # Every change of the model's shape is kept in the state's growth history (saved with
+        # checkpoints) and logged as an event record, named by ``event``.
+        entry = {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "flops": self.state.flops,
+            "event": event,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            **details,
+        }
+        self.state.growth_history.append(entry)
+        self._log_event(entry)
+
+    def _log_event(self, entry: dict[str, Any]) -> None:
+        # Before ``fit`` opens the loggers nothing is written; ``fit`` logs the changes made at
+        # the step it starts from (growth between runs, a grown checkpoint resumed).
+        if self._metrics is None:
+            return
+        # Entries of checkpoints written before events were named: ``stack`` records layer counts.
+        event = entry.get("event") or ("stack" if "n_layers_after" in entry else "grow")
+        details = {k: v for k, v in entry.items() if k not in ("step", "tokens", "flops", "event")}
+        self._metrics.event(
+            entry["step"], event, train_tokens=entry["tokens"], train_flops=entry.get("flops"), **details
+        )
 
     # -- growth -------------------------------------------------------------------------------
 
@@ -453,6 +621,7 @@ class Trainer:
         again with its optimizer state; a collective call then.
         """
         optimizer = self.optimizer
+        self._unplace()
         if self.dist.strategy == "fsdp":
             whole = self._model_class(self.model.config).to(self.device)
             optimizer = gather(self.model, self.optimizer, whole, lambda model: make_optimizer(model, self.config))
@@ -461,7 +630,7 @@ class Trainer:
         carry_optimizer_state(optimizer)
         self._place(optimizer)
         self._regrow_ema(lambda name: name, {g.name: (g.dim, g.old_size) for g in record.grown})
-        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
+        self._model_changed("grow", record.to_dict())
         return record
 
     def stack(self, n_layers: int) -> StackRecord:
@@ -475,6 +644,7 @@ class Trainer:
                 "depth stacking of a sharded (strategy='fsdp') model is not supported; "
                 "allowed: strategy 'none' or 'ddp'"
             )
+        self._unplace()
         old_state = self.optimizer.state
         sources = dict(self.model.named_parameters())
         record = stack_layers(self.model, n_layers)
@@ -488,7 +658,7 @@ class Trainer:
                 }
         self._place(optimizer)
         self._regrow_ema(lambda name: stacked_source(name, record.sources), {})
-        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
+        self._model_changed("stack", record.to_dict())
         return record
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -497,38 +667,51 @@ class Trainer:
         return {
             **asdict(self.state),
             "data_position": {"step": self.state.step, "note": "batch i is a pure function of (seed, i)"},
-            "layers": growth_summary(self.model) if isinstance(self.model, (TokenformerLM, TokenformerViT)) else None,
+            "layers": growth_summary(self.model) if families.is_registered(self.model) else None,
             "train_config": self.config.to_dict(),
             "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
         }
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint (default: ``<out_dir>/checkpoints/step-N``, keeping the last ``keep_last``)."""
-        in_run, main = path is None, self.dist.is_main
+        """Write a checkpoint (default: ``<out_dir>/checkpoints/step-N``, keeping the last ``keep_last``).
+
+        In the run directory a checkpoint of the same step (one of a run rewound to an earlier
+        step, or written before growth) is replaced, atomically; a ``path`` given must not exist.
+        """
+        in_run = path is None
         if in_run:
-            folder = self.run_dir / CHECKPOINTS
-            path = folder / checkpoint_name(self.state.step)
-            if main:
-                io.remove_stale_staging(folder)
-            if broadcast_object(path.exists(), self.dist):  # this step was checkpointed already (e.g. fit called again)
-                self.last_checkpoint = path
-                return path
+            self._claim_run()
+            path = self.run_dir / CHECKPOINTS / checkpoint_name(self.state.step)
         tokenizer_json = self.tokenizer.json_text if self.tokenizer is not None else None
         sharded = self.dist.strategy == "fsdp"
-        if sharded or main:  # DDP replicas are identical: rank 0 writes
+
+        def save() -> None:
             ema = self.ema.module.state_dict() if self.ema is not None else None
+            state = self.checkpoint_state()
             save_checkpoint(
-                path, self.model, self.optimizer, self.checkpoint_state(), tokenizer_json, sharded=sharded, ema=ema
+                path, self.model, self.optimizer, state, tokenizer_json, sharded=sharded, ema=ema, replace=in_run
             )
-        if in_run and main:
-            prune_checkpoints(self.run_dir, self.config.keep_last)
+
+        if sharded:
+            save()  # every rank writes its shards
+        else:
+            self._on_main(save)  # DDP replicas are identical: rank 0 writes
+        if in_run:
+            self._on_main(lambda: prune_checkpoints(self.run_dir, self.config.keep_last, keep=path))
         barrier(self.dist)
         self.last_checkpoint = Path(path)
         return self.last_checkpoint
 
     def close(self) -> None:
-        """Close the metrics log and draw the loss curve (once: a staged run calls ``fit`` often)."""
-        if self._metrics is not None:
-            self._metrics.close()
-            plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
-            self._metrics = None
+        """Close the metrics log, draw the loss curve (once: a staged run calls ``fit`` often) and
+        release the run directory to other writers."""
+        try:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+                plot_loss_curve(self.run_dir, [g["step"] for g in self.state.growth_history])
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            self._claimed = False

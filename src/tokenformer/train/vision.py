@@ -17,7 +17,7 @@ from torch import nn
 from .. import io
 from ..classification import Batch, ClassificationTask, Evaluation, write_confusion_matrix_png
 from ..data.vision import ImageBatches, ImageDataset, channel_stats, load_image_dataset
-from ..vision import training_flops_per_image
+from ..families import build_model, family_of
 from .config import TrainConfig
 
 CONFUSION_PNG = "confusion_matrix.png"
@@ -39,7 +39,7 @@ class ImageClassificationTask:
     batches: a pure function of (seed, step, micro), so a resumed run continues exactly."""
 
     def __init__(self, train: ImageDataset, test: ImageDataset, config: TrainConfig) -> None:
-        self.classification = ClassificationTask(train.classes, config.label_smoothing)
+        self.classification = ClassificationTask(train.classes, config.vision.label_smoothing)
         count = len(train)
         held_out = held_out_count(count, config.val_fraction)
         val_rows = np.linspace(0, count - 1, held_out).round().astype(np.int64)
@@ -56,9 +56,9 @@ class ImageClassificationTask:
             std,
             shuffle=True,
             drop_last=True,
-            crop_padding=config.crop_padding,
-            hflip=config.hflip,
-            erase_prob=config.erase_prob,
+            crop_padding=config.vision.crop_padding,
+            hflip=config.vision.hflip,
+            erase_prob=config.vision.erase_prob,
             seed=config.seed,
         )
         self.val_batches = ImageBatches(val_part, config.batch_size, mean, std)
@@ -77,15 +77,22 @@ class ImageClassificationTask:
         return len(batch[1])
 
     def flops_per_item(self, model: nn.Module) -> int:
-        return training_flops_per_image(model.config)
+        return family_of(model).training_flops(model.config, None)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         result = self.classification.evaluate(model, self.val_batches)
         return {"val_loss": result.loss, "val_accuracy": result.accuracy}
 
-    def test(self, model: nn.Module, run_dir: str | Path) -> Evaluation:
-        """Evaluate the test split; write ``test_metrics.json`` and ``confusion_matrix.png`` into ``run_dir``."""
-        result = self.classification.evaluate(model, self.test_batches)
+    def build_model(self, config: TrainConfig) -> nn.Module:
+        return build_model(config.model_config())
+
+    def test(self, model: nn.Module, run_dir: str | Path, write: bool = True) -> dict[str, float]:
+        """Evaluate the test split: ``test_loss``, ``test_accuracy`` and ``test_count``; with
+        ``write``, also ``test_metrics.json`` and ``confusion_matrix.png`` in ``run_dir``."""
+        result = self.evaluate_test(model)
+        metrics = {"test_accuracy": result.accuracy, "test_loss": result.loss, "test_count": result.count}
+        if not write:
+            return metrics
         run_dir = Path(run_dir)
         io.atomic_write_text(
             run_dir / TEST_METRICS,
@@ -97,10 +104,15 @@ class ImageClassificationTask:
             run_dir / CONFUSION_PNG,
             f"test accuracy {result.accuracy:.2%} of {result.count}",
         )
-        return result
+        return {**metrics, "confusion_matrix": str(run_dir / CONFUSION_PNG)}
+
+    def evaluate_test(self, model: nn.Module) -> Evaluation:
+        """Loss, accuracy and confusion matrix of ``model`` on the test split."""
+        return self.classification.evaluate(model, self.test_batches)
 
 
-def image_classification_task(config: TrainConfig) -> ImageClassificationTask:
-    train = load_image_dataset(config.dataset, config.data_path, "train")
-    test = load_image_dataset(config.dataset, config.data_path, "test")
-    return ImageClassificationTask(train, test, config)
+def image_classification_task(config: TrainConfig, tokenizer: None = None) -> tuple[ImageClassificationTask, None]:
+    """The task of ``config.vision.dataset`` (image classifiers have no tokenizer)."""
+    train = load_image_dataset(config.vision.dataset, config.vision.data_path, "train")
+    test = load_image_dataset(config.vision.dataset, config.vision.data_path, "test")
+    return ImageClassificationTask(train, test, config), None

@@ -1,7 +1,11 @@
 """transformers' view of a ``TokenformerConfig`` (extra ``[hf]``).
 
 Every field keeps its own name, so the ``config.json`` that ``save_pretrained`` writes is the
-one :func:`tokenformer.io.save_model` writes, give or take transformers' bookkeeping keys.
+one :func:`tokenformer.save_model` writes, give or take transformers' bookkeeping keys.
+
+This module and :mod:`tokenformer.modeling_tokenformer` are the code a model directory carries
+for ``trust_remote_code``: they import the rest of tokenformer only relatively, from their own
+directory (see :mod:`tokenformer.interop.hub`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from ..config import TokenformerConfig
+from .config import TokenformerConfig
 
 MODEL_TYPE = "tokenformer"
 CORE_FIELDS = tuple(f.name for f in dataclasses.fields(TokenformerConfig))

@@ -1,0 +1,34 @@
+"""``tokenformer consolidate``: sharded checkpoints to single-file ones and back."""
+
+from __future__ import annotations
+
+
+def consolidate(checkpoint: str, out: str) -> None:
+    """Turn a sharded checkpoint (``--strategy fsdp``) into a single-file one, or a single-file one into a sharded one.
+
+    Args:
+        checkpoint: A training checkpoint, or a run directory (its newest complete checkpoint).
+        out: Directory for the converted checkpoint (must not exist).
+    """
+    from ..train import TrainConfig, load_checkpoint, resolve_checkpoint
+    from ..train.checkpoint import load_sharded_state, save_checkpoint
+    from ..train.trainer import make_optimizer
+
+    source = resolve_checkpoint(checkpoint)
+    loaded = load_checkpoint(source)
+    optimizer = make_optimizer(loaded.model, TrainConfig.from_dict(loaded.trainer_state["train_config"]))
+    if loaded.sharded:
+        load_sharded_state(source, loaded.model, optimizer)
+        path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng)
+    else:
+        optimizer.load_state_dict(loaded.optimizer_state)
+        path = save_checkpoint(
+            out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng, sharded=True
+        )
+    kind = "single-file" if loaded.sharded else "sharded"
+    print(f"wrote {source} at step {loaded.trainer_state['step']} as a {kind} checkpoint: {path}")
+    if loaded.ema is not None:
+        print(
+            "note: the moving average of the weights (ema.safetensors) is not carried over: "
+            "a sharded checkpoint cannot hold it"
+        )

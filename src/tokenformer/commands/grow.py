@@ -1,0 +1,55 @@
+"""``tokenformer grow``: append parameter tokens to a trained checkpoint."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .train import describe_validation
+
+
+def grow(
+    checkpoint: str,
+    out: str,
+    qkv_tokens: int | None = None,
+    proj_tokens: int | None = None,
+    ffn_tokens: int | None = None,
+    layers: list[int] | None = None,
+    key_init: Literal["zeros", "random"] = "zeros",
+    evaluate: bool = True,
+    device: str = "auto",
+) -> None:
+    """Append parameter tokens to a trained checkpoint; write the grown checkpoint, optimizer state carried.
+
+    Args:
+        checkpoint: A training checkpoint, or a run directory (its newest complete checkpoint).
+        out: Directory for the grown checkpoint (must not exist); continue with ``train --resume OUT``.
+        qkv_tokens: New total of query/key/value parameter tokens (null: unchanged).
+        proj_tokens: New total of output-projection parameter tokens (null: unchanged).
+        ffn_tokens: New total of feed-forward parameter tokens (null: unchanged).
+        layers: Grow only these layers (null: all).
+        key_init: ``zeros`` keeps the function exactly; ``random`` initialises new keys like the released GPU code.
+        evaluate: Print the validation loss before and right after growth.
+        device: ``auto``, ``cpu``, ``cuda``, ...
+    """
+    from ..train import TrainConfig, Trainer, resolve_checkpoint
+    from ..train.checkpoint import read_train_config
+
+    source = resolve_checkpoint(checkpoint)
+    config = TrainConfig.from_dict(
+        {**read_train_config(source), "resume": str(source), "device": device, "progress": False, "strategy": "single"}
+    )
+    trainer = Trainer(config)
+    before = trainer.evaluate() if evaluate else None
+    record = trainer.grow(
+        qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init
+    )
+    after = trainer.evaluate() if evaluate else None
+    path = trainer.save_checkpoint(out)
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    print(
+        f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer "
+        f"({parameters / 1e6:.2f}M parameters, function preserving: {record.function_preserving})"
+    )
+    if before is not None:
+        print(f"before growth: {describe_validation(before)}; right after: {describe_validation(after)}")
+    print(f"grown checkpoint: {path}")

@@ -1,0 +1,284 @@
+"""A scaling plan: the stage schedule, the arms, the learning-rate grid and seeds, and a ``train:``
+section that *is* the :class:`~tokenformer.train.TrainConfig` every run shares.
+
+Each (arm, learning rate, seed) is a run of its own; :meth:`ScalingPlan.run_config` gives its
+training options: the ``train`` section with the arm's model, the rate, the seed, the plan's
+total steps and the run's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ...flops import count_parameters
+from ...train import TrainConfig
+from ...validation import dataclass_from_dict, invalid, is_int, is_number
+from .. import runner
+
+ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
+GROWN_ARMS = ("tokenformer_grown", "transformer_grown", "transformer_stacked")
+# Training options each run gets from the plan rather than from the ``train`` section.
+PER_RUN = ("lr", "min_lr", "seed", "max_steps", "out_dir", "resume")
+STAGE_ONE = "stage-1"
+LM_ONLY = "lm (the scaling experiment grows language models)"
+# The first growth step's recipe and its three one-change variants.
+ABLATIONS = {
+    "recipe": dict(key_init="zeros", old_scale=1.0, rewarmup=False),
+    "random_keys": dict(key_init="random", old_scale=1.0, rewarmup=False),
+    "old_frozen": dict(key_init="zeros", old_scale=0.0, rewarmup=False),
+    "lr_rewarmup": dict(key_init="zeros", old_scale=1.0, rewarmup=True),
+}
+
+
+def _plan_error(name: str, value: Any, allowed: str) -> ValueError:
+    return invalid("plan field", name, value, allowed)
+
+
+@dataclass
+class Stage:
+    """One stage: the TokenFormer's parameter-token counts and the optimizer steps trained at them."""
+
+    qkv_tokens: int
+    proj_tokens: int
+    ffn_tokens: int
+    steps: int
+
+    def tokens(self) -> dict[str, int]:
+        return {"qkv_tokens": self.qkv_tokens, "proj_tokens": self.proj_tokens, "ffn_tokens": self.ffn_tokens}
+
+
+@dataclass
+class ScalingPlan:
+    """A scaling experiment. Every field is validated on construction, every run's options too.
+
+    Args:
+        out_dir: Run directory (results, report, plots and every run's checkpoints).
+        stages: At least three stages, token counts never shrinking and growing at each boundary.
+        lr_grid: Peak learning rates every arm trains at; each arm keeps the rate with the best
+            mean final validation loss over the seeds.
+        arms: Which of the arms to run (``ARMS``).
+        seeds: Seeds every (arm, learning rate) trains with, each a run of its own (the seed
+            sets the model init, the batches and the values of grown parameters).
+        ablation: Run the first-growth-step ablation for every seed (needs ``tokenformer_grown``).
+        ablation_steps: Steps trained after the first growth in each ablation (default: stage 2's).
+        min_lr_ratio: Cosine floor as a fraction of each run's peak learning rate.
+        train: The options of ``tokenformer train`` every run shares; ``train.model`` and
+            ``train.model_overrides`` give the shape (the stages set the token counts).
+            ``lr``, ``min_lr``, ``seed``, ``max_steps``, ``out_dir`` and ``resume`` are set per run.
+    """
+
+    out_dir: str
+    stages: list[Stage]
+    lr_grid: list[float]
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    seeds: list[int] = field(default_factory=lambda: [1337])
+    ablation: bool = True
+    ablation_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, (dict, TrainConfig)):
+            raise _plan_error("train", self.train, "a mapping of tokenformer train options")
+        self.stages = [s if isinstance(s, Stage) else _stage(i, s) for i, s in enumerate(self.stages or [])]
+        if len(self.stages) < 3:
+            raise _plan_error(
+                "stages", len(self.stages), "a list of at least 3 stages (the grown arms grow at least twice)"
+            )
+        for i, (old, new) in enumerate(zip(self.stages, self.stages[1:], strict=False), start=2):
+            shrinking = [k for k in new.tokens() if new.tokens()[k] < old.tokens()[k]]
+            if shrinking or new.tokens() == old.tokens():
+                raise _plan_error(
+                    f"stages[{i - 1}]",
+                    new.tokens(),
+                    f"token counts >= stage {i - 1}'s {old.tokens()}, at least one larger",
+                )
+        # The section is validated with the plan's steps: options such as warmup_steps are
+        # checked against them.
+        if isinstance(self.train, dict):
+            self.train = _train_section(self.train, self.total_steps)
+        else:
+            self.train = dataclasses.replace(self.train, max_steps=self.total_steps)
+        if self.train.task != "lm":
+            raise _plan_error("train.task", self.train.task, LM_ONLY)
+        runner.check_lr_grid("lr_grid", self.lr_grid, "plan field")
+        runner.check_seeds("seeds", self.seeds, "plan field")
+        unknown = [a for a in self.arms or [] if a not in ARMS]
+        if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
+            raise _plan_error("arms", self.arms, f"a non-empty list of distinct arms from {', '.join(ARMS)}")
+        if "transformer_stacked" in self.arms and len(set(self.stacked_depths())) < 2:
+            raise _plan_error(
+                "arms",
+                self.arms,
+                "transformer_stacked only with a final depth that grows over the stages "
+                f"(depths {self.stacked_depths()}; use n_layers >= 2)",
+            )
+        if "transformer_stacked" in self.arms and self.train.strategy == "fsdp":
+            raise _plan_error(
+                "arms", self.arms, "no transformer_stacked with train.strategy: fsdp (sharded layers are not stacked)"
+            )
+        if not isinstance(self.ablation, bool):
+            raise _plan_error("ablation", self.ablation, "true or false")
+        if self.ablation and "tokenformer_grown" not in self.arms:
+            raise _plan_error("ablation", self.ablation, "false unless arms include tokenformer_grown")
+        if self.ablation_steps is not None and not (is_int(self.ablation_steps) and self.ablation_steps >= 1):
+            raise _plan_error("ablation_steps", self.ablation_steps, "a positive integer or null")
+        if not (is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise _plan_error("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        # Every run's training options and model are checked now, before hours of training.
+        for arm in self.arms:
+            for overrides in self.arm_models(arm):
+                self.run_config(overrides, self.lr_grid[0], self.seeds[0], self.out_dir)
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_ends(self) -> list[int]:
+        ends, step = [], 0
+        for stage in self.stages:
+            step += stage.steps
+            ends.append(step)
+        return ends
+
+    def model_config(self, model_overrides: dict[str, Any], vocab_size: int | None = None) -> Any:
+        """The model of ``train.model`` with ``model_overrides`` (in place of ``train``'s)."""
+        return dataclasses.replace(self.train, model_overrides=model_overrides, resume=None).model_config(vocab_size)
+
+    def tokenformer(self, stage: Stage) -> Any:
+        """The TokenFormer of ``stage``."""
+        return self.model_config({**self.train.model_overrides, **stage.tokens()})
+
+    def arm_models(self, arm: str) -> list[dict[str, Any]]:
+        """``model_overrides`` of each stage of ``arm`` (one entry for a from-scratch arm)."""
+        base = self.train.model_overrides
+        stages = self.stages if arm in GROWN_ARMS else self.stages[-1:]
+        if arm.startswith("tokenformer"):
+            return [{**base, **s.tokens()} for s in stages]
+        matched = [
+            {**base, "projection": "linear", "ffn_tokens": self.tokenformer(s).parameter_matched_linear().ffn_tokens}
+            for s in stages
+        ]
+        if arm == "transformer_stacked":
+            return [{**matched[-1], "n_layers": n} for n in self.stacked_depths()]
+        return matched
+
+    def stacked_depths(self) -> list[int]:
+        """Layers of each ``transformer_stacked`` stage: the final depth times the TokenFormer
+        stage's fraction of the final non-embedding parameters, rounded, at least 1."""
+        sizes = [count_parameters(self.tokenformer(s), non_embedding=True) for s in self.stages]
+        layers = self.tokenformer(self.stages[-1]).n_layers
+        return [max(1, round(layers * size / sizes[-1])) for size in sizes]
+
+    def schedule(self, arm: str) -> list[tuple[dict[str, int], int]]:
+        """(token counts or depth to grow to, last step) of each stage of ``arm``."""
+        if arm not in GROWN_ARMS:
+            return [({}, self.total_steps)]
+        models = self.arm_models(arm)
+        if arm == "transformer_stacked":
+            return [({"n_layers": m["n_layers"]}, end) for m, end in zip(models, self.stage_ends(), strict=True)]
+        kinds = ("qkv_tokens", "proj_tokens", "ffn_tokens") if arm.startswith("tokenformer") else ("ffn_tokens",)
+        return [({k: m[k] for k in kinds}, end) for m, end in zip(models, self.stage_ends(), strict=True)]
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def run_dir(self, arm: str, lr: float, seed: int) -> Path:
+        return Path(self.out_dir) / "runs" / arm / runner.lr_name(lr) / runner.seed_name(seed)
+
+    def ablation_dir(self, lr: float, seed: int) -> Path:
+        # Under the learning rate: a wider grid that moves the best rate starts a fresh ablation.
+        return Path(self.out_dir) / "ablation" / runner.lr_name(lr) / runner.seed_name(seed)
+
+    def run_config(
+        self, model_overrides: dict[str, Any], lr: float, seed: int, out_dir: str | Path, **changes: Any
+    ) -> TrainConfig:
+        """The ``train`` section for one run: its model, peak rate, seed and directory."""
+        options = {
+            **self.train.to_dict(),
+            "model_overrides": model_overrides,
+            "max_steps": self.total_steps,
+            "lr": lr,
+            "min_lr": lr * self.min_lr_ratio,
+            "seed": seed,
+            "out_dir": str(out_dir),
+            **changes,
+        }
+        return TrainConfig.from_dict(options)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every (arm, learning rate, seed), seeds outermost: a plan stopped early has whole seeds."""
+        return [{"arm": arm, "lr": lr, "seed": seed} for seed in self.seeds for arm in self.arms for lr in self.lr_grid]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["train"] = {k: v for k, v in self.train.to_dict().items() if k not in PER_RUN}
+        return data
+
+    @classmethod
+    def check_layout(cls, data: dict[str, Any]) -> None:
+        """Refuse a plan written before plans had a ``train:`` section, saying what goes where."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        flat = sorted(k for k in data if k not in own and k in {f.name for f in dataclasses.fields(TrainConfig)})
+        if flat:
+            raise ValueError(
+                f"plan fields {flat} are training options: a plan's training options go in its `train:` section "
+                f"(a tokenformer train config), e.g. `train: {{{flat[0]}: ...}}`"
+                + ("; `seed: N` became `seeds: [N]`" if "seed" in flat else "")
+                + " (configs/scaling/*.yaml show the layout)"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScalingPlan:
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan must be a mapping of plan fields, got {type(data).__name__}")
+        cls.check_layout(data)
+        missing = [name for name in ("out_dir", "stages", "lr_grid") if name not in data]
+        if missing:
+            raise ValueError(f"plan is missing required field(s) {missing}")
+        return dataclass_from_dict(cls, data, "plan field")
+
+
+def _train_section(data: dict[str, Any], max_steps: int) -> TrainConfig:
+    # Defaults pass: the command line fills every option of the section in.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    per_run = {k: data[k] for k in PER_RUN if k in data and data[k] != defaults[k]}
+    if per_run:
+        raise _plan_error(
+            "train",
+            per_run,
+            f"training options other than {', '.join(PER_RUN)}: every run gets them from the plan "
+            "(lr_grid, min_lr_ratio, seeds, stages, out_dir)",
+        )
+    if data.get("task", "lm") != "lm":
+        raise _plan_error("train.task", data["task"], LM_ONLY)
+    return TrainConfig.from_dict({**data, "max_steps": max_steps})
+
+
+def _stage(index: int, data: Any) -> Stage:
+    names = [f.name for f in dataclasses.fields(Stage)]
+    if not isinstance(data, dict) or sorted(data) != sorted(names):
+        raise _plan_error(f"stages[{index}]", data, f"a mapping with exactly {', '.join(names)}")
+    for name, value in data.items():
+        if not (is_int(value) and value >= 1):
+            raise _plan_error(f"stages[{index}].{name}", value, "a positive integer")
+    return Stage(**data)
+
+
+def load_plan(path: str | Path, out_dir: str | None = None) -> ScalingPlan:
+    """Read and validate a YAML plan; ``out_dir`` overrides the plan's."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plan not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"plan {path} must be a YAML mapping of plan fields, got {type(data).__name__}")
+    if out_dir is not None:
+        data["out_dir"] = out_dir
+    return ScalingPlan.from_dict(data)

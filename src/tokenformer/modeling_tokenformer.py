@@ -1,0 +1,202 @@
+"""TokenFormer in Hugging Face transformers (extra ``[hf]``): ``TokenformerModel`` (``AutoModel``)
+and ``TokenformerForCausalLM`` (``AutoModelForCausalLM``).
+
+Both register the LM's own modules under the LM's own names, so their state dict is
+``TokenformerLM``'s key for key (tau included) and ``from_pretrained``/``save_pretrained`` read
+and write the directory of :func:`tokenformer.save_model`. The forward pass is the LM's:
+transformers' cache reaches it through the two members of ``KVCache`` the LM uses (``length``,
+``update``).
+
+This module is the code a model directory carries (``auto_map`` in its ``config.json``), so that
+``from_pretrained(directory, trust_remote_code=True)`` works where tokenformer is not installed:
+transformers copies it with every module it imports relatively (``model.py``, ``config.py``,
+``pattention.py``, ...), unchanged. It must import nothing of tokenformer in any other way.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
+
+from .configuration_tokenformer import TokenformerHFConfig
+from .model import Block, TokenformerLM, set_activation_checkpointing
+from .pattention import Pattention
+
+
+class _CacheView:
+    """A transformers ``Cache`` seen through ``tokenformer.model.KVCache``'s interface."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.length = cache.get_seq_length()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, layer)
+
+
+def _class_reference(cls: type) -> str:
+    # How config.json's auto_map names a class: its module's file name, then the class.
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+class TokenformerPreTrainedModel(PreTrainedModel):
+    config_class = TokenformerHFConfig
+    _no_split_modules = [Block.__name__]
+    supports_gradient_checkpointing = True
+    # Token-token attention is torch's scaled_dot_product_attention, with or without padding.
+    _supports_sdpa = True
+
+    def __init__(self, config: TokenformerHFConfig) -> None:
+        super().__init__(config)
+        # Every directory saved names all three classes, whichever model wrote it.
+        config.auto_map = {**auto_map(), **(getattr(config, "auto_map", None) or {})}
+        lm = TokenformerLM(config.to_tokenformer())
+        self.word_embeddings, self.layers, self.final_norm = lm.word_embeddings, lm.layers, lm.final_norm
+        # Kept out of the module tree: registering it would give every weight a second name.
+        object.__setattr__(self, "lm", lm)
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # transformers re-initialises every tensor it did not load; its guarded init functions
+        # skip loaded ones, so a loaded (possibly grown) tau survives.
+        if isinstance(module, Pattention):
+            init.normal_(module.key_param_tokens, std=module.key_std)
+            init.normal_(module.value_param_tokens, std=module.value_std)
+            init.constant_(module.tau, module.initial_tau)
+        else:
+            super()._init_weights(module)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers=1):
+        set_activation_checkpointing(self.lm, enable, gradient_checkpointing_func, every_n_layers)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(block.checkpoint_fn is not None for block in self.layers)
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.word_embeddings = self.lm.word_embeddings = value
+
+    def _hidden_states(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        inputs_embeds: torch.Tensor | None,
+        use_cache: bool | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, Cache | None]:
+        """The final hidden states, the ``n_layers + 1`` hidden states with ``output_hidden_states``, the cache."""
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError(f"{type(self).__name__} takes input_ids (inputs_embeds are not supported)")
+        if output_attentions:
+            raise ValueError(
+                f"{type(self).__name__} computes attention with scaled_dot_product_attention, which returns no "
+                "attention weights; allowed: output_attentions=False"
+            )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be 2-d [batch, cached + new tokens] (1 for a token, 0 for padding), "
+                f"got shape {list(attention_mask.shape)}"
+            )
+        if use_cache and cache is None and not (self.is_activation_checkpointing and self.training):
+            cache = DynamicCache(config=self.config)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        states = self.lm.hidden_states(
+            input_ids,
+            cache=_CacheView(cache) if cache is not None else None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            every_layer=bool(output_hidden_states),
+        )
+        return states[-1], tuple(states) if output_hidden_states else None, cache
+
+
+class TokenformerModel(TokenformerPreTrainedModel):
+    """The transformer without its output head: the final hidden states."""
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        hidden, states, cache = self._hidden_states(
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            use_cache,
+            output_hidden_states,
+            output_attentions,
+        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache, hidden_states=states)
+
+
+class TokenformerForCausalLM(TokenformerPreTrainedModel, GenerationMixin):
+    def get_output_embeddings(self) -> None:
+        return None  # the head is the word embedding, applied inside the LM
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        hidden, states, cache = self._hidden_states(
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            use_cache,
+            output_hidden_states,
+            output_attentions,
+        )
+        logits = self.lm.logits(slice_logits_to_keep(hidden, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, hidden_states=states)
+
+
+def auto_map() -> dict[str, str]:
+    """``config.json``'s ``auto_map``: where transformers finds each class in a model directory."""
+    return {
+        "AutoConfig": _class_reference(TokenformerHFConfig),
+        "AutoModel": _class_reference(TokenformerModel),
+        "AutoModelForCausalLM": _class_reference(TokenformerForCausalLM),
+    }
+
+
+# save_pretrained copies this module and its relative imports beside the weights.
+TokenformerHFConfig.register_for_auto_class()
+TokenformerModel.register_for_auto_class("AutoModel")
+TokenformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")

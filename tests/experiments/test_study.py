@@ -1,0 +1,148 @@
+"""Recipe studies: a tiny study end to end, seeds as independent runs, resume, the report's numbers
+recomputed from the stored runs, plan errors."""
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_MODEL
+
+from tokenformer.cli import main
+from tokenformer.experiments import runner, study
+from tokenformer.experiments.study import StudyPlan, load_plan, run_study
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_study(corpus_file, cache_dir, out_dir, **changes) -> dict:
+    plan = dict(
+        out_dir=str(out_dir),
+        baseline="transformer",
+        lr_grid=[0.003, 0.01],
+        seeds=[1, 2],
+        variants=[
+            {"name": "transformer", "matched_linear": True},
+            {"name": "tokenformer"},
+            {"name": "small-values", "model_overrides": {"value_scale": 0.25}, "train": {"token_weight_decay": 0.0}},
+        ],
+        train=dict(
+            model="cpu-0.3M",
+            model_overrides=dict(TINY_MODEL),
+            data=str(corpus_file),
+            vocab_size=512,
+            cache_dir=str(cache_dir),
+            seq_len=32,
+            batch_size=4,
+            max_steps=4,
+            warmup_steps=1,
+            eval_interval=2,
+            eval_batches=2,
+            ckpt_interval=2,
+            device="cpu",
+            threads=1,
+        ),
+    )
+    return {**plan, **changes}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus_file, cache_dir):
+    out = tmp_path_factory.mktemp("study") / "out"
+    path = out.parent / "plan.yaml"
+    path.write_text(yaml.safe_dump(tiny_study(corpus_file, cache_dir, out)))
+    main(["study", str(path)])
+    return load_plan(path), json.loads((out / "results.json").read_text()), path
+
+
+def test_every_variant_lr_and_seed_is_a_run_of_its_own(finished):
+    plan, results, _ = finished
+    runs = results["runs"]
+    assert len(runs) == 3 * 2 * 2
+    keys = {(r["variant"], r["lr"], r["seed"]) for r in runs}
+    assert len(keys) == 12
+    # Seeds are independent runs: the same variant and rate end differently with another seed.
+    for variant in ("transformer", "tokenformer"):
+        for lr in plan.lr_grid:
+            losses = [r["final_val_loss"] for r in runs if r["variant"] == variant and r["lr"] == lr]
+            assert len(set(losses)) == 2
+    # Every run saw the same number of tokens; the matched Transformer has (almost) the TokenFormer's size.
+    assert len({r["tokens"] for r in runs}) == 1
+    sizes = {r["variant"]: r["non_embedding_parameters"] for r in runs}
+    assert abs(sizes["transformer"] - sizes["tokenformer"]) / sizes["tokenformer"] < 0.01
+    config = plan.run_config(plan.variant("small-values"), 0.01, 2)
+    assert config.token_weight_decay == 0.0 and config.model_overrides["value_scale"] == 0.25
+    assert config.seed == 2 and config.min_lr == pytest.approx(0.001)
+    assert (plan.run_dir(plan.variant("tokenformer"), 0.003, 1) / runner.RESULT).is_file()
+
+
+def test_report_numbers_are_recomputed_from_the_stored_runs(finished):
+    plan, results, _ = finished
+    stored = {}
+    for run_dir in (plan.run_dir(v, lr, s) for v in plan.variants for lr in plan.lr_grid for s in plan.seeds):
+        r = json.loads((run_dir / runner.RESULT).read_text())
+        stored.setdefault(r["variant"], {}).setdefault(r["lr"], {})[r["seed"]] = r["final_val_loss"]
+    analysis = results["analysis"]["variants"]
+    for name, by_lr in stored.items():
+        best = min(by_lr, key=lambda lr, by_lr=by_lr: statistics.fmean(by_lr[lr].values()))
+        assert analysis[name]["best_lr"] == best
+        losses = [by_lr[best][s] for s in (1, 2)]
+        assert analysis[name]["mean"] == pytest.approx(statistics.fmean(losses))
+        assert analysis[name]["se"] == pytest.approx(statistics.stdev(losses) / math.sqrt(2))
+    base = stored["transformer"][analysis["transformer"]["best_lr"]]
+    mine = stored["tokenformer"][analysis["tokenformer"]["best_lr"]]
+    diffs = [mine[s] - base[s] for s in (1, 2)]
+    paired = analysis["tokenformer"]["vs_baseline"]
+    assert paired["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert paired["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(2))
+    assert "vs_baseline" not in analysis["transformer"]
+    text = study.report(results)
+    assert f"{paired['mean']:+.4f} ± {paired['se']:.4f} (n=2)" in text
+    assert (Path(plan.out_dir) / "curves.png").stat().st_size > 0
+    assert (Path(plan.out_dir) / "report.md").read_text() == text
+
+
+def test_a_rerun_skips_finished_runs_and_resumes_unfinished_ones(finished, tmp_path):
+    plan, results, path = finished
+    run_dir = plan.run_dir(plan.variant("tokenformer"), 0.01, 2)
+    stamp = (run_dir / runner.RESULT).stat().st_mtime_ns
+    # An interrupted run: its result is gone, its checkpoints stay; the rerun continues it to the end.
+    other = plan.run_dir(plan.variant("small-values"), 0.003, 1)
+    before = json.loads((other / runner.RESULT).read_text())
+    (other / runner.RESULT).unlink()
+    again = run_study(load_plan(path), "again")
+    assert (run_dir / runner.RESULT).stat().st_mtime_ns == stamp
+    after = json.loads((other / runner.RESULT).read_text())
+    assert after["final_val_loss"] == before["final_val_loss"]
+    assert again["analysis"] == results["analysis"]
+
+
+def test_edge_of_the_grid_is_flagged():
+    assert runner.at_edge(0.01, [0.003, 0.01]) and not runner.at_edge(0.004, [0.002, 0.004, 0.008])
+    # Only seeds that every rate has count: seed 2's loss at 0.1 does not count against it.
+    assert runner.best_lr({0.1: {1: 2.0, 2: 9.0}, 0.2: {1: 2.5}}) == 0.1
+    assert runner.best_lr({0.1: {1: 3.0, 2: 3.0}, 0.2: {1: 2.0, 2: 2.5}}) == 0.2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"baseline": "nope"}, "study field baseline='nope' is invalid; allowed: one of the variants"),
+        ({"seeds": [1, 1]}, r"study field seeds=\[1, 1\] is invalid; allowed: distinct seeds"),
+        ({"lr_grid": [0.0]}, "study field lr_grid=.* learning rates > 0"),
+        ({"variants": [{"name": "transformer"}]}, "at least two variants"),
+        ({"variants": [{"name": "a"}, {"name": "a"}]}, "distinct names"),
+        ({"variants": [{"name": "a b"}, {"name": "c"}]}, r"variants\[0\].name='a b' is invalid"),
+        ({"variants": [{"name": "a", "train": {"lr": 1.0}}, {"name": "b"}]}, r"other than \['lr'\]"),
+        ({"variants": [{"name": "a", "colour": 1}, {"name": "b"}]}, r"unknown variants\[0\] field"),
+        ({"variants": [{"name": "a", "model_overrides": {"tau_scale": -1}}, {"name": "b"}]}, "tau_scale=-1"),
+    ],
+)
+def test_plan_errors_name_the_field(tmp_path, corpus_file, cache_dir, change, message):
+    data = tiny_study(corpus_file, cache_dir, tmp_path / "out", **change)
+    if "baseline" not in change and change.get("variants"):
+        data["baseline"] = data["variants"][0]["name"] if isinstance(data["variants"][0], dict) else "x"
+    with pytest.raises(ValueError, match=message):
+        StudyPlan.from_dict(data)
