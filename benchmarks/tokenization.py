@@ -130,9 +130,9 @@ def main() -> None:
     if not args.tokenizer or not args.work_dir:
         parser.error("--tokenizer and --work-dir are required")
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import command_line, cpu_flags, cpu_model, markdown_table, source_version
+    from common import command_line, runner
 
-    launched_at = source_version()
+    launched_at = runner.source_version()
     work = Path(args.work_dir)
     files = generate(work / "corpus", args.size_mb, args.file_mb)
     subset = files[: max(1, args.old_size_mb // args.file_mb)]
@@ -186,19 +186,15 @@ def main() -> None:
     ]
     headers = ["arm", "MB", "M tokens", "wall s", "of which hashing s", "MB/s", "MB per CPU-s",
                "RSS before MiB", "peak RSS MiB", "load avg before / after"]  # fmt: skip
-    finished_at = source_version()
-    version = finished_at if finished_at == launched_at else f"{launched_at} (started), {finished_at} (finished)"
-    text = (
-        "# Tokenizing a corpus into token shards (CPU)\n\n"
-        f"Command (from the repository root, at commit {version}):\n\n    {command_line()}\n\n"
-        f"Machine: {cpu_model()} ({os.cpu_count()} logical cores visible; {cpu_flags()}), shared with other jobs "
-        f"(1-minute load averages in the table); finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.\n\n"
+    body = (
+        "The machine is shared with other jobs (1-minute load averages in the table).\n\n"
         f"Tokenizer: {Path(args.tokenizer).name}. Old path: commit {args.old_commit}. "
-        f"Arms on the {subset_mb:.0f} MB subset: {agreement}.\n\n" + markdown_table(headers, rows) + "\n"
+        f"Arms on the {subset_mb:.0f} MB subset: {agreement}.\n\n" + runner.markdown_table(headers, rows)
+    )
+    text = runner.write_report(
+        args.out, "Tokenizing a corpus into token shards (CPU)", body, command_line(), "cpu", launched_at
     )
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":
