@@ -7,8 +7,9 @@ weights:
 - ``floor``: ``(x @ K^T) @ V``, the same two products with nothing in between (6 matmuls in all);
 - ``mlp``: ``Linear(d, n) -> GELU -> Linear(n, d)``, the same 2dn weights, no biases;
 - ``reference``: Pattention, the plain formula (``impl="reference"``);
-- ``fused``: Pattention, the fused autograd function (``impl="fused"``);
-- ``triton``: Pattention with the Triton kernels (CUDA only, when triton is installed).
+- ``fused``: Pattention, the registered operator with torch ops inside (``impl="fused"``);
+- ``triton``: Pattention, the registered operator with the Triton kernels (when triton is
+  installed: on CUDA, or on the CPU under ``TRITON_INTERPRET=1``, which checks the path, not its speed).
 
 bf16 means autocast with float32 weights, as in mixed-precision training. ``--compile`` adds
 ``torch.compile`` versions of the mlp, reference and fused arms (timed against the same eager
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +79,7 @@ class Case:
             "reference": lambda: pattention(self.x, self.keys, self.values, self.tau, impl="reference"),
             "fused": lambda: pattention(self.x, self.keys, self.values, self.tau, impl="fused"),
         }
-        if device.type == "cuda" and triton_available():
+        if triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
             forwards["triton"] = lambda: pattention(self.x, self.keys, self.values, self.tau, impl="triton")
         if compile_arms:
             for name in ("mlp", "reference", "fused"):

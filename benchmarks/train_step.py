@@ -1,13 +1,17 @@
 """Whole-model training and generation throughput: TokenFormer against the parameter-matched
 Transformer (``config.parameter_matched_linear()``: same code path, bias-free Linear Q/K/V/O and
-a Linear-GELU-Linear MLP whose width absorbs the difference in parameters).
+a Linear-GELU-Linear MLP whose width absorbs the difference in parameters). In both models the
+query, key and value projections run as one group.
 
-A training step is a forward with targets, backward and an AdamW step on a fixed batch of random
-tokens. Both models are timed in the same rounds (see ``common.py``). bf16 is autocast with
-float32 weights. ``compiled`` wraps the model in ``torch.compile`` (the optimizer step stays
-eager in both arms). MFU divides the model's training FLOPs (``tokenformer.flops``, attention
-included) per second by the throughput of a large matmul of the same dtype timed in the same
-run. Generation is greedy decoding with the KV cache, eager.
+A training step is a forward with targets, backward and an AdamW step (the trainer's optimizer:
+the fused implementation on CPU and CUDA) on a fixed batch of random tokens. Both models are
+timed in the same rounds (see ``common.py``). bf16 is autocast with float32 weights.
+``compiled`` wraps the model in ``torch.compile``, ``compiled-blocks`` each of its blocks (the
+optimizer step stays eager in both arms). MFU divides the model's training FLOPs
+(``tokenformer.flops``, attention included) per second by the throughput of a large matmul of
+the same dtype timed in the same run. Generation is greedy decoding with the KV cache, eager.
+``peak GiB`` is the most memory allocated during one training step above what was allocated
+before it (model, optimizer state and batch).
 
     python benchmarks/train_step.py --out benchmarks/results/train_step-cpu.md
 """
@@ -24,6 +28,7 @@ from common import (
     interleaved_times,
     median,
     paired_ratio,
+    peak_memory_bytes,
     repeats_for,
     setup,
     write_report,
@@ -31,6 +36,9 @@ from common import (
 
 from tokenformer import Pattention, TokenformerConfig, TokenformerLM, training_flops_per_token
 from tokenformer.experiments.runner import markdown_table
+from tokenformer.pattention import IMPLS
+from tokenformer.train import TrainConfig
+from tokenformer.train.trainer import make_optimizer
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,7 +61,7 @@ class Arm:
     """One model with its optimizer, a training step and greedy generation."""
 
     def __init__(
-        self, config: TokenformerConfig, impl: str, device: torch.device, precision: str, compiled: bool
+        self, config: TokenformerConfig, impl: str, device: torch.device, precision: str, mode: str, backend: str
     ) -> None:
         torch.manual_seed(0)
         self.config = config
@@ -61,8 +69,13 @@ class Arm:
         for module in self.model.modules():
             if isinstance(module, Pattention):
                 module.impl = impl
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-3)
-        self.forward = torch.compile(self.model) if compiled else self.model
+        self.optimizer = make_optimizer(self.model, TrainConfig(lr=1e-3, weight_decay=0.1))
+        self.forward = torch.compile(self.model, backend=backend) if mode == "compiled" else self.model
+        if mode == "compiled-blocks":
+            # Each block compiled on its own: the layers share one compiled graph, so compiling
+            # a deep model takes the time of one block (embedding, head and loss stay eager).
+            for block in self.model.layers:
+                block.compile(backend=backend)
         self.device, self.precision = device, precision
 
     def train_step(self, ids: torch.Tensor) -> None:
@@ -77,12 +90,10 @@ class Arm:
             self.model.generate(prompt, new_tokens, temperature=0)
 
 
-def configs(preset: str, with_reference: bool) -> dict[str, tuple[TokenformerConfig, str]]:
-    """Arm name -> (config, Pattention impl)."""
+def configs(preset: str, impls: list[str]) -> dict[str, tuple[TokenformerConfig, str]]:
+    """Arm name -> (config, Pattention impl): TokenFormer with each of ``impls``, then the Transformer."""
     tokenformer = TokenformerConfig.from_preset(preset)
-    arms = {"tokenformer": (tokenformer, "auto")}
-    if with_reference:
-        arms["tokenformer (reference impl)"] = (tokenformer, "reference")
+    arms = {"tokenformer" if impl == "auto" else f"tokenformer ({impl} impl)": (tokenformer, impl) for impl in impls}
     arms["transformer"] = (tokenformer.parameter_matched_linear(), "auto")
     return arms
 
@@ -96,20 +107,24 @@ TRAIN_HEADERS = [
     "tokens/s",
     "x transformer",
     "MFU",
+    "peak GiB",
 ]
+MODES = ("eager", "compiled", "compiled-blocks")
 GEN_HEADERS = ["preset", "precision", "model", "median ms", "new tokens/s", "x transformer"]
 
 
 def train_rows(preset, precision, mode, device, args, peak) -> list[list[object]]:
+    impls = args.impls if mode == "eager" else args.compiled_impls or args.impls
     arms = {
-        name: Arm(cfg, impl, device, precision, mode == "compiled")
-        for name, (cfg, impl) in configs(preset, args.with_reference).items()
+        name: Arm(cfg, impl, device, precision, mode, args.compile_backend)
+        for name, (cfg, impl) in configs(preset, impls).items()
     }
     gen = torch.Generator().manual_seed(1)
-    vocab = arms["tokenformer"].config.vocab_size
+    vocab = next(iter(arms.values())).config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen).to(device)
     steps = {name: (lambda arm=arm: arm.train_step(ids)) for name, arm in arms.items()}
     times = interleaved_times(steps, repeats_for(args, precision), args.warmup, device, args.clock)
+    peaks = {name: peak_memory_bytes(step, device) for name, step in steps.items()}
     tokens = args.batch * args.seq
     rows = []
     for name, arm in arms.items():
@@ -125,6 +140,7 @@ def train_rows(preset, precision, mode, device, args, peak) -> list[list[object]
                 f"{tokens / step:,.0f}",
                 f"{1 / paired_ratio(times, name, 'transformer'):.3f}",
                 f"{flops / peak:.1%}",
+                f"{peaks[name] / 2**30:.2f}",
             ]
         )
     print(markdown_table(TRAIN_HEADERS, rows), flush=True)
@@ -133,11 +149,13 @@ def train_rows(preset, precision, mode, device, args, peak) -> list[list[object]
 
 def generation_rows(preset, precision, device, args) -> list[list[object]]:
     arms = {
-        name: Arm(cfg, impl, device, precision, compiled=False)
-        for name, (cfg, impl) in configs(preset, args.with_reference).items()
+        name: Arm(cfg, impl, device, precision, "eager", args.compile_backend)
+        for name, (cfg, impl) in configs(preset, args.impls).items()
     }
     gen = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, arms["tokenformer"].config.vocab_size, (args.gen_batch, args.gen_prompt), generator=gen)
+    prompt = torch.randint(
+        0, next(iter(arms.values())).config.vocab_size, (args.gen_batch, args.gen_prompt), generator=gen
+    )
     prompt = prompt.to(device)
     times = interleaved_times(
         {name: (lambda arm=arm: arm.generate(prompt, args.gen_tokens)) for name, arm in arms.items()},
@@ -167,7 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["cpu-1M", "cpu-5M"])
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=["eager", "compiled"],
+        help="compiled: the whole model through torch.compile; compiled-blocks: each block on its own",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul that measures the peak")
@@ -177,7 +201,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-repeats", type=int, default=7, help="timed rounds of generation per case")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument(
-        "--with-reference", action="store_true", help="add TokenFormer with the plain Pattention formula"
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=["auto"],
+        help="TokenFormer arms, one per Pattention implementation (auto: the library's choice)",
+    )
+    parser.add_argument(
+        "--compiled-impls",
+        nargs="+",
+        choices=IMPLS,
+        default=None,
+        help="TokenFormer arms when compiled (default: --impls)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (aot_eager traces as inductor does without generating code: quick checks)",
     )
     add_common_arguments(parser, repeats=10)
     args = parser.parse_args(argv)

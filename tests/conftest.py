@@ -118,3 +118,51 @@ def reference_ops(state: dict[str, torch.Tensor], eps: float):
         return (x - mu) / torch.sqrt(var + eps)
 
     return pattention, layer_norm
+
+
+def word_level_tokenizer(words):
+    """A fast tokenizer for data tests: whitespace-separated words, ``<|endoftext|>`` is id 0 (and unknown words)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from tokenformer.data import Tokenizer
+
+    vocab = {"<|endoftext|>": 0} | {w: i + 1 for i, w in enumerate(sorted(set(words) - {"<|endoftext|>"}))}
+    backend = Backend(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return Tokenizer(backend, backend.to_str())
+
+
+def expected_splits(texts, tokenizer, chunk_tokens=2048, val_fraction=0.05):
+    """The train and validation ids of ``texts`` as documented: each whole text encoded at once and
+    followed by the end-of-text id, then :func:`split_stream`."""
+    import numpy as np
+
+    stream = np.concatenate([np.asarray(tokenizer.encode(t) + [tokenizer.eos_id], dtype=np.int64) for t in texts])
+    return split_stream(stream, chunk_tokens, val_fraction)
+
+
+def split_stream(stream, chunk_tokens=2048, val_fraction=0.05):
+    """A token stream cut into chunks, chunk ``i`` in validation when ``frac(i * golden ratio) < val_fraction``."""
+    import numpy as np
+
+    from tokenformer.data.shards import is_validation_chunk
+
+    chunks = [stream[i : i + chunk_tokens] for i in range(0, len(stream), chunk_tokens)]
+    return {
+        split: np.concatenate(
+            [c for i, c in enumerate(chunks) if is_validation_chunk(i, val_fraction) == (split == "val")]
+            or [np.zeros(0, dtype=np.int64)]
+        )
+        for split in ("train", "val")
+    }
+
+
+def shard_splits(shards):
+    """The ids of each split of a ``TokenShards``, concatenated over its files."""
+    import numpy as np
+
+    return {
+        split: np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays] or [np.zeros(0, dtype=np.int64)])
+        for split, arrays in shards.arrays.items()
+    }

@@ -1,13 +1,23 @@
-"""torch.compile: no graph breaks, the compiled fused Pattention equals eager, growing a
-compiled model costs exactly one recompilation (for the new parameter shapes), and validation
-in a compiled training run compiles nothing."""
+"""torch.compile: no graph breaks, the compiled fused Pattention equals eager and stays one
+operator in the compiled graphs, growing a compiled model is exact and costs exactly one
+recompilation (for the new parameter shapes), and validation in a compiled training run
+compiles nothing."""
 
 import pytest
 import torch
 from conftest import tiny_config, tiny_train_options
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
+from torch._functorch.aot_autograd import make_boxed_func
 
 from tokenformer import NORMS, Pattention, TokenformerLM, carry_optimizer_state, grow
+from tokenformer.pattention import pattention_group
+
+
+def set_impl(model: torch.nn.Module, impl: str) -> None:
+    for module in model.modules():
+        if isinstance(module, Pattention):
+            module.impl = impl
 
 
 def test_model_traces_without_graph_breaks_under_autocast():
@@ -20,12 +30,12 @@ def test_model_traces_without_graph_breaks_under_autocast():
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("impl", ["auto", "fused"])
 @pytest.mark.parametrize("norm", NORMS)
-def test_compiled_fused_pattention_matches_eager(norm):
-    # aot_eager traces forward and backward of the autograd function as inductor does, without
-    # generating code.
+def test_compiled_fused_pattention_matches_eager(norm, impl):
+    # aot_eager traces forward and backward as inductor does, without generating code.
     torch._dynamo.reset()
-    layer = Pattention(16, 8, 40, norm)
+    layer = Pattention(16, 8, 40, norm, impl=impl)
     x = torch.randn(3, 5, 16, requires_grad=True)
     eager = layer(x)
     eager_grads = torch.autograd.grad(eager.square().sum(), (x, layer.key_param_tokens, layer.value_param_tokens))
@@ -36,10 +46,50 @@ def test_compiled_fused_pattention_matches_eager(norm):
         torch.testing.assert_close(got, expected)
 
 
-def test_growth_recompiles_once():
+def test_compiled_graphs_hold_the_operator_whole():
+    # One node for the whole layer group in the forward graph and one in the backward graph.
+    graphs = {}
+
+    def capture(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    layers = [Pattention(16, 16, 24) for _ in range(3)]
+
+    def qkv(x):
+        outs = pattention_group(
+            x,
+            [m.key_param_tokens for m in layers],
+            [m.value_param_tokens for m in layers],
+            [m.tau for m in layers],
+            impl="fused",
+        )
+        return sum(o.square().sum() for o in outs)
+
+    backend = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"))
+    torch.compile(qkv, backend=backend, fullgraph=True)(x).backward()
+    ops = {
+        name: [n.target for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "tokenformer"]
+        for name, gm in graphs.items()
+    }
+    assert ops == {
+        "forward": [torch.ops.tokenformer.pattention_forward.default],
+        "backward": [torch.ops.tokenformer.pattention_backward.default],
+    }
+    assert x.grad is not None and all(m.key_param_tokens.grad is not None for m in layers)
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_growth_is_exact_and_recompiles_once(impl):
     torch._dynamo.reset()
     counters.clear()
     model = TokenformerLM(tiny_config(n_layers=1))
+    set_impl(model, impl)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     ids = torch.randint(0, 97, (2, 12))
@@ -51,9 +101,15 @@ def test_growth_recompiles_once():
         return counters["stats"]["unique_graphs"]
 
     assert [step(), step()] == [1, 1]
+    with torch.no_grad():
+        before = compiled(ids)
     grow(model, qkv_tokens=30, ffn_tokens=48)
     carry_optimizer_state(optimizer)
-    assert [step(), step()] == [2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), before, rtol=1e-5, atol=1e-5)
+    # The no-grad calls compile graphs of their own; training after growth adds one more.
+    graphs = counters["stats"]["unique_graphs"]
+    assert [step(), step()] == [graphs + 1, graphs + 1]
 
 
 def test_validation_runs_the_model_without_the_compiled_wrapper(corpus_file, cache_dir, tmp_path, one_thread):
@@ -71,3 +127,17 @@ def test_validation_runs_the_model_without_the_compiled_wrapper(corpus_file, cac
     assert [row["step"] for row in trainer.state.val_history] == [1, 2, 3]
     assert trainer.model.training
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_identical_blocks_share_one_compiled_graph():
+    # Compiling block by block (benchmarks/train_step.py --modes compiled-blocks) costs one
+    # compilation for all layers, however deep the model.
+    torch._dynamo.reset()
+    counters.clear()
+    model = TokenformerLM(tiny_config(n_layers=3))
+    for block in model.layers:
+        block.compile(backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert model.generate(ids[:, :4], 3, temperature=0).shape == (2, 7)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenformer import NORMS, Pattention
-from tokenformer.pattention import _use_triton, pattention
+from tokenformer.pattention import _use_triton, pattention, pattention_group, reuse_tokens, run_pattentions
 
 
 def reference(x, keys, values, norm, tau):
@@ -113,25 +113,48 @@ def test_backward_reaches_keys_and_values():
     assert layer.key_param_tokens.grad.abs().sum() > 0 and layer.value_param_tokens.grad.abs().sum() > 0
 
 
-def _outputs_and_grads(norm, impl, dtype, x, keys, values, weight):
-    leaves = [t.to(dtype).requires_grad_() for t in (x, keys, values)]
-    out = pattention(*leaves, torch.tensor(keys.shape[0] ** 0.5, dtype=dtype), norm, impl)
-    return [out, *torch.autograd.grad((out * weight.to(dtype)).sum(), leaves)]
+def _outputs_and_grads(group, dtype, x, keys, values, weights):
+    """Outputs of ``group(x, keys, values)`` (lists of per-layer tokens) and the gradients of a
+    weighted sum of them."""
+    count = len(keys)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, *keys, *values)]
+    outs = group(leaves[0], leaves[1 : 1 + count], leaves[1 + count :])
+    loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights, strict=True))
+    return [*outs, *torch.autograd.grad(loss, leaves)]
 
 
+@pytest.mark.parametrize("count", [1, 3])
 @pytest.mark.parametrize("norm", NORMS)
-def test_fused_exact_to_float32_rounding(norm):
-    # Both float32 paths against the formula in float64: the fused one must be as close as the
-    # plain one (relative error at float32 rounding level) for the output and every gradient.
-    x, values = torch.randn(2, 33, 48, dtype=torch.float64), torch.randn(96, 40, dtype=torch.float64)
-    keys = torch.randn(96, 48, dtype=torch.float64) * 0.5
-    weight = torch.randn(2, 33, 40, dtype=torch.float64)
-    exact = _outputs_and_grads(norm, "reference", torch.float64, x, keys, values, weight)
+def test_every_impl_equals_the_formula(norm, count):
+    # Against the formula in float64, for one layer and for a group of three: in float32 both
+    # implementations at float32 rounding level (relative to the largest entry) for the outputs
+    # and every gradient; in bfloat16 the fused one about as close as the plain one.
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 33, 48, generator=gen, dtype=torch.float64)
+    keys = [torch.randn(96, 48, generator=gen, dtype=torch.float64) * 0.5 for _ in range(count)]
+    values = [torch.randn(96, 40, generator=gen, dtype=torch.float64) for _ in range(count)]
+    weights = [torch.randn(2, 33, 40, generator=gen, dtype=torch.float64) for _ in range(count)]
+    taus = [torch.tensor(96**0.5 * (1 + 0.25 * i)) for i in range(count)]
+    exact = _outputs_and_grads(
+        lambda x, ks, vs: [reference(x, k, v, norm, t) for k, v, t in zip(ks, vs, taus, strict=True)],
+        torch.float64, x, keys, values, weights,
+    )  # fmt: skip
+    errors = {}
     for impl in ("reference", "fused"):
-        got = _outputs_and_grads(norm, impl, torch.float32, x, keys, values, weight)
-        for name, a, e in zip(("output", "grad x", "grad keys", "grad values"), got, exact, strict=True):
-            error = ((a.double() - e).abs().max() / e.abs().max()).item()
-            assert error < 4e-6, (impl, name, error)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = _outputs_and_grads(
+                lambda x, ks, vs, impl=impl: pattention_group(x, ks, vs, taus, norm, impl),
+                dtype,
+                x,
+                keys,
+                values,
+                weights,
+            )
+            errors[impl, dtype] = max(
+                ((a.double() - e).abs().max() / e.abs().max()).item() for a, e in zip(got, exact, strict=True)
+            )
+    assert errors["reference", torch.float32] < 4e-6 and errors["fused", torch.float32] < 4e-6, errors
+    assert errors["fused", torch.bfloat16] < 1.5 * errors["reference", torch.bfloat16] + 1e-3, errors
 
 
 def _saved_storages(fn) -> list[torch.Size]:
@@ -222,3 +245,125 @@ def test_bad_impl_is_named(monkeypatch):
     monkeypatch.setattr("tokenformer.pattention.triton_available", lambda: False)
     with pytest.raises(ValueError, match=r"needs the triton package \(pip install 'tokenformer\[triton\]'\)"):
         Pattention(4, 4, 4, impl="triton")(torch.zeros(2, 4))
+
+
+def _group_leaves(norm, count, dtype=torch.float64, rows=(2, 9), d_in=10, n=14, d_out=6):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*rows, d_in, generator=gen, dtype=dtype, requires_grad=True)
+    keys = [(torch.randn(n, d_in, generator=gen, dtype=dtype) * 0.7).requires_grad_() for _ in range(count)]
+    values = [torch.randn(n, d_out, generator=gen, dtype=dtype, requires_grad=True) for _ in range(count)]
+    # Distinct taus: each member of a group keeps its own.
+    taus = [torch.tensor(n**0.5 * (1 + 0.25 * i), dtype=dtype) for i in range(count)]
+    return x, keys, values, taus
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_group_equals_its_layers_one_by_one(norm, impl):
+    # The attention's query, key and value run as one group: same outputs and gradients as
+    # three separate Pattentions, each with its own tau.
+    x, keys, values, taus = _group_leaves(norm, 3)
+    leaves = [x, *keys, *values]
+    grouped = pattention_group(x, keys, values, taus, norm, impl)
+    alone = [reference(x, k, v, norm, t) for k, v, t in zip(keys, values, taus, strict=True)]
+    weights = [torch.randn_like(out) for out in alone]
+    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(grouped, weights, strict=True)), leaves)
+    expected = torch.autograd.grad(sum((o * w).sum() for o, w in zip(alone, weights, strict=True)), leaves)
+    for a, e in zip([*grouped, *got], [*alone, *expected], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_group_of_unequal_layers_runs_them_one_by_one():
+    x, keys, values, taus = _group_leaves("l2_norm_gelu", 2)
+    keys[1] = torch.randn(20, keys[0].shape[1], dtype=torch.float64)
+    values[1] = torch.randn(20, 3, dtype=torch.float64)
+    outs = pattention_group(x, keys, values, taus, impl="fused")
+    assert [o.shape for o in outs] == [(2, 9, 6), (2, 9, 3)]
+    torch.testing.assert_close(outs[1], reference(x, keys[1], values[1], "l2_norm_gelu", taus[1]))
+    with pytest.raises(ValueError, match="needs as many values and taus as keys .* got 2 keys, 2 values, 1 taus"):
+        pattention_group(x, keys, values, taus[:1])
+
+
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("norm", NORMS)
+def test_fused_second_derivatives_equal_the_formula(norm, count):
+    # Gradients of gradients (gradient penalties, Hessian-vector products) run through the
+    # formula, never through the operator's saved intermediates.
+    x, keys, values, taus = _group_leaves(norm, count, rows=(3,), d_in=3, n=5, d_out=2)
+
+    def fn(x, *params):
+        outs = pattention_group(x, params[:count], params[count:], taus, norm, "fused")
+        return torch.cat([o.flatten() for o in outs])
+
+    assert torch.autograd.gradgradcheck(fn, (x, *keys, *values))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradient_penalty_key_gradient_equals_the_formula(norm):
+    x, (keys,), (values,), (tau,) = _group_leaves(norm, 1)
+    results = {}
+    for impl in ("reference", "fused"):
+        out = pattention(x, keys, values, tau, norm, impl)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        results[impl] = torch.autograd.grad(out.sum() + grad_x.square().sum(), (keys, values))
+    for got, expected in zip(results["fused"], results["reference"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_torch_func_transforms_match_the_reference(norm):
+    x, (keys,), (values,), (tau,) = _group_leaves(norm, 1, rows=(3, 4))
+    x, keys, values = x.detach(), keys.detach(), values.detach()
+
+    def loss(impl):
+        return lambda x, k, v: pattention(x, k, v, tau, norm, impl).square().sum()
+
+    def same(transform):
+        torch.testing.assert_close(transform("fused"), transform("reference"), rtol=1e-10, atol=1e-12)
+
+    for argnums in (0, 1, 2):
+        same(lambda impl, a=argnums: torch.func.grad(loss(impl), argnums=a)(x, keys, values))
+    same(lambda impl: torch.func.vmap(lambda x: pattention(x, keys, values, tau, norm, impl))(x))
+    batched_keys = torch.stack((keys, keys * 2, -keys))
+    same(lambda impl: torch.func.vmap(lambda k: pattention(x, k, values, tau, norm, impl))(batched_keys))
+    # Per-sample gradients of the keys.
+    same(lambda impl: torch.func.vmap(torch.func.grad(loss(impl), argnums=1), in_dims=(0, None, None))(x, keys, values))
+    same(lambda impl: torch.func.jacrev(lambda k: pattention(x[0], k, values, tau, norm, impl))(keys))
+    same(lambda impl: torch.func.hessian(lambda x: loss(impl)(x, keys, values))(x[0, :2]))
+
+
+def test_no_grad_outputs_follow_a_fused_optimizer_step():
+    # The fused AdamW updates weights in place without bumping their version counters: outside
+    # reuse_tokens nothing built from the weights may outlive a call (validation between steps).
+    layers = [Pattention(8, 8, 12) for _ in range(3)]
+    optimizer = torch.optim.AdamW([p for layer in layers for p in layer.parameters()], lr=0.1, fused=True)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        before = run_pattentions(layers, x)
+    sum(out.square().sum() for out in run_pattentions(layers, x)).backward()
+    optimizer.step()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after_bf16 = run_pattentions(layers, x)
+    with torch.no_grad():
+        after = run_pattentions(layers, x)
+    for b, a, low, m in zip(before, after, after_bf16, layers, strict=True):
+        expected = reference(x, m.key_param_tokens, m.value_param_tokens, "l2_norm_gelu", m.tau).float()
+        torch.testing.assert_close(a, expected)
+        torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
+        assert not torch.allclose(a, b)
+
+
+def test_reuse_tokens_keeps_a_groups_tokens_within_the_block_only():
+    layers = [Pattention(8, 8, 12) for _ in range(3)]
+    x = torch.randn(2, 8)
+    with torch.no_grad(), reuse_tokens():
+        first = run_pattentions(layers, x)
+        layers[0].value_param_tokens.mul_(2)  # in place: not seen inside the block
+        torch.testing.assert_close(run_pattentions(layers, x)[0], first[0], rtol=0, atol=0)
+        for layer in layers:  # growth replaces the tensors: seen
+            layer.key_param_tokens.data = torch.cat((layer.key_param_tokens.data, torch.zeros(4, 8)))
+            layer.value_param_tokens.data = torch.cat((layer.value_param_tokens.data, torch.randn(4, 8)))
+        grown = run_pattentions(layers, x)
+    with torch.no_grad():
+        torch.testing.assert_close(grown, run_pattentions(layers, x), rtol=0, atol=0)
+        torch.testing.assert_close(grown[0], first[0] * 2)

@@ -1,6 +1,7 @@
-"""The Triton kernels of the l2_norm_gelu step against the plain formula: on the CPU through
-Triton's interpreter (in a subprocess: TRITON_INTERPRET is read when kernels are defined) and
-on a CUDA GPU when there is one. The checks live in ``triton_checks.py``."""
+"""The Triton kernels of Pattention (l2_norm_gelu) against the formula in float64: on the CPU
+through Triton's interpreter, so on every machine that has triton (the test extra brings it),
+and on a CUDA GPU when there is one. The interpreter test runs in a subprocess: TRITON_INTERPRET
+is read when triton is imported. The checks live in ``triton_checks.py``."""
 
 import os
 import subprocess
@@ -19,8 +20,8 @@ needs_triton = pytest.mark.skipif(
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _interpreter_runs_chunk_loops() -> bool:
-    # Triton 3.6's interpreter cannot iterate `range(0, n_cols, BLOCK)` over a runtime argument
+def _interpreter_runs_tile_loops() -> bool:
+    # Triton 3.6's interpreter cannot iterate `range(0, K, BLOCK)` over a runtime argument
     # (compiled kernels can); 3.9's can.
     import triton
 
@@ -29,8 +30,8 @@ def _interpreter_runs_chunk_loops() -> bool:
 
 @needs_triton
 def test_kernels_under_interpreter():
-    if not _interpreter_runs_chunk_loops():
-        pytest.skip("this Triton's interpreter cannot run the kernels' chunk loops; Triton >= 3.9 can")
+    if not _interpreter_runs_tile_loops():
+        pytest.skip("this Triton's interpreter cannot run the kernels' tile loops; Triton >= 3.9 can")
     checks = Path(triton_checks.__file__)
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, str(checks), "cpu"], env=env, capture_output=True, text=True, timeout=300)

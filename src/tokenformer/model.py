@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import BlockConfig, TokenformerConfig
-from .pattention import Pattention
+from .pattention import Pattention, reuse_tokens, run_pattentions
 
 
 def make_projection(
@@ -171,6 +171,19 @@ class SelfAttention(nn.Module):
         self.value = make_projection(config, "qkv", tokens["qkv"], config.init_std)
         self.proj = make_projection(config, "proj", tokens["proj"], config.value_init_std)
 
+    def _qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Query, key and value of ``x``. Three Pattentions run as one group: one score product over
+        their concatenated key tokens and one batched value product (see ``pattention_group``);
+        three Linears as one product with their concatenated weights. Each keeps its own
+        parameters, so state dicts, growth and conversion see three layers."""
+        layers = (self.query, self.key, self.value)
+        if all(isinstance(layer, Pattention) for layer in layers):
+            return run_pattentions(layers, x)
+        if all(type(layer) is nn.Linear for layer in layers):
+            weights = [layer.weight for layer in layers]
+            return list(F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1))
+        return [layer(x) for layer in layers]
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -204,9 +217,8 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``allowed``: the mask of a padded batch, passed on to :meth:`attend`."""
         batch, length, d_model = x.shape
-        q = apply_rotary(self._heads(self.query(x)), cos, sin)
-        k = apply_rotary(self._heads(self.key(x)), cos, sin)
-        v = self._heads(self.value(x))
+        q, k, v = (self._heads(t) for t in self._qkv(x))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         start = 0
         if cache is not None:
             start = cache.length
@@ -473,22 +485,25 @@ class TokenformerLM(nn.Module):
                     "generate needs prompts padded on the left: the last position of every row must be a token "
                     "(attention_mask 1)"
                 )
-        cache = KVCache(self.config.n_layers, total)
-        logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
-        out = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done |= token == eos_token_id
-            out.append(token[:, None])
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
-                break
-            if attention_mask is not None:
-                attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), 1)
-            logits = self(token[:, None], cache=cache, attention_mask=attention_mask)[:, -1]
-        return torch.cat(out, dim=1)
+        # The weights do not change between new tokens: Pattention groups build their concatenated
+        # tokens once.
+        with reuse_tokens():
+            cache = KVCache(self.config.n_layers, total)
+            logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+            out = [input_ids]
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for step in range(max_new_tokens):
+                token = sample_next(logits, temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                    done |= token == eos_token_id
+                out.append(token[:, None])
+                if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                    break
+                if attention_mask is not None:
+                    attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), 1)
+                logits = self(token[:, None], cache=cache, attention_mask=attention_mask)[:, -1]
+            return torch.cat(out, dim=1)
 
 
 def weight_decay_groups(

@@ -14,8 +14,11 @@ the function (with a tau that follows n, every old score is rescaled by sqrt(n_n
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import contextvars
+import importlib.util
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,121 +85,257 @@ def normalise_scores(
     raise ValueError(f"unknown Pattention norm {norm!r}; allowed: {', '.join(NORMS)}")
 
 
-# The fused path. ``theta`` is elementwise work over a [tokens, n] score matrix between two
-# matrix products; done naively it takes several passes over that matrix and keeps three such
-# matrices for backward. Here the key product and ``theta`` form one autograd function that
-# keeps at most one [tokens, n] tensor besides its output (which the value product keeps
-# anyway), and backward folds each row's scale tau / ||row|| into the narrow [tokens, d_in]
-# side of the key product's gradients instead of a pass over [tokens, n].
+# The fused path, for one Pattention or a group of S Pattentions that read the same input (the
+# attention's query, key and value): their key tokens are concatenated, so the scores of the whole
+# group are one matrix product ``x [N, d_in] @ keys^T -> [N, S * n]``; each segment of n scores is
+# normalised with its own tau, and the value products run as one batched product. Done naively,
+# ``theta`` takes several passes over the [N, S * n] score matrix and autograd keeps three such
+# matrices; here forward and backward are a registered operator pair (``tokenformer::
+# pattention_forward`` / ``pattention_backward``) that keeps what backward needs and nothing more.
+# ``torch.compile`` sees each as one opaque node (its fake implementation gives the shapes); with
+# the Triton kernels (``triton_kernels.py``) each [N, S * n] matrix is written once and read where
+# it is needed, the normalisation folded into the neighbouring products.
 #
-# Per norm: ``forward(scores, tau) -> (probs, row_scale, saved)`` may overwrite ``scores``;
-# ``backward(grad_probs, tau, *saved)`` returns the score gradient divided by ``row_scale``
-# (None where there is none: softmax).
-
-
-# Row reductions of bf16 tensors accumulate in float32 inside the kernels and round only the
-# result: as precise as the reference's float32 copy of the [tokens, n] matrix, without it.
+# Forward returns ``(out [S, N, d_out], probs, aux, row_scale)``: the last three are what backward
+# needs (a custom operator can keep only its inputs and outputs). Per implementation:
+#   torch, l2_norm_gelu:  probs = GeLU(z) and aux = z = A * r, r = tau / ||A|| per row and segment
+#   torch, gelu_l2_norm:  probs = GeLU(A) * r and aux = A, r = tau / ||GeLU(A)||
+#   torch, softmax:       probs = n * softmax(A); aux and row_scale empty
+#   triton, l2_norm_gelu: aux = A only (probs empty: recomputed from A where it is read)
 
 
 def _row_norm(t):
+    # Row reductions of bf16 tensors accumulate in float32 inside the kernels and round only the
+    # result: as precise as the reference's float32 copy of the score matrix, without it.
     norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
     return _cast(norm, _accumulate_dtype(t.dtype)).clamp_min(_NORM_EPS)
 
 
 def _row_dot(a, b, tau):
-    """``(a . b) / tau^2`` per row."""
-    return (a * b).sum(-1, keepdim=True) / (tau * tau)
+    """``(a . b) / tau^2`` per row and segment, in the dtype of ``a``."""
+    if a.is_contiguous() and b.is_contiguous():
+        # As a batch of dot products: no [N, S, n] temporary of the products.
+        dots = torch.bmm(a.view(-1, 1, a.shape[-1]), b.view(-1, b.shape[-1], 1)).view(*a.shape[:-1], 1)
+    else:
+        dots = (a * b).sum(-1, keepdim=True)
+    return (dots / (tau * tau)).to(a.dtype)
 
 
-def _l2_norm_gelu_forward(scores, tau):
-    row_scale = tau / _row_norm(scores)
-    normalised = scores.mul_(row_scale)
-    return F.gelu(normalised), row_scale, (normalised,)
+def _segments(keys: torch.Tensor, tau: torch.Tensor) -> tuple[int, int]:
+    """``(S, n)``: the number of segments and the parameter tokens per segment."""
+    return tau.shape[0], keys.shape[0] // tau.shape[0]
 
 
-def _l2_norm_gelu_backward(grad_probs, tau, normalised):
-    # With z = A * s, s = tau / ||A||: dL/dA = s * (h - z * (h . z) / tau^2), h = dL/dz.
-    h = torch.ops.aten.gelu_backward(grad_probs, normalised)
-    return h.addcmul_(normalised, _row_dot(h, normalised, tau), value=-1)
+def _torch_forward(x, keys, values, tau, norm):
+    (s, n), rows = _segments(keys, tau), x.shape[0]
+    scores = x @ keys.T
+    a, t = scores.view(rows, s, n), _cast(tau.view(s, 1), _accumulate_dtype(x.dtype))
+    if norm == "l2_norm_gelu":
+        row_scale = t / _row_norm(a)
+        probs = F.gelu(a.mul_(row_scale.to(a.dtype)))
+    elif norm == "gelu_l2_norm":
+        probs = F.gelu(a)
+        row_scale = t / _row_norm(probs)
+        probs.mul_(row_scale.to(a.dtype))
+    else:
+        # n * softmax(A), n = tau^2 frozen at creation; softmax subtracts the row maximum.
+        probs = torch.softmax(a, dim=-1).mul_((t * t).to(a.dtype))
+        scores, row_scale = scores.new_empty(0), scores.new_empty(0)
+    out = torch.bmm(probs.transpose(0, 1), values.view(s, n, -1))
+    return out, probs.view(rows, s * n), scores, row_scale.view(rows, -1) if row_scale.numel() else row_scale
 
 
-def _gelu_l2_norm_forward(scores, tau):
-    activated = F.gelu(scores)
-    row_scale = tau / _row_norm(activated)
-    probs = activated.mul_(row_scale)
-    return probs, row_scale, (scores, probs)
+def _torch_backward(grad_out, x, keys, values, tau, probs, aux, row_scale, norm):
+    (s, n), rows = _segments(keys, tau), x.shape[0]
+    p, t = probs.view(rows, s, n), _cast(tau.view(s, 1), _accumulate_dtype(x.dtype))
+    grad_values = torch.bmm(p.permute(1, 2, 0), grad_out).view(s * n, -1)
+    # dL/dS, written as [N, S, n]; every step below works in place in that buffer.
+    grad = x.new_empty(rows, s, n)
+    torch.bmm(grad_out, values.view(s, n, -1).transpose(1, 2), out=grad.transpose(0, 1))
+    if norm == "l2_norm_gelu":
+        # With z = A * r, r = tau / ||A||: dL/dA = r * (h - z * (h . z) / tau^2), h = dL/dz.
+        z = aux.view(rows, s, n)
+        torch.ops.aten.gelu_backward.grad_input(grad, z, grad_input=grad)
+        grad.addcmul_(z, _row_dot(grad, z, t), value=-1)
+    elif norm == "gelu_l2_norm":
+        # With S = G * r, r = tau / ||G||: dL/dG = r * (dS - S * (dS . S) / tau^2); then GeLU'.
+        grad.addcmul_(p, _row_dot(grad, p, t), value=-1)
+        torch.ops.aten.gelu_backward.grad_input(grad, aux.view(rows, s, n), grad_input=grad)
+    else:
+        # S = n * softmax(A): dL/dA = S * (dS - (dS . S) / n), n = tau^2.
+        grad.sub_(_row_dot(grad, p, t)).mul_(p)
+    grad = grad.view(rows, s * n)
+    if row_scale.numel() == 0:
+        return grad @ keys, grad.T @ x, grad_values
+    scale = row_scale.to(x.dtype)
+    if s == 1:  # one scale per row: applied on the narrow [N, d_in] side instead of a pass over [N, n]
+        return (grad @ keys).mul_(scale), grad.T @ (x * scale), grad_values
+    grad.view(rows, s, n).mul_(scale.unsqueeze(-1))
+    return grad @ keys, grad.T @ x, grad_values
 
 
-def _gelu_l2_norm_backward(grad_probs, tau, scores, probs):
-    # With S = G * s, s = tau / ||G||: dL/dG = s * (dS - S * (dS . S) / tau^2); then GeLU'.
-    grad_activated = torch.addcmul(grad_probs, probs, _row_dot(grad_probs, probs, tau), value=-1)
-    return torch.ops.aten.gelu_backward(grad_activated, scores)
+@torch.library.custom_op("tokenformer::pattention_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torch.Tensor, norm: str, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``theta(x @ keys^T)`` per segment times the segment's values: ``x [N, d_in]``, ``keys [S*n, d_in]``,
+    ``values [S*n, d_out]``, ``tau [S]`` -> ``(out [S, N, d_out], probs, aux, row_scale)``."""
+    return _forward_impl(x, keys, values, tau, norm, use_triton)
 
 
-def _softmax_forward(scores, tau):
-    probs = torch.softmax(scores, dim=-1).mul_(tau * tau)
-    return probs, None, (probs,)
-
-
-def _softmax_backward(grad_probs, tau, probs):
-    # S = n * softmax(A): dL/dA = S * (dS - (dS . S) / n), n = tau^2.
-    return (grad_probs - _row_dot(grad_probs, probs, tau)).mul_(probs)
-
-
-_FUSED = {
-    "l2_norm_gelu": (_l2_norm_gelu_forward, _l2_norm_gelu_backward),
-    "gelu_l2_norm": (_gelu_l2_norm_forward, _gelu_l2_norm_backward),
-    "softmax": (_softmax_forward, _softmax_backward),
-}
-
-
-def _fused_norm(norm: str, use_triton: bool):
+def _forward_impl(x, keys, values, tau, norm, use_triton):
     if use_triton:
         from . import triton_kernels
 
-        return triton_kernels.l2_norm_gelu_forward, triton_kernels.l2_norm_gelu_backward
-    return _FUSED[norm]
+        return triton_kernels.forward(x, keys, values, tau, _NORM_EPS)
+    return _torch_forward(x, keys, values, tau, norm)
 
 
-class _NormalisedScores(torch.autograd.Function):
-    """``theta(x @ keys^T)`` for ``x [N, d_in]``, ``keys [n, d_in]``; ``tau`` gets no gradient."""
+@_forward_op.register_fake
+def _(x, keys, values, tau, norm, use_triton):
+    (s, n), rows = _segments(keys, tau), x.shape[0]
+    out = x.new_empty(s, rows, values.shape[-1])
+    scale_dtype = _accumulate_dtype(x.dtype)
+    if use_triton:
+        return out, x.new_empty(0), x.new_empty(rows, s * n), x.new_empty(rows, s, dtype=scale_dtype)
+    if norm == "softmax":
+        return out, x.new_empty(rows, s * n), x.new_empty(0), x.new_empty(0)
+    return out, x.new_empty(rows, s * n), x.new_empty(rows, s * n), x.new_empty(rows, s, dtype=scale_dtype)
+
+
+@torch.library.custom_op("tokenformer::pattention_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tau: torch.Tensor,
+    probs: torch.Tensor,
+    aux: torch.Tensor,
+    row_scale: torch.Tensor,
+    norm: str,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(x, keys, values)`` of :func:`_forward_op` from what it returned."""
+    if use_triton:
+        from . import triton_kernels
+
+        return triton_kernels.backward(grad_out, x, keys, values, tau, aux, row_scale)
+    return _torch_backward(grad_out, x, keys, values, tau, probs, aux, row_scale, norm)
+
+
+@_backward_op.register_fake
+def _(grad_out, x, keys, values, tau, probs, aux, row_scale, norm, use_triton):
+    return torch.empty_like(x), torch.empty_like(keys), torch.empty_like(values)
+
+
+def _reference_group(x, keys, values, tau, norm):
+    """The plain formula with :func:`_forward_op`'s arguments and output ``[S, N, d_out]``."""
+    if tau.shape[0] == 1:
+        return (normalise_scores(F.linear(x, keys), norm, tau) @ values).unsqueeze(0)
+    (s, n), rows = _segments(keys, tau), x.shape[0]
+    probs = normalise_scores((x @ keys.T).view(rows, s, n), norm, tau.view(s, 1))
+    return torch.bmm(probs.transpose(0, 1), values.view(s, n, -1))
+
+
+def _setup_context(ctx, inputs, output):
+    x, keys, values, tau, norm, use_triton = inputs
+    _, probs, aux, row_scale = output
+    ctx.norm, ctx.use_triton = norm, use_triton
+    ctx.save_for_backward(x, keys, values, tau, probs, aux, row_scale)
+    ctx.mark_non_differentiable(probs, aux, row_scale)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, *_):
+    x, keys, values, tau, probs, aux, row_scale = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None
+    if torch.is_grad_enabled():
+        # A graph of the gradient is wanted (create_graph=True, or a torch.func transform): the
+        # operator's saved intermediates do not record how they depend on x and the keys, so the
+        # gradient is taken through the plain formula instead, whose every step is differentiable.
+        _, vjp = torch.func.vjp(lambda *t: _reference_group(*t, tau, ctx.norm), x, keys, values)
+        grads = vjp(grad_out)
+    else:
+        grads = _backward_op(grad_out, x, keys, values, tau, probs, aux, row_scale, ctx.norm, ctx.use_triton)
+    return (*grads, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FusedPattention(torch.autograd.Function):
+    """The registered operator with its autograd, in the form ``torch.func`` transforms accept
+    (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``hessian``, ``vmap``); eager calls go through it."""
 
     @staticmethod
-    def forward(ctx, x, keys, tau, norm, use_triton):
-        probs, row_scale, saved = _fused_norm(norm, use_triton)[0](x @ keys.T, tau)
-        ctx.norm, ctx.use_triton = norm, use_triton
-        ctx.save_for_backward(x, keys, tau, row_scale, *saved)
-        return probs
+    def forward(x, keys, values, tau, norm, use_triton):
+        return _forward_op(x, keys, values, tau, norm, use_triton)
 
     @staticmethod
-    def backward(ctx, grad_probs):
-        x, keys, tau, row_scale, *saved = ctx.saved_tensors
-        grad_scores = _fused_norm(ctx.norm, ctx.use_triton)[1](grad_probs, tau, *saved)
-        grad_x = grad_keys = None
-        if row_scale is not None:
-            row_scale = row_scale.to(x.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_scores @ keys
-            if row_scale is not None:
-                grad_x.mul_(row_scale)
-        if ctx.needs_input_grad[1]:
-            grad_keys = grad_scores.T @ (x if row_scale is None else x * row_scale)
-        return grad_x, grad_keys, None, None, None
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4])
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, x_t, keys_t, values_t, *_):
+        x, keys, values, tau = ctx.saved_tensors
+        primals = (x, keys, values)
+        tangents = tuple(
+            torch.zeros_like(p) if t is None else t for p, t in zip(primals, (x_t, keys_t, values_t), strict=True)
+        )
+        out_t = torch.func.jvp(lambda *t: _reference_group(*t, tau, ctx.norm), primals, tangents)[1]
+        return out_t, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, keys, values, tau, norm, use_triton):
+        x_dim, *weight_dims = in_dims[:4]
+        if all(d is None for d in weight_dims):
+            # Only the input is batched: the batch joins the token axis.
+            x = x.movedim(x_dim, 0)
+            batch, rows = x.shape[:2]
+            out, *saved = _FusedPattention.apply(x.reshape(batch * rows, -1), keys, values, tau, norm, use_triton)
+            saved = [t.view(batch, rows, *t.shape[1:]) if t.numel() else t for t in saved]
+            dims = (1, *(0 if t.numel() else None for t in saved))
+            return (out.view(out.shape[0], batch, rows, -1), *saved), dims
+        args = (x, keys, values, tau)
+        per_sample = [
+            _FusedPattention.apply(
+                *(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=False)), norm, use_triton
+            )
+            for i in range(info.batch_size)
+        ]
+        return tuple(torch.stack(parts) for parts in zip(*per_sample, strict=True)), (0, 0, 0, 0)
+
+
+def _fused(x, keys, values, tau, norm, use_triton) -> torch.Tensor:
+    """``[S, N, d_out]`` through the registered operator."""
+    if torch.compiler.is_compiling():
+        return _forward_op(x, keys, values, tau, norm, use_triton)[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, keys, values)):
+        return _FusedPattention.apply(x, keys, values, tau, norm, use_triton)[0]
+    # Inference (generation): the implementation itself, without the dispatcher's per-call cost.
+    return _forward_impl(x, keys, values, tau, norm, use_triton)[0]
 
 
 IMPLS = ("auto", "reference", "fused", "triton")
 
 
-@functools.cache
+# Looked up once, without importing it: the check also runs while torch.compile traces.
+_TRITON_INSTALLED = (
+    importlib.util.find_spec("triton") is not None
+    and importlib.util.find_spec(".triton_kernels", __package__) is not None
+)
+
+
 def triton_available() -> bool:
-    """Whether the Triton kernels import: the optional ``triton`` package is installed (``pip install
+    """Whether the Triton kernels can run: the optional ``triton`` package is installed (``pip install
     'tokenformer[triton]'``) and so is their module, which the code a model directory carries for
     transformers leaves out."""
-    try:
-        from . import triton_kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def _compute_dtype(x: torch.Tensor, keys: torch.Tensor) -> torch.dtype:
@@ -213,16 +352,93 @@ def _use_triton(impl: str, x: torch.Tensor, norm: str) -> bool:
         if not triton_available():
             raise ValueError("Pattention impl='triton' needs the triton package (pip install 'tokenformer[triton]')")
         return True
-    # Under torch.compile the fused torch ops are traced instead: inductor generates its own
-    # kernels for them.
-    auto = impl == "auto" and x.is_cuda and norm == "l2_norm_gelu" and not torch.compiler.is_compiling()
-    return auto and triton_available()
+    return impl == "auto" and x.is_cuda and norm == "l2_norm_gelu" and triton_available()
 
 
-# torch.compile of the fused function is verified from torch 2.13 on; torch 2.11 traced it to
-# wrong values (compiled output and gradients off by up to 100%), so older releases compile the
-# plain formula unless impl="fused" is asked for explicitly.
-_FUSED_COMPILES = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+def _plain(impl: str, x: torch.Tensor, taus: Sequence[torch.Tensor]) -> bool:
+    """Whether the plain formula runs instead of the registered operator."""
+    if impl == "reference" or any(t.requires_grad for t in taus):
+        return True
+    # On the CPU the compiler generates faster code for the whole formula (its normalisation
+    # fused with the neighbouring element-wise work) than for an operator it cannot look into.
+    return impl == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+def _concat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tuple(tensors))
+
+
+def _stack(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    return taus[0].reshape(1) if len(taus) == 1 else torch.stack(tuple(taus))
+
+
+def pattention_group(
+    x: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    taus: Sequence[torch.Tensor],
+    norm: str = "l2_norm_gelu",
+    impl: str = "auto",
+) -> list[torch.Tensor]:
+    """``[pattention(x, k, v, tau, norm, impl) for k, v, tau in zip(keys, values, taus)]`` as one
+    score product over the concatenated key tokens and one batched value product.
+
+    Each Pattention of the group keeps its own normalisation and ``tau``. A group with unequal
+    token counts or output widths runs each Pattention on its own.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown Pattention impl {impl!r}; allowed: {', '.join(IMPLS)}")
+    if not len(keys) == len(values) == len(taus) >= 1:
+        raise ValueError(
+            f"pattention_group needs as many values and taus as keys (at least one), got "
+            f"{len(keys)} keys, {len(values)} values, {len(taus)} taus"
+        )
+    if len({(k.shape[0], v.shape[-1]) for k, v in zip(keys, values, strict=True)}) > 1:
+        return [pattention(x, k, v, t, norm, impl) for k, v, t in zip(keys, values, taus, strict=True)]
+    return _group(x, keys, values, taus, norm, impl)
+
+
+def _group(x, keys, values, taus, norm, impl) -> list[torch.Tensor]:
+    lead, d_out = x.shape[:-1], values[0].shape[-1]
+    flat = x.reshape(-1, x.shape[-1])
+    if _plain(impl, x, taus):
+        out = _reference_group(flat, _concat(keys), _concat(values), _stack(taus), norm)
+    else:
+        use_triton = _use_triton(impl, x, norm)
+        # Autocast does not reach into a custom operator: cast on the way in.
+        dtype = _compute_dtype(x, keys[0])
+        out = _fused(_cast(flat, dtype), *_tokens(keys, values, taus, dtype), norm, use_triton)
+    return [part.view(*lead, d_out) for part in out.unbind(0)]
+
+
+_reused_tokens: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reused_tokens", default=None)
+
+
+@contextlib.contextmanager
+def reuse_tokens():
+    """Within this block, calls without autograd keep each group's concatenated key and value
+    tokens (cast to the autocast dtype) from call to call instead of building them anew.
+
+    For generation (``TokenformerLM.generate`` uses it), where the weights do not change between
+    new tokens; a parameter changed in place inside the block would not be seen.
+    """
+    reset = _reused_tokens.set({})
+    try:
+        yield
+    finally:
+        _reused_tokens.reset(reset)
+
+
+def _tokens(keys, values, taus, dtype):
+    """The key and value tokens of a group concatenated in ``dtype``, and its taus as one tensor."""
+    # (The compiler cannot trace a context variable: it is only read outside compiled code.)
+    cache = None if torch.compiler.is_compiling() or torch.is_grad_enabled() else _reused_tokens.get()
+    if cache is None:
+        return _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
+    key = (dtype, *((t.data_ptr(), t.shape) for t in (*keys, *values, *taus)))
+    if key not in cache:
+        cache[key] = _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
+    return cache[key]
 
 
 def pattention(
@@ -237,9 +453,11 @@ def pattention(
     """``theta(x @ keys^T) @ values`` over the last axis of ``x``.
 
     ``impl``: ``"reference"`` is the plain formula (every intermediate kept by autograd);
-    ``"fused"`` the fused autograd function; ``"triton"`` its CUDA kernels (CPU tensors only under
-    ``TRITON_INTERPRET=1``); ``"auto"`` picks Triton for CUDA tensors when it is installed and
-    ``"fused"`` otherwise.
+    ``"fused"`` the registered operator ``tokenformer::pattention_forward`` with its own backward;
+    ``"triton"`` that operator with Triton kernels (CUDA; CPU tensors only under
+    ``TRITON_INTERPRET=1``); ``"auto"`` picks Triton for CUDA tensors when it is installed, the
+    plain formula when compiling for the CPU, and ``"fused"`` otherwise. A trainable ``tau``
+    always takes the plain formula.
 
     ``ghost [r, d_in]``: a pruned layer's ghost factor, whose scores ``x @ ghost^T`` count towards
     each row's norm; such a layer always runs the plain formula (the fused paths have no ghost).
@@ -248,21 +466,7 @@ def pattention(
         raise ValueError(f"unknown Pattention impl {impl!r}; allowed: {', '.join(IMPLS)}")
     if ghost is not None:
         return normalise_scores(F.linear(x, keys), norm, tau, F.linear(x, ghost)) @ values
-    plain = impl == "reference" or tau.requires_grad
-    if impl == "auto" and not _FUSED_COMPILES and torch.compiler.is_compiling():
-        plain = True
-    if plain:
-        return normalise_scores(F.linear(x, keys), norm, tau) @ values
-    use_triton = _use_triton(impl, x, norm)
-    # Autocast does not reach into a custom autograd function's backward: cast on the way in.
-    dtype = _compute_dtype(x, keys)
-    x, keys, values = _cast(x, dtype), _cast(keys, dtype), _cast(values, dtype)
-    if torch.is_grad_enabled() and (x.requires_grad or keys.requires_grad):
-        probs = _NormalisedScores.apply(x.reshape(-1, x.shape[-1]), keys, tau, norm, use_triton)
-        probs = probs.view(*x.shape[:-1], probs.shape[-1])
-    else:  # inference (generation): no autograd function, nothing saved, fewest ops
-        probs = _fused_norm(norm, use_triton)[0](F.linear(x, keys), tau)[0]
-    return probs @ values
+    return _group(x, (keys,), (values,), (tau,), norm, impl)[0]
 
 
 class Pattention(nn.Module):
@@ -344,7 +548,12 @@ class Pattention(nn.Module):
             self.tau.fill_(self.initial_tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pattention(x, self.key_param_tokens, self.value_param_tokens, self.tau, self.norm, self.impl, self.ghost)
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown Pattention impl {self.impl!r}; allowed: {', '.join(IMPLS)}")
+        keys, values = self.key_param_tokens, self.value_param_tokens
+        if self.ghost is not None:
+            return pattention(x, keys, values, self.tau, self.norm, self.impl, self.ghost)
+        return _group(x, (keys,), (values,), (self.tau,), self.norm, self.impl)[0]
 
     def extra_repr(self) -> str:
         ghost = f", ghost_rank={self.ghost_rank}" if self.ghost is not None else ""
@@ -352,3 +561,15 @@ class Pattention(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"num_tokens={self.num_tokens}, norm={self.norm!r}{ghost}"
         )
+
+
+def run_pattentions(layers: Sequence[Pattention], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]``, as one group (:func:`pattention_group`) when the layers
+    share their norm and implementation (and none has a ghost)."""
+    first = layers[0]
+    shapes = {(layer.num_tokens, layer.out_features, layer.norm, layer.impl) for layer in layers}
+    if len(shapes) > 1 or first.impl not in IMPLS or any(layer.ghost is not None for layer in layers):
+        return [layer(x) for layer in layers]
+    keys = [layer.key_param_tokens for layer in layers]
+    values = [layer.value_param_tokens for layer in layers]
+    return _group(x, keys, values, [layer.tau for layer in layers], first.norm, first.impl)

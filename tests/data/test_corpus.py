@@ -1,8 +1,10 @@
 import importlib.util
+import json
 
 import pytest
 
-from tokenformer.data import fingerprint, kjv_documents, load_documents
+from tokenformer.data import Corpus, Document, fingerprint, kjv_documents, load_documents
+from tokenformer.data import corpus as corpus_module
 
 
 def test_embedded_corpus_loads_offline():
@@ -58,3 +60,31 @@ def test_fingerprint_follows_content_not_names(tmp_path):
     assert fingerprint(load_documents(str(tmp_path / "x.txt"))) == fingerprint(load_documents(str(tmp_path / "y.txt")))
     (tmp_path / "y.txt").write_text("other text\n")
     assert fingerprint(load_documents(str(tmp_path / "x.txt"))) != fingerprint(load_documents(str(tmp_path / "y.txt")))
+
+
+def test_files_stream_in_blocks_like_whole_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "READ_CHARS", 7)  # a "\r\n" falls across blocks, so does "é"
+    (tmp_path / "unix.txt").write_text("first line\nsecond line, caf\u00e9\n")
+    (tmp_path / "windows.txt").write_bytes(b"line one\r\nline two\r\n\r\nlone\rcarriage\r\n")
+    corpus = Corpus(str(tmp_path))
+    docs = list(corpus)
+    assert [d.text for d in docs] == [(tmp_path / n).read_text() for n in ("unix.txt", "windows.txt")]
+    assert all(len(list(d.blocks())) > 2 for d in docs)
+    assert [d.utf8_size() for d in docs] == [len(d.text.encode()) for d in docs]
+    in_memory = [Document(d.name, d.text) for d in docs]
+    assert corpus.fingerprint() == fingerprint(in_memory) == fingerprint(load_documents(str(tmp_path)))
+
+
+def test_hf_dataset_is_read_in_batches_of_rows(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(corpus_module, "HF_BATCH_ROWS", 2)
+    rows = ["first row\n", "", "second row", "   ", "third\nrow", "fourth"]
+    local = tmp_path / "local-dataset"
+    local.mkdir()
+    (local / "train.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(rows)))
+    corpus = Corpus(f"hf:{local}")
+    docs = list(corpus)
+    assert [d.text for d in docs] == [t for t in rows if t.strip()]  # blank rows are left out
+    assert [d.name for d in docs][-1] == f"hf:{local}#3"
+    assert corpus.fingerprint() == fingerprint(load_documents(f"hf:{local}"))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import NEOX_TOKENIZER
+from conftest import NEOX_TOKENIZER, expected_splits, shard_splits, word_level_tokenizer
 
 from tokenformer.data import (
     Document,
@@ -13,17 +13,6 @@ from tokenformer.data import (
     token_dtype,
     train_bpe,
 )
-from tokenformer.data.shards import is_validation_chunk
-
-
-def word_level_tokenizer(vocab_size: int) -> Tokenizer:
-    """A tokenizer whose ids go past uint16: word ``wN`` is id ``N``."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import models, pre_tokenizers
-
-    backend = Backend(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return Tokenizer(backend, backend.to_str())
 
 
 def test_dtype_follows_vocab_size():
@@ -32,14 +21,12 @@ def test_dtype_follows_vocab_size():
 
 
 def test_large_vocab_is_stored_as_uint32(tmp_path):
-    tok = word_level_tokenizer(70_000)
-    ids = [69_999, 3, 65_536, 12] * 50
-    shards = TokenShards.open(
-        build_shards([Document("d", " ".join(f"w{i}" for i in ids))], tok, tmp_path, chunk_tokens=16)
-    )
+    tok = word_level_tokenizer(f"w{i}" for i in range(70_000))
+    ids = ["w69999", "w3", "w65536", "w12"] * 50
+    shards = TokenShards.open(build_shards([Document("d", " ".join(ids))], tok, tmp_path, chunk_tokens=16))
     assert shards.meta["dtype"] == "uint32"
     stored = np.concatenate([np.asarray(a) for split in ("train", "val") for a in shards.arrays[split]])
-    assert sorted(stored.tolist()) == sorted(ids)
+    assert sorted(stored.tolist()) == sorted([tok.backend.token_to_id(w) for w in ids] + [0])
 
 
 @pytest.mark.skipif(not NEOX_TOKENIZER.is_file(), reason=f"GPT-NeoX-20B tokenizer.json not found at {NEOX_TOKENIZER}")
@@ -61,20 +48,16 @@ def test_split_is_a_deterministic_partition_of_the_token_stream(tmp_path, corpus
     assert len(a.arrays["train"]) > 1  # rolled over into several shard files
     for split in ("train", "val"):
         assert [np.asarray(x).tolist() for x in a.arrays[split]] == [np.asarray(x).tolist() for x in b.arrays[split]]
-    stream = np.concatenate([np.asarray(tok.encode_long(d.text) + [tok.eos_id]) for d in docs])
-    train, val = (np.concatenate([np.asarray(x) for x in a.arrays[s]]) for s in ("train", "val"))
-    chunks = [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
-    expect_val = [c for i, c in enumerate(chunks) if is_validation_chunk(i, 0.1)]
-    expect_train = [c for i, c in enumerate(chunks) if not is_validation_chunk(i, 0.1)]
-    assert np.array_equal(val, np.concatenate(expect_val)) and np.array_equal(train, np.concatenate(expect_train))
-    assert 0.07 < len(val) / len(stream) < 0.13
+    expected, stored = expected_splits([d.text for d in docs], tok, chunk, 0.1), shard_splits(a)
+    assert all(np.array_equal(stored[s], expected[s]) for s in ("train", "val"))
+    assert 0.07 < len(stored["val"]) / (len(stored["val"]) + len(stored["train"])) < 0.13
 
 
 def test_shards_are_reused_not_rebuilt(tmp_path, corpus_file, cache_dir, monkeypatch):
     docs = load_documents(str(corpus_file))
     tok = train_bpe(docs, 512, cache_dir)
     first = build_shards(docs, tok, tmp_path)
-    monkeypatch.setattr(Tokenizer, "encode_long", lambda *a: pytest.fail("shards were tokenized again"))
+    monkeypatch.setattr(Tokenizer, "encode_pieces", lambda *a: pytest.fail("shards were tokenized again"))
     assert build_shards(docs, tok, tmp_path) == first
 
 
@@ -96,3 +79,51 @@ def test_too_short_split_says_what_to_change(tmp_path, cache_dir, corpus_file):
     shards = TokenShards.open(build_shards([Document("d", "a few words only")], tok, tmp_path))
     with pytest.raises(ValueError, match="seq_len=64 needs at least 65"):
         shards.random_windows("val", 1, 64, torch.Generator())
+
+
+def overwrite(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.fixture
+def built(tmp_path, corpus_file, cache_dir):
+    """A cached shard directory of the corpus file, its documents, tokenizer and ids."""
+    docs = load_documents(str(corpus_file))
+    tok = train_bpe(docs, 512, cache_dir)
+    directory = build_shards(docs, tok, tmp_path)
+    return directory, docs, tok, shard_splits(TokenShards.open(directory))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_damaged_cached_shards_are_rebuilt(built, tmp_path, capfd, damage):
+    directory, docs, tok, ids = built
+    shard = directory / "train-00000.bin"
+    if damage == "corrupt":  # same size, other bytes: only the checksum tells
+        overwrite(shard, 100, b"\x01\x02\x03\x04")
+    else:
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 6)
+    assert build_shards(docs, tok, tmp_path) == directory
+    assert f"token shard {shard}" in capfd.readouterr().err
+    rebuilt = shard_splits(TokenShards.open(directory, verify=True))
+    assert all(np.array_equal(rebuilt[s], ids[s]) for s in ids)
+
+
+def test_damaged_shards_name_the_file_and_the_fix(built):
+    directory, _, tok, _ = built
+    shard = directory / "train-00000.bin"
+    overwrite(shard, 10, b"\x07\x00")
+    TokenShards.open(directory)  # sizes agree: only a full check reads the contents
+    with pytest.raises(ValueError, match=rf"token shard {shard} is corrupt.*delete {directory} to rebuild"):
+        TokenShards.open(directory, verify=True)
+    # Ids past the vocabulary in every window: batches refuse them and name the file.
+    overwrite(shard, 0, np.full(shard.stat().st_size // 2, 0xFFFF, dtype=np.uint16).tobytes())
+    shards = TokenShards.open(directory)
+    with pytest.raises(ValueError, match=rf"token shard {shard} holds ids >= the vocab size 512.*delete {directory}"):
+        shards.random_windows("train", 4, 32, torch.Generator().manual_seed(0))
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=rf"token shard {shard} has 100 bytes, expected \d+; delete {directory}"):
+        TokenShards.open(directory)

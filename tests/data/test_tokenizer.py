@@ -1,8 +1,10 @@
 import pytest
 from conftest import NEOX_TOKENIZER
 
-from tokenformer.data import load_documents, load_tokenizer, train_bpe
+from tokenformer.data import Corpus, Tokenizer, load_documents, load_tokenizer, train_bpe
+from tokenformer.data import corpus as corpus_module
 from tokenformer.data import tokenizer as tokenizer_module
+from tokenformer.data.tokenizer import split_pieces
 
 
 @pytest.mark.skipif(not NEOX_TOKENIZER.is_file(), reason=f"GPT-NeoX-20B tokenizer.json not found at {NEOX_TOKENIZER}")
@@ -47,3 +49,65 @@ def test_bad_tokenizer_inputs(tmp_path, corpus_file):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read tokenizer"):
         load_tokenizer(tmp_path / "broken.json")
+
+
+TRICKY = (
+    "Lines  with  runs of spaces  \n\n\n  indented\tand tabbed\r\nend of  line \n"
+    "na\u00efve caf\u00e9 \u65e5\u672c\u8a9e 42 it's\n"
+)
+
+
+def byte_level_bpe(text, add_prefix_space=False, normalizer=None, pre_tokenizer=None):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    if normalizer is not None:
+        backend.normalizer = normalizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([text], trainer=trainer)
+    return Tokenizer(backend, backend.to_str())
+
+
+def test_pieces_are_cut_only_where_the_ids_stay_those_of_the_whole_text(corpus_file, cache_dir):
+    from tokenizers import normalizers, pre_tokenizers
+
+    text = (corpus_file.read_text()[:20_000] + TRICKY) * 3
+    cases = {
+        "trained bpe": (train_bpe(load_documents(str(corpus_file)), 512, cache_dir), " \n"),
+        "prefix space": (byte_level_bpe(text, add_prefix_space=True), " "),  # a piece after "\n" gets a space
+        "metaspace": (byte_level_bpe(text, pre_tokenizer=pre_tokenizers.Metaspace()), " "),
+        # Every piece would get its own "▁": nothing may be cut.
+        "prepended": (
+            byte_level_bpe(
+                text,
+                normalizer=normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]),
+                pre_tokenizer=pre_tokenizers.Metaspace(prepend_scheme="never"),
+            ),
+            "",
+        ),
+    }
+    if NEOX_TOKENIZER.is_file():
+        cases["gpt-neox-20b"] = (load_tokenizer(NEOX_TOKENIZER), " \n")
+    for name, (tok, separators) in cases.items():
+        assert tok.separators == separators, name
+        blocks = [text[i : i + 333] for i in range(0, len(text), 333)]
+        pieces = list(split_pieces(blocks, tok.separators, piece_chars=50))
+        assert "".join(pieces) == text
+        assert len(pieces) > 100 or not separators, name
+        assert [i for ids in tok.encode_pieces(pieces) for i in ids] == tok.encode(text), name
+
+
+def test_bpe_trains_on_a_stream_like_on_whole_texts(corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "ENCODE_PIECE_CHARS", 10**9)  # one piece per document
+    whole = train_bpe(load_documents(str(corpus_file)), 400, tmp_path / "whole")
+    monkeypatch.setattr(corpus_module, "READ_CHARS", 1000)
+    monkeypatch.setattr(tokenizer_module, "ENCODE_PIECE_CHARS", 300)
+    streamed = train_bpe(Corpus(str(corpus_file)), 400, tmp_path / "streamed")
+    assert streamed.json_text == whole.json_text

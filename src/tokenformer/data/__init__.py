@@ -1,12 +1,15 @@
 """Data: text sources, tokenizers, memory-mapped token shards and batches."""
 
-from .corpus import DEFAULT_CORPUS, Document, fingerprint, kjv_documents, load_documents
+from .cache import default_cache_dir
+from .corpus import DEFAULT_CORPUS, Corpus, Document, FileDocument, fingerprint, kjv_documents, load_documents
 from .shards import SPLITS, TokenShards, build_shards, even_windows, token_dtype, windows_to_batch
-from .tokenizer import Tokenizer, default_cache_dir, get_tokenizer, load_tokenizer, train_bpe
+from .tokenizer import Tokenizer, get_tokenizer, load_tokenizer, train_bpe
 
 __all__ = [
+    "Corpus",
     "DEFAULT_CORPUS",
     "Document",
+    "FileDocument",
     "SPLITS",
     "TokenShards",
     "Tokenizer",

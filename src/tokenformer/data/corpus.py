@@ -1,4 +1,9 @@
-"""Text sources: the embedded default corpus, user files, directories, globs and HF datasets."""
+"""Text sources: the embedded default corpus, user files, directories, globs and HF datasets.
+
+A :class:`Corpus` reads its sources afresh on every pass and never holds more than a block of
+text per document: files are read in blocks, Hugging Face datasets row by row from their
+memory-mapped Arrow files. :func:`load_documents` reads everything into memory (small corpora).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import glob
 import hashlib
 import importlib.util
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +19,63 @@ DEFAULT_CORPUS = "kjv"
 HF_PREFIX = "hf:"
 # What a directory source contributes: plain-text files, found recursively.
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+# Characters read from a file at a time.
+READ_CHARS = 1 << 20
+# Rows read from a Hugging Face dataset at a time.
+HF_BATCH_ROWS = 1000
 
 
 @dataclass(frozen=True)
 class Document:
+    """A document held in memory."""
+
     name: str
     text: str
+
+    def blocks(self) -> Iterator[str]:
+        yield self.text
+
+    def utf8_size(self) -> int:
+        return len(self.text.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class FileDocument:
+    """A UTF-8 text file, read in blocks (newlines translated as ``open()`` does in text mode)."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.blocks())
+
+    def blocks(self, chars: int | None = None) -> Iterator[str]:
+        chars = chars or READ_CHARS
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                while block := f.read(chars):
+                    yield block
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus file {self.path} is not UTF-8 text: {exc}") from exc
+
+    def utf8_size(self) -> int:
+        """Bytes of the text as read: the file's size less one per ``\\r\\n`` (read as ``\\n``)."""
+        pairs, previous = 0, b""
+        with open(self.path, "rb") as f:
+            while block := f.read(READ_CHARS):
+                pairs += block.count(b"\r\n") + (previous == b"\r" and block[:1] == b"\n")
+                previous = block[-1:]
+        return self.path.stat().st_size - pairs
+
+    def check_not_blank(self) -> None:
+        if not any(block.strip() for block in self.blocks(1 << 16)):
+            raise ValueError(
+                f"corpus file {self.path} is empty; allowed: a UTF-8 text file with at least one non-blank character"
+            )
 
 
 def kjv_path() -> Path:
@@ -80,18 +136,6 @@ def news_documents() -> list[Document]:
 BUILTIN_CORPORA = {"kjv": kjv_documents, "news": news_documents}
 
 
-def _read_file(path: Path) -> Document:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"corpus file {path} is not UTF-8 text: {exc}") from exc
-    if not text.strip():
-        raise ValueError(
-            f"corpus file {path} is empty; allowed: a UTF-8 text file with at least one non-blank character"
-        )
-    return Document(str(path), text)
-
-
 def _directory_files(directory: Path) -> list[Path]:
     files = sorted(
         p
@@ -105,68 +149,113 @@ def _directory_files(directory: Path) -> list[Path]:
     return files
 
 
-def hf_documents(spec: str) -> list[Document]:
-    """``hf:NAME``, ``hf:NAME:CONFIG`` or ``hf:NAME:CONFIG:SPLIT`` (split ``train`` by default), column ``text``."""
-    name, config, split = (spec[len(HF_PREFIX) :].split(":") + [None, None])[:3]
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError(f"corpus {spec!r} needs the datasets package: pip install 'tokenformer[datasets]'") from exc
-    try:
-        dataset = datasets.load_dataset(name, config, split=split or "train")
-    except Exception as exc:  # offline, unknown name, missing config: say which source failed
-        raise RuntimeError(
-            f"cannot load Hugging Face dataset {name!r} (config {config!r}, split {split or 'train'!r}): {exc}. "
-            "Loading a hub dataset needs network access or a local datasets cache."
-        ) from exc
-    if "text" not in dataset.column_names:
-        raise ValueError(f"dataset {name!r} has no 'text' column; columns: {dataset.column_names}")
-    texts = [t for t in dataset["text"] if t and t.strip()]
-    if not texts:
-        raise ValueError(f"dataset {name!r} split {split or 'train'!r} has no non-empty text")
-    return [Document(f"{spec}#{i}", t) for i, t in enumerate(texts)]
+class HFSource:
+    """``hf:NAME``, ``hf:NAME:CONFIG`` or ``hf:NAME:CONFIG:SPLIT`` (split ``train`` by default), column ``text``.
+
+    ``datasets.load_dataset`` downloads the dataset once into the Hugging Face datasets cache as
+    memory-mapped Arrow files; every pass reads it from there in batches of rows, so neither the
+    download nor a pass holds the dataset in memory, and later passes need no network.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.name, config, split = (spec[len(HF_PREFIX) :].split(":") + [None, None])[:3]
+        self.split = split or "train"
+        try:
+            import datasets
+        except ImportError as exc:
+            raise ImportError(
+                f"corpus {spec!r} needs the datasets package: pip install 'tokenformer[datasets]'"
+            ) from exc
+        try:
+            dataset = datasets.load_dataset(self.name, config, split=self.split)
+        except Exception as exc:  # offline, unknown name, missing config: say which source failed
+            raise RuntimeError(
+                f"cannot load Hugging Face dataset {self.name!r} (config {config!r}, split {self.split!r}): {exc}. "
+                "Loading a hub dataset needs network access or a local datasets cache."
+            ) from exc
+        if "text" not in dataset.column_names:
+            raise ValueError(f"dataset {self.name!r} has no 'text' column; columns: {dataset.column_names}")
+        self.dataset = dataset.select_columns(["text"])
+
+    def documents(self) -> Iterator[Document]:
+        count = 0
+        for batch in self.dataset.iter(batch_size=HF_BATCH_ROWS):
+            for text in batch["text"]:
+                if text and text.strip():
+                    yield Document(f"{self.spec}#{count}", text)
+                    count += 1
+        if not count:
+            raise ValueError(f"dataset {self.name!r} split {self.split!r} has no non-empty text")
 
 
-def load_documents(sources: str | Iterable[str]) -> list[Document]:
-    """Documents of every source, in order.
+class Corpus:
+    """The documents of one or more sources, in order, read afresh on each iteration.
 
     A source is a built-in corpus name (``kjv``, ``news``), a text file, a directory (its
-    ``.txt/.text/.md/.rst`` files, recursively), a glob, or ``hf:NAME[:CONFIG[:SPLIT]]``.
+    ``.txt/.text/.md/.rst`` files, recursively), a glob, ``hf:NAME[:CONFIG[:SPLIT]]``, or a
+    :class:`Document` already in memory. Sources are checked when the corpus is made (missing,
+    empty or unreadable ones raise an error naming them); a file that is not UTF-8 further in
+    raises when a pass reaches it.
     """
-    if isinstance(sources, str):
-        sources = [sources]
-    sources = list(sources)
-    if not sources:
-        raise ValueError("no corpus given; allowed: 'kjv', files, directories, globs or hf:NAME")
-    documents: list[Document] = []
-    for source in sources:
+
+    def __init__(self, sources: str | Document | Iterable[str | Document]) -> None:
+        if isinstance(sources, (str, Document)):
+            sources = [sources]
+        self.sources = tuple(sources)
+        if not self.sources:
+            raise ValueError("no corpus given; allowed: 'kjv', files, directories, globs or hf:NAME")
+        self._parts: list[list[Document] | list[FileDocument] | HFSource] = [self._resolve(s) for s in self.sources]
+        self._fingerprint: str | None = None
+
+    @staticmethod
+    def _resolve(source: str | Document) -> list[Document] | list[FileDocument] | HFSource:
+        if isinstance(source, Document):
+            return [source]
         path = Path(source).expanduser()
         if source in BUILTIN_CORPORA:
-            documents += BUILTIN_CORPORA[source]()
-        elif source.startswith(HF_PREFIX):
-            documents += hf_documents(source)
-        elif path.is_file():
-            documents.append(_read_file(path))
+            return BUILTIN_CORPORA[source]()
+        if source.startswith(HF_PREFIX):
+            return HFSource(source)
+        if path.is_file():
+            files = [path]
         elif path.is_dir():
-            documents += [_read_file(p) for p in _directory_files(path)]
+            files = _directory_files(path)
         elif glob.has_magic(source):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            if not matches:
+            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not files:
                 raise FileNotFoundError(f"corpus glob {source!r} matches no file")
-            documents += [_read_file(p) for p in matches]
         else:
             raise FileNotFoundError(
                 f"corpus source {source!r} is not a file, directory or glob; "
                 f"allowed: {', '.join(BUILTIN_CORPORA)}, a path, a glob, or hf:NAME[:CONFIG[:SPLIT]]"
             )
-    return documents
+        documents = [FileDocument(p) for p in files]
+        for doc in documents:
+            doc.check_not_blank()
+        return documents
+
+    def __iter__(self) -> Iterator[Document | FileDocument]:
+        for part in self._parts:
+            yield from part.documents() if isinstance(part, HFSource) else part
+
+    def fingerprint(self) -> str:
+        """:func:`fingerprint` of the documents (computed by one pass, then remembered)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self)
+        return self._fingerprint
 
 
-def fingerprint(documents: Iterable[Document]) -> str:
+def load_documents(sources: str | Iterable[str]) -> list[Document]:
+    """Documents of every source, in order, read into memory (see :class:`Corpus` for the sources)."""
+    return [Document(doc.name, doc.text) for doc in Corpus(sources)]
+
+
+def fingerprint(documents: Iterable[Document | FileDocument]) -> str:
     """Content hash of the documents' texts, in order (names do not count)."""
     digest = hashlib.sha256()
     for doc in documents:
-        data = doc.text.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
+        digest.update(doc.utf8_size().to_bytes(8, "little"))
+        for block in doc.blocks():
+            digest.update(block.encode("utf-8"))
     return digest.hexdigest()

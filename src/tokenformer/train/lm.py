@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from ..data import (
+    Corpus,
     Tokenizer,
     TokenShards,
     build_shards,
     default_cache_dir,
     get_tokenizer,
-    load_documents,
     windows_to_batch,
 )
 from ..families import build_model, family_of
@@ -99,13 +99,13 @@ def evaluate_windows(
 
 
 def prepare_data(config: TrainConfig, tokenizer: Tokenizer | None = None) -> tuple[TokenShards, Tokenizer]:
-    """Documents -> tokenizer (trained or loaded, unless given) -> cached token shards."""
-    documents = load_documents(config.sources)
+    """Corpus -> tokenizer (trained or loaded, unless given) -> cached token shards, all streamed."""
+    corpus = Corpus(config.sources)
     cache = config.cache_dir or default_cache_dir()
     if tokenizer is None:
-        tokenizer = get_tokenizer(config.tokenizer, documents, config.vocab_size, cache)
-    shards = TokenShards.open(build_shards(documents, tokenizer, cache, config.val_fraction))
-    return shards, tokenizer
+        tokenizer = get_tokenizer(config.tokenizer, corpus, config.vocab_size, cache)
+    directory = build_shards(corpus, tokenizer, cache, config.val_fraction, progress=config.progress)
+    return TokenShards.open(directory), tokenizer
 
 
 def language_modeling_task(
