@@ -7,6 +7,7 @@ from .growth import TokenUpdateScale, carry_optimizer_state, grow, growth_summar
 from .interop.registration import install as _register_with_transformers
 from .model import TokenformerLM
 from .pattention import NORMS, Pattention
+from .pruning import PruneRecord, calibration_scores, prune, prune_pattention
 from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 
 __version__ = "0.1.0"
@@ -16,18 +17,22 @@ __all__ = [
     "NORMS",
     "PRESETS",
     "Pattention",
+    "PruneRecord",
     "TokenUpdateScale",
     "TokenformerConfig",
     "TokenformerLM",
     "TokenformerViT",
     "VISION_PRESETS",
     "VisionConfig",
+    "calibration_scores",
     "carry_optimizer_state",
     "count_parameters",
     "from_hf",
     "grow",
     "growth_summary",
     "load_model",
+    "prune",
+    "prune_pattention",
     "save_model",
     "stack_layers",
     "to_hf",

@@ -32,6 +32,7 @@ from .commands.evaluate import evaluate
 from .commands.generate import generate
 from .commands.grow import grow
 from .commands.presets import presets
+from .commands.prune import prune
 from .commands.scale import scale
 from .commands.study import study
 from .commands.train import train
@@ -40,6 +41,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "presets": presets,
     "train": train,
     "grow": grow,
+    "prune": prune,
     "consolidate": consolidate,
     "generate": generate,
     "eval": evaluate,
@@ -108,7 +110,7 @@ def check_layout(config_class: type, source: str) -> None:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="tokenformer", description="TokenFormer: train, grow, evaluate and sample language models."
+        prog="tokenformer", description="TokenFormer: train, grow, prune, evaluate and sample language models."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subcommands = parser.add_subcommands()

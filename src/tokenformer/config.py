@@ -17,6 +17,7 @@ from .validation import (
     check_positive_ints,
     dataclass_from_dict,
     invalid,
+    is_int,
     is_number,
     lookup_preset,
 )
@@ -38,6 +39,11 @@ class BlockConfig:
     Q/K/V/O are bias-free ``nn.Linear(d_model, d_model)`` and ``ffn_tokens`` is the hidden width of
     a Linear-GELU-Linear MLP. ``layer_tokens`` overrides the counts per layer after a growth that
     touched only some layers (``None``: every layer uses the three fields).
+
+    ``ghost_ranks`` records the ghost factors of a pruned model (:mod:`tokenformer.pruning`): one
+    mapping per layer from a Pattention's name in its block (``attention.query``, ``attention.key``,
+    ``attention.value``, ``attention.proj``, ``mlp``) to the rows of its ghost (``1..d_model``);
+    Pattentions left out have none (``None``: no layer has one). Ghosts need ``norm="l2_norm_gelu"``.
 
     How a new Pattention of a token kind starts (``kind``: ``qkv``, ``proj``, ``ffn``; the
     vision model adds ``patch`` and ``head``). Each of these fields takes one value for every kind
@@ -68,6 +74,7 @@ class BlockConfig:
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
     layer_tokens: list[dict[str, int]] | None = field(default=None)
+    ghost_ranks: list[dict[str, int]] | None = field(default=None)
     tau_scale: float | dict[str, float] = 1.0
     fixed_tau: float | dict[str, float] | None = None
     key_std: float | dict[str, float] | None = None
@@ -96,12 +103,48 @@ class BlockConfig:
                         f"config field layer_tokens[{i}]={counts!r} must map each of {TOKEN_KINDS} "
                         "to a positive integer"
                     )
+        self._check_ghost_ranks()
         positive = "a finite number > 0"
         self._check_per_kind("tau_scale", lambda v: is_number(v) and v > 0, positive)
         self._check_per_kind("fixed_tau", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
         self._check_per_kind("key_std", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
         self._check_per_kind("value_init", lambda v: v in VALUE_INITS, " or ".join(VALUE_INITS))
         self._check_per_kind("value_scale", lambda v: is_number(v) and v > 0, positive)
+
+    def _check_ghost_ranks(self) -> None:
+        ranks = self.ghost_ranks
+        if ranks is None:
+            return
+        if not isinstance(ranks, list) or len(ranks) != self.n_layers:
+            raise invalid(
+                "config field",
+                "ghost_ranks",
+                ranks,
+                f"a list of one mapping per layer (n_layers={self.n_layers}) or null",
+            )
+        for i, entry in enumerate(ranks):
+            if not isinstance(entry, dict) or any(
+                not isinstance(name, str) or not is_int(rank) or not 1 <= rank <= self.d_model
+                for name, rank in entry.items()
+            ):
+                raise invalid(
+                    "config field",
+                    f"ghost_ranks[{i}]",
+                    entry,
+                    f"a mapping from Pattention name (e.g. 'mlp') to a rank from 1 to d_model={self.d_model}",
+                )
+        if any(ranks) and (self.projection != "pattention" or self.norm != "l2_norm_gelu"):
+            raise invalid(
+                "config field",
+                "ghost_ranks",
+                ranks,
+                f"null with projection={self.projection!r}, norm={self.norm!r} "
+                "(a ghost norm needs projection='pattention' and norm='l2_norm_gelu')",
+            )
+
+    def ghosts(self, layer: int) -> dict[str, int]:
+        """Ghost ranks of one layer's pruned Pattentions, by name in the block (empty: none)."""
+        return {} if self.ghost_ranks is None else dict(self.ghost_ranks[layer])
 
     def _check_per_kind(self, name: str, ok: Callable[[Any], bool], allowed: str) -> None:
         value = getattr(self, name)

@@ -5,7 +5,8 @@ PaLM: a weight matrix costs ``2 * params`` per token forward; the tied output he
 ``2 * d * vocab``; token-token attention costs ``2 * 2 * seq_len * d`` per token per layer
 (``QK^T`` and ``AV`` over the full context, not halved for the causal mask, as in PaLM's MFU).
 Backward costs twice the forward, so training is 3x forward. The Pattention normalisation and
-GeLU are elementwise and not counted.
+GeLU are elementwise and not counted. A pruned Pattention's ghost factor (a buffer, not a
+parameter) costs ``2 * rank * d`` per token like a weight matrix of that size.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def block_parameters(config: BlockConfig) -> int:
     return sum(_block_weights(config, i) for i in range(config.n_layers))
 
 
+def ghost_weights(config: BlockConfig) -> int:
+    """Entries of every ghost factor of a pruned model (buffers: not trained, but multiplied)."""
+    ghosts = getattr(config, "ghost_ranks", None) or []
+    return sum(rank * config.d_model for layer in ghosts for rank in layer.values())
+
+
 def count_parameters(config: TokenformerConfig, non_embedding: bool = False) -> int:
     """Trainable parameters; ``non_embedding`` leaves out the (tied) word embedding."""
     blocks = block_parameters(config)
@@ -43,7 +50,7 @@ def forward_flops_per_token(config: TokenformerConfig, seq_len: int | None = Non
     seq_len = config.max_seq_len if seq_len is None else seq_len
     if seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    weights = block_parameters(config)
+    weights = block_parameters(config) + ghost_weights(config)
     head = config.d_model * config.vocab_size
     attention = 2 * 2 * seq_len * config.d_model * config.n_layers
     return 2 * (weights + head) + attention
@@ -84,5 +91,5 @@ def training_flops_per_image(config: VisionConfig) -> int:
     head_weights = (
         config.head_tokens * (d + config.num_classes) if config.projection == "pattention" else d * config.num_classes
     )
-    blocks = n * (2 * block_parameters(config) + 2 * 2 * n * d * config.n_layers)
+    blocks = n * (2 * (block_parameters(config) + ghost_weights(config)) + 2 * 2 * n * d * config.n_layers)
     return 3 * (blocks + 2 * patch_weights * config.num_patches + 2 * head_weights)

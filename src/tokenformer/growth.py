@@ -103,6 +103,27 @@ def _grow_mlp(
     return [GrownParameter(f"{name}.fc1.weight", w1, 0, old), GrownParameter(f"{name}.fc2.weight", w2, 1, old)]
 
 
+def grown_parameters(model: nn.Module, before: list[dict[str, int]]) -> list[GrownParameter]:
+    """The parameters of ``model`` that hold more tokens than the counts ``before`` (a growth's
+    ``GrowthRecord.before``, e.g. read back from a checkpoint), with their old sizes."""
+    grown = []
+    for i, block in enumerate(model.layers):
+        for kind in TOKEN_KINDS:
+            for name, module in block.modules_of_kind(kind):
+                old, prefix = before[i][kind], f"layers.{i}.{name}"
+                if isinstance(module, Pattention) and module.num_tokens > old:
+                    grown += [
+                        GrownParameter(f"{prefix}.key_param_tokens", module.key_param_tokens, 0, old),
+                        GrownParameter(f"{prefix}.value_param_tokens", module.value_param_tokens, 0, old),
+                    ]
+                elif isinstance(module, MLP) and module.fc1.out_features > old:
+                    grown += [
+                        GrownParameter(f"{prefix}.fc1.weight", module.fc1.weight, 0, old),
+                        GrownParameter(f"{prefix}.fc2.weight", module.fc2.weight, 1, old),
+                    ]
+    return grown
+
+
 def layer_tokens(model: nn.Module) -> list[dict[str, int]]:
     """Current token counts (hidden width for a linear MLP) of every layer."""
     config = model.config
@@ -110,7 +131,8 @@ def layer_tokens(model: nn.Module) -> list[dict[str, int]]:
 
 
 def growth_summary(model: nn.Module) -> list[dict]:
-    """Per layer: token counts and tau of every Pattention (what a checkpoint records)."""
+    """Per layer: token counts and tau of every Pattention, and the rank of a pruned one's ghost
+    (what a checkpoint records)."""
     summary = []
     for i, block in enumerate(model.layers):
         entry: dict = {"layer": i}
@@ -118,6 +140,8 @@ def growth_summary(model: nn.Module) -> list[dict]:
             for name, module in block.modules_of_kind(kind):
                 if isinstance(module, Pattention):
                     entry[name] = {"tokens": module.num_tokens, "tau": float(module.tau)}
+                    if module.ghost is not None:
+                        entry[name]["ghost_rank"] = module.ghost_rank
                 elif isinstance(module, MLP):
                     entry[name] = {"hidden": module.fc1.out_features}
         summary.append(entry)
@@ -197,7 +221,7 @@ def grow(
                         std = config.value_init_std if value_std is None else value_std
                         grown += _grow_mlp(module, n, key_init, std, generator, prefix)
                 after[i][kind] = n
-    _set_config_tokens(model, after)
+    set_config_tokens(model, after)
     softmax = config.projection == "pattention" and config.norm == "softmax"
     if softmax and grown:
         warnings.warn(
@@ -239,7 +263,8 @@ def _chosen_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def _set_config_tokens(model: nn.Module, counts: list[dict[str, int]]) -> None:
+def set_config_tokens(model: nn.Module, counts: list[dict[str, int]]) -> None:
+    """Record per-layer token counts in ``model.config`` (the three fields when every layer agrees)."""
     if all(c == counts[0] for c in counts):
         uniform = counts[0]
         model.config = model.config.replace(
@@ -283,7 +308,8 @@ def stack_layers(model: nn.Module, n_layers: int) -> StackRecord:
         block.layer = i  # the block's index in the KV cache
         model.layers.append(block)
     layer_tokens = None if config.layer_tokens is None else [dict(config.layer_tokens[j]) for j in sources]
-    model.config = config.replace(n_layers=n_layers, layer_tokens=layer_tokens)
+    ghost_ranks = None if config.ghost_ranks is None else [dict(config.ghost_ranks[j]) for j in sources]
+    model.config = config.replace(n_layers=n_layers, layer_tokens=layer_tokens, ghost_ranks=ghost_ranks)
     return StackRecord(old, n_layers, sources)
 
 
@@ -314,6 +340,11 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
     return padded
 
 
+def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    # A scalar parameter (e.g. a learned temperature) as one row, so that it narrows like the others.
+    return t.view(1) if t.dim() == 0 and dim == 0 else t
+
+
 class TokenUpdateScale:
     """Scale the optimizer's update of old and new parameter tokens separately.
 
@@ -323,14 +354,21 @@ class TokenUpdateScale:
     rescales the step's change afterwards. The step of AdamW (decoupled weight decay included),
     Adam and SGD is proportional to the learning rate, so this equals a per-token learning rate.
     Frozen rows also get zero gradients, so they do not count towards gradient clipping.
+
+    ``record`` is a :class:`GrowthRecord` or a list of :class:`GrownParameter` (e.g. from
+    :func:`grown_parameters`); an entry whose ``old_size`` is its whole length is all old.
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, record: GrowthRecord, old_scale: float = 1.0, new_scale: float = 1.0
+        self,
+        optimizer: torch.optim.Optimizer,
+        record: GrowthRecord | list[GrownParameter],
+        old_scale: float = 1.0,
+        new_scale: float = 1.0,
     ) -> None:
         if old_scale < 0 or new_scale < 0:
             raise ValueError(f"update scales must be >= 0, got old_scale={old_scale}, new_scale={new_scale}")
-        self.grown = record.grown
+        self.grown = record.grown if isinstance(record, GrowthRecord) else list(record)
         self.old_scale, self.new_scale = old_scale, new_scale
         self._before: list[torch.Tensor] = []
         self._handles = [
@@ -344,7 +382,7 @@ class TokenUpdateScale:
     def _zero_old_grad(g: GrownParameter):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             grad = grad.clone()
-            grad.narrow(g.dim, 0, g.old_size).zero_()
+            _rows(grad, g.dim).narrow(g.dim, 0, g.old_size).zero_()
             return grad
 
         return hook
@@ -356,8 +394,9 @@ class TokenUpdateScale:
     def _rescale(self, *_) -> None:
         for g, before in zip(self.grown, self._before, strict=True):
             delta = g.param - before
-            delta.narrow(g.dim, 0, g.old_size).mul_(self.old_scale)
-            delta.narrow(g.dim, g.old_size, g.param.shape[g.dim] - g.old_size).mul_(self.new_scale)
+            rows = _rows(delta, g.dim)  # a view: scaling it scales delta
+            rows.narrow(g.dim, 0, g.old_size).mul_(self.old_scale)
+            rows.narrow(g.dim, g.old_size, rows.shape[g.dim] - g.old_size).mul_(self.new_scale)
             g.param.copy_(before + delta)
         self._before = []
 

@@ -251,6 +251,14 @@ class Block(nn.Module):
         self.eps = config.layernorm_eps
         self.attention = attention(config, tokens)
         self.mlp = make_ffn(config, tokens["ffn"])
+        for name, rank in config.ghosts(layer).items():  # a pruned model's ghosts (filled by its state dict)
+            module = dict(self.pattentions()).get(name)
+            if module is None:
+                raise ValueError(
+                    f"config field ghost_ranks[{layer}] names {name!r}, not a Pattention of a block; "
+                    f"allowed: {', '.join(n for names in self.KIND_MODULES.values() for n in names)}"
+                )
+            module.set_ghost(module.key_param_tokens.new_zeros(rank, module.in_features))
         # A torch.utils.checkpoint-style function, set by set_activation_checkpointing: with one,
         # backward recomputes this block's activations instead of keeping them from the forward pass.
         self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
@@ -258,6 +266,11 @@ class Block(nn.Module):
     def modules_of_kind(self, kind: str) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of every projection of token ``kind`` (qkv, proj or ffn) in this block."""
         return [(name, self.get_submodule(name)) for name in self.KIND_MODULES[kind]]
+
+    def pattentions(self) -> list[tuple[str, Pattention]]:
+        """``(name, module)`` of every Pattention of this block, by name in the block."""
+        found = [item for kind in self.KIND_MODULES for item in self.modules_of_kind(kind)]
+        return [(name, module) for name, module in found if isinstance(module, Pattention)]
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # The release's in-block LayerNorm has no learnable weight or bias.

@@ -68,6 +68,8 @@ class TokenformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.key_param_tokens, std=module.key_std)
             init.normal_(module.value_param_tokens, std=module.value_std)
             init.constant_(module.tau, module.initial_tau)
+            if module.ghost is not None:  # a pruned model's ghost: always loaded, never drawn
+                init.zeros_(module.ghost)
         else:
             super()._init_weights(module)
 

@@ -54,17 +54,28 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(_accumulate_dtype(t.dtype))
 
 
-def _l2_normalise(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _l2_normalise(a: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
     # The norm is taken in (at least) float32 even under bf16 autocast: a sum of n squares in
     # bf16 loses the digits that make the normalised scores agree with the fp32 model.
-    norm = _at_least_fp32(a).square().sum(dim=-1, keepdim=True).sqrt().clamp_min(_NORM_EPS)
+    square = _at_least_fp32(a).square().sum(dim=-1, keepdim=True)
+    if extra is not None:  # entries that count towards the norm but are not normalised (a ghost)
+        square = square + _at_least_fp32(extra).square().sum(dim=-1, keepdim=True)
+    norm = square.sqrt().clamp_min(_NORM_EPS)
     return a * (scale / norm).to(a.dtype)
 
 
-def normalise_scores(scores: torch.Tensor, norm: str, tau: torch.Tensor) -> torch.Tensor:
-    """``theta(A)`` of the paper, over the last (parameter-token) axis: the plain reference."""
+def normalise_scores(
+    scores: torch.Tensor, norm: str, tau: torch.Tensor, ghost_scores: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``theta(A)`` of the paper, over the last (parameter-token) axis: the plain reference.
+
+    ``ghost_scores`` (``l2_norm_gelu`` only) are ``x @ ghost^T`` of a pruned layer: they add to
+    each row's norm as the removed tokens' scores did (see :mod:`tokenformer.pruning`).
+    """
+    if ghost_scores is not None and norm != "l2_norm_gelu":
+        raise ValueError(f"a ghost norm exists for norm='l2_norm_gelu' only, got norm={norm!r}")
     if norm == "l2_norm_gelu":
-        return F.gelu(_l2_normalise(scores, tau))
+        return F.gelu(_l2_normalise(scores, tau, ghost_scores))
     if norm == "gelu_l2_norm":
         return _l2_normalise(F.gelu(scores), tau)
     if norm == "softmax":
@@ -437,6 +448,7 @@ def pattention(
     tau: torch.Tensor,
     norm: str = "l2_norm_gelu",
     impl: str = "auto",
+    ghost: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``theta(x @ keys^T) @ values`` over the last axis of ``x``.
 
@@ -446,9 +458,14 @@ def pattention(
     ``TRITON_INTERPRET=1``); ``"auto"`` picks Triton for CUDA tensors when it is installed, the
     plain formula when compiling for the CPU, and ``"fused"`` otherwise. A trainable ``tau``
     always takes the plain formula.
+
+    ``ghost [r, d_in]``: a pruned layer's ghost factor, whose scores ``x @ ghost^T`` count towards
+    each row's norm; such a layer always runs the plain formula (the fused paths have no ghost).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown Pattention impl {impl!r}; allowed: {', '.join(IMPLS)}")
+    if ghost is not None:
+        return normalise_scores(F.linear(x, keys), norm, tau, F.linear(x, ghost)) @ values
     return _group(x, (keys,), (values,), (tau,), norm, impl)[0]
 
 
@@ -460,6 +477,10 @@ class Pattention(nn.Module):
     score scale at creation: ``sqrt(num_tokens)`` unless given, then frozen (never recomputed
     from the token count, so appending tokens keeps the function). ``impl`` chooses the
     implementation (see :func:`pattention`); every choice computes the same function.
+
+    A pruned layer may hold the buffer ``ghost [ghost_rank, in_features]`` (saved in the state
+    dict; ``None`` otherwise): a factor of the removed keys' Gram matrix that keeps their share of
+    every row's norm (:mod:`tokenformer.pruning`); :meth:`set_ghost` sets or removes it.
     """
 
     def __init__(
@@ -495,11 +516,30 @@ class Pattention(nn.Module):
         self.key_param_tokens = nn.Parameter(torch.empty(num_tokens, in_features, **factory))
         self.value_param_tokens = nn.Parameter(torch.empty(num_tokens, out_features, **factory))
         self.register_buffer("tau", torch.tensor(self.initial_tau, **factory))
+        self.register_buffer("ghost", None)
         self.reset_parameters()
 
     @property
     def num_tokens(self) -> int:
         return self.key_param_tokens.shape[0]
+
+    @property
+    def ghost_rank(self) -> int:
+        """Rows of the ghost factor (0: none)."""
+        return 0 if self.ghost is None else self.ghost.shape[0]
+
+    def set_ghost(self, factor: torch.Tensor | None) -> None:
+        """Set the ghost factor ``[rank, in_features]`` (``None`` or zero rows: no ghost)."""
+        if factor is not None and (factor.dim() != 2 or factor.shape[1] != self.in_features):
+            raise ValueError(
+                f"a ghost factor must have shape [rank, in_features={self.in_features}], got {tuple(factor.shape)}"
+            )
+        if factor is not None and factor.shape[0] and self.norm != "l2_norm_gelu":
+            raise ValueError(f"a ghost norm exists for norm='l2_norm_gelu' only, this layer has norm={self.norm!r}")
+        keys = self.key_param_tokens
+        present = factor is not None and factor.shape[0]
+        # Contiguous, as a loaded one is: the same bits then give the same products.
+        self.ghost = factor.to(keys.device, keys.dtype).contiguous() if present else None
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.key_param_tokens, std=self.key_std)
@@ -511,21 +551,24 @@ class Pattention(nn.Module):
         if self.impl not in IMPLS:
             raise ValueError(f"unknown Pattention impl {self.impl!r}; allowed: {', '.join(IMPLS)}")
         keys, values = self.key_param_tokens, self.value_param_tokens
+        if self.ghost is not None:
+            return pattention(x, keys, values, self.tau, self.norm, self.impl, self.ghost)
         return _group(x, (keys,), (values,), (self.tau,), self.norm, self.impl)[0]
 
     def extra_repr(self) -> str:
+        ghost = f", ghost_rank={self.ghost_rank}" if self.ghost is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_tokens={self.num_tokens}, norm={self.norm!r}"
+            f"num_tokens={self.num_tokens}, norm={self.norm!r}{ghost}"
         )
 
 
 def run_pattentions(layers: Sequence[Pattention], x: torch.Tensor) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]``, as one group (:func:`pattention_group`) when the layers
-    share their norm and implementation."""
+    share their norm and implementation (and none has a ghost)."""
     first = layers[0]
     shapes = {(layer.num_tokens, layer.out_features, layer.norm, layer.impl) for layer in layers}
-    if len(shapes) > 1 or first.impl not in IMPLS:
+    if len(shapes) > 1 or first.impl not in IMPLS or any(layer.ghost is not None for layer in layers):
         return [layer(x) for layer in layers]
     keys = [layer.key_param_tokens for layer in layers]
     values = [layer.value_param_tokens for layer in layers]

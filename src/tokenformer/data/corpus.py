@@ -111,7 +111,29 @@ def kjv_documents() -> list[Document]:
     return [Document(f"kjv/{book}", "\n".join(lines) + "\n") for book, lines in books.items()]
 
 
-BUILTIN_CORPORA = {"kjv": kjv_documents}
+def news_path() -> Path:
+    """The Lee corpus, shipped as ``gensim/test/test_data/lee_background.cor`` by the ``gensim``
+    package (located without importing gensim, which is slow to import)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the corpus 'news' needs the gensim package (pip install 'tokenformer[continual]'); "
+            "or pass your own text files with --data"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        raise FileNotFoundError(f"the gensim package is installed but has no {path}")
+    return path
+
+
+def news_documents() -> list[Document]:
+    """300 news articles of the Australian Broadcasting Corporation (the Lee corpus, about 360 KB of
+    English prose from 2001), one document each: a domain far from the default corpus."""
+    lines = news_path().read_text(encoding="utf-8").splitlines()
+    return [Document(f"news/{i}", line.strip() + "\n") for i, line in enumerate(lines) if line.strip()]
+
+
+BUILTIN_CORPORA = {"kjv": kjv_documents, "news": news_documents}
 
 
 def _directory_files(directory: Path) -> list[Path]:
@@ -170,7 +192,7 @@ class HFSource:
 class Corpus:
     """The documents of one or more sources, in order, read afresh on each iteration.
 
-    A source is a built-in corpus name (``kjv``), a text file, a directory (its
+    A source is a built-in corpus name (``kjv``, ``news``), a text file, a directory (its
     ``.txt/.text/.md/.rst`` files, recursively), a glob, ``hf:NAME[:CONFIG[:SPLIT]]``, or a
     :class:`Document` already in memory. Sources are checked when the corpus is made (missing,
     empty or unreadable ones raise an error naming them); a file that is not UTF-8 further in

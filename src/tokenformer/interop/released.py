@@ -188,10 +188,18 @@ def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
     """The released layout of a model's weights (the reverse map).
 
     The released format has no tau, so a model whose tau is not ``sqrt(token count)`` (one
-    grown by appending tokens) is refused: the released code would compute a different function.
+    grown or pruned) is refused: the released code would compute a different function. So is a
+    pruned model with ghost norms: the released code has no place for them.
     """
     config = model.config
     _require_pattention(config)
+    if config.ghost_ranks is not None:
+        ghosts = [f"layers.{i}.{name}" for i, layer in enumerate(config.ghost_ranks) for name in layer]
+        raise ValueError(
+            "the released layout cannot hold a pruned model's ghost norms (the removed tokens' share of each "
+            f"row's norm, kept in {', '.join(ghosts)}): the released code would normalise over the kept tokens "
+            "only and compute a different function. Save with tokenformer.save_model instead."
+        )
     grown = [
         f"layers.{entry['layer']}.{name}: tau={info['tau']:.6g}, "
         f"sqrt({info['tokens']})={release_tau(info['tokens']):.6g}"
@@ -202,7 +210,7 @@ def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
     if grown:
         raise ValueError(
             "the released layout stores no tau and computes sqrt(token count); these layers have another tau "
-            f"(a grown model) and would change function: {'; '.join(grown)}. "
+            f"(a grown or pruned model) and would change function: {'; '.join(grown)}. "
             "Save with tokenformer.save_model instead."
         )
     state = model.state_dict()

@@ -60,6 +60,8 @@ class VisionOptions:
         return self == VisionOptions(dataset=self.dataset, data_path=self.data_path)
 
 
+# The keys of ``grow_to``: the arguments of tokenformer.grow.
+GROW_KEYS = ("qkv_tokens", "proj_tokens", "ffn_tokens")
 VISION_FIELDS = tuple(f.name for f in dataclasses.fields(VisionOptions))
 
 
@@ -77,7 +79,8 @@ class TrainConfig:
             ViT baseline. ``vocab_size`` defaults to the tokenizer's, rounded up to 128.
         vision: The options of ``task: vision`` (dataset, augmentation, label smoothing): see
             :class:`VisionOptions`; on the command line ``--vision.dataset cifar10`` and so on.
-        data: Corpus: ``kjv`` (the embedded King James Bible), text files, directories, globs,
+        data: Corpus: ``kjv`` (the embedded King James Bible), ``news`` (300 news articles that
+            the ``[continual]`` extra ships), text files, directories, globs,
             or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``[datasets]`` extra and network access).
         tokenizer: ``bpe`` trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
         vocab_size: Vocabulary size of the trained BPE.
@@ -125,6 +128,16 @@ class TrainConfig:
         out_dir: Run directory: checkpoints/, metrics.jsonl, loss_curve.png, TensorBoard events.
         resume: ``auto`` (newest complete checkpoint in out_dir, if any), a checkpoint or run
             directory, or null to start from scratch.
+        init_from: A checkpoint or run directory (its newest checkpoint) whose model and
+            tokenizer this run starts from, as a new run: step 0, a fresh optimizer and schedule
+            (fine-tuning, or learning new ``data``); ``model`` is then ignored. With ``resume:
+            auto`` an interrupted run continues from its own checkpoints instead.
+        grow_to: Token totals to grow the ``init_from`` model to before its first step, e.g.
+            ``{ffn_tokens: 768}`` (keys ``qkv_tokens``, ``proj_tokens``, ``ffn_tokens``; zero new
+            keys, so the function is kept).
+        old_lr_scale: With ``grow_to``: the learning rate of everything that existed before the
+            growth (the old tokens and every other parameter, the embedding too) as a multiple of
+            ``lr``; 0 freezes it bit for bit and trains the new tokens only.
         eval_interval: Validate every this many steps (and at the end).
         eval_batches: Validation batches of batch_size windows, the same windows every time
             (language models; a classifier validates on all of its held-out images).
@@ -176,6 +189,9 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/tokenformer"
     resume: str | None = None
+    init_from: str | None = None
+    grow_to: dict[str, int] | None = None
+    old_lr_scale: float = 1.0
     eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 10
@@ -271,6 +287,39 @@ class TrainConfig:
             "resume",
             lambda v: v is None or (isinstance(v, str) and v != ""),
             "auto, a checkpoint or run directory, or null",
+        )
+        _check(
+            self,
+            "init_from",
+            lambda v: v is None or (isinstance(v, str) and v != ""),
+            "a checkpoint or run directory, or null",
+        )
+        _check(
+            self,
+            "grow_to",
+            lambda v: (
+                v is None
+                or (
+                    isinstance(v, dict)
+                    and bool(v)
+                    and set(v) <= set(GROW_KEYS)
+                    and all(is_int(n) and n >= 1 for n in v.values())
+                )
+            ),
+            f"null or a mapping from {', '.join(GROW_KEYS)} to positive integers",
+        )
+        _check(
+            self,
+            "grow_to",
+            lambda v: v is None or self.init_from is not None,
+            "null without init_from (it grows the model init_from loads)",
+        )
+        _check(self, "old_lr_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+        _check(
+            self,
+            "old_lr_scale",
+            lambda v: v == 1 or self.grow_to is not None,
+            "1 without grow_to (it sets the rate of what existed before that growth)",
         )
         if self.resume in (None, "auto"):
             # An unknown preset or a bad override fails here, before any work. A run resumed from

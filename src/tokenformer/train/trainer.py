@@ -35,8 +35,19 @@ from tqdm.auto import tqdm
 
 from .. import families, io
 from ..data import Tokenizer
-from ..growth import GrowthRecord, StackRecord, carry_optimizer_state, grow, growth_summary, stack_layers
+from ..growth import (
+    GrownParameter,
+    GrowthRecord,
+    StackRecord,
+    TokenUpdateScale,
+    carry_optimizer_state,
+    grow,
+    grown_parameters,
+    growth_summary,
+    stack_layers,
+)
 from ..model import set_activation_checkpointing
+from ..pruning import PruneRecord, calibration_scores, prune, prune_like, prune_optimizer_state
 from .checkpoint import (
     CHECKPOINTS,
     TOKENIZER,
@@ -217,13 +228,13 @@ class Trainer:
         checkpoint = self._find_resume_checkpoint(load_model)
         if checkpoint is not None:
             self._check_resume(checkpoint)
-        if checkpoint is not None and checkpoint.tokenizer_json is not None and tokenizer is None:
+        start = self._find_init_checkpoint(load_model) if checkpoint is None else None
+        source = checkpoint if checkpoint is not None else start
+        if source is not None and source.tokenizer_json is not None and tokenizer is None:
             try:
-                tokenizer = Tokenizer.from_json(checkpoint.tokenizer_json)
+                tokenizer = Tokenizer.from_json(source.tokenizer_json)
             except Exception as exc:  # tokenizers raises its own Exception type for malformed files
-                raise CheckpointError(
-                    f"checkpoint file {checkpoint.path / TOKENIZER} is not a tokenizer: {exc}"
-                ) from exc
+                raise CheckpointError(f"checkpoint file {source.path / TOKENIZER} is not a tokenizer: {exc}") from exc
         if task is None:
             if not self.dist.is_main:
                 barrier(self.dist)  # rank 0 prepares the data first (a tokenizer, token shards in the cache)
@@ -233,13 +244,15 @@ class Trainer:
         self.task = RankSlice(task, config.batch_size, self.dist) if self.dist.active else task
         self.tokenizer = tokenizer
         torch.manual_seed(config.seed)
-        if checkpoint is not None:
-            model = checkpoint.model
+        if source is not None:
+            model = source.model
         elif model is None:
             model = self.task.build_model(config)
         self.model = model.to(self.device)
         self._model_class = type(self.model)  # FSDP2 changes the class of the model it shards
         self._wrap_model = wrap_model or self._default_wrap
+        initial_growth = grow(self.model, **config.grow_to) if start is not None and config.grow_to else None
+        old_parameters = self._old_parameters(checkpoint, initial_growth)
         optimizer = make_optimizer(self.model, config)
         if checkpoint is not None and not checkpoint.sharded:
             optimizer.load_state_dict(checkpoint.optimizer_state)
@@ -248,6 +261,13 @@ class Trainer:
         self.resumed_from: Path | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
+        if initial_growth is not None:
+            entry = {"step": 0, "tokens": 0, "init_from": str(start.path), **initial_growth.to_dict()}
+            self.state.growth_history.append(entry)
+        # The per-row learning rates of old_lr_scale (None: every parameter at the schedule's rate).
+        self.update_scale: TokenUpdateScale | None = None
+        if old_parameters is not None:
+            self.update_scale = TokenUpdateScale(self.optimizer, old_parameters, old_scale=config.old_lr_scale)
         self.ema: AveragedModel | None = None
         if config.ema_decay:
             saved = checkpoint.trainer_state.get("ema_updates", 0) if checkpoint is not None else 0
@@ -332,6 +352,51 @@ class Trainer:
 
         self._lock = self._on_main(claim)
         self._claimed = True
+
+    def _find_init_checkpoint(self, load_model) -> Checkpoint | None:
+        if self.config.init_from is None:
+            return None
+        path = resolve_checkpoint(self.config.init_from)
+        loaded = load_checkpoint(path, self.device, load_model)
+        if loaded.sharded:
+            raise ValueError(
+                f"training option init_from={self.config.init_from!r} is a sharded checkpoint ({path}); allowed: a "
+                "single-file one (tokenformer consolidate --checkpoint SHARDED --out SINGLE writes one)"
+            )
+        return loaded
+
+    def _old_parameters(
+        self, checkpoint: Checkpoint | None, growth: GrowthRecord | None
+    ) -> list[GrownParameter] | None:
+        """What ``old_lr_scale`` applies to: the old rows of the tensors grown by ``grow_to`` and
+        every other parameter, as (parameter, old size) entries for :class:`TokenUpdateScale`.
+        Frozen whole tensors (``old_lr_scale: 0``) stop requiring gradients instead, before the
+        optimizer is built, so that they get no update, no weight decay and no optimizer state."""
+        scale = self.config.old_lr_scale
+        if scale == 1:
+            return None
+        if growth is not None:
+            before = growth.before
+        else:  # a resumed run: the growth its first session made
+            history = checkpoint.trainer_state.get("growth_history", []) if checkpoint is not None else []
+            entry = next((e for e in history if "init_from" in e), None)
+            if entry is None:
+                raise ValueError(
+                    f"training option old_lr_scale={scale} needs the growth of grow_to, and the checkpoint resumed "
+                    f"({checkpoint.path if checkpoint is not None else 'none'}) records none"
+                )
+            before = entry["before"]
+        grown = grown_parameters(self.model, before)
+        partly = {id(g.param) for g in grown}
+        whole = []
+        for name, param in self.model.named_parameters():
+            if id(param) in partly or not param.requires_grad:
+                continue
+            if scale == 0:
+                param.requires_grad_(False)
+            else:
+                whole.append(GrownParameter(name, param, 0, param.shape[0] if param.dim() else 1))
+        return grown + whole
 
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
@@ -631,6 +696,39 @@ class Trainer:
         self._place(optimizer)
         self._regrow_ema(lambda name: name, {g.name: (g.dim, g.old_size) for g in record.grown})
         self._model_changed("grow", record.to_dict())
+        return record
+
+    def calibration_scores(self, batches: int) -> dict[str, torch.Tensor]:
+        """:func:`tokenformer.pruning.calibration_scores` of the model on the first ``batches``
+        training batches (of micro-batch 0), in evaluation mode."""
+        if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
+            raise ValueError(f"calibration batches must be a positive integer, got {batches!r}")
+        task = self.task
+        data = (task.train_batch(step, 0, self.device) for step in range(batches))
+        with self.autocast():
+            return calibration_scores(self.model, data, task.loss)
+
+    def prune(self, calibration_batches: int = 0, **options: Any) -> PruneRecord:
+        """:func:`tokenformer.prune` the model, cut AdamW's moments and the moving average alike,
+        and re-wrap the model. With ``calibration_batches`` the importance is measured on that many
+        training batches (:meth:`calibration_scores`); with 0 (or ``scores`` given) it is not.
+
+        A sharded (FSDP) model is gathered whole on every rank first, pruned there and sharded
+        again with its optimizer state; a collective call then.
+        """
+        optimizer = self.optimizer
+        if self.dist.strategy == "fsdp":
+            whole = self._model_class(self.model.config).to(self.device)
+            optimizer = gather(self.model, self.optimizer, whole, lambda model: make_optimizer(model, self.config))
+            self.model = whole
+        if calibration_batches:
+            options["scores"] = self.calibration_scores(calibration_batches)
+        record = prune(self.model, **options)
+        prune_optimizer_state(optimizer, record)
+        self._place(optimizer)
+        if self.ema is not None:
+            prune_like(self.ema.module, record)
+        self.state.growth_history.append({"step": self.state.step, "tokens": self.state.tokens, **record.to_dict()})
         return record
 
     def stack(self, n_layers: int) -> StackRecord:
