@@ -56,11 +56,13 @@ def test_each_field_sets_what_it_says():
     assert float(values.detach().std()) == pytest.approx(0.5 / 16, rel=0.2)
 
 
-def test_defaults_are_the_release():
+def test_defaults_are_the_release_but_small_values():
     model = TokenformerLM(tiny_config())
     for _kind, layer in pattentions(model):
         assert float(layer.tau) == pytest.approx(math.sqrt(layer.num_tokens))
-        assert layer.value_std == pytest.approx(2 / (2 * math.sqrt(32)))
+        assert layer.value_std == pytest.approx(2 / (2 * math.sqrt(32)) / 64)
+    vision = VisionConfig.from_preset("fmnist-0.3M")
+    assert vision.pattention_init("ffn", 64)["value_std"] == pytest.approx(vision.value_init_std)
 
 
 @pytest.mark.parametrize("name", OPTIONS)

@@ -28,6 +28,7 @@ def tiny_study(corpus_file, cache_dir, out_dir, **changes) -> dict:
             {"name": "tokenformer"},
             {"name": "small-values", "model_overrides": {"value_scale": 0.25}, "train": {"token_weight_decay": 0.0}},
         ],
+        compare=[["small-values", "tokenformer"]],
         train=dict(
             model="cpu-0.3M",
             model_overrides=dict(TINY_MODEL),
@@ -98,8 +99,13 @@ def test_report_numbers_are_recomputed_from_the_stored_runs(finished):
     assert paired["mean"] == pytest.approx(statistics.fmean(diffs))
     assert paired["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(2))
     assert "vs_baseline" not in analysis["transformer"]
+    small = stored["small-values"][analysis["small-values"]["best_lr"]]
+    (pair,) = results["analysis"]["comparisons"]
+    assert (pair["variant"], pair["other"]) == ("small-values", "tokenformer")
+    assert pair["diffs"] == pytest.approx([small[s] - mine[s] for s in (1, 2)])
     text = study.report(results)
     assert f"{paired['mean']:+.4f} ± {paired['se']:.4f} (n=2)" in text
+    assert f"| `small-values` | `tokenformer` | {pair['mean']:+.4f} | {pair['se']:.4f} | 2 |" in text
     assert (Path(plan.out_dir) / "curves.png").stat().st_size > 0
     assert (Path(plan.out_dir) / "report.md").read_text() == text
 
@@ -138,6 +144,8 @@ def test_edge_of_the_grid_is_flagged():
         ({"variants": [{"name": "a", "train": {"lr": 1.0}}, {"name": "b"}]}, r"other than \['lr'\]"),
         ({"variants": [{"name": "a", "colour": 1}, {"name": "b"}]}, r"unknown variants\[0\] field"),
         ({"variants": [{"name": "a", "model_overrides": {"tau_scale": -1}}, {"name": "b"}]}, "tau_scale=-1"),
+        ({"compare": [["tokenformer", "nope"]]}, r"study field compare=.* is invalid; allowed: a list of pairs"),
+        ({"compare": [["tokenformer", "tokenformer"]]}, r"compare=.* is invalid"),
     ],
 )
 def test_plan_errors_name_the_field(tmp_path, corpus_file, cache_dir, change, message):

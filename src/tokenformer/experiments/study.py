@@ -97,6 +97,8 @@ class StudyPlan:
             classifiers). Lower is better for a loss, higher for an accuracy.
         train: The shared recipe: options of ``tokenformer train`` (``lr``, ``min_lr``, ``seed``
             and ``out_dir`` are set per run).
+        compare: Further pairs ``[variant, other]`` compared like a variant with the baseline
+            (each at its best rate, paired by seed).
     """
 
     out_dir: str
@@ -107,6 +109,7 @@ class StudyPlan:
     min_lr_ratio: float = 0.1
     metric: str = "val_loss"
     train: TrainConfig = field(default_factory=TrainConfig)
+    compare: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -124,6 +127,12 @@ class StudyPlan:
         _check_ratio("min_lr_ratio", self.min_lr_ratio)
         if self.metric not in METRICS:
             raise _plan_error("metric", self.metric, ", ".join(METRICS))
+        pairs_ok = isinstance(self.compare, list) and all(
+            isinstance(p, list) and len(p) == 2 and p[0] != p[1] and all(n in names for n in p) for p in self.compare
+        )
+        if not pairs_ok:
+            allowed = f"a list of pairs [a, b] of distinct variants: {', '.join(names)}"
+            raise _plan_error("compare", self.compare, allowed)
         for variant in self.variants:  # every run's options, checked before hours of training
             self.run_config(variant, self.grid(variant)[0], self.seeds[0])
 
@@ -360,7 +369,20 @@ def analyse(plan: StudyPlan, runs: list[dict[str, Any]]) -> dict[str, Any]:
                 {int(s): v for s, v in entry["per_seed"].items()},
                 {int(s): v for s, v in base["per_seed"].items()},
             )
-    return {"baseline": plan.baseline, "metric": plan.metric, "variants": variants}
+    comparisons = [
+        {"variant": a, "other": b, **diff}
+        for a, b in plan.compare
+        if a in variants
+        and b in variants
+        and (
+            diff := runner.paired(
+                {int(s): v for s, v in variants[a]["per_seed"].items()},
+                {int(s): v for s, v in variants[b]["per_seed"].items()},
+            )
+        )
+        is not None
+    ]
+    return {"baseline": plan.baseline, "metric": plan.metric, "variants": variants, "comparisons": comparisons}
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -461,6 +483,17 @@ def report(results: dict[str, Any]) -> str:
         )
     headers = ["variant", "what changes", "best lr", f"mean {name} ± s.e.", "per seed", f"− {base} (paired)"]
     lines += [runner.markdown_table(headers, rows), ""]
+    if analysis.get("comparisons"):
+        lines += [f"## Further differences of the {name}", "", "Paired by seed, each variant at its own best rate.", ""]
+        pair_rows = [
+            [f"`{c['variant']}`", f"`{c['other']}`", f"{c['mean']:+.4f}", runner.fmt(c["se"]), str(c["n"])]
+            + [" / ".join(f"{d:+.4f}" for d in c["diffs"])]
+            for c in analysis["comparisons"]
+        ]
+        lines += [
+            runner.markdown_table(["variant", "other", "difference", "s.e.", "seeds", "per seed"], pair_rows),
+            "",
+        ]
     grid = sorted({lr for v in plan.variants for lr in plan.grid(v)})
     lines += [f"## Learning-rate grid (mean {name} over seeds)", ""]
     grid_rows = []

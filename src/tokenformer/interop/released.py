@@ -125,6 +125,7 @@ def infer_config(state_dict: Mapping[str, Any], n_heads: int | None = None, **ov
         proj_tokens=tokens[0]["proj"],
         ffn_tokens=tokens[0]["ffn"],
         layer_tokens=None if uniform else tokens,
+        value_scale=1.0,  # the release's initialisation, for tokens that growth appends
     )
     return TokenformerConfig(**{**fields, **overrides})
 
