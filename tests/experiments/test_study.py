@@ -105,6 +105,9 @@ def test_report_numbers_are_recomputed_from_the_stored_runs(finished):
     assert pair["diffs"] == pytest.approx([small[s] - mine[s] for s in (1, 2)])
     text = study.report(results)
     assert f"{paired['mean']:+.4f} ± {paired['se']:.4f} (n=2)" in text
+    commit = runner.source_version()
+    assert all(r["commit"] == commit for r in results["runs"])
+    assert f"Runs trained at commit {commit}; report written at commit {commit}." in text
     assert f"| `small-values` | `tokenformer` | {pair['mean']:+.4f} | {pair['se']:.4f} | 2 |" in text
     assert (Path(plan.out_dir) / "curves.png").stat().st_size > 0
     assert (Path(plan.out_dir) / "report.md").read_text() == text

@@ -278,6 +278,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             "wall_time": trainer.state.wall_time,
             "parameters": family_of(model_config).count_parameters(model_config),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": runner.source_version(),
         }
         if hasattr(model_config, "vocab_size"):  # a model with a word embedding
             result["non_embedding_parameters"] = count_parameters(model_config, non_embedding=True)
@@ -320,6 +321,7 @@ def run_study(plan: StudyPlan, command: str = "", workers: int = 1) -> dict[str,
     runs = [runner.read_result(job["config"]["out_dir"]) for job in jobs]
     results = {
         "command": command,
+        "commit": runner.source_version(),
         "machine": runner.machine(plan.train.threads, plan.train.device, plan.train.precision),
         "plan": plan.to_dict(),
         "runs": runs,
@@ -429,6 +431,17 @@ def recipe(plan: StudyPlan) -> str:
     return ", ".join(text) or "the defaults"
 
 
+def _commits(results: dict[str, Any]) -> str:
+    """Which commits the runs trained at, and the report's own."""
+    runs = results["runs"]
+    trained = sorted({r["commit"] for r in runs if r.get("commit")})
+    unknown = sum(1 for r in runs if not r.get("commit"))
+    text = f"Runs trained at commit {', '.join(trained)}" if trained else "Runs trained at unrecorded commits"
+    if trained and unknown:
+        text += f" ({unknown} of {len(runs)} runs, older, did not record theirs)"
+    return text + f"; report written at commit {results.get('commit', 'unrecorded')}."
+
+
 def report(results: dict[str, Any]) -> str:
     plan = StudyPlan.from_dict(results["plan"])
     analysis = results["analysis"]
@@ -440,6 +453,8 @@ def report(results: dict[str, Any]) -> str:
         "# Recipe study",
         "",
         f"Command: `{results['command']}`",
+        "",
+        _commits(results),
         "",
         f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m['platform']}), torch {m['torch']}, "
         f"{m['threads']} thread(s) per run, device {m['device']}, {m['precision']}.",
