@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import io
+from ..train.metrics import standard_error
 from ..validation import invalid, is_int, is_number
 
 RESULT = "result.json"
@@ -107,13 +108,6 @@ def paired(values: dict[Any, float], baseline: dict[Any, float]) -> dict[str, An
         return None
     diffs = [values[k] - baseline[k] for k in keys]
     return {"mean": statistics.fmean(diffs), "se": standard_error(diffs), "n": len(keys), "diffs": diffs}
-
-
-def standard_error(values: Sequence[float]) -> float:
-    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); NaN below two."""
-    if len(values) < 2:
-        return float("nan")
-    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def best_lr(by_lr: dict[float, dict[Any, float]], lower_is_better: bool = True) -> float:
