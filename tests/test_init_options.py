@@ -43,7 +43,7 @@ def test_each_field_sets_what_it_says():
     wang = 2 / (config.n_layers * math.sqrt(config.d_model))
     expected = {
         "qkv": (0.5 * math.sqrt(24), 0.02, 0.1 / math.sqrt(24)),
-        "proj": (2.0, 0.02, wang),
+        "proj": (2.0, 0.02, wang / 64),  # the language model's default value_scale
         "ffn": (math.sqrt(40), 0.05, 0.5 * wang),
     }
     for kind, layer in pattentions(model):

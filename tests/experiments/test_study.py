@@ -155,5 +155,6 @@ def test_plan_errors_name_the_field(tmp_path, corpus_file, cache_dir, change, me
     data = tiny_study(corpus_file, cache_dir, tmp_path / "out", **change)
     if "baseline" not in change and change.get("variants"):
         data["baseline"] = data["variants"][0]["name"] if isinstance(data["variants"][0], dict) else "x"
+        data["compare"] = []
     with pytest.raises(ValueError, match=message):
         StudyPlan.from_dict(data)
