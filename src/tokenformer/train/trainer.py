@@ -309,7 +309,7 @@ class Trainer:
                 f"allowed: task={task!r}"
             )
         max_seq_len = getattr(checkpoint.model.config, "max_seq_len", None)
-        if config.task == "lm" and max_seq_len is not None and config.seq_len > max_seq_len:
+        if max_seq_len is not None and config.seq_len > max_seq_len:  # a model with positions
             raise ValueError(
                 f"seq_len={config.seq_len} exceeds max_seq_len={max_seq_len} of the model in {checkpoint.path}; "
                 f"allowed: seq_len <= {max_seq_len}"
