@@ -158,3 +158,12 @@ def test_plan_errors_name_the_field(tmp_path, corpus_file, cache_dir, change, me
         data["compare"] = []
     with pytest.raises(ValueError, match=message):
         StudyPlan.from_dict(data)
+
+
+def test_plan_files_that_are_missing_or_not_mappings_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="study plan not found: .*nope.yaml"):
+        load_plan(tmp_path / "nope.yaml")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="study plan .*list.yaml must be a YAML mapping of its fields, got list"):
+        load_plan(listed)

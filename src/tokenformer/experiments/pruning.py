@@ -120,12 +120,8 @@ class PruningPlan:
 
 
 def load_plan(path: str | Path, out_dir: str | None = None) -> PruningPlan:
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"plan {path} must be a YAML mapping of plan fields")
-    if out_dir is not None:
-        data["out_dir"] = out_dir
-    return PruningPlan.from_dict(data)
+    """Read and validate a YAML plan; ``out_dir`` overrides the plan's."""
+    return PruningPlan.from_dict(runner.read_plan(path, out_dir))
 
 
 # -- base models --------------------------------------------------------------------------------

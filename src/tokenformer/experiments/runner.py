@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .. import io
 from ..train.metrics import standard_error
 from ..validation import invalid, is_int, is_number
@@ -196,6 +198,19 @@ def machine_description(device: str | Any) -> str:
         props = torch.cuda.get_device_properties(device)
         lines.append(f"- GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
     return "\n".join(lines)
+
+
+def read_plan(path: str | Path, out_dir: str | None = None, what: str = "plan") -> dict[str, Any]:
+    """The fields of a YAML plan file (``out_dir`` overrides the file's), for the plan class to validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must be a YAML mapping of its fields, got {type(data).__name__}")
+    if out_dir is not None:
+        data["out_dir"] = out_dir
+    return data
 
 
 def source_version() -> str:

@@ -227,15 +227,7 @@ def _variant(index: int, data: Any) -> Variant:
 
 def load_plan(path: str | Path, out_dir: str | None = None) -> StudyPlan:
     """Read and validate a YAML study plan; ``out_dir`` overrides the plan's."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study plan not found: {path}")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"study plan {path} must be a YAML mapping of study fields, got {type(data).__name__}")
-    if out_dir is not None:
-        data["out_dir"] = out_dir
-    return StudyPlan.from_dict(data)
+    return StudyPlan.from_dict(runner.read_plan(path, out_dir, "study plan"))
 
 
 # -- running ------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ...flops import count_parameters
 from ...train import TrainConfig
 from ...validation import dataclass_from_dict, invalid, is_int, is_number
@@ -273,12 +271,4 @@ def _stage(index: int, data: Any) -> Stage:
 
 def load_plan(path: str | Path, out_dir: str | None = None) -> ScalingPlan:
     """Read and validate a YAML plan; ``out_dir`` overrides the plan's."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"plan not found: {path}")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"plan {path} must be a YAML mapping of plan fields, got {type(data).__name__}")
-    if out_dir is not None:
-        data["out_dir"] = out_dir
-    return ScalingPlan.from_dict(data)
+    return ScalingPlan.from_dict(runner.read_plan(path, out_dir))
