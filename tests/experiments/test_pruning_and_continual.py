@@ -48,7 +48,7 @@ def tiny_pruning_plan(corpus_file, cache_dir, out_dir) -> pruning.PruningPlan:
     )
 
 
-def test_pruning_experiment_end_to_end(tmp_path, corpus_file, cache_dir):
+def test_pruning_experiment_end_to_end(tmp_path, corpus_file, cache_dir, capsys):
     plan = tiny_pruning_plan(corpus_file, cache_dir, tmp_path / "pruning")
     results = pruning.run_experiment(plan, "test")
     summary = results["analysis"]["summary"]
@@ -76,6 +76,11 @@ def test_pruning_experiment_end_to_end(tmp_path, corpus_file, cache_dir):
     # Started again, every run is cached; a report of the finished runs alone runs nothing.
     assert pruning.run_experiment(plan, "test")["pruned"] == results["pruned"]
     assert pruning.run_experiment(plan, "test", report_only=True)["finetuned"] == results["finetuned"]
+    # The command line does the same and prints the report, its command quoted.
+    path = tmp_path / "pruning.yaml"
+    path.write_text(yaml.safe_dump(plan.to_dict()))
+    pruning.main([str(path), "--report_only"])
+    assert f"python -m tokenformer.experiments.pruning {path} --report_only" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the [continual] extra (peft) is not installed")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,19 +435,11 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tokenformer.experiments.continual PLAN.yaml [--out_dir DIR]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("plan", help="a YAML plan (configs/experiments/continual-cpu.yaml)")
-    parser.add_argument("--out_dir", default=None, help="overrides the plan's out_dir")
-    parser.add_argument("--report_only", action="store_true", help="report the finished runs; run nothing")
-    args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
-    plan = load_plan(args.plan, args.out_dir)
-    command = "python -m tokenformer.experiments.continual " + " ".join(argv or sys.argv[1:])
-    results = run_experiment(plan, command, args.report_only)
-    print(report(results))
+    """``python -m tokenformer.experiments.continual PLAN.yaml [--out_dir DIR] [--report_only]``."""
+    runner.experiment_main(
+        argv, "tokenformer.experiments.continual",
+        __doc__.split("\n\n")[0], "configs/experiments/continual-cpu.yaml", load_plan, run_experiment, report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -659,19 +658,11 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tokenformer.experiments.pruning PLAN.yaml [--out_dir DIR]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("plan", help="a YAML plan (configs/experiments/pruning-cpu.yaml)")
-    parser.add_argument("--out_dir", default=None, help="overrides the plan's out_dir")
-    parser.add_argument("--report_only", action="store_true", help="report the finished measurements; run nothing")
-    args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
-    plan = load_plan(args.plan, args.out_dir)
-    command = "python -m tokenformer.experiments.pruning " + " ".join(argv or sys.argv[1:])
-    results = run_experiment(plan, command, args.report_only)
-    print(report(results))
+    """``python -m tokenformer.experiments.pruning PLAN.yaml [--out_dir DIR] [--report_only]``."""
+    runner.experiment_main(
+        argv, "tokenformer.experiments.pruning",
+        __doc__.split("\n\n")[0], "configs/experiments/pruning-cpu.yaml", load_plan, run_experiment, report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -213,6 +213,33 @@ def read_plan(path: str | Path, out_dir: str | None = None, what: str = "plan") 
     return data
 
 
+def experiment_main(
+    argv: list[str] | None,
+    module: str,
+    description: str,
+    example_plan: str,
+    load: Callable[[str, str | None], Any],
+    run: Callable[[Any, str, bool], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+) -> None:
+    """The command line of an experiment module: ``python -m MODULE PLAN.yaml [--out_dir DIR]
+    [--report_only]``; runs (or continues) the plan and prints its report."""
+    import argparse
+    import sys
+
+    import torch
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("plan", help=f"a YAML plan ({example_plan})")
+    parser.add_argument("--out_dir", default=None, help="overrides the plan's out_dir")
+    parser.add_argument("--report_only", action="store_true", help="report the finished runs; run nothing")
+    args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)
+    plan = load(args.plan, args.out_dir)
+    command = f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(report(run(plan, command, args.report_only)))
+
+
 def source_version() -> str:
     """The commit of the checkout this library runs from (``-dirty`` with uncommitted changes)."""
     try:
