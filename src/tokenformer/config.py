@@ -65,7 +65,8 @@ class BlockConfig:
       model trained from scratch with the release's value init ends well behind its
       parameter-matched Transformer, and starting the values 64 times smaller closed that gap in a
       study over seeds (``configs/studies/recipe.yaml``, ``docs/growth-and-scaling.md``). The
-      vision model keeps the release's 1, not measured there.
+      vision model keeps the release's 1: there the small values hurt
+      (``configs/studies/vision-values.yaml``).
     """
 
     d_model: int = 768
