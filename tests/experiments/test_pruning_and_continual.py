@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import yaml
-from conftest import TINY_MODEL
+from conftest import tiny_train_options
 
 from tokenformer.experiments import continual, pruning
 
@@ -12,26 +12,20 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def tiny_recipe(corpus_file, cache_dir) -> dict:
-    return dict(
-        model="cpu-0.3M",
-        model_overrides=dict(TINY_MODEL),
-        data=str(corpus_file),
-        vocab_size=512,
-        cache_dir=str(cache_dir),
-        seq_len=32,
-        batch_size=4,
+    """conftest's tiny training options as a plan's shared recipe (runs get their own out_dir)."""
+    options = tiny_train_options(
+        corpus_file,
+        cache_dir,
+        "",
         max_steps=6,
         warmup_steps=1,
-        lr=0.003,
-        min_lr=0.0003,
         eval_interval=6,
-        eval_batches=2,
         ckpt_interval=6,
         keep_last=1,
-        device="cpu",
         threads=1,
-        progress=False,
     )
+    del options["out_dir"], options["log_interval"]
+    return options
 
 
 def tiny_pruning_plan(corpus_file, cache_dir, out_dir) -> pruning.PruningPlan:
