@@ -17,7 +17,7 @@ import yaml
 from tokenformer.cli import main
 from tokenformer.experiments import runner, scaling
 from tokenformer.experiments.scaling import ARMS, ScalingPlan, load_plan, run_plan
-from tokenformer.flops import training_flops_per_token
+from tokenformer.flops import count_parameters, training_flops_per_token
 from tokenformer.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -519,14 +519,21 @@ def test_every_training_option_can_be_set_in_the_train_section(tmp_path):
 def test_the_shipped_plans_are_valid():
     configs = Path(__file__).resolve().parents[2] / "configs" / "scaling"
     plans = {p.stem: load_plan(p) for p in sorted(configs.glob("*.yaml"))}
-    assert {"demo", "cpu", "cpu-small", "paper"} <= set(plans)
+    assert {"demo", "cpu", "cpu-small", "cpu-d128", "paper"} <= set(plans)
     assert plans["paper"].train.data.startswith("hf:")
     # The plans' recipe, spelled out where it differs from tokenformer train's defaults.
     for plan in plans.values():
-        assert plan.train.model in ("cpu-0.3M", "paper-124M") and plan.train.progress is False
+        assert plan.train.model in ("cpu-0.3M", "cpu-1M", "paper-124M") and plan.train.progress is False
         assert plan.train.keep_last == 2 and plan.train.log_interval == plan.train.eval_interval
     assert (plans["cpu"].train.vocab_size, plans["cpu"].train.seq_len, plans["cpu"].train.warmup_steps) == (
         4096,
         64,
         30,
     )
+    # The second CPU plan: the first's data, tokens and recipe at about 4x its non-embedding size.
+    small, big = plans["cpu"], plans["cpu-d128"]
+    assert [s.steps for s in big.stages] == [s.steps for s in small.stages]
+    same = {k: v for k, v in small.train.to_dict().items() if k not in ("model", "out_dir")}
+    assert same == {k: v for k, v in big.train.to_dict().items() if k not in ("model", "out_dir")}
+    sizes = [count_parameters(p.tokenformer(p.stages[-1]), non_embedding=True) for p in (small, big)]
+    assert 3.5 < sizes[1] / sizes[0] < 4.5
