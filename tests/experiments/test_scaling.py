@@ -537,3 +537,15 @@ def test_the_shipped_plans_are_valid():
     assert same == {k: v for k, v in big.train.to_dict().items() if k not in ("model", "out_dir")}
     sizes = [count_parameters(p.tokenformer(p.stages[-1]), non_embedding=True) for p in (small, big)]
     assert 3.5 < sizes[1] / sizes[0] < 4.5
+
+
+@pytest.mark.parametrize("name", ["scaling_cpu", "scaling_cpu_d128"])
+def test_the_committed_reports_follow_from_their_stored_runs(name):
+    # Every table of a committed report is recomputed from the per-seed runs stored beside it;
+    # only the hand-written notes follow the generated part.
+    folder = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / name
+    results = json.loads((folder / "results.json").read_text())
+    plan = ScalingPlan.from_dict(results["plan"])
+    recomputed = dict(results, analysis=scaling.analyse(plan, results["runs"], results["ablation"]))
+    assert json.loads(json.dumps(recomputed["analysis"])) == results["analysis"]
+    assert (folder / "report.md").read_text().startswith(scaling.report(recomputed))
