@@ -10,6 +10,7 @@ run's last checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import multiprocessing
@@ -18,6 +19,7 @@ import platform
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -224,9 +226,6 @@ def experiment_main(
 ) -> None:
     """The command line of an experiment module: ``python -m MODULE PLAN.yaml [--out_dir DIR]
     [--report_only]``; runs (or continues) the plan and prints its report."""
-    import argparse
-    import sys
-
     import torch
 
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
@@ -236,7 +235,7 @@ def experiment_main(
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     plan = load(args.plan, args.out_dir)
-    command = f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(f"python -m {module}", sys.argv[1:] if argv is None else argv)
     print(report(run(plan, command, args.report_only)))
 
 
