@@ -1,6 +1,7 @@
 """The Pattention score scale and initialisation as configuration (``tau_scale``, ``fixed_tau``,
-``key_std``, ``value_init``, ``value_scale``): what each sets, that growth stays exact under
-every choice, that the choice survives every way a model is stored, and clear errors."""
+``key_std``, ``value_init``, ``value_scale``) and the Transformer baseline's analogues
+(``linear_std``, ``out_scale``): what each sets, that growth stays exact under every choice, that
+the choice survives every way a model is stored, and clear errors."""
 
 import math
 
@@ -156,6 +157,10 @@ def test_vision_patch_and_head_take_their_own_kinds():
         ("key_std", float("inf"), "config field key_std=inf is invalid"),
         ("value_init", "xavier", "config field value_init='xavier' is invalid; allowed: wang or fan_in"),
         ("value_scale", {"ffn": True}, r"config field value_scale\['ffn'\]=True is invalid"),
+        ("value_scale", -0.5, "config field value_scale=-0.5 is invalid; allowed: a finite number >= 0"),
+        ("linear_std", 0.0, "config field linear_std=0.0 is invalid; allowed: null or a finite number > 0"),
+        ("out_scale", -1.0, "config field out_scale=-1.0 is invalid; allowed: a finite number >= 0"),
+        ("out_scale", None, "config field out_scale=None is invalid"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -167,3 +172,89 @@ def test_pattention_refuses_a_bad_tau():
     with pytest.raises(ValueError, match="Pattention tau must be a finite number > 0"):
         Pattention(4, 4, 8, tau=0.0)
     assert float(Pattention(4, 4, 8, tau=2.5).tau) == 2.5
+
+
+def linears(model):
+    """(writes into the residual stream, Linear) of every Linear in the blocks."""
+    for block in model.layers:
+        for name in ("query", "key", "value"):
+            yield False, getattr(block.attention, name)
+        yield True, block.attention.proj
+        yield False, block.mlp.fc1
+        yield True, block.mlp.fc2
+
+
+@pytest.mark.parametrize(("linear_std", "out_scale"), [(None, 1.0), (0.01, 0.25), (0.05, 0.0)])
+def test_transformer_init_fields_set_what_they_say(linear_std, out_scale):
+    config = tiny_config(projection="linear", d_model=64, ffn_tokens=256, linear_std=linear_std, out_scale=out_scale)
+    model = TokenformerLM(config)
+    wang = 2 / (config.n_layers * math.sqrt(64))
+    for writes_residual, layer in linears(model):
+        std = float(layer.weight.detach().std())
+        if writes_residual and out_scale == 0:
+            assert not layer.weight.any()
+        elif writes_residual:
+            assert std == pytest.approx(out_scale * wang, rel=0.15)
+        else:
+            assert std == pytest.approx(0.02 if linear_std is None else linear_std, rel=0.15)
+    # Pattention models ignore them: the same draws with or without.
+    torch.manual_seed(0)
+    plain = TokenformerLM(tiny_config())
+    torch.manual_seed(0)
+    ignored = TokenformerLM(tiny_config(linear_std=linear_std, out_scale=out_scale))
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ignored.state_dict().values(), strict=True)
+    )
+
+
+def test_zero_residual_outputs_still_learn():
+    # Starting the residual-writing layers at zero keeps every layer trainable: the output layers
+    # get gradient at once, the rest after one step.
+    model = TokenformerLM(tiny_config(projection="linear", out_scale=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 97, (2, 16))
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(ids[:, :-1], ids[:, 1:])[1].backward()
+        optimizer.step()
+    assert all(layer.weight.grad.abs().sum() > 0 for _, layer in linears(model))
+
+
+def test_transformer_growth_follows_the_init_fields():
+    config = tiny_config(projection="linear", d_model=64, ffn_tokens=64, linear_std=0.05, out_scale=0.5)
+    model = TokenformerLM(config).double()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        before = model(ids)
+        record = grow(model, ffn_tokens=64 + 400)
+        assert record.function_preserving and torch.allclose(model(ids), before, atol=1e-12, rtol=0)
+    fc1, fc2 = model.layers[0].mlp.fc1.weight[64:], model.layers[0].mlp.fc2.weight[:, 64:]
+    assert float(fc1.detach().std()) == pytest.approx(0.05, rel=0.1) and not fc2.any()
+    grow(model, ffn_tokens=1000, key_init="random")
+    assert float(model.layers[0].mlp.fc2.weight[:, 464:].std()) == pytest.approx(0.5 * config.value_init_std, rel=0.1)
+
+
+def test_zero_value_tokens_train_and_refuse_dead_growth():
+    config = tiny_config(value_scale={"proj": 0.0, "ffn": 0.0})
+    model = TokenformerLM(config)
+    assert not model.layers[0].mlp.value_param_tokens.any() and model.layers[0].attention.query.value_param_tokens.any()
+    ids = torch.randint(0, 97, (2, 16))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    assert model.layers[0].mlp.value_param_tokens.grad.abs().sum() > 0
+    # Zero new keys with zero new values would never train.
+    with pytest.raises(ValueError, match="new proj tokens would have zero keys and zero values"):
+        grow(model, qkv_tokens=30, proj_tokens=30)
+    assert (model.config.qkv_tokens, model.config.proj_tokens) == (24, 20)  # refused before anything changed
+    assert model.layers[0].attention.query.num_tokens == 24
+    grow(model, proj_tokens=30, value_std=0.01)
+    grow(model, ffn_tokens=50, key_init="random")
+
+
+def test_token_weight_decay_covers_the_transformers_linears():
+    for projection in ("pattention", "linear"):
+        model = TokenformerLM(tiny_config(projection=projection))
+        groups = {g["name"]: g for g in model.param_groups(0.1, token_weight_decay=0.0)}
+        projections = {id(p) for n, p in model.named_parameters() if n.startswith("layers.")}
+        assert {id(p) for p in groups["tokens"]["params"]} == projections  # blocks hold no norm weights
+        assert groups["tokens"]["weight_decay"] == 0.0
+        assert [id(p) for p in groups["decay"]["params"]] == [id(model.word_embeddings.weight)]

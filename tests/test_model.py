@@ -173,6 +173,34 @@ def test_parameter_matched_linear():
     assert count_parameters(matched) == count_parameters(cfg)
 
 
+@pytest.mark.parametrize(
+    ("preset", "overrides", "shape"),
+    [
+        ("cpu-0.3M", dict(n_layers=3, qkv_tokens=128, proj_tokens=128, ffn_tokens=512), (104, 13)),
+        ("cpu-1M", dict(n_layers=3, qkv_tokens=256, proj_tokens=256, ffn_tokens=1024), (208, 13)),
+        ("150M", {}, (896, 14)),  # 16 d^2 a block: d_model about sqrt(4/3) x 768, heads of 64
+    ],
+)
+def test_standard_linear_has_the_usual_shape_and_the_parameters(preset, overrides, shape):
+    cfg = TokenformerConfig.from_preset(preset, **overrides)
+    standard = cfg.standard_linear()
+    assert standard.projection == "linear" and standard.ffn_tokens == 4 * standard.d_model
+    assert (standard.d_model, standard.n_heads) == shape
+    assert standard.head_dim % 8 == 0
+    ratio = count_parameters(standard, non_embedding=True) / count_parameters(cfg, non_embedding=True)
+    assert 0.95 <= ratio <= 1.05
+    with torch.device("meta"):
+        built = TokenformerLM(standard)
+    assert sum(p.numel() for p in built.parameters()) == count_parameters(standard)
+
+
+def test_standard_linear_errors():
+    with pytest.raises(ValueError, match="no standard-shape Transformer within 0% of the parameters of d_model=32"):
+        tiny_config(qkv_tokens=25).standard_linear(tolerance=0.0)
+    with pytest.raises(ValueError, match="standard_linear needs uniform token counts"):
+        tiny_config(layer_tokens=[{"qkv": 24, "proj": 20, "ffn": 40}] * 2).standard_linear()
+
+
 RELEASED = {"150M": 151.88e6, "450M": 454.17e6, "900M": 903.25e6, "1.5B": 1.587e9}
 
 

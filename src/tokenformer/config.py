@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .pattention import NORMS, release_tau
 from .validation import (
+    check,
     check_choice,
     check_divides,
     check_positive_ints,
@@ -66,7 +67,18 @@ class BlockConfig:
       parameter-matched Transformer, and starting the values 64 times smaller closed that gap in a
       study over seeds (``configs/studies/recipe.yaml``, ``docs/growth-and-scaling.md``). The
       vision model keeps the release's 1: there the small values hurt
-      (``configs/studies/vision-values.yaml``).
+      (``configs/studies/vision-values.yaml``). ``value_scale`` 0 starts the values at zero (the
+      keys then get gradient once the values have moved).
+
+    How the Transformer baseline (``projection="linear"``) starts; Pattention models ignore these:
+
+    - ``linear_std``: std of the linears that read the residual stream (Q, K, V and the MLP's
+      first layer); ``None``: ``init_std``.
+    - ``out_scale``: the linears that write into the residual stream (attention output and the
+      MLP's second layer) start ``N(0, out_scale * s)`` with the wang std ``s`` above, as the
+      release starts value tokens; 0 starts them at zero. These are the analogues of the Pattention
+      fields above: the Transformer gets the same recipe search as the TokenFormer
+      (``configs/studies/transformer-recipe*.yaml``).
     """
 
     d_model: int = 768
@@ -86,6 +98,8 @@ class BlockConfig:
     key_std: float | dict[str, float] | None = None
     value_init: str | dict[str, str] = "wang"
     value_scale: float | dict[str, float] = 1.0
+    linear_std: float | None = None
+    out_scale: float = 1.0
 
     # Token kinds whose Pattentions the init fields above can address.
     INIT_KINDS: ClassVar[tuple[str, ...]] = TOKEN_KINDS
@@ -115,7 +129,9 @@ class BlockConfig:
         self._check_per_kind("fixed_tau", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
         self._check_per_kind("key_std", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
         self._check_per_kind("value_init", lambda v: v in VALUE_INITS, " or ".join(VALUE_INITS))
-        self._check_per_kind("value_scale", lambda v: is_number(v) and v > 0, positive)
+        self._check_per_kind("value_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+        check(self, "linear_std", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
+        check(self, "out_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
 
     def _check_ghost_ranks(self) -> None:
         ranks = self.ghost_ranks
@@ -187,6 +203,13 @@ class BlockConfig:
             "value_std": self._for_kind("value_scale", kind) * base,
         }
 
+    def linear_init_std(self, writes_residual: bool) -> float:
+        """Initial std of a Transformer baseline linear: ``out_scale`` times the wang std for one
+        that writes into the residual stream, ``linear_std`` (or ``init_std``) for the others."""
+        if writes_residual:
+            return self.out_scale * self.value_init_std
+        return self.init_std if self.linear_std is None else self.linear_std
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -218,6 +241,40 @@ class BlockConfig:
             raise ValueError(f"token counts too small to match with a linear block of d_model={self.d_model}")
         return self.replace(projection="linear", ffn_tokens=hidden)
 
+    def standard_linear(self, tolerance: float = 0.05) -> Self:
+        """The ``projection="linear"`` Transformer of the usual shape with (almost) the same
+        non-embedding parameters: MLP hidden width ``4 d'``, so ``12 d'^2`` weights a block against
+        the Pattention block's ``2d(3q + p + f)``.
+
+        ``d'`` and the heads are chosen among the valid shapes whose block weights lie within
+        ``tolerance`` of the TokenFormer's: head width a multiple of 8 first, then the head width
+        nearest this config's, then the closest match.
+        """
+        if self.layer_tokens is not None:
+            raise ValueError("standard_linear needs uniform token counts (layer_tokens=None)")
+        target = 2 * self.d_model * (3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens)
+        ideal = math.sqrt(target / 12)
+        candidates = []
+        for d in range(max(1, math.floor(ideal * (1 - tolerance))), math.ceil(ideal * (1 + tolerance)) + 1):
+            error = abs(12 * d * d - target) / target
+            if error > tolerance:
+                continue
+            for heads in (h for h in range(1, d + 1) if d % h == 0):
+                head_dim = d // heads
+                rank = (head_dim % 8 != 0, abs(math.log(head_dim / self.head_dim)), error)
+                candidates.append((rank, d, heads))
+        for _rank, d, heads in sorted(candidates):
+            try:
+                return self.replace(
+                    projection="linear", d_model=d, n_heads=heads, qkv_tokens=d, proj_tokens=d, ffn_tokens=4 * d
+                )
+            except ValueError:  # e.g. rotary dims that come out odd for this head width
+                continue
+        raise ValueError(
+            f"no standard-shape Transformer within {tolerance:.0%} of the parameters of d_model={self.d_model} "
+            f"with tokens {self.qkv_tokens}/{self.proj_tokens}/{self.ffn_tokens}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -233,6 +290,16 @@ class BlockConfig:
     @classmethod
     def load(cls, path: str | Path) -> Self:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# The fields that set a block's shape (what a parameter-matched Transformer changes).
+SHAPE_FIELDS = ("projection", "d_model", "n_heads", "qkv_tokens", "proj_tokens", "ffn_tokens")
+
+
+def shape_changes(config: BlockConfig, reference: BlockConfig) -> dict[str, Any]:
+    """The shape fields of ``config`` that differ from ``reference``'s (model overrides that turn
+    ``reference`` into ``config``'s shape)."""
+    return {k: getattr(config, k) for k in SHAPE_FIELDS if getattr(config, k) != getattr(reference, k)}
 
 
 # The language model's default value_scale (BlockConfig's docstring says why).

@@ -87,17 +87,23 @@ def _grow_pattention(
 
 
 def _grow_mlp(
-    mlp: MLP, hidden: int, key_init: str, std: float, generator: torch.Generator | None, name: str
+    mlp: MLP,
+    hidden: int,
+    key_init: str,
+    in_std: float,
+    out_std: float,
+    generator: torch.Generator | None,
+    name: str,
 ) -> list[GrownParameter]:
     # Net2Net-style widening: new hidden units get random incoming weights and zero outgoing
     # weights, so the output is unchanged and both receive gradient.
     old = mlp.fc1.out_features
     extra = hidden - old
     w1, w2 = mlp.fc1.weight, mlp.fc2.weight
-    _append_rows(w1, w1.new_empty(extra, w1.shape[1]).normal_(std=std, generator=generator), 0)
+    _append_rows(w1, w1.new_empty(extra, w1.shape[1]).normal_(std=in_std, generator=generator), 0)
     outgoing = w2.new_zeros(w2.shape[0], extra)
     if key_init == "random":
-        outgoing.normal_(std=std, generator=generator)
+        outgoing.normal_(std=out_std, generator=generator)
     _append_rows(w2, outgoing, 1)
     mlp.fc1.out_features = mlp.fc2.in_features = hidden
     return [GrownParameter(f"{name}.fc1.weight", w1, 0, old), GrownParameter(f"{name}.fc2.weight", w2, 1, old)]
@@ -168,8 +174,10 @@ def grow(
     (function-preserving) or, with ``key_init="random"``, drawn like fresh keys (as the released
     GPU code does; the function changes). New values are ``N(0, value_std)``, by default the
     std the config's init rule (``value_init``, ``value_scale``) gives a new Pattention of that
-    kind with the new count (for a linear MLP, ``value_init_std``). On a ``projection="linear"``
-    model only ``ffn_tokens`` (the MLP hidden width) can grow, Net2Net style. Updates
+    kind with the new count. On a ``projection="linear"`` model only ``ffn_tokens`` (the MLP
+    hidden width) can grow, Net2Net style: new incoming weights as a new first layer's, outgoing
+    weights zero (``N(0, value_std)`` with ``key_init="random"``, by default the config's
+    ``out_scale`` rule). Updates
     ``model.config`` to the new counts. A call that would change nothing (every count already
     reached) is refused.
     """
@@ -204,6 +212,11 @@ def grow(
             f"nothing to grow: {asked} equals the current count of every chosen layer; "
             "allowed: a count above the current one for at least one kind and layer"
         )
+    if config.projection == "pattention":  # before anything changes
+        for kind, n in targets.items():
+            _check_alive(
+                config.pattention_init(kind, n)["value_std"] if value_std is None else value_std, key_init, kind
+            )
     grown: list[GrownParameter] = []
     after = [dict(counts) for counts in before]
     with torch.no_grad():
@@ -218,8 +231,9 @@ def grow(
                         std = config.pattention_init(kind, n)["value_std"] if value_std is None else value_std
                         grown += _grow_pattention(module, n, key_init, std, generator, prefix)
                     else:
-                        std = config.value_init_std if value_std is None else value_std
-                        grown += _grow_mlp(module, n, key_init, std, generator, prefix)
+                        std = config.linear_init_std(writes_residual=True) if value_std is None else value_std
+                        in_std = config.linear_init_std(writes_residual=False)
+                        grown += _grow_mlp(module, n, key_init, in_std, std, generator, prefix)
                 after[i][kind] = n
     set_config_tokens(model, after)
     softmax = config.projection == "pattention" and config.norm == "softmax"
@@ -229,6 +243,15 @@ def grow(
         )
     preserving = not grown or (key_init == "zeros" and not softmax)
     return GrowthRecord(before, after, key_init, preserving, grown)
+
+
+def _check_alive(value_std: float, key_init: str, kind: str) -> None:
+    # Zero keys and zero values are a saddle no gradient leaves: neither would ever train.
+    if value_std == 0 and key_init == "zeros":
+        raise ValueError(
+            f"new {kind} tokens would have zero keys and zero values (value std 0, e.g. value_scale 0), and "
+            "no gradient reaches either; allowed: value_std > 0, or key_init='random'"
+        )
 
 
 def _require_bare_model(model: nn.Module, what: str) -> None:

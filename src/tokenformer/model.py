@@ -30,19 +30,25 @@ def make_projection(
     config: BlockConfig,
     kind: str,
     num_tokens: int,
-    out_std: float,
+    writes_residual: bool,
     in_features: int | None = None,
     out_features: int | None = None,
 ) -> nn.Module:
     """A projection (``d_model -> d_model`` unless given): a Pattention of token ``kind``
-    (initialised as ``config.pattention_init`` says), or a bias-free Linear for the baseline."""
+    (initialised as ``config.pattention_init`` says), or a bias-free Linear for the baseline
+    (initialised as ``config.linear_init_std`` says for a layer that does or does not write into
+    the residual stream)."""
     in_features = config.d_model if in_features is None else in_features
     out_features = config.d_model if out_features is None else out_features
     if config.projection == "pattention":
         init = config.pattention_init(kind, num_tokens)
         return Pattention(in_features, out_features, num_tokens, config.norm, **init)
+    return _linear(in_features, out_features, config.linear_init_std(writes_residual))
+
+
+def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
     linear = nn.Linear(in_features, out_features, bias=False)
-    nn.init.normal_(linear.weight, std=out_std)
+    nn.init.normal_(linear.weight, std=std)
     return linear
 
 
@@ -51,10 +57,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: BlockConfig, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.d_model, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, config.d_model, bias=False)
-        nn.init.normal_(self.fc1.weight, std=config.init_std)
-        nn.init.normal_(self.fc2.weight, std=config.value_init_std)
+        self.fc1 = _linear(config.d_model, hidden, config.linear_init_std(writes_residual=False))
+        self.fc2 = _linear(hidden, config.d_model, config.linear_init_std(writes_residual=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -63,7 +67,7 @@ class MLP(nn.Module):
 def make_ffn(config: BlockConfig, num_tokens: int) -> nn.Module:
     # With Pattention the FFN is a single Pattention: its GeLU is the only non-linearity.
     if config.projection == "pattention":
-        return make_projection(config, "ffn", num_tokens, config.value_init_std)
+        return make_projection(config, "ffn", num_tokens, writes_residual=True)
     return MLP(config, num_tokens)
 
 
@@ -166,10 +170,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
-        self.query = make_projection(config, "qkv", tokens["qkv"], config.init_std)
-        self.key = make_projection(config, "qkv", tokens["qkv"], config.init_std)
-        self.value = make_projection(config, "qkv", tokens["qkv"], config.init_std)
-        self.proj = make_projection(config, "proj", tokens["proj"], config.value_init_std)
+        self.query = make_projection(config, "qkv", tokens["qkv"], writes_residual=False)
+        self.key = make_projection(config, "qkv", tokens["qkv"], writes_residual=False)
+        self.value = make_projection(config, "qkv", tokens["qkv"], writes_residual=False)
+        self.proj = make_projection(config, "proj", tokens["proj"], writes_residual=True)
 
     def _qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Query, key and value of ``x``. Three Pattentions run as one group: one score product over
@@ -514,17 +518,17 @@ def weight_decay_groups(
 ) -> list[dict]:
     """AdamW groups: matrices decay; vectors (norms) and the parameters in ``exclude`` do not.
 
-    With ``token_weight_decay`` the Pattention parameter tokens (keys and values) form a third
-    group with that decay. Each group is named (``decay``, ``no_decay``, ``tokens``)."""
+    With ``token_weight_decay`` the projection weights form a third group with that decay: the
+    Pattention parameter tokens (keys and values), and for the Transformer baseline its Linear
+    weights, their analogue. Each group is named (``decay``, ``no_decay``, ``tokens``)."""
     skip = {id(p) for p in exclude}
     tokens = set()
     if token_weight_decay is not None:
-        tokens = {
-            id(p)
-            for m in model.modules()
-            if isinstance(m, Pattention)
-            for p in (m.key_param_tokens, m.value_param_tokens)
-        }
+        for m in model.modules():
+            if isinstance(m, Pattention):
+                tokens |= {id(m.key_param_tokens), id(m.value_param_tokens)}
+            elif isinstance(m, nn.Linear):
+                tokens.add(id(m.weight))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {

@@ -242,13 +242,17 @@ class TokenformerViT(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.patch_proj = make_projection(config, "patch", config.patch_tokens, config.init_std, config.patch_dim, d)
+        self.patch_proj = make_projection(
+            config, "patch", config.patch_tokens, writes_residual=False, in_features=config.patch_dim, out_features=d
+        )
         self.cls_token = nn.Parameter(torch.empty(1, 1, d)) if config.pool == "cls" else None
         self.pos_embedding = nn.Parameter(torch.empty(1, config.seq_len, d))
         attention = functools.partial(BidirectionalAttention, locality=config.lsa)
         self.layers = nn.ModuleList(Block(config, i, attention) for i in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layernorm_eps)
-        self.head = make_projection(config, "head", config.head_tokens, config.init_std, d, config.num_classes)
+        self.head = make_projection(
+            config, "head", config.head_tokens, writes_residual=False, in_features=d, out_features=config.num_classes
+        )
         nn.init.normal_(self.pos_embedding, std=config.init_std)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=config.init_std)

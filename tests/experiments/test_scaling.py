@@ -516,6 +516,21 @@ def test_every_training_option_can_be_set_in_the_train_section(tmp_path):
     assert config.model_overrides["projection"] == "linear" and config.model_overrides["d_model"] == 32
 
 
+def test_the_transformer_arms_are_parameter_matched_in_two_shapes(tmp_path):
+    plan = ScalingPlan.from_dict(tiny_plan("kjv", tmp_path, tmp_path / "out"))
+    final = plan.tokenformer(plan.stages[-1])
+    mlp = plan.model_config(plan.arm_models("transformer_scratch")[-1])
+    (standard,) = [plan.model_config(m) for m in plan.arm_models("transformer_standard")]
+    # (Q/K/V/O of a linear model are d_model x d_model whatever its qkv/proj token fields say.)
+    assert (mlp.projection, mlp.d_model, mlp.n_heads) == ("linear", final.d_model, final.n_heads)
+    assert mlp.ffn_tokens == final.parameter_matched_linear().ffn_tokens
+    assert standard == final.standard_linear() and standard.ffn_tokens == 4 * standard.d_model
+    for config in (mlp, standard):
+        ratio = count_parameters(config, non_embedding=True) / count_parameters(final, non_embedding=True)
+        assert 0.95 <= ratio <= 1.05
+    assert plan.schedule("transformer_standard") == [({}, plan.total_steps)]  # from scratch
+
+
 def test_the_shipped_plans_are_valid():
     configs = Path(__file__).resolve().parents[2] / "configs" / "scaling"
     plans = {p.stem: load_plan(p) for p in sorted(configs.glob("*.yaml"))}

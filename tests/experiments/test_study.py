@@ -105,6 +105,7 @@ def test_report_numbers_are_recomputed_from_the_stored_runs(finished):
     assert pair["diffs"] == pytest.approx([small[s] - mine[s] for s in (1, 2)])
     text = study.report(results)
     assert f"{paired['mean']:+.4f} ± {paired['se']:.4f} (n=2)" in text
+    assert "Variants per model family: Transformer 1, TokenFormer 2; learning rates per variant: 2." in text
     commit = runner.source_version()
     assert all(r["commit"] == commit for r in results["runs"])
     assert f"Runs trained at commit {commit}; report written at commit {commit}." in text
@@ -135,9 +136,33 @@ def test_edge_of_the_grid_is_flagged():
     assert runner.best_lr({0.1: {1: 3.0, 2: 3.0}, 0.2: {1: 2.0, 2: 2.5}}) == 0.2
 
 
+def test_matched_transformers_take_either_shape_and_their_own_fields(tmp_path, corpus_file, cache_dir):
+    variants = [
+        {"name": "mlp", "matched_linear": "mlp", "model_overrides": {"out_scale": 0.0}},
+        {"name": "standard", "matched_linear": "standard"},
+        {"name": "standard-h4", "matched_linear": "standard", "model_overrides": {"n_heads": 4, "linear_std": 0.01}},
+        {"name": "tokenformer"},
+    ]
+    data = tiny_study(corpus_file, cache_dir, tmp_path / "out", baseline="mlp", variants=variants, compare=[])
+    data["train"]["model_overrides"].update(qkv_tokens=32, proj_tokens=32, ffn_tokens=64)  # 12 x 32^2 a block
+    plan = StudyPlan.from_dict(data)
+    tokenformer = plan.run_config(plan.variant("tokenformer"), 0.01, 1).model_config()
+    models = {v.name: plan.run_config(v, 0.01, 1).model_config() for v in plan.variants}
+    assert models["mlp"] == tokenformer.parameter_matched_linear().replace(out_scale=0.0)
+    assert models["standard"] == tokenformer.standard_linear()
+    assert models["standard"].ffn_tokens == 4 * models["standard"].d_model
+    assert models["standard"].d_model == 32 and models["standard"].n_heads == 2
+    assert models["standard-h4"] == tokenformer.standard_linear().replace(n_heads=4, linear_std=0.01)
+    assert study.variants_per_family(plan) == {"Transformer": 3, "TokenFormer": 1}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        (
+            {"variants": [{"name": "a", "matched_linear": "wide"}, {"name": "b"}]},
+            r"variants\[0\].matched_linear='wide' is invalid; allowed: false, true, mlp or standard",
+        ),
         ({"baseline": "nope"}, "study field baseline='nope' is invalid; allowed: one of the variants"),
         ({"seeds": [1, 1]}, r"study field seeds=\[1, 1\] is invalid; allowed: distinct seeds"),
         ({"lr_grid": [0.0]}, "study field lr_grid=.* learning rates > 0"),

@@ -4,10 +4,14 @@ compared with a baseline paired by seed.
 A study plan (``configs/studies/*.yaml``) holds its own fields and a ``train:`` section that *is*
 a :class:`~tokenformer.train.TrainConfig` (the shared recipe). Each variant changes model fields
 (``model_overrides``, merged into the recipe's) and training options (``train``); with
-``matched_linear: true`` it is the Transformer (``projection: linear``) parameter-matched to the
-variant's TokenFormer shape. Every (variant, learning rate, seed) is a run of its own in
-``<out_dir>/runs/<variant>/lr-<lr>/seed-<seed>``, trained with that seed (model init and
-batches), on the same data, tokens and validation windows as every other run.
+``matched_linear`` it is the Transformer (``projection: linear``) parameter-matched to the
+recipe's TokenFormer shape: ``true`` (or ``mlp``) keeps d_model and puts the difference into
+the MLP, ``standard`` takes the usual shape (MLP 4 x d_model, d_model and heads chosen to match;
+:meth:`~tokenformer.config.BlockConfig.standard_linear`). The variant's own ``model_overrides``
+apply on top of the matched shape (its ``out_scale``, or another ``n_heads``). Every (variant,
+learning rate, seed) is a run of its own in ``<out_dir>/runs/<variant>/lr-<lr>/seed-<seed>``,
+trained with that seed (model init and batches), on the same data, tokens and validation
+windows as every other run.
 
 Each run stores its final validation metrics and, for a task with a test split (an image
 classifier), its test metrics (``test_metrics.json`` and the confusion matrix in its run
@@ -33,6 +37,7 @@ from typing import Any
 import yaml
 
 from .. import io
+from ..config import shape_changes
 from ..families import family_of
 from ..flops import count_parameters
 from ..train import TrainConfig
@@ -66,7 +71,9 @@ class Variant:
         train: TrainConfig options changed for this variant (not ``lr``, ``seed`` or ``out_dir``);
             a group of options (``vision``) is merged into the recipe's, and its options may
             also be given ungrouped (``crop_padding: 2``).
-        matched_linear: The Transformer parameter-matched to this variant's TokenFormer shape.
+        matched_linear: The Transformer parameter-matched to the recipe's TokenFormer shape:
+            ``true`` or ``"mlp"`` (same d_model, the difference in the MLP), ``"standard"`` (the
+            usual shape, MLP 4 x d_model), ``false`` (no matching).
         lr_grid: This variant's learning rates (default: the study's).
         min_lr_ratio: This variant's floor of the cosine schedule (default: the study's).
     """
@@ -75,7 +82,7 @@ class Variant:
     description: str = ""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    matched_linear: bool = False
+    matched_linear: bool | str = False
     lr_grid: list[float] | None = None
     min_lr_ratio: float | None = None
 
@@ -143,11 +150,16 @@ class StudyPlan:
         return variant.lr_grid or self.lr_grid
 
     def model_overrides(self, variant: Variant) -> dict[str, Any]:
-        overrides = {**self.train.model_overrides, **variant.model_overrides}
+        recipe = self.train.model_overrides
         if variant.matched_linear:
-            shape = dataclasses.replace(self.train, model_overrides=overrides, resume=None).model_config()
-            overrides = {**overrides, "projection": "linear", "ffn_tokens": shape.parameter_matched_linear().ffn_tokens}
-        return overrides
+            # Matched to the recipe's TokenFormer; the variant's own fields apply on top (out_scale, n_heads).
+            tokenformer = dataclasses.replace(self.train, resume=None).model_config()
+            if variant.matched_linear == "standard":
+                matched = tokenformer.standard_linear()
+            else:
+                matched = tokenformer.parameter_matched_linear()
+            recipe = {**recipe, **shape_changes(matched, tokenformer)}
+        return {**recipe, **variant.model_overrides}
 
     def run_dir(self, variant: Variant, lr: float, seed: int) -> Path:
         return Path(self.out_dir) / "runs" / variant.name / runner.lr_name(lr) / runner.seed_name(seed)
@@ -218,6 +230,8 @@ def _variant(index: int, data: Any) -> Variant:
     forbidden = sorted({"lr", "min_lr", "seed", "out_dir", "resume", "model_overrides"} & set(variant.train))
     if forbidden:
         raise _plan_error(f"variants[{index}].train", variant.train, f"TrainConfig options other than {forbidden}")
+    if not (isinstance(variant.matched_linear, bool) or variant.matched_linear in ("mlp", "standard")):
+        raise _plan_error(f"variants[{index}].matched_linear", variant.matched_linear, "false, true, mlp or standard")
     if variant.lr_grid is not None:
         runner.check_lr_grid(f"variants[{index}].lr_grid", variant.lr_grid, "study field")
     if variant.min_lr_ratio is not None:
@@ -423,6 +437,20 @@ def recipe(plan: StudyPlan) -> str:
     return ", ".join(text) or "the defaults"
 
 
+FAMILY_NAMES = {"pattention": "TokenFormer", "linear": "Transformer"}
+
+
+def variants_per_family(plan: StudyPlan) -> dict[str, int]:
+    """How many variants each model family (TokenFormer, Transformer) has in the plan: a fair
+    comparison gives the baseline's family the same search as the model's."""
+    counts: dict[str, int] = {}
+    for variant in plan.variants:
+        config = plan.run_config(variant, plan.grid(variant)[0], plan.seeds[0]).model_config()
+        family = FAMILY_NAMES.get(getattr(config, "projection", ""), type(config).__name__)
+        counts[family] = counts.get(family, 0) + 1
+    return counts
+
+
 def _commits(results: dict[str, Any]) -> str:
     """Which commits the runs trained at, and the report's own."""
     runs = results["runs"]
@@ -455,6 +483,10 @@ def report(results: dict[str, Any]) -> str:
         f"each run's peak rate from the grid, cosine to {plan.min_lr_ratio:g} x it unless a variant says otherwise. "
         f"Validation: the same held-out data for every run that holds out the same share. Seeds: "
         f"{', '.join(map(str, plan.seeds))} (each seed sets the model init and the batches).",
+        "",
+        "Variants per model family: "
+        + ", ".join(f"{family} {n}" for family, n in variants_per_family(plan).items())
+        + f"; learning rates per variant: {', '.join(sorted({str(len(plan.grid(v))) for v in plan.variants}))}.",
         "",
         f"## {name[0].upper() + name[1:]}, each variant at its best learning rate",
         "",

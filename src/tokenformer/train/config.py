@@ -96,10 +96,11 @@ class TrainConfig:
         min_lr: Learning rate at the end of the cosine decay.
         warmup_steps: Steps of linear warmup from 0 to lr.
         weight_decay: AdamW decoupled weight decay (matrices only; norms and biases get none).
-        token_weight_decay: Weight decay of the Pattention parameter tokens (keys and values)
-            instead of ``weight_decay`` (null: ``weight_decay``). Scores are normalised per row,
-            so decay on the keys only changes their effective learning rate; on the values it
-            regularises.
+        token_weight_decay: Weight decay of the projection weights instead of ``weight_decay``
+            (null: ``weight_decay``): the Pattention parameter tokens (keys and values), or the
+            Transformer baseline's Linear weights (their analogue); the embedding keeps
+            ``weight_decay``. Scores are normalised per row, so decay on the keys only changes
+            their effective learning rate; on the values it regularises.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         grad_clip: Clip the global gradient norm to this value (0 disables clipping).

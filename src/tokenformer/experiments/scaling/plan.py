@@ -13,13 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...config import shape_changes
 from ...flops import count_parameters
 from ...train import TrainConfig
 from ...validation import dataclass_from_dict, invalid, is_int, is_number
 from .. import runner
 
-ARMS = ("tokenformer_grown", "tokenformer_scratch", "transformer_scratch", "transformer_grown", "transformer_stacked")
+ARMS = (
+    "tokenformer_grown",
+    "tokenformer_scratch",
+    "transformer_scratch",
+    "transformer_standard",
+    "transformer_grown",
+    "transformer_stacked",
+)
 GROWN_ARMS = ("tokenformer_grown", "transformer_grown", "transformer_stacked")
+
 # Training options each run gets from the plan rather than from the ``train`` section.
 PER_RUN = ("lr", "min_lr", "seed", "max_steps", "out_dir", "resume")
 STAGE_ONE = "stage-1"
@@ -59,7 +68,13 @@ class ScalingPlan:
         stages: At least three stages, token counts never shrinking and growing at each boundary.
         lr_grid: Peak learning rates every arm trains at; each arm keeps the rate with the best
             mean final validation loss over the seeds.
-        arms: Which of the arms to run (``ARMS``).
+        arms: Which of the arms to run (``ARMS``): the TokenFormer grown over the stages and from
+            scratch at the last stage's shape; the Transformer parameter-matched to the last stage
+            from scratch, with the TokenFormer's d_model and the difference in its MLP
+            (``transformer_scratch``) or of the usual shape, MLP 4 x d_model
+            (``transformer_standard``, :meth:`~tokenformer.config.BlockConfig.standard_linear`);
+            the matched Transformer grown over the stages by widening its MLP (Net2Net,
+            ``transformer_grown``) or by stacking layers (G_stack, ``transformer_stacked``).
         seeds: Seeds every (arm, learning rate) trains with, each a run of its own (the seed
             sets the model init, the batches and the values of grown parameters).
         ablation: Run the first-growth-step ablation for every seed (needs ``tokenformer_grown``).
@@ -160,6 +175,9 @@ class ScalingPlan:
         stages = self.stages if arm in GROWN_ARMS else self.stages[-1:]
         if arm.startswith("tokenformer"):
             return [{**base, **s.tokens()} for s in stages]
+        if arm == "transformer_standard":
+            tokenformer = self.tokenformer(stages[-1])
+            return [{**base, **stages[-1].tokens(), **shape_changes(tokenformer.standard_linear(), tokenformer)}]
         matched = [
             {**base, "projection": "linear", "ffn_tokens": self.tokenformer(s).parameter_matched_linear().ffn_tokens}
             for s in stages

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import io
+from ...flops import count_parameters, training_flops_per_token
 from .. import runner
 from .plan import ScalingPlan
 
@@ -22,6 +23,7 @@ from .plan import ScalingPlan
 COMPARISONS = (
     ("tokenformer_grown", "tokenformer_scratch"),
     ("tokenformer_grown", "transformer_scratch"),
+    ("tokenformer_grown", "transformer_standard"),
     ("tokenformer_grown", "transformer_grown"),
     ("tokenformer_grown", "transformer_stacked"),
     ("transformer_grown", "transformer_scratch"),
@@ -169,6 +171,7 @@ def analyse(plan: ScalingPlan, runs: list[dict[str, Any]], ablation: list[dict[s
             "se": standard_error(finals),
             "grid": {runner.lr_name(lr): statistics.fmean(seeds.values()) for lr, seeds in sorted(losses.items())},
             "stage_parameters": next(iter(at_best.values()))["stage_parameters"],
+            **final_shape(plan, arm, next(iter(at_best.values()))),
             "flops": statistics.fmean(r["flops"] for r in at_best.values()),
             "wall_time": spread([r["wall_time"] for r in at_best.values()]),
             "load_average": {
@@ -183,6 +186,18 @@ def analyse(plan: ScalingPlan, runs: list[dict[str, Any]], ablation: list[dict[s
     analysis["equal_compute"] = equal_compute(best)
     analysis["ablation"] = analyse_ablation(ablation) if ablation else None
     return analysis
+
+
+def final_shape(plan: ScalingPlan, arm: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Non-embedding parameters and training FLOPs per token of an arm's final model. The
+    vocabulary is the run's: its parameters less the non-embedding ones, per embedding column."""
+    config = plan.model_config(plan.arm_models(arm)[-1])
+    non_embedding = count_parameters(config, non_embedding=True)
+    vocab = (result["stage_parameters"][-1] - non_embedding) // config.d_model
+    return {
+        "non_embedding_parameters": non_embedding,
+        "flops_per_token": training_flops_per_token(config.replace(vocab_size=vocab), plan.train.seq_len),
+    }
 
 
 def _growth(seeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -374,6 +389,8 @@ def main_table(results: dict[str, Any]) -> str:
                 arm,
                 f"{a['best_lr']:g}" + ("*" if a["best_lr_at_edge"] else ""),
                 " → ".join(f"{p / 1e6:.3g}M" for p in a["stage_parameters"]),
+                f"{a['non_embedding_parameters'] / 1e6:.3g}M",
+                f"{a['flops_per_token'] / 1e6:.3g}M",
                 _pm(a["mean"], a["se"]),
                 _per_seed(a["final_val_loss"]),
                 f"{math.exp(a['mean']):.2f}",
@@ -386,6 +403,8 @@ def main_table(results: dict[str, Any]) -> str:
         "arm",
         "best lr",
         "parameters",
+        "non-embedding (final)",
+        "training FLOPs per token (final)",
         "final val loss ± s.e.",
         "per seed",
         "perplexity",
