@@ -1,0 +1,85 @@
+"""What the library promises when things go wrong (docs/failure-behaviour.md): no file outside
+the outputs is ever written, one writer per output, a killed writer leaves the old output or the
+new one (never a mix, and no debris that stays), configs hold plain data only, sizes read from
+a file are checked before memory is allocated for them, and every fault ends a command with one
+line that names the option or file."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli_flags, tiny_train_options
+from reference import random_released_state_dict
+
+from tokenformer import io
+from tokenformer.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TOKENS = {"qkv": 24, "proj": 20, "ffn": 40}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus_file, cache_dir):
+    """A run with one checkpoint, at step 4, and its options."""
+    options = tiny_train_options(
+        corpus_file, cache_dir, tmp_path_factory.mktemp("run") / "run", max_steps=4, eval_interval=4, ckpt_interval=4
+    )
+    main(["train", *cli_flags(options)])
+    return Path(options["out_dir"]), options
+
+
+def error_line(argv: list[str], capsys, code: int = 1) -> str:
+    """Run a command that must fail; its error, which must be one line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == code, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"tokenformer {argv[0]}: error: "), err
+    return err
+
+
+def released_file(path: Path, seed: int, ffn: int = 40) -> Path:
+    torch.manual_seed(seed)
+    torch.save(random_released_state_dict(97, 32, [{**TOKENS, "ffn": ffn}] * 2), path)
+    return path
+
+
+def convert(src: Path, dst: Path, *extra: str) -> list[str]:
+    return ["convert", "--src", str(src), "--dst", str(dst), "--n_heads", "4", *extra]
+
+
+def no_staging_left(parent: Path) -> bool:
+    return not list(parent.glob(".*.tmp-*"))
+
+
+# -- no file outside the outputs is written --------------------------------------------------------
+
+
+def test_a_symlink_planted_as_a_run_lock_is_refused_not_followed(run, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "new"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    err = error_line(["train", *cli_flags({**run[1], "out_dir": str(out)})], capsys)
+    assert f"{out / '.lock'}: this lock file is a symbolic link (to {victim})" in err and "remove it" in err
+    assert victim.read_text() == "precious"
+
+
+def test_a_symlink_planted_as_a_cache_lock_is_refused_not_followed(tmp_path):
+    from tokenformer.data import Document, train_bpe
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    docs = [Document("a", "some words to train a byte level tokenizer on " * 20)]
+    first = train_bpe(docs, 300, tmp_path / "cache")
+    entry = next((tmp_path / "cache" / "tokenizers").glob("bpe-*.json"))
+    entry.unlink()
+    io.lock_beside(entry).unlink()
+    io.lock_beside(entry).symlink_to(victim)
+    with pytest.raises(io.WriteError, match="this lock file is a symbolic link"):
+        train_bpe(docs, 300, tmp_path / "cache")
+    assert victim.read_text() == "precious" and first.vocab_size > 256
