@@ -83,3 +83,56 @@ def test_a_symlink_planted_as_a_cache_lock_is_refused_not_followed(tmp_path):
     with pytest.raises(io.WriteError, match="this lock file is a symbolic link"):
         train_bpe(docs, 300, tmp_path / "cache")
     assert victim.read_text() == "precious" and first.vocab_size > 256
+
+
+# -- one writer per output folder ------------------------------------------------------------------
+
+
+def test_a_second_writer_of_an_output_folder_is_refused(run, tmp_path, capsys):
+    released = released_file(tmp_path / "released.bin", seed=1)
+    grow = ["grow", "--checkpoint", str(run[0]), "--qkv_tokens", "24", "--evaluate", "false"]
+    for argv, out in (
+        ([*grow, "--out", str(tmp_path / "grown")], tmp_path / "grown"),
+        (convert(released, tmp_path / "dst"), tmp_path / "dst"),
+    ):
+        with io.claim_output(out):  # as another process writing it would
+            assert "is in use by another writer" in error_line(argv, capsys)
+        assert not out.exists() and no_staging_left(tmp_path)
+        main(argv)  # free now
+        assert out.is_dir()
+
+
+def test_a_folder_made_at_the_output_while_it_is_written_is_left_alone(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "grown"
+    fsync_tree = io.fsync_tree
+
+    def someone_makes_out(staging):
+        fsync_tree(staging)
+        out.mkdir()
+        (out / "mine.txt").write_text("a user's file")
+
+    monkeypatch.setattr(io, "fsync_tree", someone_makes_out)
+    argv = ["grow", "--checkpoint", str(run[0]), "--out", str(out), "--qkv_tokens", "24", "--evaluate", "false"]
+    assert "appeared while it was being written" in error_line(argv, capsys)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and no_staging_left(tmp_path)
+
+
+def test_staging_folders_of_a_killed_writer_are_removed_by_the_next_one(run, tmp_path, capsys):
+    stale = tmp_path / ".grown.tmp-killed"
+    (stale / "dcp").mkdir(parents=True)
+    other = tmp_path / ".other.tmp-live"  # another output's: not ours to delete
+    other.mkdir()
+    main(
+        [
+            "grow",
+            "--checkpoint",
+            str(run[0]),
+            "--out",
+            str(tmp_path / "grown"),
+            "--qkv_tokens",
+            "24",
+            "--evaluate",
+            "false",
+        ]
+    )
+    assert not stale.exists() and other.exists() and (tmp_path / "grown").is_dir()

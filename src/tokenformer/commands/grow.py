@@ -31,20 +31,28 @@ def grow(
         evaluate: Print the validation loss before and right after growth.
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
+    from ..io import claim_output
     from ..train import TrainConfig, Trainer, resolve_checkpoint
     from ..train.checkpoint import read_train_config
 
-    source = resolve_checkpoint(checkpoint)
-    config = TrainConfig.from_dict(
-        {**read_train_config(source), "resume": str(source), "device": device, "progress": False, "strategy": "single"}
-    )
-    trainer = Trainer(config)
-    before = trainer.evaluate() if evaluate else None
-    record = trainer.grow(
-        qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init
-    )
-    after = trainer.evaluate() if evaluate else None
-    path = trainer.save_checkpoint(out)
+    with claim_output(out):
+        source = resolve_checkpoint(checkpoint)
+        config = TrainConfig.from_dict(
+            {
+                **read_train_config(source),
+                "resume": str(source),
+                "device": device,
+                "progress": False,
+                "strategy": "single",
+            }
+        )
+        trainer = Trainer(config)
+        before = trainer.evaluate() if evaluate else None
+        record = trainer.grow(
+            qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init
+        )
+        after = trainer.evaluate() if evaluate else None
+        path = trainer.save_checkpoint(out)
     parameters = sum(p.numel() for p in trainer.model.parameters())
     print(
         f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer "

@@ -34,29 +34,37 @@ def prune(
         evaluate: Print the validation loss before and right after pruning.
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
+    from ..io import claim_output
     from ..train import TrainConfig, Trainer, resolve_checkpoint
     from ..train.checkpoint import read_train_config
 
     if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 0:
         raise ValueError(f"calibration_batches must be an integer >= 0 (0: data-free), got {calibration_batches!r}")
-    source = resolve_checkpoint(checkpoint)
-    config = TrainConfig.from_dict(
-        {**read_train_config(source), "resume": str(source), "device": device, "progress": False, "strategy": "single"}
-    )
-    trainer = Trainer(config)
-    before = trainer.evaluate() if evaluate else None
-    parameters = sum(p.numel() for p in trainer.model.parameters())
-    record = trainer.prune(
-        calibration_batches,
-        qkv_tokens=qkv_tokens,
-        proj_tokens=proj_tokens,
-        ffn_tokens=ffn_tokens,
-        layers=layers,
-        ghost=ghost,
-        ghost_rank=ghost_rank,
-    )
-    after = trainer.evaluate() if evaluate else None
-    path = trainer.save_checkpoint(out)
+    with claim_output(out):
+        source = resolve_checkpoint(checkpoint)
+        config = TrainConfig.from_dict(
+            {
+                **read_train_config(source),
+                "resume": str(source),
+                "device": device,
+                "progress": False,
+                "strategy": "single",
+            }
+        )
+        trainer = Trainer(config)
+        before = trainer.evaluate() if evaluate else None
+        parameters = sum(p.numel() for p in trainer.model.parameters())
+        record = trainer.prune(
+            calibration_batches,
+            qkv_tokens=qkv_tokens,
+            proj_tokens=proj_tokens,
+            ffn_tokens=ffn_tokens,
+            layers=layers,
+            ghost=ghost,
+            ghost_rank=ghost_rank,
+        )
+        after = trainer.evaluate() if evaluate else None
+        path = trainer.save_checkpoint(out)
     remaining = sum(p.numel() for p in trainer.model.parameters())
     importance = f"measured on {calibration_batches} batches" if calibration_batches else "data-free"
     print(
