@@ -4,6 +4,10 @@ new one (never a mix, and no debris that stays), configs hold plain data only, s
 a file are checked before memory is allocated for them, and every fault ends a command with one
 line that names the option or file."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from reference import random_released_state_dict
 
 from tokenformer import io
 from tokenformer.cli import main
+from tokenformer.families import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,3 +141,67 @@ def test_staging_folders_of_a_killed_writer_are_removed_by_the_next_one(run, tmp
         ]
     )
     assert not stale.exists() and other.exists() and (tmp_path / "grown").is_dir()
+
+
+# -- convert replaces a model whole ----------------------------------------------------------------
+
+KILL_AFTER_WEIGHTS = """
+import os, signal, sys
+from pathlib import Path
+import tokenformer.io as io
+
+save_weights = io.save_weights
+
+def save_then_die(state, path, metadata=None):
+    save_weights(state, path, metadata)
+    if Path(path).name == "model.safetensors":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+io.save_weights = save_then_die
+from tokenformer.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_convert_killed_while_overwriting_keeps_the_old_model_whole(tmp_path, capsys):
+    dst = tmp_path / "dst"
+    main(convert(released_file(tmp_path / "old.bin", seed=1), dst, "--tokenizer", str(tokenizer_file(tmp_path))))
+    old = load_model(dst).state_dict()
+    new = released_file(tmp_path / "new.bin", seed=2, ffn=48)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    argv = [sys.executable, "-c", KILL_AFTER_WEIGHTS, *convert(new, dst, "--overwrite", "true")]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    kept = load_model(dst).state_dict()
+    assert kept.keys() == old.keys() and all(torch.equal(kept[k], old[k]) for k in old)
+    assert (dst / "tokenizer.json").is_file()
+    main(convert(new, dst, "--overwrite", "true"))  # and the next writer clears what the killed one left
+    assert load_model(dst).config.ffn_tokens == 48 and no_staging_left(tmp_path)
+
+
+def test_convert_overwrite_keeps_no_file_of_the_old_model(tmp_path):
+    dst = tmp_path / "dst"
+    main(convert(released_file(tmp_path / "old.bin", seed=1), dst, "--tokenizer", str(tokenizer_file(tmp_path))))
+    assert (dst / "tokenizer.json").is_file() and (dst / "generation_config.json").is_file()
+    main(convert(released_file(tmp_path / "new.bin", seed=2), dst, "--overwrite", "true"))
+    names = {p.name for p in dst.iterdir()}
+    assert not names & {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}
+    assert load_model(dst).config.ffn_tokens == 40
+
+
+def test_convert_refuses_to_replace_a_folder_that_holds_no_model(tmp_path, capsys):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    err = error_line(convert(released_file(tmp_path / "r.bin", seed=1), dst, "--overwrite", "true"), capsys)
+    assert "holds files but no model (config.json); refusing to replace them" in err
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+
+
+def tokenizer_file(tmp_path: Path) -> Path:
+    from conftest import word_level_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    word_level_tokenizer("a b c".split()).save(path)
+    return path
