@@ -205,3 +205,30 @@ def tokenizer_file(tmp_path: Path) -> Path:
     path = tmp_path / "tokenizer.json"
     word_level_tokenizer("a b c".split()).save(path)
     return path
+
+
+# -- configs hold plain data -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flag", "config file"])
+def test_a_config_value_naming_a_class_imports_nothing(run, tmp_path, monkeypatch, capsys, how):
+    marker = tmp_path / "imported"
+    module = f"planted_{how.replace(' ', '_')}"
+    (tmp_path / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Foo: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    overrides = f"{{d_model: {{class_path: {module}.Foo}}}}"
+    options = {k: v for k, v in run[1].items() if k != "model_overrides"}
+    if how == "flag":
+        argv = ["train", *cli_flags({**options, "out_dir": str(tmp_path / "out")}), "--model_overrides", overrides]
+    else:
+        (tmp_path / "train.yaml").write_text(f"model_overrides: {overrides}\n")
+        argv = [
+            "train",
+            "--config",
+            str(tmp_path / "train.yaml"),
+            *cli_flags({**options, "out_dir": str(tmp_path / "out")}),
+        ]
+    err = error_line(argv, capsys)
+    assert "training option model_overrides=" in err and "allowed: plain data" in err
+    assert not marker.exists() and module not in sys.modules and not (tmp_path / "out").exists()

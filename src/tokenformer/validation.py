@@ -60,12 +60,35 @@ def lookup_preset(presets: dict[str, dict[str, Any]], name: str) -> dict[str, An
     return lowered[name.lower()]
 
 
+# Keys by which config loaders (jsonargparse, Lightning, Hydra's _target_) name code to import.
+CODE_KEYS = ("class_path", "init_args", "_target_")
+
+
+def names_code(value: Any) -> bool:
+    """Whether ``value`` (or anything inside it) is a mapping that names code to import."""
+    if isinstance(value, dict):
+        return any(key in CODE_KEYS for key in value) or any(names_code(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(names_code(v) for v in value)
+    return False
+
+
+def check_plain_data(data: dict[str, Any], what: str) -> None:
+    """Refuse a config whose values name code to import: a config holds plain data only."""
+    for name, value in data.items():
+        if names_code(value):
+            allowed = f"plain data: numbers, strings, true/false, null, lists and mappings (no {', '.join(CODE_KEYS)})"
+            raise invalid(what, name, value, allowed)
+
+
 def dataclass_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
-    """``cls(**data)``, with unknown keys named in the error instead of a bare TypeError."""
+    """``cls(**data)``, with unknown keys named in the error instead of a bare TypeError, and
+    values that name code to import refused (:func:`check_plain_data`)."""
     if not isinstance(data, dict):
         raise ValueError(f"{what}s must be a mapping of names to values, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown {what}(s) {unknown}; allowed: {sorted(known)}")
+    check_plain_data(data, what)
     return cls(**data)
