@@ -4,7 +4,9 @@ new one (never a mix, and no debris that stays), configs hold plain data only, s
 a file are checked before memory is allocated for them, and every fault ends a command with one
 line that names the option or file."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,8 @@ from reference import random_released_state_dict
 from tokenformer import io
 from tokenformer.cli import main
 from tokenformer.families import load_model
+from tokenformer.train import list_checkpoints
+from tokenformer.train.checkpoint import _write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,3 +236,50 @@ def test_a_config_value_naming_a_class_imports_nothing(run, tmp_path, monkeypatc
     err = error_line(argv, capsys)
     assert "training option model_overrides=" in err and "allowed: plain data" in err
     assert not marker.exists() and module not in sys.modules and not (tmp_path / "out").exists()
+
+
+# -- sizes read from a file are checked before memory is taken for them ----------------------------
+
+
+def tamper(checkpoint: Path, name: str, change) -> None:
+    """Change a JSON file of a checkpoint and recompute its manifest, as a tamperer would."""
+    path = checkpoint / name
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    (checkpoint / "manifest.json").unlink()
+    _write_manifest(checkpoint)
+
+
+def copied_checkpoint(run, tmp_path: Path) -> Path:
+    out = shutil.copytree(run[0], tmp_path / "run")
+    return list_checkpoints(out)[-1]
+
+
+def test_a_sharded_checkpoint_claiming_large_sizes_is_refused_before_allocating(run, tmp_path, monkeypatch, capsys):
+    from tokenformer import families
+
+    sharded = tmp_path / "sharded"
+    main(["consolidate", "--checkpoint", str(run[0]), "--out", str(sharded)])
+    tamper(sharded, "config.json", lambda c: c.update(d_model=2048, qkv_tokens=2048, ffn_tokens=8192))
+    build_model, built = families.build_model, []
+    monkeypatch.setattr(families, "build_model", lambda c: built.append(torch.get_default_device()) or build_model(c))
+    for argv in (
+        ["consolidate", "--checkpoint", str(sharded), "--out", str(tmp_path / "single")],
+        ["train", *cli_flags({**run[1], "out_dir": str(tmp_path / "resumed"), "resume": str(sharded), "max_steps": 8})],
+    ):
+        err = error_line(argv, capsys)
+        assert f"{sharded / 'dcp'} does not fit {sharded / 'config.json'}: tensor word_embeddings.weight" in err
+    assert all(device.type == "meta" for device in built)
+
+
+def test_weights_of_an_integer_dtype_are_refused_with_the_file_named(run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = copied_checkpoint(run, tmp_path)
+    weights = checkpoint / "model.safetensors"
+    save_file({k: v.long() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    (checkpoint / "manifest.json").unlink()
+    _write_manifest(checkpoint)
+    err = error_line(["generate", "--model", str(checkpoint), "--max_new_tokens", "2"], capsys)
+    assert f"{weights}: tensor word_embeddings.weight is torch.int64; allowed: a floating-point dtype" in err

@@ -159,6 +159,40 @@ def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
         raise ValueError(f"cannot read weights file {path} (truncated or corrupted?): {exc}") from exc
 
 
+# The dtypes of safetensors headers that torch has.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
+    """The name, shape and dtype of every tensor of a safetensors file, read from its header
+    alone (nothing is allocated for the tensors); a dtype torch lacks stays its safetensors name."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
+            return {
+                name: (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                for name, s in slices.items()
+            }
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ValueError(f"cannot read weights file {path} (truncated or corrupted?): {exc}") from exc
+
+
 def file_or_inside(path: str | Path, name: str, what: str) -> Path:
     """``path`` when it is a file, ``path / name`` when it is a directory; an error naming ``what`` if absent."""
     path = Path(path).expanduser()

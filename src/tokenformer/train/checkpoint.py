@@ -326,6 +326,22 @@ def _safe_reader(shards: Path):
     return Reader(shards)
 
 
+def _shard_tensors(shards: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of every model tensor in a sharded checkpoint, from DCP's metadata
+    alone (read with :class:`_MetadataUnpickler`)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = _safe_reader(shards).read_metadata()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint shards {shards} have no metadata: {exc.filename} is missing") from None
+    return {
+        fqn.removeprefix("model."): (tuple(item.size), item.properties.dtype)
+        for fqn, item in metadata.state_dict_metadata.items()
+        if fqn.startswith("model.") and isinstance(item, TensorStorageMetadata)
+    }
+
+
 def _safe_planner(shards: Path):
     """DCP's load planner, reading non-tensor values (optimizer hyperparameters) with
     ``torch.load(weights_only=True)`` as DCP's reader already reads tensors: plain data only,
@@ -418,7 +434,10 @@ def load_checkpoint(
         except UnicodeDecodeError as exc:
             raise CheckpointError(f"checkpoint file {tokenizer_path} is not a tokenizer (not UTF-8 text)") from exc
     if is_sharded(directory):
-        model = families.build_model(families.read_model_config(directory)).to(device)
+        config = families.read_model_config(directory)
+        shards = directory / SHARDS
+        families.check_weights(config, _shard_tensors(shards), shards, directory / families.CONFIG_NAME)
+        model = families.build_model(config).to(device)
         rng = io.load_weights(directory / RNG, device="cpu")
         return Checkpoint(directory, model, state, {}, rng, tokenizer_json, sharded=True)
     model = load_model(directory, device)
