@@ -283,3 +283,16 @@ def test_weights_of_an_integer_dtype_are_refused_with_the_file_named(run, tmp_pa
     _write_manifest(checkpoint)
     err = error_line(["generate", "--model", str(checkpoint), "--max_new_tokens", "2"], capsys)
     assert f"{weights}: tensor word_embeddings.weight is torch.int64; allowed: a floating-point dtype" in err
+
+
+def test_generation_takes_cache_memory_as_text_is_produced():
+    from conftest import tiny_config
+
+    from tokenformer import TokenformerLM
+
+    model = TokenformerLM(tiny_config(max_seq_len=10**18)).eval()
+    ids = torch.randint(0, 97, (1, 5))
+    first = model(ids)[:, -1].argmax(-1)
+    # Room for 10^16 tokens up front would be far beyond any memory; the first token ends it.
+    out = model.generate(ids, max_new_tokens=10**16, temperature=0, eos_token_id=int(first))
+    assert torch.equal(out, torch.cat([ids, first[:, None]], 1))
