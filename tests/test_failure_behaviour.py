@@ -296,3 +296,27 @@ def test_generation_takes_cache_memory_as_text_is_produced():
     # Room for 10^16 tokens up front would be far beyond any memory; the first token ends it.
     out = model.generate(ids, max_new_tokens=10**16, temperature=0, eos_token_id=int(first))
     assert torch.equal(out, torch.cat([ids, first[:, None]], 1))
+
+
+# -- values that cannot work are refused, in one line that names them -------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("layernorm_eps", -1, "a finite number > 0"),
+        ("rope_base", float("nan"), "a finite number > 0"),
+        ("rope_base", "x", "a finite number > 0"),
+        ("rotary_pct", "x", "a number in [0, 1]"),
+        ("layernorm_eps", "abc", "a finite number > 0"),
+        ("init_std", "x", "a finite number >= 0"),
+        ("layer_tokens", [{"qkv": True, "proj": 16, "ffn": 32}] * 2, "a positive integer"),
+    ],
+)
+def test_a_model_config_with_a_bad_value_is_refused_naming_the_file_and_field(
+    run, tmp_path, capsys, field, value, allowed
+):
+    checkpoint = copied_checkpoint(run, tmp_path)
+    tamper(checkpoint, "config.json", lambda c: c.update({field: value}))
+    err = error_line(["generate", "--model", str(checkpoint), "--max_new_tokens", "2"], capsys)
+    assert f"{checkpoint / 'config.json'}: config field {field}" in err and f"allowed: {allowed}" in err

@@ -197,8 +197,11 @@ def read_model_config(directory: str | Path) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{config_path} must hold a JSON object of config fields, got {type(data).__name__}")
     fields = {k: v for k, v in data.items() if k not in HF_CONFIG_KEYS}
-    entry = family_of_model_type(data.get("model_type", FAMILIES["lm"].model_type))
-    return entry.config_class.from_dict(fields)
+    try:
+        entry = family_of_model_type(data.get("model_type", FAMILIES["lm"].model_type))
+        return entry.config_class.from_dict(fields)
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: {exc}") from None
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
