@@ -320,3 +320,32 @@ def test_a_model_config_with_a_bad_value_is_refused_naming_the_file_and_field(
     tamper(checkpoint, "config.json", lambda c: c.update({field: value}))
     err = error_line(["generate", "--model", str(checkpoint), "--max_new_tokens", "2"], capsys)
     assert f"{checkpoint / 'config.json'}: config field {field}" in err and f"allowed: {allowed}" in err
+
+
+@pytest.mark.parametrize(
+    "change, field, allowed",
+    [
+        (lambda s: s.update(step=-5), "step=-5", "an integer >= 0"),
+        (lambda s: s.update(tokens="many"), "tokens='many'", "an integer >= 0"),
+        (lambda s: s.update(growth_history="abc"), "growth_history='abc'", "a list of records with an integer step"),
+        (
+            lambda s: s["optimizer"]["scalars"].update({"0": {"step": "x"}}),
+            "optimizer.scalars.0.step='x'",
+            "a finite number",
+        ),
+        (
+            lambda s: s["optimizer"]["param_groups"][0].update(lr="x"),
+            "optimizer.param_groups[0].lr='x'",
+            "a finite number",
+        ),
+    ],
+)
+def test_a_trainer_state_with_a_bad_value_is_refused_naming_the_file_and_field(
+    run, tmp_path, capsys, change, field, allowed
+):
+    checkpoint = copied_checkpoint(run, tmp_path)
+    tamper(checkpoint, "trainer_state.json", change)
+    options = {**run[1], "out_dir": str(tmp_path / "resumed"), "resume": str(checkpoint), "max_steps": 8}
+    err = error_line(["train", *cli_flags(options)], capsys)
+    assert f"checkpoint file {checkpoint / 'trainer_state.json'}: field {field} is invalid; allowed: {allowed}" in err
+    assert not (tmp_path / "resumed").exists()

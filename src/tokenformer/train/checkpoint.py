@@ -52,7 +52,7 @@ from torch import nn
 
 from .. import families, io
 from ..data.tokenizer import Tokenizer
-from ..validation import is_int
+from ..validation import invalid, is_int, is_number
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -442,6 +442,7 @@ def load_checkpoint(
         return Checkpoint(directory, model, state, {}, rng, tokenizer_json, sharded=True)
     model = load_model(directory, device)
     tensors = io.load_weights(directory / OPTIMIZER, device="cpu")
+    _check_optimizer_meta(state.get("optimizer"), directory / STATE)
     try:
         optimizer_state = optimizer_from_tensors(tensors, state.pop("optimizer"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -454,8 +455,9 @@ def load_checkpoint(
 
 
 def read_trainer_state(directory: str | Path) -> dict[str, Any]:
-    """``trainer_state.json`` of a checkpoint; one that is not a trainer state raises a
-    :class:`CheckpointError` naming the file."""
+    """``trainer_state.json`` of a checkpoint; one that is not a trainer state, or holds a value
+    that cannot be one (a negative step, a count that is not a number), raises a
+    :class:`CheckpointError` naming the file and the field."""
     path = Path(directory) / STATE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a training checkpoint: {STATE} is missing")
@@ -467,7 +469,66 @@ def read_trainer_state(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint file {path} is not a trainer state: it needs an integer step and a train_config"
         )
+    for name, (ok, allowed) in _STATE_FIELDS.items():
+        if name in state and not ok(state[name]):
+            raise CheckpointError(str(invalid(f"checkpoint file {path}: field", name, state[name], allowed)))
     return state
+
+
+def _records(value: Any) -> bool:
+    # A history: a list of records, each with the integer step it was made at.
+    return isinstance(value, list) and all(isinstance(r, dict) and is_int(r.get("step")) for r in value)
+
+
+# The fields of trainer_state.json that the trainer restores, and what each may hold.
+_STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "step": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "tokens": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "flops": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+    "wall_time": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+    "first_loss": (lambda v: v is None or is_number(v), "a finite number or null"),
+    "ema_updates": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "val_history": (_records, "a list of records with an integer step"),
+    "growth_history": (_records, "a list of records with an integer step"),
+}
+
+
+def _check_optimizer_meta(meta: Any, path: Path) -> None:
+    """The optimizer hyperparameters of ``trainer_state.json``: numbers (or flags) where AdamW
+    reads them, so that a tampered value fails here with the file named, not in a step."""
+
+    def plain(value: Any) -> bool:
+        number_list = isinstance(value, list) and all(is_number(v) for v in value)
+        return value is None or isinstance(value, bool) or is_number(value) or number_list
+
+    groups = meta.get("param_groups") if isinstance(meta, dict) else None
+    scalars = meta.get("scalars") if isinstance(meta, dict) else None
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups) and isinstance(scalars, dict)):
+        raise CheckpointError(f"checkpoint file {path}: field optimizer needs param_groups (a list) and scalars")
+    for i, group in enumerate(groups):
+        for key, value in group.items():
+            if not (plain(value) or (key == "name" and isinstance(value, str))):
+                raise CheckpointError(
+                    str(
+                        invalid(
+                            f"checkpoint file {path}: field",
+                            f"optimizer.param_groups[{i}].{key}",
+                            value,
+                            "a finite number, a list of them, true/false or null",
+                        )
+                    )
+                )
+    for index, values in scalars.items():
+        bad = next((k for k, v in values.items() if not is_number(v)), None) if isinstance(values, dict) else "*"
+        if bad is not None:
+            shown = values.get(bad) if isinstance(values, dict) else values
+            raise CheckpointError(
+                str(
+                    invalid(
+                        f"checkpoint file {path}: field", f"optimizer.scalars.{index}.{bad}", shown, "a finite number"
+                    )
+                )
+            )
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
