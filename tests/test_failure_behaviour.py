@@ -349,3 +349,17 @@ def test_a_trainer_state_with_a_bad_value_is_refused_naming_the_file_and_field(
     err = error_line(["train", *cli_flags(options)], capsys)
     assert f"checkpoint file {checkpoint / 'trainer_state.json'}: field {field} is invalid; allowed: {allowed}" in err
     assert not (tmp_path / "resumed").exists()
+
+
+def test_bad_lines_of_the_metrics_file_are_skipped_with_a_warning_and_the_run_continues(run, tmp_path):
+    out = shutil.copytree(run[0], tmp_path / "run")
+    metrics = out / "metrics.jsonl"
+    good = metrics.read_text().count("\n")
+    with open(metrics, "ab") as f:
+        f.write(b'{"step": "x", "kind": "train"}\n' + bytes(range(128, 256)) + b"\n")
+    with pytest.warns(UserWarning) as warned:
+        main(["train", *cli_flags({**run[1], "out_dir": str(out), "resume": "auto", "max_steps": 8})])
+    messages = [str(w.message) for w in warned]
+    for line in (good + 1, good + 2):
+        assert any(m.startswith(f"{metrics} line {line} is not a metrics record; skipped") for m in messages)
+    assert max(json.loads(line)["step"] for line in metrics.read_text().splitlines()) == 8

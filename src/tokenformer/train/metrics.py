@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import io
+from ..validation import is_int
 
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
@@ -232,22 +233,43 @@ _OLD_TRAIN_NAMES = {"tokens": "train_tokens", "flops": "train_flops"}
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics file (a line cut short by a crash is ignored), under the current names.
+    """Records of a metrics file, under the current names.
 
-    A number that was not finite is None, also in files written before it was stored as null.
+    A number that was not finite is None, also in files written before it was stored as null. A
+    line that is not a record (not UTF-8 JSON, no integer step, a number that is not one) is
+    skipped with a warning naming the file and the line; a last line cut short by a crash
+    (no line end) is skipped silently.
     """
     path = Path(path)
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if isinstance(record, dict) and "step" in record and "kind" in record:
+        record = _record(line)
+        if record is not None:
             records.append(finite_or_null(_current_names(record)))
+        elif number < len(lines):  # the last piece has no line end: cut short by a crash
+            warnings.warn(f"{path} line {number} is not a metrics record; skipped: {line[:80]!r}", stacklevel=2)
     return records
+
+
+# Fields of a record that the curves read: numbers (null where not finite).
+_NUMBERS = ("loss", "val_loss", *PROGRESS)
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (isinstance(record, dict) and is_int(record.get("step")) and isinstance(record.get("kind"), str)):
+        return None
+    if any(record.get(name) is not None and not isinstance(record[name], (int, float)) for name in _NUMBERS):
+        return None
+    return record
 
 
 def _current_names(record: dict[str, Any]) -> dict[str, Any]:
