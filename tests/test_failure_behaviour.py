@@ -363,3 +363,39 @@ def test_bad_lines_of_the_metrics_file_are_skipped_with_a_warning_and_the_run_co
     for line in (good + 1, good + 2):
         assert any(m.startswith(f"{metrics} line {line} is not a metrics record; skipped") for m in messages)
     assert max(json.loads(line)["step"] for line in metrics.read_text().splitlines()) == 8
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_training_saves_the_step_and_says_how_to_resume(run, tmp_path, monkeypatch, capsys):
+    from tokenformer.train import Trainer
+
+    train_step = Trainer._train_step
+
+    def step_then_ctrl_c(self):
+        result = train_step(self)
+        if self.state.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # as the terminal sends on Ctrl-C
+        return result
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_ctrl_c)
+    out = tmp_path / "run"
+    options = {**run[1], "out_dir": str(out), "max_steps": 12}
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit:
+            main(["train", *cli_flags(options)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt")
+    saved = out / "checkpoints" / "step-00000006"
+    assert exit.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "stopping after this step to save a checkpoint (Ctrl-C again: stop at once)",  # at once, on Ctrl-C
+        f"tokenformer train: interrupted at step 6, saved in {saved}; "
+        f"resume with: tokenformer train --config {out / 'train_config.yaml'} --resume auto",
+    ]
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000004", "step-00000006"]
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+    main(["train", "--config", str(out / "train_config.yaml"), "--resume", "auto"])
+    assert list_checkpoints(out)[-1].name == "step-00000012"

@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         print(f"tokenformer {name}: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C; training says what it saved (TrainingInterrupted)
+        print(f"tokenformer {name}: {exc or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
