@@ -88,6 +88,16 @@ def write_error(path: str | Path, exc: BaseException) -> WriteError:
     return WriteError(path, code, os.strerror(code) if code else " ".join(str(exc).split()))
 
 
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Inside, an ``OSError`` (a full disk, a read-only file system, ...) becomes
+    :func:`write_error`'s, named by ``path``: writes to an open file raise errors without one."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+
+
 def describe_os_error(exc: OSError) -> str:
     """One line for an ``OSError``: the path, what failed and what to do."""
     if exc.errno is None or exc.filename is None:

@@ -96,23 +96,17 @@ class JsonLinesLogger:
             if r["step"] < start_step or (r["step"] == start_step and r["kind"] != "event")
         ]
         io.atomic_write_text(self.path, "".join(_line(r) for r in kept))
-        try:
+        with io.writing(self.path):
             self._file = open(self.path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise io.write_error(self.path, exc) from exc
 
     def log(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
-        try:
+        with io.writing(self.path):
             self._file.write(_line({"step": step, "kind": kind, **values}))
             self._file.flush()
-        except OSError as exc:
-            raise io.write_error(self.path, exc) from exc
 
     def close(self) -> None:
-        try:
+        with io.writing(self.path):
             self._file.close()
-        except OSError as exc:
-            raise io.write_error(self.path, exc) from exc
 
 
 def _line(record: Mapping[str, Any]) -> str:
