@@ -399,3 +399,79 @@ def test_ctrl_c_during_training_saves_the_step_and_says_how_to_resume(run, tmp_p
     monkeypatch.setattr(Trainer, "_train_step", train_step)
     main(["train", "--config", str(out / "train_config.yaml"), "--resume", "auto"])
     assert list_checkpoints(out)[-1].name == "step-00000012"
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_naming_the_option(run, capsys):
+    err = error_line(["generate", "--model", str(run[0]), "--prompt", "caf\udce9"], capsys)  # b"caf\xe9" from a shell
+    assert "option --prompt='caf\\udce9' is invalid; allowed: UTF-8 text" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--batch_size", "0"], "option --batch_size=0 is invalid; allowed: a positive integer"),
+        (["eval", "--max_windows", "-3"], "option --max_windows=-3 is invalid; allowed: a positive integer or null"),
+        (["eval", "--seq_len", "0"], "option --seq_len=0 is invalid; allowed: a positive integer or null"),
+        (["generate", "--seed", str(10**23)], "option --seed=100000000000000000000000 is invalid; allowed: an integer"),
+    ],
+)
+def test_bad_options_of_eval_and_generate_are_named(run, capsys, argv, message):
+    assert message in error_line([*argv, "--model", str(run[0])], capsys)
+
+
+def test_an_empty_out_dir_is_refused_not_the_working_directory(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = error_line(["train", *cli_flags({**run[1], "out_dir": ""})], capsys)
+    assert "training option out_dir='' is invalid; allowed: a directory (not empty)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_cache_disk_names_the_file(run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from tokenformer.data import shards
+
+    class Full:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        return Full(file) if str(path).endswith(".bin") and mode != "rb" else file
+
+    monkeypatch.setattr(shards, "open", full_disk_open, raising=False)
+    (tmp_path / "new.txt").write_text("In the beginning was a new corpus. " * 400)
+    cache = tmp_path / "cache"
+    options = {**run[1], "out_dir": str(tmp_path / "run"), "init_from": str(run[0]), "data": str(tmp_path / "new.txt")}
+    err = error_line(["train", *cli_flags({**options, "cache_dir": str(cache)})], capsys)
+    assert (
+        f"cannot write {cache / 'shards'}/" in err and ".bin: No space left on device; the file system is full" in err
+    )
+
+
+def test_harness_on_a_model_whose_config_leaves_out_max_seq_len(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval", reason="the [eval] extra (lm-evaluation-harness) is not installed")
+    import lm_eval
+    import lm_eval.models.huggingface
+    import lm_eval.tasks
+    from conftest import tiny_config, word_level_tokenizer
+
+    from tokenformer import TokenformerLM, save_model
+
+    model = save_model(TokenformerLM(tiny_config()), tmp_path / "m", word_level_tokenizer("a b".split()))
+    config = json.loads((model / "config.json").read_text())
+    del config["max_seq_len"]
+    (model / "config.json").write_text(json.dumps(config))
+    seen = {}
+    monkeypatch.setattr(lm_eval.models.huggingface, "HFLM", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kw: None)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: {"results": {}})
+    monkeypatch.setattr("tokenformer.interop.harness.table", lambda results: "table")
+    main(["eval", "--model", str(model), "--harness", "true", "--tasks", "piqa", "--device", "cpu"])
+    assert seen["pretrained"] == str(model) and capsys.readouterr().out.strip() == "table"

@@ -37,6 +37,23 @@ def check(obj: Any, name: str, ok: Callable[[Any], bool], allowed: str, what: st
         raise invalid(what, name, value, allowed)
 
 
+def check_option(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
+    """Raise :func:`invalid` for a command's option ``--name`` unless ``ok(value)``."""
+    if not ok(value):
+        raise invalid("option", f"--{name}", value, allowed)
+
+
+def is_text(value: Any) -> bool:
+    """A string that is valid Unicode text (command-line bytes that are not UTF-8 arrive as lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_positive_ints(obj: Any, names: tuple[str, ...], what: str = "config field") -> None:
     for name in names:
         check(obj, name, lambda v: is_int(v) and v >= 1, "a positive integer", what)

@@ -50,6 +50,11 @@ def evaluate(
 
     import torch
 
+    from ..validation import check_option, is_int
+
+    check_option("batch_size", batch_size, lambda v: is_int(v) and v >= 1, "a positive integer")
+    for name, value in (("seq_len", seq_len), ("max_windows", max_windows)):
+        check_option(name, value, lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
     if harness:
         tasks = task_names(tasks)
         from ..interop.harness import evaluate as run_harness
@@ -75,7 +80,8 @@ def evaluate(
 
     target = resolve_device(device)
     net, tok, saved = load_for_inference(model, tokenizer, target)
-    seq_len = seq_len or (saved["seq_len"] if saved else net.config.max_seq_len)
+    if seq_len is None:
+        seq_len = saved["seq_len"] if saved else net.config.max_seq_len
     if data is None:
         if saved is None:
             raise ValueError(f"{model} is not a training checkpoint, so it has no corpus of its own; pass --data")

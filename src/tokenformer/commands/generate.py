@@ -33,7 +33,11 @@ def generate(
     import torch
 
     from ..train.trainer import resolve_device
+    from ..validation import check_option, is_int, is_text
 
+    check_option("prompt", prompt, is_text, "UTF-8 text")
+    check_option("max_new_tokens", max_new_tokens, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+    check_option("seed", seed, lambda v: is_int(v) and 0 <= v < 2**64, "an integer from 0 to 2**64 - 1")
     target = resolve_device(device)
     net, tok, _ = load_for_inference(model, tokenizer, target)
     ids = tok.encode(prompt) if prompt else ([tok.eos_id] if tok.eos_id is not None else [])

@@ -37,9 +37,11 @@ def prune(
     from ..io import claim_output
     from ..train import TrainConfig, Trainer, resolve_checkpoint
     from ..train.checkpoint import read_train_config
+    from ..validation import check_option, is_int
 
-    if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 0:
-        raise ValueError(f"calibration_batches must be an integer >= 0 (0: data-free), got {calibration_batches!r}")
+    check_option(
+        "calibration_batches", calibration_batches, lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: data-free)"
+    )
     with claim_output(out):
         source = resolve_checkpoint(checkpoint)
         config = TrainConfig.from_dict(
