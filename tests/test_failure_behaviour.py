@@ -475,3 +475,31 @@ def test_harness_on_a_model_whose_config_leaves_out_max_seq_len(tmp_path, monkey
     monkeypatch.setattr("tokenformer.interop.harness.table", lambda results: "table")
     main(["eval", "--model", str(model), "--harness", "true", "--tasks", "piqa", "--device", "cpu"])
     assert seen["pretrained"] == str(model) and capsys.readouterr().out.strip() == "table"
+
+
+# -- grow and prune read the corpus only where they use it ------------------------------------------
+
+
+def test_grow_and_prune_need_no_corpus_unless_they_use_it_and_cache_where_told(run, corpus_file, tmp_path, monkeypatch):
+    checkpoint = copied_checkpoint(run, tmp_path)
+    tamper(checkpoint, "trainer_state.json", lambda s: s["train_config"].update(data=str(tmp_path / "moved.txt")))
+    monkeypatch.setenv("TOKENFORMER_CACHE", str(tmp_path / "cache"))
+    main(
+        [
+            "grow",
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "a"),
+            "--qkv_tokens",
+            "24",
+            "--evaluate",
+            "false",
+        ]
+    )
+    prune = ["prune", "--checkpoint", str(checkpoint), "--qkv_tokens", "8", "--evaluate", "false"]
+    main([*prune, "--out", str(tmp_path / "b"), "--calibration_batches", "0"])
+    assert not (tmp_path / "cache").exists()  # nothing read, nothing cached
+    main([*prune, "--out", str(tmp_path / "c"), "--data", str(corpus_file)])  # calibrated on the corpus given
+    assert list((tmp_path / "cache" / "shards").iterdir())  # in $TOKENFORMER_CACHE, not the run's cache_dir
+    assert all((tmp_path / name / "manifest.json").is_file() for name in "abc")

@@ -75,6 +75,7 @@ def evaluate(
         return results
 
     from ..data import even_windows, load_documents
+    from ..data.cache import cache_for_checkpoint
     from ..train import TrainConfig, evaluate_windows, prepare_data
     from ..train.trainer import resolve_device
 
@@ -85,7 +86,8 @@ def evaluate(
     if data is None:
         if saved is None:
             raise ValueError(f"{model} is not a training checkpoint, so it has no corpus of its own; pass --data")
-        shards, _ = prepare_data(TrainConfig.from_dict({**saved, "resume": None}), tok)
+        cache_dir = cache_for_checkpoint(saved.get("cache_dir"))
+        shards, _ = prepare_data(TrainConfig.from_dict({**saved, "resume": None, "cache_dir": cache_dir}), tok)
         windows = shards.even_windows(split, seq_len, max_windows)
         what = f"the {split} split of {saved['data']}"
     else:

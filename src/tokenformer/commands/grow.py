@@ -16,6 +16,7 @@ def grow(
     layers: list[int] | None = None,
     key_init: Literal["zeros", "random"] = "zeros",
     evaluate: bool = True,
+    data: str | list[str] | None = None,
     device: str = "auto",
 ) -> None:
     """Append parameter tokens to a trained checkpoint; write the grown checkpoint, optimizer state carried.
@@ -29,24 +30,16 @@ def grow(
         layers: Grow only these layers (null: all).
         key_init: ``zeros`` keeps the function exactly; ``random`` initialises new keys like the released GPU code.
         evaluate: Print the validation loss before and right after growth.
+        data: The corpus to validate on (null: the one the run was trained on); not read without --evaluate.
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
     from ..io import claim_output
-    from ..train import TrainConfig, Trainer, resolve_checkpoint
-    from ..train.checkpoint import read_train_config
+    from ..train import resolve_checkpoint
+    from .reshape import checkpoint_trainer
 
     with claim_output(out):
         source = resolve_checkpoint(checkpoint)
-        config = TrainConfig.from_dict(
-            {
-                **read_train_config(source),
-                "resume": str(source),
-                "device": device,
-                "progress": False,
-                "strategy": "single",
-            }
-        )
-        trainer = Trainer(config)
+        trainer = checkpoint_trainer(source, device, data, needs_data=evaluate, command="grow")
         before = trainer.evaluate() if evaluate else None
         record = trainer.grow(
             qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init

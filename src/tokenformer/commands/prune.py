@@ -16,6 +16,7 @@ def prune(
     ghost: bool | None = None,
     ghost_rank: int | None = None,
     evaluate: bool = True,
+    data: str | list[str] | None = None,
     device: str = "auto",
 ) -> None:
     """Remove parameter tokens from a trained checkpoint; write the pruned checkpoint, optimizer state cut alike.
@@ -32,28 +33,22 @@ def prune(
         ghost: Keep the removed keys' share of every row's norm (null: on for l2_norm_gelu, the only norm that has one).
         ghost_rank: Cap each ghost's rank (null: exact).
         evaluate: Print the validation loss before and right after pruning.
+        data: The corpus to calibrate and validate on (null: the one the run was trained on); not
+            read with --calibration_batches 0 and --evaluate false.
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
     from ..io import claim_output
-    from ..train import TrainConfig, Trainer, resolve_checkpoint
-    from ..train.checkpoint import read_train_config
+    from ..train import resolve_checkpoint
     from ..validation import check_option, is_int
+    from .reshape import checkpoint_trainer
 
     check_option(
         "calibration_batches", calibration_batches, lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: data-free)"
     )
     with claim_output(out):
         source = resolve_checkpoint(checkpoint)
-        config = TrainConfig.from_dict(
-            {
-                **read_train_config(source),
-                "resume": str(source),
-                "device": device,
-                "progress": False,
-                "strategy": "single",
-            }
-        )
-        trainer = Trainer(config)
+        needs_data = evaluate or calibration_batches > 0
+        trainer = checkpoint_trainer(source, device, data, needs_data, command="prune")
         before = trainer.evaluate() if evaluate else None
         parameters = sum(p.numel() for p in trainer.model.parameters())
         record = trainer.prune(

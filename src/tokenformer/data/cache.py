@@ -9,9 +9,17 @@ from pathlib import Path
 
 from ..io import DirectoryLock, lock_beside
 
+CACHE_ENV = "TOKENFORMER_CACHE"
+
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TOKENFORMER_CACHE", Path.home() / ".cache" / "tokenformer"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "tokenformer"))
+
+
+def cache_for_checkpoint(recorded: str | None) -> str | None:
+    """The cache of a command that reads a trained checkpoint's corpus: ``$TOKENFORMER_CACHE``
+    when set (this machine's choice), else the ``cache_dir`` the run recorded (None: the default)."""
+    return None if os.environ.get(CACHE_ENV) else recorded
 
 
 @contextmanager
