@@ -503,3 +503,29 @@ def test_grow_and_prune_need_no_corpus_unless_they_use_it_and_cache_where_told(r
     main([*prune, "--out", str(tmp_path / "c"), "--data", str(corpus_file)])  # calibrated on the corpus given
     assert list((tmp_path / "cache" / "shards").iterdir())  # in $TOKENFORMER_CACHE, not the run's cache_dir
     assert all((tmp_path / name / "manifest.json").is_file() for name in "abc")
+
+
+# -- reading a run that is training ------------------------------------------------------------------
+
+
+def test_a_run_that_is_training_keeps_the_checkpoint_a_reader_picked(run, tmp_path, monkeypatch, capsys):
+    from tokenformer import families
+    from tokenformer.train.checkpoint import prune_checkpoints
+
+    out = shutil.copytree(run[0], tmp_path / "run")
+    picked = list_checkpoints(out)[-1]
+    read_model_config = families.read_model_config
+
+    def the_run_saves_and_prunes_meanwhile(directory):
+        newer = out / "checkpoints" / "step-00000008"
+        if not newer.exists():
+            shutil.copytree(picked, newer)
+            prune_checkpoints(out, keep_last=1, keep=newer)  # what the trainer does after each save
+        return read_model_config(directory)
+
+    monkeypatch.setattr(families, "read_model_config", the_run_saves_and_prunes_meanwhile)
+    main(["generate", "--model", str(out), "--max_new_tokens", "3"])
+    assert picked.is_dir()  # kept while it was read ...
+    monkeypatch.undo()
+    prune_checkpoints(out, keep_last=1, keep=out / "checkpoints" / "step-00000008")
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000008"]  # ... and pruned at the next save

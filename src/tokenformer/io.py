@@ -488,6 +488,44 @@ def _lock_holder(fd: int) -> str:
 
 
 @contextmanager
+def flocked(path: str | Path, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """Hold ``fcntl.flock`` on the lock file ``path`` (shared, or exclusive) while inside; yields
+    whether the caller may go on: False only when ``wait`` is off and another holds the lock.
+
+    Where locks are missing (not POSIX) or the lock file cannot be made (a read-only folder, for
+    a reader), it yields True unlocked: the lock orders writers and readers that can take it.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    try:
+        fd = open_lock_file(path)
+    except WriteError as exc:
+        if not shared or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        try:
+            fd = open_lock_file(path, create=False)  # a reader may lock a file it cannot write
+        except WriteError:
+            yield True
+            return
+    try:
+        operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, operation if wait else operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:  # a file system without locks
+            yield True
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def claim_output(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """Claim the output directory ``path`` for a command that writes it whole; inside, write it
     with :func:`atomic_directory`.

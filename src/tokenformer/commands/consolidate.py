@@ -12,17 +12,18 @@ def consolidate(checkpoint: str, out: str) -> None:
     """
     from ..io import claim_output
     from ..train import TrainConfig, load_checkpoint, resolve_checkpoint
-    from ..train.checkpoint import load_sharded_state, save_checkpoint
+    from ..train.checkpoint import load_sharded_state, reading, save_checkpoint
     from ..train.trainer import make_optimizer
 
     with claim_output(out):
-        source = resolve_checkpoint(checkpoint)
-        loaded = load_checkpoint(source)
-        optimizer = make_optimizer(loaded.model, TrainConfig.from_dict(loaded.trainer_state["train_config"]))
-        if loaded.sharded:
-            load_sharded_state(source, loaded.model, optimizer)
-        else:
-            optimizer.load_state_dict(loaded.optimizer_state)
+        with reading(checkpoint):  # a run that is training keeps it until it is read
+            source = resolve_checkpoint(checkpoint)
+            loaded = load_checkpoint(source)
+            optimizer = make_optimizer(loaded.model, TrainConfig.from_dict(loaded.trainer_state["train_config"]))
+            if loaded.sharded:
+                load_sharded_state(source, loaded.model, optimizer)
+            else:
+                optimizer.load_state_dict(loaded.optimizer_state)
         state, tokenizer_json = loaded.trainer_state, loaded.tokenizer_json
         path = save_checkpoint(
             out, loaded.model, optimizer, state, tokenizer_json, loaded.rng, sharded=not loaded.sharded

@@ -59,18 +59,20 @@ def evaluate(
         tasks = task_names(tasks)
         from ..interop.harness import evaluate as run_harness
         from ..interop.harness import table
+        from ..train.checkpoint import reading
         from ..train.trainer import resolve_device
 
-        results = run_harness(
-            model_directory(model),
-            tasks,
-            tokenizer=tokenizer,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            limit=limit,
-            device=str(resolve_device(device)),
-            include_path=include_path,
-        )
+        with reading(model):  # lm-eval reads the checkpoint by its path: kept while it runs
+            results = run_harness(
+                model_directory(model),
+                tasks,
+                tokenizer=tokenizer,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+                limit=limit,
+                device=str(resolve_device(device)),
+                include_path=include_path,
+            )
         print(table(results))
         return results
 

@@ -85,12 +85,13 @@ def load_for_inference(path: str, tokenizer: str | None, device) -> tuple[Any, A
     """Model, tokenizer and (for a training checkpoint) its training config, from a directory."""
     from ..data import load_tokenizer
     from ..families import load_model
-    from ..train.checkpoint import MANIFEST, read_train_config
+    from ..train.checkpoint import MANIFEST, read_train_config, reading
 
-    directory = model_directory(path)
-    saved = read_train_config(directory) if (directory / MANIFEST).is_file() else None
-    net = load_model(directory, device)
-    tokenizer_path = Path(tokenizer) if tokenizer else directory / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"{directory} has no tokenizer.json; pass --tokenizer PATH")
-    return net, load_tokenizer(tokenizer_path), saved
+    with reading(path):  # a run that is training keeps the checkpoint picked until it is read
+        directory = model_directory(path)
+        saved = read_train_config(directory) if (directory / MANIFEST).is_file() else None
+        net = load_model(directory, device)
+        tokenizer_path = Path(tokenizer) if tokenizer else directory / "tokenizer.json"
+        if not tokenizer_path.exists():
+            raise FileNotFoundError(f"{directory} has no tokenizer.json; pass --tokenizer PATH")
+        return net, load_tokenizer(tokenizer_path), saved

@@ -34,12 +34,10 @@ def grow(
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
     from ..io import claim_output
-    from ..train import resolve_checkpoint
     from .reshape import checkpoint_trainer
 
     with claim_output(out):
-        source = resolve_checkpoint(checkpoint)
-        trainer = checkpoint_trainer(source, device, data, needs_data=evaluate, command="grow")
+        source, trainer = checkpoint_trainer(checkpoint, device, data, needs_data=evaluate, command="grow")
         before = trainer.evaluate() if evaluate else None
         record = trainer.grow(
             qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init

@@ -38,7 +38,6 @@ def prune(
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
     from ..io import claim_output
-    from ..train import resolve_checkpoint
     from ..validation import check_option, is_int
     from .reshape import checkpoint_trainer
 
@@ -46,9 +45,8 @@ def prune(
         "calibration_batches", calibration_batches, lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: data-free)"
     )
     with claim_output(out):
-        source = resolve_checkpoint(checkpoint)
         needs_data = evaluate or calibration_batches > 0
-        trainer = checkpoint_trainer(source, device, data, needs_data, command="prune")
+        source, trainer = checkpoint_trainer(checkpoint, device, data, needs_data, command="prune")
         before = trainer.evaluate() if evaluate else None
         parameters = sum(p.numel() for p in trainer.model.parameters())
         record = trainer.prune(

@@ -18,15 +18,28 @@ class NoData:
         raise ValueError(f"{self.command} read no training data here ({name}); this needs the data")
 
 
-def checkpoint_trainer(source: Path, device: str, data: str | list[str] | None, needs_data: bool, command: str):
-    """A trainer of checkpoint ``source`` (the run's options, on ``device``, one process).
+def checkpoint_trainer(
+    checkpoint: str, device: str, data: str | list[str] | None, needs_data: bool, command: str
+) -> tuple[Path, Any]:
+    """The checkpoint ``checkpoint`` names (a run directory's newest), and a trainer of it (the
+    run's options, on ``device``, one process); a run that is training keeps it until it is read.
 
     The corpus is read only when ``needs_data`` (validation, calibration): from ``data`` if
     given, else from where the run read it; its token shards go to ``$TOKENFORMER_CACHE`` when
     that is set, else to the run's cache.
     """
+    from ..train import Trainer, resolve_checkpoint
+    from ..train.checkpoint import reading
+
+    with reading(checkpoint):
+        source = resolve_checkpoint(checkpoint)
+        return source, Trainer(_options(source, device, data), task=None if needs_data else NoData(command))
+
+
+def _options(source: Path, device: str, data: str | list[str] | None) -> Any:
+    """The training options of ``source``'s run, continued from it on one device."""
     from ..data.cache import cache_for_checkpoint
-    from ..train import TrainConfig, Trainer
+    from ..train import TrainConfig
     from ..train.checkpoint import read_train_config
 
     saved = read_train_config(source)
@@ -40,4 +53,4 @@ def checkpoint_trainer(source: Path, device: str, data: str | list[str] | None, 
     }
     if data is not None:
         options["data"] = data
-    return Trainer(TrainConfig.from_dict(options), task=None if needs_data else NoData(command))
+    return TrainConfig.from_dict(options)

@@ -581,17 +581,42 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with {CHECKPOINTS}/")
 
 
+@contextlib.contextmanager
+def reading(path: str | Path):
+    """While inside, the run that ``path`` belongs to (a run directory, or one of its
+    checkpoints) deletes and replaces none of its checkpoints, so that a reader of a run that is
+    training finds the checkpoint it picked whole until it is done. New checkpoints still
+    appear; old ones are pruned at a later save. Anything else (a model directory) is read as is.
+
+    Readers share a lock on ``<run>/.checkpoints.lock`` that the trainer takes alone to delete or
+    replace a checkpoint (:func:`changing`)."""
+    path = Path(path).expanduser()
+    folder = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path.parent
+    if folder.name != CHECKPOINTS or not folder.is_dir():
+        yield
+        return
+    with io.flocked(io.lock_beside(folder), shared=True):
+        yield
+
+
+def changing(run_dir: str | Path, wait: bool = True):
+    """The trainer's side of :func:`reading`: a context that yields whether it may delete or
+    replace checkpoints of ``run_dir`` now (with ``wait``, once the readers are done)."""
+    return io.flocked(io.lock_beside(Path(run_dir) / CHECKPOINTS), wait=wait)
+
+
 def set_aside_checkpoints(run_dir: str | Path, damaged: list[Path], start_step: int) -> list[Path]:
     """Before a run that starts at ``start_step`` writes into ``run_dir``: rename each damaged
     checkpoint to ``*.corrupt`` and each later one (written by an earlier run that went further,
     which this run replaces) to ``*.superseded``, so that neither is resumed from, blocks a step
     or counts for ``keep_last``. Returns the new paths; nothing is deleted."""
     moved = []
-    for path in list_checkpoints(run_dir):
-        if path in damaged:
-            moved.append(io.set_aside(path, "corrupt"))
-        elif checkpoint_step(path) > start_step:
-            moved.append(io.set_aside(path, "superseded"))
+    with changing(run_dir):
+        for path in list_checkpoints(run_dir):
+            if path in damaged:
+                moved.append(io.set_aside(path, "corrupt"))
+            elif checkpoint_step(path) > start_step:
+                moved.append(io.set_aside(path, "superseded"))
     if moved:
         warnings.warn(
             f"set aside {len(moved)} checkpoint(s) this run does not continue: {', '.join(p.name for p in moved)} "
@@ -603,10 +628,14 @@ def set_aside_checkpoints(run_dir: str | Path, damaged: list[Path], start_step: 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path | None = None) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (each vanishes whole, never halfway);
-    ``keep`` (the checkpoint just written) is never deleted."""
-    for path in list_checkpoints(run_dir)[:-keep_last]:
-        if keep is None or path != Path(keep):
-            io.remove_directory(path)
+    ``keep`` (the checkpoint just written) is never deleted. While the run is being read
+    (:func:`reading`) nothing is deleted: a later call catches up."""
+    with changing(run_dir, wait=False) as free:
+        if not free:
+            return
+        for path in list_checkpoints(run_dir)[:-keep_last]:
+            if keep is None or path != Path(keep):
+                io.remove_directory(path)
 
 
 def read_train_config(directory: str | Path) -> dict[str, Any]:

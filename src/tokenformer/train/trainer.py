@@ -53,10 +53,12 @@ from .checkpoint import (
     TOKENIZER,
     Checkpoint,
     CheckpointError,
+    changing,
     checkpoint_name,
     load_checkpoint,
     load_sharded_state,
     prune_checkpoints,
+    reading,
     resolve_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -286,14 +288,15 @@ class Trainer:
         resume = self.config.resume
         if resume is None:
             return None
-        if resume == "auto":
-            found = self._on_main(lambda: scan_checkpoints(self.run_dir))
-            path, self._damaged = broadcast_object(found, self.dist)
-        else:
-            path = broadcast_object(self._on_main(lambda: resolve_checkpoint(resume)), self.dist)
-        if path is None:
-            return None  # "auto" in a run directory without a good checkpoint: a fresh start
-        return load_checkpoint(path, self.device, load_model)
+        with reading(self.run_dir if resume == "auto" else resume):  # another run may be training
+            if resume == "auto":
+                found = self._on_main(lambda: scan_checkpoints(self.run_dir))
+                path, self._damaged = broadcast_object(found, self.dist)
+            else:
+                path = broadcast_object(self._on_main(lambda: resolve_checkpoint(resume)), self.dist)
+            if path is None:
+                return None  # "auto" in a run directory without a good checkpoint: a fresh start
+            return load_checkpoint(path, self.device, load_model)
 
     def _check_resume(self, checkpoint: Checkpoint) -> None:
         """Options that cannot continue ``checkpoint`` are refused here, before anything is written."""
@@ -357,8 +360,9 @@ class Trainer:
     def _find_init_checkpoint(self, load_model) -> Checkpoint | None:
         if self.config.init_from is None:
             return None
-        path = resolve_checkpoint(self.config.init_from)
-        loaded = load_checkpoint(path, self.device, load_model)
+        with reading(self.config.init_from):
+            path = resolve_checkpoint(self.config.init_from)
+            loaded = load_checkpoint(path, self.device, load_model)
         if loaded.sharded:
             raise ValueError(
                 f"training option init_from={self.config.init_from!r} is a sharded checkpoint ({path}); allowed: a "
@@ -809,9 +813,12 @@ class Trainer:
         def save() -> None:
             ema = self.ema.module.state_dict() if self.ema is not None else None
             state = self.checkpoint_state()
-            save_checkpoint(
-                path, self.model, self.optimizer, state, tokenizer_json, sharded=sharded, ema=ema, replace=in_run
-            )
+            # Replacing a checkpoint of the same step waits for the run's readers (rank 0 swaps).
+            replacing = in_run and self.dist.is_main and Path(path).exists()
+            with changing(self.run_dir) if replacing else contextlib.nullcontext():
+                save_checkpoint(
+                    path, self.model, self.optimizer, state, tokenizer_json, sharded=sharded, ema=ema, replace=in_run
+                )
 
         if sharded:
             save()  # every rank writes its shards
