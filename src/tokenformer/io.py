@@ -194,7 +194,7 @@ def read_weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
+            slices = {name: f.get_slice(name) for name in f.keys()}
             return {
                 name: (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
                 for name, s in slices.items()

@@ -24,10 +24,8 @@ def consolidate(checkpoint: str, out: str) -> None:
                 load_sharded_state(source, loaded.model, optimizer)
             else:
                 optimizer.load_state_dict(loaded.optimizer_state)
-        state, tokenizer_json = loaded.trainer_state, loaded.tokenizer_json
-        path = save_checkpoint(
-            out, loaded.model, optimizer, state, tokenizer_json, loaded.rng, sharded=not loaded.sharded
-        )
+        state, tokenizer, rng = loaded.trainer_state, loaded.tokenizer_json, loaded.rng
+        path = save_checkpoint(out, loaded.model, optimizer, state, tokenizer, rng, sharded=not loaded.sharded)
     kind = "single-file" if loaded.sharded else "sharded"
     print(f"wrote {source} at step {loaded.trainer_state['step']} as a {kind} checkpoint: {path}")
     if loaded.ema is not None:

@@ -471,7 +471,7 @@ def read_trainer_state(directory: str | Path) -> dict[str, Any]:
         )
     for name, (ok, allowed) in _STATE_FIELDS.items():
         if name in state and not ok(state[name]):
-            raise CheckpointError(str(invalid(f"checkpoint file {path}: field", name, state[name], allowed)))
+            raise _bad_field(path, name, state[name], allowed)
     return state
 
 
@@ -497,9 +497,9 @@ def _check_optimizer_meta(meta: Any, path: Path) -> None:
     """The optimizer hyperparameters of ``trainer_state.json``: numbers (or flags) where AdamW
     reads them, so that a tampered value fails here with the file named, not in a step."""
 
-    def plain(value: Any) -> bool:
-        number_list = isinstance(value, list) and all(is_number(v) for v in value)
-        return value is None or isinstance(value, bool) or is_number(value) or number_list
+    def plain(key: str, value: Any) -> bool:
+        numbers = isinstance(value, list) and all(is_number(v) for v in value)  # betas, params
+        return value is None or isinstance(value, bool) or is_number(value) or numbers or key == "name"
 
     groups = meta.get("param_groups") if isinstance(meta, dict) else None
     scalars = meta.get("scalars") if isinstance(meta, dict) else None
@@ -507,28 +507,17 @@ def _check_optimizer_meta(meta: Any, path: Path) -> None:
         raise CheckpointError(f"checkpoint file {path}: field optimizer needs param_groups (a list) and scalars")
     for i, group in enumerate(groups):
         for key, value in group.items():
-            if not (plain(value) or (key == "name" and isinstance(value, str))):
-                raise CheckpointError(
-                    str(
-                        invalid(
-                            f"checkpoint file {path}: field",
-                            f"optimizer.param_groups[{i}].{key}",
-                            value,
-                            "a finite number, a list of them, true/false or null",
-                        )
-                    )
-                )
+            if not plain(key, value):
+                allowed = "a finite number, a list of them, true/false or null"
+                raise _bad_field(path, f"optimizer.param_groups[{i}].{key}", value, allowed)
     for index, values in scalars.items():
-        bad = next((k for k, v in values.items() if not is_number(v)), None) if isinstance(values, dict) else "*"
-        if bad is not None:
-            shown = values.get(bad) if isinstance(values, dict) else values
-            raise CheckpointError(
-                str(
-                    invalid(
-                        f"checkpoint file {path}: field", f"optimizer.scalars.{index}.{bad}", shown, "a finite number"
-                    )
-                )
-            )
+        for key, value in values.items() if isinstance(values, dict) else [("*", values)]:
+            if not is_number(value):
+                raise _bad_field(path, f"optimizer.scalars.{index}.{key}", value, "a finite number")
+
+
+def _bad_field(path: Path, name: str, value: Any, allowed: str) -> CheckpointError:
+    return CheckpointError(str(invalid(f"checkpoint file {path}: field", name, value, allowed)))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
