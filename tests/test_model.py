@@ -134,6 +134,15 @@ def test_cached_greedy_generation_equals_full_forward(projection):
     assert torch.equal(out, step_by_step_greedy(model, prompt, 20))
 
 
+def test_a_cache_that_grows_in_small_chunks_generates_the_same(monkeypatch):
+    from tokenformer.model import KVCache
+
+    monkeypatch.setattr(KVCache, "CHUNK", 2)  # grown seven times on the way to 24 tokens
+    model = TokenformerLM(tiny_config()).eval()
+    prompt = torch.randint(0, 97, (3, 4))
+    assert torch.equal(model.generate(prompt, 20, temperature=0), step_by_step_greedy(model, prompt, 20))
+
+
 def test_sampling_options():
     model = TokenformerLM(tiny_config()).eval()
     prompt = torch.randint(0, 97, (2, 3))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from . import __version__
 from .commands.consolidate import consolidate
@@ -109,6 +109,12 @@ def check_layout(config_class: type, source: str) -> None:
 
 
 def build_parser() -> ArgumentParser:
+    # A value never names code to import: jsonargparse would import the module of a
+    # ``class_path`` in any option typed Any (model_overrides), from a flag or a --config file,
+    # before any check could refuse it. Denied, such a value stays plain data, which the
+    # configs refuse (tokenformer.validation.check_plain_data). Our own dataclasses stay
+    # importable: jsonargparse names them so to parse a list of them (a plan's stages).
+    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=["tokenformer"])
     parser = ArgumentParser(
         prog="tokenformer", description="TokenFormer: train, grow, prune, evaluate and sample language models."
     )
@@ -176,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         print(f"tokenformer {name}: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C; training says what it saved (TrainingInterrupted)
+        print(f"tokenformer {name}: {exc or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

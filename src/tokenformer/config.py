@@ -109,22 +109,11 @@ class BlockConfig:
         check_divides(self, "n_heads", "d_model")
         check_choice(self, "norm", NORMS)
         check_choice(self, "projection", PROJECTIONS)
-        if self.layer_tokens is not None:
-            if len(self.layer_tokens) != self.n_layers:
-                raise ValueError(
-                    f"config field layer_tokens has {len(self.layer_tokens)} entries; it needs one per layer "
-                    f"(n_layers={self.n_layers}) or None"
-                )
-            for i, counts in enumerate(self.layer_tokens):
-                if sorted(counts) != sorted(TOKEN_KINDS) or any(
-                    not isinstance(v, int) or v < 1 for v in counts.values()
-                ):
-                    raise ValueError(
-                        f"config field layer_tokens[{i}]={counts!r} must map each of {TOKEN_KINDS} "
-                        "to a positive integer"
-                    )
+        self._check_layer_tokens()
         self._check_ghost_ranks()
         positive = "a finite number > 0"
+        check(self, "layernorm_eps", lambda v: is_number(v) and v > 0, positive)
+        check(self, "init_std", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         self._check_per_kind("tau_scale", lambda v: is_number(v) and v > 0, positive)
         self._check_per_kind("fixed_tau", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
         self._check_per_kind("key_std", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
@@ -132,6 +121,24 @@ class BlockConfig:
         self._check_per_kind("value_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         check(self, "linear_std", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
         check(self, "out_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+
+    def _check_layer_tokens(self) -> None:
+        tokens = self.layer_tokens
+        if tokens is None:
+            return
+        if not isinstance(tokens, list) or len(tokens) != self.n_layers:
+            raise invalid(
+                "config field",
+                "layer_tokens",
+                tokens,
+                f"a list of one mapping per layer (n_layers={self.n_layers}) or null",
+            )
+        for i, counts in enumerate(tokens):
+            if not isinstance(counts, dict) or sorted(counts, key=str) != sorted(TOKEN_KINDS):
+                raise invalid("config field", f"layer_tokens[{i}]", counts, f"a mapping of {', '.join(TOKEN_KINDS)}")
+            for kind, count in counts.items():
+                if not (is_int(count) and count >= 1):
+                    raise invalid("config field", f"layer_tokens[{i}][{kind!r}]", count, "a positive integer")
 
     def _check_ghost_ranks(self) -> None:
         ranks = self.ghost_ranks
@@ -320,15 +327,13 @@ class TokenformerConfig(BlockConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, ("vocab_size", "max_seq_len"))
-        if not 0.0 <= self.rotary_pct <= 1.0:
-            raise ValueError(f"config field rotary_pct must lie in [0, 1], got {self.rotary_pct!r}")
+        check(self, "rotary_pct", lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+        check(self, "rope_base", lambda v: is_number(v) and v > 0, "a finite number > 0")
         if self.rotary_dims % 2:
             raise ValueError(
                 f"rotary dims must be even: rotary_pct={self.rotary_pct} of head_dim={self.head_dim} "
                 f"gives {self.rotary_dims}; choose rotary_pct so that head_dim * rotary_pct is even"
             )
-        if self.rope_base <= 0:
-            raise ValueError(f"config field rope_base must be positive, got {self.rope_base!r}")
 
     @property
     def rotary_dims(self) -> int:

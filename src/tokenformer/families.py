@@ -197,16 +197,54 @@ def read_model_config(directory: str | Path) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{config_path} must hold a JSON object of config fields, got {type(data).__name__}")
     fields = {k: v for k, v in data.items() if k not in HF_CONFIG_KEYS}
-    entry = family_of_model_type(data.get("model_type", FAMILIES["lm"].model_type))
-    return entry.config_class.from_dict(fields)
+    try:
+        entry = family_of_model_type(data.get("model_type", FAMILIES["lm"].model_type))
+        return entry.config_class.from_dict(fields)
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: {exc}") from None
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load the model that :func:`save_model` wrote (grown models keep their tau)."""
+    """Load the model that :func:`save_model` wrote (grown models keep their tau).
+
+    The weights file's header is checked against ``config.json`` first (:func:`check_weights`),
+    so a file that does not fit it is refused before anything is allocated."""
     directory = Path(directory)
     config = read_model_config(directory)
+    weights = directory / WEIGHTS_NAME
+    check_weights(config, io.read_weights_header(weights), weights, directory / CONFIG_NAME)
     with torch.device("meta"):
         model = build_model(config)
-    state = io.load_weights(directory / WEIGHTS_NAME, device)
+    state = io.load_weights(weights, device)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device)
+
+
+def check_weights(
+    config: Any, tensors: dict[str, tuple[tuple[int, ...], Any]], source: Path, config_path: Path
+) -> None:
+    """Refuse weights that do not fit ``config`` (read from ``config_path``) with one line naming
+    both: ``tensors`` maps each tensor's name in ``source`` to its shape and dtype, as a file's
+    header or index says, so that sizes a config claims are checked before memory is taken for
+    them. Every tensor must be there, with the config's shape and a floating-point dtype."""
+    claimed = getattr(config, "n_layers", None)
+    found = {name.split(".")[1] for name in tensors if name.startswith("layers.")}
+    if claimed is not None and len(found) != claimed:  # before a model of the claimed depth is built, even on meta
+        raise ValueError(f"{source} holds {len(found)} layers, but {config_path} says n_layers={claimed}")
+    with torch.device("meta"):
+        expected = build_model(config).state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not hold the tensors {config_path} describes: missing {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+        )
+    for name, tensor in expected.items():
+        shape, dtype = tensors[name]
+        if tuple(shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{source} does not fit {config_path}: tensor {name} has shape {list(shape)} there, "
+                f"the config makes it {list(tensor.shape)}"
+            )
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{source}: tensor {name} is {dtype}; allowed: a floating-point dtype")

@@ -8,11 +8,14 @@ raise an ``OSError`` whose message names the path, what failed and what to do
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
 import shutil
 import socket
+import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -62,8 +65,8 @@ _ADVICE = {
 class WriteError(OSError):
     """Writing a path failed for a reason of the environment; the message says which, why and what to do."""
 
-    def __init__(self, path: str | Path, code: int | None, reason: str) -> None:
-        advice = _ADVICE.get(code, "check the path and the device")
+    def __init__(self, path: str | Path, code: int | None, reason: str, advice: str | None = None) -> None:
+        advice = advice or _ADVICE.get(code, "check the path and the device")
         super().__init__(code, f"cannot write {path}: {reason}; {advice}")
         self.reason = reason
 
@@ -83,6 +86,16 @@ def write_error(path: str | Path, exc: BaseException) -> WriteError:
     if code is None and (match := re.search(r"os error (\d+)", str(exc))):
         code = int(match.group(1))
     return WriteError(path, code, os.strerror(code) if code else " ".join(str(exc).split()))
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Inside, an ``OSError`` (a full disk, a read-only file system, ...) becomes
+    :func:`write_error`'s, named by ``path``: writes to an open file raise errors without one."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(path, exc) from exc
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -156,6 +169,40 @@ def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
         raise ValueError(f"cannot read weights file {path} (truncated or corrupted?): {exc}") from exc
 
 
+# The dtypes of safetensors headers that torch has.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
+    """The name, shape and dtype of every tensor of a safetensors file, read from its header
+    alone (nothing is allocated for the tensors); a dtype torch lacks stays its safetensors name."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            return {
+                name: (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+                for name, s in slices.items()
+            }
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ValueError(f"cannot read weights file {path} (truncated or corrupted?): {exc}") from exc
+
+
 def file_or_inside(path: str | Path, name: str, what: str) -> Path:
     """``path`` when it is a file, ``path / name`` when it is a directory; an error naming ``what`` if absent."""
     path = Path(path).expanduser()
@@ -200,7 +247,9 @@ def atomic_directory(path: str | Path, replace: bool = False) -> Iterator[Path]:
     which :func:`remove_stale_staging` deletes later. ``path`` must not exist yet, unless
     ``replace``: then an existing ``path`` is swapped for the new directory in one step where the
     system can (Linux ``renameat2``), else moved aside just before the new one is renamed in; it
-    is deleted afterwards. Readers never see a mix of the two.
+    is deleted afterwards. Readers never see a mix of the two. Without ``replace``, a ``path``
+    that someone else creates while the directory is built is left as it is and the new one is
+    dropped with a ``FileExistsError``.
     """
     path = Path(path)
     if path.exists() and not replace:
@@ -214,12 +263,12 @@ def atomic_directory(path: str | Path, replace: bool = False) -> Iterator[Path]:
     try:
         yield staging
         fsync_tree(staging)
-        old = _swap(staging, path) if path.exists() else None
+        old = _swap(staging, path) if replace and path.exists() else None
         if old is None:
-            os.rename(staging, path)
+            _rename_no_replace(staging, path)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if _is_os_failure(exc):  # named by the directory, not by its hidden staging folder
+        if _is_os_failure(exc) and not isinstance(exc, FileExistsError):  # named by the directory, not by its staging
             raise write_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
@@ -242,8 +291,35 @@ def _swap(new: Path, path: Path) -> Path:
     return aside
 
 
+# Flags of Linux's renameat2.
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (a plain rename would replace an empty
+    directory); atomic where the system can (``renameat2(RENAME_NOREPLACE)``)."""
+    try:
+        if _renameat2(src, dst, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        pass
+    else:
+        if not os.path.lexists(dst):
+            os.rename(src, dst)
+            return
+    raise FileExistsError(
+        f"{dst} appeared while it was being written (made by someone else?); it was left as it is and the new "
+        "one dropped: move it away and run again, or write somewhere else",
+    )
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux's ``renameat2``; False where the system or file system lacks it (or the flag)."""
     import ctypes
 
     try:
@@ -251,12 +327,14 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):  # not Linux, or a C library without renameat2
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system or kernel without it
         return False
+    if code == errno.EEXIST:
+        raise FileExistsError(code, os.strerror(code), str(b))
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
@@ -281,10 +359,13 @@ def set_aside(path: str | Path, label: str) -> Path:
     return target
 
 
-def remove_stale_staging(parent: str | Path) -> None:
-    """Delete staging folders left by a process killed inside :func:`atomic_directory`."""
-    for stale in Path(parent).glob(".*.tmp-*"):
-        if stale.is_dir():
+def remove_stale_staging(parent: str | Path, name: str = "*") -> None:
+    """Delete staging folders left in ``parent`` by a process killed inside :func:`atomic_directory`
+    (of the directory ``name`` only, if given). Only their writer may call it: a live writer's
+    staging folder looks the same."""
+    pattern = ".*.tmp-*" if name == "*" else f".{glob.escape(name)}.tmp-*"
+    for stale in Path(parent).glob(pattern):
+        if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -295,38 +376,75 @@ class DirectoryLocked(RuntimeError):
     """Another process (or another object of this one) holds the lock of a directory."""
 
 
+def lock_beside(path: str | Path) -> Path:
+    """The lock file of an entry that is written whole (an output folder, a cache entry): ``.<name>.lock`` beside it."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+def open_lock_file(path: str | Path, create: bool = True) -> int:
+    """A descriptor of the lock file ``path`` (created if missing, unless not ``create``).
+
+    A symbolic link (or any entry that is not a plain file of its own) planted at ``path`` is
+    refused, never followed: writing who holds a lock must not overwrite a file elsewhere.
+    """
+    path = Path(path)
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            raise _refused_lock_file(path, f"a symbolic link (to {os.readlink(path)})") from None
+        raise write_error(path, exc) from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise _refused_lock_file(path, "a second name of another file" if stat.S_ISREG(info.st_mode) else "no file")
+    return fd
+
+
+def _refused_lock_file(path: Path, what: str) -> WriteError:
+    reason = f"this lock file is {what}, which is never followed or written"
+    return WriteError(path, None, reason, advice="remove it (tokenformer creates its lock files itself)")
+
+
 class DirectoryLock:
-    """An exclusive lock on a directory: ``fcntl.flock`` on ``<directory>/.lock``, held until
-    :meth:`release` or the end of the process.
+    """An exclusive lock on a directory: ``fcntl.flock`` on ``<directory>/.lock`` (or on
+    ``lock_file``), held until :meth:`release`, the end of a ``with`` block or the end of the process.
 
     The kernel drops the lock when its holder dies, however it dies, so a lock file left by a
     killed process is simply taken over; the file only records who holds the lock (pid, host,
-    since when) for the error that a second writer gets. Where ``flock`` is missing (not POSIX)
+    since when) for the error that a second writer gets. With ``wait`` a second writer waits
+    for the first (saying so on stderr) instead. The lock file is opened with
+    :func:`open_lock_file`: never through a symbolic link. Where ``flock`` is missing (not POSIX)
     or refused by the file system, the directory is used unlocked, with a warning for the latter.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, lock_file: str | Path | None = None, wait: bool = False) -> None:
         self.directory = Path(directory)
         self._fd: int | None = None
         try:
             import fcntl
         except ImportError:
             return
-        path = self.directory / LOCK_NAME
+        path = Path(lock_file) if lock_file is not None else self.directory / LOCK_NAME
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise write_error(path, exc) from exc
+        fd = open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _lock_holder(fd)
-            os.close(fd)
-            raise DirectoryLocked(
-                f"{self.directory} is in use by another writer ({holder}; lock file {path}); "
-                "wait for it to finish, or write somewhere else"
-            ) from None
+            if not wait:
+                os.close(fd)
+                raise DirectoryLocked(
+                    f"{self.directory} is in use by another writer ({holder}; lock file {path}); "
+                    "wait for it to finish, or write somewhere else"
+                ) from None
+            print(f"waiting for {holder} to finish writing {self.directory}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:  # a file system without locks
             os.close(fd)
             import warnings
@@ -351,6 +469,12 @@ class DirectoryLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 def _lock_holder(fd: int) -> str:
     try:
@@ -359,5 +483,63 @@ def _lock_holder(fd: int) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return "holder unknown"
     if pid == os.getpid() and host == socket.gethostname():
-        return f"this process, pid {pid}, since {since}: close the other trainer of this directory first"
+        return f"this process, pid {pid}, since {since}: close the other writer of this directory first"
     return f"pid {pid} on host {host}, since {since}"
+
+
+@contextmanager
+def flocked(path: str | Path, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """Hold ``fcntl.flock`` on the lock file ``path`` (shared, or exclusive) while inside; yields
+    whether the caller may go on: False only when ``wait`` is off and another holds the lock.
+
+    Where locks are missing (not POSIX) or the lock file cannot be made (a read-only folder, for
+    a reader), it yields True unlocked: the lock orders writers and readers that can take it.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    try:
+        fd = open_lock_file(path)
+    except WriteError as exc:
+        if not shared or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        try:
+            fd = open_lock_file(path, create=False)  # a reader may lock a file it cannot write
+        except WriteError:
+            yield True
+            return
+    try:
+        operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, operation if wait else operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:  # a file system without locks
+            yield True
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def claim_output(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Claim the output directory ``path`` for a command that writes it whole; inside, write it
+    with :func:`atomic_directory`.
+
+    A second writer of the same ``path`` is refused while the first is inside (the lock is
+    ``.<name>.lock`` beside it, :func:`lock_beside`); staging folders of a writer of ``path`` that
+    was killed are deleted; an existing ``path`` is refused unless ``replace``. All of this
+    happens before the command does its work, so that it fails early.
+    """
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise ValueError(f"output directory {str(path)!r} is invalid; allowed: a path that names a new directory")
+    with DirectoryLock(path, lock_file=lock_beside(path)):
+        remove_stale_staging(path.parent, path.name)
+        if os.path.lexists(path) and not replace:
+            raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+        yield path

@@ -122,8 +122,11 @@ class KVCache:
     """Keys and values of the token-token attention, per layer, for incremental decoding.
 
     Parameter tokens are weights, so only the ``[B, H, T, head_dim]`` keys and values of the
-    input tokens are cached.
+    input tokens are cached. The buffers grow with the tokens (doubling, from ``CHUNK`` slots)
+    up to ``max_len``, so a long request takes memory as its text is produced, never up front.
     """
+
+    CHUNK = 256
 
     def __init__(self, n_layers: int, max_len: int) -> None:
         self.max_len = max_len
@@ -132,14 +135,25 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * n_layers
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is None:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.keys[layer] = k.new_zeros(shape)
-            self.values[layer] = v.new_zeros(shape)
         end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds at most max_len={self.max_len} tokens; {end} were given")
+        self.keys[layer] = self._room(self.keys[layer], k, end)
+        self.values[layer] = self._room(self.values[layer], v, end)
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def _room(self, buffer: torch.Tensor | None, new: torch.Tensor, end: int) -> torch.Tensor:
+        """``buffer``, or a larger copy of its cached slots, with room for ``end`` tokens."""
+        capacity = 0 if buffer is None else buffer.shape[2]
+        if end <= capacity:
+            return buffer
+        size = min(self.max_len, max(end, 2 * capacity, self.CHUNK))
+        grown = new.new_zeros((new.shape[0], new.shape[1], size, new.shape[3]))
+        if buffer is not None:
+            grown[:, :, : self.length] = buffer[:, :, : self.length]
+        return grown
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

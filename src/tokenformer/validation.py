@@ -37,6 +37,23 @@ def check(obj: Any, name: str, ok: Callable[[Any], bool], allowed: str, what: st
         raise invalid(what, name, value, allowed)
 
 
+def check_option(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
+    """Raise :func:`invalid` for a command's option ``--name`` unless ``ok(value)``."""
+    if not ok(value):
+        raise invalid("option", f"--{name}", value, allowed)
+
+
+def is_text(value: Any) -> bool:
+    """A string that is valid Unicode text (command-line bytes that are not UTF-8 arrive as lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_positive_ints(obj: Any, names: tuple[str, ...], what: str = "config field") -> None:
     for name in names:
         check(obj, name, lambda v: is_int(v) and v >= 1, "a positive integer", what)
@@ -60,12 +77,35 @@ def lookup_preset(presets: dict[str, dict[str, Any]], name: str) -> dict[str, An
     return lowered[name.lower()]
 
 
+# Keys by which config loaders (jsonargparse, Lightning, Hydra's _target_) name code to import.
+CODE_KEYS = ("class_path", "init_args", "_target_")
+
+
+def names_code(value: Any) -> bool:
+    """Whether ``value`` (or anything inside it) is a mapping that names code to import."""
+    if isinstance(value, dict):
+        return any(key in CODE_KEYS for key in value) or any(names_code(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(names_code(v) for v in value)
+    return False
+
+
+def check_plain_data(data: dict[str, Any], what: str) -> None:
+    """Refuse a config whose values name code to import: a config holds plain data only."""
+    for name, value in data.items():
+        if names_code(value):
+            allowed = f"plain data: numbers, strings, true/false, null, lists and mappings (no {', '.join(CODE_KEYS)})"
+            raise invalid(what, name, value, allowed)
+
+
 def dataclass_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
-    """``cls(**data)``, with unknown keys named in the error instead of a bare TypeError."""
+    """``cls(**data)``, with unknown keys named in the error instead of a bare TypeError, and
+    values that name code to import refused (:func:`check_plain_data`)."""
     if not isinstance(data, dict):
         raise ValueError(f"{what}s must be a mapping of names to values, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown {what}(s) {unknown}; allowed: {sorted(known)}")
+    check_plain_data(data, what)
     return cls(**data)

@@ -83,7 +83,7 @@ def killing(rename):
     return wrapped
 
 if target == "rename":
-    os.rename = killing(os.rename)
+    io._rename_no_replace = killing(io._rename_no_replace)
 else:
     io._swap = killing(io._swap)
 exec(sys.argv[5])

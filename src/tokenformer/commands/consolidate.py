@@ -10,21 +10,22 @@ def consolidate(checkpoint: str, out: str) -> None:
         checkpoint: A training checkpoint, or a run directory (its newest complete checkpoint).
         out: Directory for the converted checkpoint (must not exist).
     """
+    from ..io import claim_output
     from ..train import TrainConfig, load_checkpoint, resolve_checkpoint
-    from ..train.checkpoint import load_sharded_state, save_checkpoint
+    from ..train.checkpoint import load_sharded_state, reading, save_checkpoint
     from ..train.trainer import make_optimizer
 
-    source = resolve_checkpoint(checkpoint)
-    loaded = load_checkpoint(source)
-    optimizer = make_optimizer(loaded.model, TrainConfig.from_dict(loaded.trainer_state["train_config"]))
-    if loaded.sharded:
-        load_sharded_state(source, loaded.model, optimizer)
-        path = save_checkpoint(out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng)
-    else:
-        optimizer.load_state_dict(loaded.optimizer_state)
-        path = save_checkpoint(
-            out, loaded.model, optimizer, loaded.trainer_state, loaded.tokenizer_json, loaded.rng, sharded=True
-        )
+    with claim_output(out):
+        with reading(checkpoint):  # a run that is training keeps it until it is read
+            source = resolve_checkpoint(checkpoint)
+            loaded = load_checkpoint(source)
+            optimizer = make_optimizer(loaded.model, TrainConfig.from_dict(loaded.trainer_state["train_config"]))
+            if loaded.sharded:
+                load_sharded_state(source, loaded.model, optimizer)
+            else:
+                optimizer.load_state_dict(loaded.optimizer_state)
+        state, tokenizer, rng = loaded.trainer_state, loaded.tokenizer_json, loaded.rng
+        path = save_checkpoint(out, loaded.model, optimizer, state, tokenizer, rng, sharded=not loaded.sharded)
     kind = "single-file" if loaded.sharded else "sharded"
     print(f"wrote {source} at step {loaded.trainer_state['step']} as a {kind} checkpoint: {path}")
     if loaded.ema is not None:

@@ -24,7 +24,7 @@ def convert(
         preset: the config preset; default: the released size downloaded, else read from the tensor shapes.
         n_heads: head count when no released preset has the checkpoint's width and depth.
         tokenizer: a tokenizer.json to store beside the model; default with --from_hub: GPT-NeoX-20B's.
-        overwrite: replace a model already in dst.
+        overwrite: replace a model already in dst, as a whole (none of its files stays).
     """
     from ..interop.convert import convert_from_hub, convert_released
 

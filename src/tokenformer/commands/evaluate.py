@@ -50,36 +50,46 @@ def evaluate(
 
     import torch
 
+    from ..validation import check_option, is_int
+
+    check_option("batch_size", batch_size, lambda v: is_int(v) and v >= 1, "a positive integer")
+    for name, value in (("seq_len", seq_len), ("max_windows", max_windows)):
+        check_option(name, value, lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
     if harness:
         tasks = task_names(tasks)
         from ..interop.harness import evaluate as run_harness
         from ..interop.harness import table
+        from ..train.checkpoint import reading
         from ..train.trainer import resolve_device
 
-        results = run_harness(
-            model_directory(model),
-            tasks,
-            tokenizer=tokenizer,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            limit=limit,
-            device=str(resolve_device(device)),
-            include_path=include_path,
-        )
+        with reading(model):  # lm-eval reads the checkpoint by its path: kept while it runs
+            results = run_harness(
+                model_directory(model),
+                tasks,
+                tokenizer=tokenizer,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+                limit=limit,
+                device=str(resolve_device(device)),
+                include_path=include_path,
+            )
         print(table(results))
         return results
 
     from ..data import even_windows, load_documents
+    from ..data.cache import cache_for_checkpoint
     from ..train import TrainConfig, evaluate_windows, prepare_data
     from ..train.trainer import resolve_device
 
     target = resolve_device(device)
     net, tok, saved = load_for_inference(model, tokenizer, target)
-    seq_len = seq_len or (saved["seq_len"] if saved else net.config.max_seq_len)
+    if seq_len is None:
+        seq_len = saved["seq_len"] if saved else net.config.max_seq_len
     if data is None:
         if saved is None:
             raise ValueError(f"{model} is not a training checkpoint, so it has no corpus of its own; pass --data")
-        shards, _ = prepare_data(TrainConfig.from_dict({**saved, "resume": None}), tok)
+        cache_dir = cache_for_checkpoint(saved.get("cache_dir"))
+        shards, _ = prepare_data(TrainConfig.from_dict({**saved, "resume": None, "cache_dir": cache_dir}), tok)
         windows = shards.even_windows(split, seq_len, max_windows)
         what = f"the {split} split of {saved['data']}"
     else:

@@ -33,7 +33,11 @@ def generate(
     import torch
 
     from ..train.trainer import resolve_device
+    from ..validation import check_option, is_int, is_text
 
+    check_option("prompt", prompt, is_text, "UTF-8 text")
+    check_option("max_new_tokens", max_new_tokens, lambda v: is_int(v) and v >= 0, "an integer >= 0")
+    check_option("seed", seed, lambda v: is_int(v) and 0 <= v < 2**64, "an integer from 0 to 2**64 - 1")
     target = resolve_device(device)
     net, tok, _ = load_for_inference(model, tokenizer, target)
     ids = tok.encode(prompt) if prompt else ([tok.eos_id] if tok.eos_id is not None else [])
@@ -81,12 +85,13 @@ def load_for_inference(path: str, tokenizer: str | None, device) -> tuple[Any, A
     """Model, tokenizer and (for a training checkpoint) its training config, from a directory."""
     from ..data import load_tokenizer
     from ..families import load_model
-    from ..train.checkpoint import MANIFEST, read_train_config
+    from ..train.checkpoint import MANIFEST, read_train_config, reading
 
-    directory = model_directory(path)
-    saved = read_train_config(directory) if (directory / MANIFEST).is_file() else None
-    net = load_model(directory, device)
-    tokenizer_path = Path(tokenizer) if tokenizer else directory / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"{directory} has no tokenizer.json; pass --tokenizer PATH")
-    return net, load_tokenizer(tokenizer_path), saved
+    with reading(path):  # a run that is training keeps the checkpoint picked until it is read
+        directory = model_directory(path)
+        saved = read_train_config(directory) if (directory / MANIFEST).is_file() else None
+        net = load_model(directory, device)
+        tokenizer_path = Path(tokenizer) if tokenizer else directory / "tokenizer.json"
+        if not tokenizer_path.exists():
+            raise FileNotFoundError(f"{directory} has no tokenizer.json; pass --tokenizer PATH")
+        return net, load_tokenizer(tokenizer_path), saved

@@ -16,6 +16,7 @@ def grow(
     layers: list[int] | None = None,
     key_init: Literal["zeros", "random"] = "zeros",
     evaluate: bool = True,
+    data: str | list[str] | None = None,
     device: str = "auto",
 ) -> None:
     """Append parameter tokens to a trained checkpoint; write the grown checkpoint, optimizer state carried.
@@ -29,22 +30,20 @@ def grow(
         layers: Grow only these layers (null: all).
         key_init: ``zeros`` keeps the function exactly; ``random`` initialises new keys like the released GPU code.
         evaluate: Print the validation loss before and right after growth.
+        data: The corpus to validate on (null: the one the run was trained on); not read without --evaluate.
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
-    from ..train import TrainConfig, Trainer, resolve_checkpoint
-    from ..train.checkpoint import read_train_config
+    from ..io import claim_output
+    from .reshape import checkpoint_trainer
 
-    source = resolve_checkpoint(checkpoint)
-    config = TrainConfig.from_dict(
-        {**read_train_config(source), "resume": str(source), "device": device, "progress": False, "strategy": "single"}
-    )
-    trainer = Trainer(config)
-    before = trainer.evaluate() if evaluate else None
-    record = trainer.grow(
-        qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init
-    )
-    after = trainer.evaluate() if evaluate else None
-    path = trainer.save_checkpoint(out)
+    with claim_output(out):
+        source, trainer = checkpoint_trainer(checkpoint, device, data, needs_data=evaluate, command="grow")
+        before = trainer.evaluate() if evaluate else None
+        record = trainer.grow(
+            qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init
+        )
+        after = trainer.evaluate() if evaluate else None
+        path = trainer.save_checkpoint(out)
     parameters = sum(p.numel() for p in trainer.model.parameters())
     print(
         f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer "

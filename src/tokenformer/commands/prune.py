@@ -16,6 +16,7 @@ def prune(
     ghost: bool | None = None,
     ghost_rank: int | None = None,
     evaluate: bool = True,
+    data: str | list[str] | None = None,
     device: str = "auto",
 ) -> None:
     """Remove parameter tokens from a trained checkpoint; write the pruned checkpoint, optimizer state cut alike.
@@ -32,31 +33,33 @@ def prune(
         ghost: Keep the removed keys' share of every row's norm (null: on for l2_norm_gelu, the only norm that has one).
         ghost_rank: Cap each ghost's rank (null: exact).
         evaluate: Print the validation loss before and right after pruning.
+        data: The corpus to calibrate and validate on (null: the one the run was trained on); not
+            read with --calibration_batches 0 and --evaluate false.
         device: ``auto``, ``cpu``, ``cuda``, ...
     """
-    from ..train import TrainConfig, Trainer, resolve_checkpoint
-    from ..train.checkpoint import read_train_config
+    from ..io import claim_output
+    from ..validation import check_option, is_int
+    from .reshape import checkpoint_trainer
 
-    if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 0:
-        raise ValueError(f"calibration_batches must be an integer >= 0 (0: data-free), got {calibration_batches!r}")
-    source = resolve_checkpoint(checkpoint)
-    config = TrainConfig.from_dict(
-        {**read_train_config(source), "resume": str(source), "device": device, "progress": False, "strategy": "single"}
+    check_option(
+        "calibration_batches", calibration_batches, lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: data-free)"
     )
-    trainer = Trainer(config)
-    before = trainer.evaluate() if evaluate else None
-    parameters = sum(p.numel() for p in trainer.model.parameters())
-    record = trainer.prune(
-        calibration_batches,
-        qkv_tokens=qkv_tokens,
-        proj_tokens=proj_tokens,
-        ffn_tokens=ffn_tokens,
-        layers=layers,
-        ghost=ghost,
-        ghost_rank=ghost_rank,
-    )
-    after = trainer.evaluate() if evaluate else None
-    path = trainer.save_checkpoint(out)
+    with claim_output(out):
+        needs_data = evaluate or calibration_batches > 0
+        source, trainer = checkpoint_trainer(checkpoint, device, data, needs_data, command="prune")
+        before = trainer.evaluate() if evaluate else None
+        parameters = sum(p.numel() for p in trainer.model.parameters())
+        record = trainer.prune(
+            calibration_batches,
+            qkv_tokens=qkv_tokens,
+            proj_tokens=proj_tokens,
+            ffn_tokens=ffn_tokens,
+            layers=layers,
+            ghost=ghost,
+            ghost_rank=ghost_rank,
+        )
+        after = trainer.evaluate() if evaluate else None
+        path = trainer.save_checkpoint(out)
     remaining = sum(p.numel() for p in trainer.model.parameters())
     importance = f"measured on {calibration_batches} batches" if calibration_batches else "data-free"
     print(

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: builders race, and the loser of the final rename keeps the winner's entry
-    fcntl = None
+from ..io import DirectoryLock, lock_beside
+
+CACHE_ENV = "TOKENFORMER_CACHE"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TOKENFORMER_CACHE", Path.home() / ".cache" / "tokenformer"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "tokenformer"))
+
+
+def cache_for_checkpoint(recorded: str | None) -> str | None:
+    """The cache of a command that reads a trained checkpoint's corpus: ``$TOKENFORMER_CACHE``
+    when set (this machine's choice), else the ``cache_dir`` the run recorded (None: the default)."""
+    return None if os.environ.get(CACHE_ENV) else recorded
 
 
 @contextmanager
@@ -26,25 +29,8 @@ def build_lock(entry: Path) -> Iterator[None]:
     Another process building the same entry waits here until the holder finishes (then finds the
     entry built) or dies (the operating system releases a dead holder's lock). The lock file,
     ``.<name>.lock`` beside the entry, stays: deleting it would let two processes lock two files.
+    Where locks are missing (not POSIX), builders race, and the loser of the final rename keeps
+    the winner's entry.
     """
-    entry = Path(entry)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
+    with DirectoryLock(entry, lock_file=lock_beside(entry), wait=True):
         yield
-        return
-    with open(entry.parent / f".{entry.name}.lock", "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            print(f"waiting for {holder} to finish building {entry}", file=sys.stderr, flush=True)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import _fsync_dir, atomic_write_text, fsync_tree, remove_directory
+from ..io import _fsync_dir, atomic_write_text, fsync_tree, remove_directory, writing
 from .cache import build_lock
 from .corpus import Corpus, Document
 from .tokenizer import ENCODE_PIECE_CHARS, Tokenizer
@@ -96,8 +96,9 @@ class _ShardWriter:
                 path.unlink()
         if self.files:
             name, count, _ = self.files[-1]
-            self._file = open(directory / name, "r+b")
-            self._file.truncate(count * dtype.itemsize)
+            with writing(directory / name):
+                self._file = open(directory / name, "r+b")
+                self._file.truncate(count * dtype.itemsize)
             self._file.seek(0, os.SEEK_END)
 
     def write(self, ids: np.ndarray) -> None:
@@ -107,20 +108,27 @@ class _ShardWriter:
             room = self.shard_tokens - self.files[-1][1]
             part, ids = ids[:room], ids[room:]
             data = part.astype(self.dtype).tobytes()
-            self._file.write(data)
+            with writing(self._path):
+                self._file.write(data)
             self.files[-1][1] += len(part)
             self.files[-1][2] = zlib.crc32(data, self.files[-1][2])
+
+    @property
+    def _path(self) -> Path:
+        return self.directory / self.files[-1][0]
 
     def _roll(self) -> None:
         self.close()
         name = f"{self.split}-{len(self.files):05d}.bin"
-        self._file = open(self.directory / name, "wb")
+        with writing(self.directory / name):
+            self._file = open(self.directory / name, "wb")
         self.files.append([name, 0, 0])
 
     def sync(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            with writing(self._path):
+                self._file.flush()
+                os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file is not None:

@@ -9,6 +9,7 @@ installed) and lm-evaluation-harness all read it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from ..config import TokenformerConfig
 from ..families import CONFIG_NAME, save_model
+from ..io import atomic_directory, claim_output
 from .released import HUB_MODELS, download_released, load_released
 from .tokenizer import GPT_NEOX_TOKENIZER_REPO, TOKENIZER_NAME, as_tokenizer
 
@@ -33,15 +35,38 @@ def convert_released(
 
     ``config``/``n_heads`` as in :func:`~tokenformer.interop.released.load_released`;
     ``tokenizer`` is a ``tokenizer.json`` (or a directory with one) stored beside the weights.
+    The directory is built beside ``destination`` and renamed into place, so that it holds the
+    old model or the new one, whole, whatever happens; ``overwrite`` replaces a model directory
+    as a whole (no file of the old model stays). Two writers of one ``destination`` at once:
+    the second is refused.
     """
     destination = Path(destination).expanduser()
-    if (destination / CONFIG_NAME).exists() and not overwrite:
+    with claim_output(destination, replace=True):
+        check_replaceable(destination, overwrite)
+        tokenizer = as_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
+        model = load_released(source, config, n_heads=n_heads)
+        with atomic_directory(destination, replace=True) as staging:
+            save_model(model, staging, tokenizer)
+    return destination
+
+
+def check_replaceable(destination: Path, overwrite: bool) -> None:
+    """Refuse to write ``destination`` unless it is new, an empty folder, or (with ``overwrite``)
+    a model directory: replacing it as a whole must lose no file of anything else."""
+    if not os.path.lexists(destination):
+        return
+    if not destination.is_dir() or destination.is_symlink():
+        raise FileExistsError(f"{destination} exists and is not a directory; allowed: a new or empty directory")
+    if (destination / CONFIG_NAME).is_file():
+        if not overwrite:
+            raise FileExistsError(
+                f"{destination} already holds a model ({CONFIG_NAME}); pass overwrite=True (--overwrite) to replace it"
+            )
+    elif any(destination.iterdir()):
         raise FileExistsError(
-            f"{destination} already holds a model ({CONFIG_NAME}); pass overwrite=True (--overwrite) to replace it"
+            f"{destination} holds files but no model ({CONFIG_NAME}); refusing to replace them: "
+            "allowed: a new or empty directory, or a model directory with overwrite"
         )
-    tokenizer = as_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
-    model = load_released(source, config, n_heads=n_heads)
-    return save_model(model, destination, tokenizer)
 
 
 def convert_from_hub(

@@ -13,12 +13,11 @@ imported (its registered classes, no ``trust_remote_code``) and takes lm_eval's 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..families import CONFIG_NAME
+from ..families import CONFIG_NAME, read_model_config
 from ..model import TokenformerLM
 from .tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, as_tokenizer, hf_tokenizer_config
 
@@ -89,7 +88,7 @@ def evaluate(
                 f"or convert with --tokenizer so the directory holds one"
             )
         pretrained = str(directory)
-        max_len = json.loads((directory / CONFIG_NAME).read_text())["max_seq_len"]
+        max_len = read_model_config(directory).max_seq_len  # a field left out has its default, as the model
     hf_tokenizer = _hf_tokenizer(tokenizer, max_len)
     lm = HFLM(pretrained=pretrained, tokenizer=hf_tokenizer, batch_size=batch_size, device=device)
     # Indexing lm-eval's own task library reads ~14k YAML files (tens of seconds): only task

@@ -9,6 +9,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import TrainConfig
+from .interrupt import TrainingInterrupted
 from .lm import LanguageModelingTask, evaluate_windows, language_modeling_task, prepare_data
 from .metrics import Logger, read_metrics
 from .task import Task
@@ -23,6 +24,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "evaluate_windows",
     "language_modeling_task",
     "latest_checkpoint",

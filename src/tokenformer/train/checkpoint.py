@@ -52,7 +52,7 @@ from torch import nn
 
 from .. import families, io
 from ..data.tokenizer import Tokenizer
-from ..validation import is_int
+from ..validation import invalid, is_int, is_number
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -326,6 +326,22 @@ def _safe_reader(shards: Path):
     return Reader(shards)
 
 
+def _shard_tensors(shards: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of every model tensor in a sharded checkpoint, from DCP's metadata
+    alone (read with :class:`_MetadataUnpickler`)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = _safe_reader(shards).read_metadata()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint shards {shards} have no metadata: {exc.filename} is missing") from None
+    return {
+        fqn.removeprefix("model."): (tuple(item.size), item.properties.dtype)
+        for fqn, item in metadata.state_dict_metadata.items()
+        if fqn.startswith("model.") and isinstance(item, TensorStorageMetadata)
+    }
+
+
 def _safe_planner(shards: Path):
     """DCP's load planner, reading non-tensor values (optimizer hyperparameters) with
     ``torch.load(weights_only=True)`` as DCP's reader already reads tensors: plain data only,
@@ -418,11 +434,15 @@ def load_checkpoint(
         except UnicodeDecodeError as exc:
             raise CheckpointError(f"checkpoint file {tokenizer_path} is not a tokenizer (not UTF-8 text)") from exc
     if is_sharded(directory):
-        model = families.build_model(families.read_model_config(directory)).to(device)
+        config = families.read_model_config(directory)
+        shards = directory / SHARDS
+        families.check_weights(config, _shard_tensors(shards), shards, directory / families.CONFIG_NAME)
+        model = families.build_model(config).to(device)
         rng = io.load_weights(directory / RNG, device="cpu")
         return Checkpoint(directory, model, state, {}, rng, tokenizer_json, sharded=True)
     model = load_model(directory, device)
     tensors = io.load_weights(directory / OPTIMIZER, device="cpu")
+    _check_optimizer_meta(state.get("optimizer"), directory / STATE)
     try:
         optimizer_state = optimizer_from_tensors(tensors, state.pop("optimizer"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -435,8 +455,9 @@ def load_checkpoint(
 
 
 def read_trainer_state(directory: str | Path) -> dict[str, Any]:
-    """``trainer_state.json`` of a checkpoint; one that is not a trainer state raises a
-    :class:`CheckpointError` naming the file."""
+    """``trainer_state.json`` of a checkpoint; one that is not a trainer state, or holds a value
+    that cannot be one (a negative step, a count that is not a number), raises a
+    :class:`CheckpointError` naming the file and the field."""
     path = Path(directory) / STATE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a training checkpoint: {STATE} is missing")
@@ -448,7 +469,55 @@ def read_trainer_state(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint file {path} is not a trainer state: it needs an integer step and a train_config"
         )
+    for name, (ok, allowed) in _STATE_FIELDS.items():
+        if name in state and not ok(state[name]):
+            raise _bad_field(path, name, state[name], allowed)
     return state
+
+
+def _records(value: Any) -> bool:
+    # A history: a list of records, each with the integer step it was made at.
+    return isinstance(value, list) and all(isinstance(r, dict) and is_int(r.get("step")) for r in value)
+
+
+# The fields of trainer_state.json that the trainer restores, and what each may hold.
+_STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "step": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "tokens": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "flops": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+    "wall_time": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+    "first_loss": (lambda v: v is None or is_number(v), "a finite number or null"),
+    "ema_updates": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "val_history": (_records, "a list of records with an integer step"),
+    "growth_history": (_records, "a list of records with an integer step"),
+}
+
+
+def _check_optimizer_meta(meta: Any, path: Path) -> None:
+    """The optimizer hyperparameters of ``trainer_state.json``: numbers (or flags) where AdamW
+    reads them, so that a tampered value fails here with the file named, not in a step."""
+
+    def plain(key: str, value: Any) -> bool:
+        numbers = isinstance(value, list) and all(is_number(v) for v in value)  # betas, params
+        return value is None or isinstance(value, bool) or is_number(value) or numbers or key == "name"
+
+    groups = meta.get("param_groups") if isinstance(meta, dict) else None
+    scalars = meta.get("scalars") if isinstance(meta, dict) else None
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups) and isinstance(scalars, dict)):
+        raise CheckpointError(f"checkpoint file {path}: field optimizer needs param_groups (a list) and scalars")
+    for i, group in enumerate(groups):
+        for key, value in group.items():
+            if not plain(key, value):
+                allowed = "a finite number, a list of them, true/false or null"
+                raise _bad_field(path, f"optimizer.param_groups[{i}].{key}", value, allowed)
+    for index, values in scalars.items():
+        for key, value in values.items() if isinstance(values, dict) else [("*", values)]:
+            if not is_number(value):
+                raise _bad_field(path, f"optimizer.scalars.{index}.{key}", value, "a finite number")
+
+
+def _bad_field(path: Path, name: str, value: Any, allowed: str) -> CheckpointError:
+    return CheckpointError(str(invalid(f"checkpoint file {path}: field", name, value, allowed)))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -501,17 +570,42 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with {CHECKPOINTS}/")
 
 
+@contextlib.contextmanager
+def reading(path: str | Path):
+    """While inside, the run that ``path`` belongs to (a run directory, or one of its
+    checkpoints) deletes and replaces none of its checkpoints, so that a reader of a run that is
+    training finds the checkpoint it picked whole until it is done. New checkpoints still
+    appear; old ones are pruned at a later save. Anything else (a model directory) is read as is.
+
+    Readers share a lock on ``<run>/.checkpoints.lock`` that the trainer takes alone to delete or
+    replace a checkpoint (:func:`changing`)."""
+    path = Path(path).expanduser()
+    folder = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path.parent
+    if folder.name != CHECKPOINTS or not folder.is_dir():
+        yield
+        return
+    with io.flocked(io.lock_beside(folder), shared=True):
+        yield
+
+
+def changing(run_dir: str | Path, wait: bool = True):
+    """The trainer's side of :func:`reading`: a context that yields whether it may delete or
+    replace checkpoints of ``run_dir`` now (with ``wait``, once the readers are done)."""
+    return io.flocked(io.lock_beside(Path(run_dir) / CHECKPOINTS), wait=wait)
+
+
 def set_aside_checkpoints(run_dir: str | Path, damaged: list[Path], start_step: int) -> list[Path]:
     """Before a run that starts at ``start_step`` writes into ``run_dir``: rename each damaged
     checkpoint to ``*.corrupt`` and each later one (written by an earlier run that went further,
     which this run replaces) to ``*.superseded``, so that neither is resumed from, blocks a step
     or counts for ``keep_last``. Returns the new paths; nothing is deleted."""
     moved = []
-    for path in list_checkpoints(run_dir):
-        if path in damaged:
-            moved.append(io.set_aside(path, "corrupt"))
-        elif checkpoint_step(path) > start_step:
-            moved.append(io.set_aside(path, "superseded"))
+    with changing(run_dir):
+        for path in list_checkpoints(run_dir):
+            if path in damaged:
+                moved.append(io.set_aside(path, "corrupt"))
+            elif checkpoint_step(path) > start_step:
+                moved.append(io.set_aside(path, "superseded"))
     if moved:
         warnings.warn(
             f"set aside {len(moved)} checkpoint(s) this run does not continue: {', '.join(p.name for p in moved)} "
@@ -523,10 +617,14 @@ def set_aside_checkpoints(run_dir: str | Path, damaged: list[Path], start_step: 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path | None = None) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (each vanishes whole, never halfway);
-    ``keep`` (the checkpoint just written) is never deleted."""
-    for path in list_checkpoints(run_dir)[:-keep_last]:
-        if keep is None or path != Path(keep):
-            io.remove_directory(path)
+    ``keep`` (the checkpoint just written) is never deleted. While the run is being read
+    (:func:`reading`) nothing is deleted: a later call catches up."""
+    with changing(run_dir, wait=False) as free:
+        if not free:
+            return
+        for path in list_checkpoints(run_dir)[:-keep_last]:
+            if keep is None or path != Path(keep):
+                io.remove_directory(path)
 
 
 def read_train_config(directory: str | Path) -> dict[str, Any]:

@@ -283,6 +283,7 @@ class TrainConfig:
             lambda v: bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)),
             "a corpus name, path or glob, or a list of them",
         )
+        _check(self, "out_dir", lambda v: isinstance(v, str) and v.strip() != "", "a directory (not empty)")
         _check(
             self,
             "resume",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import io
+from ..validation import is_int
 
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
@@ -95,23 +96,17 @@ class JsonLinesLogger:
             if r["step"] < start_step or (r["step"] == start_step and r["kind"] != "event")
         ]
         io.atomic_write_text(self.path, "".join(_line(r) for r in kept))
-        try:
+        with io.writing(self.path):
             self._file = open(self.path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise io.write_error(self.path, exc) from exc
 
     def log(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
-        try:
+        with io.writing(self.path):
             self._file.write(_line({"step": step, "kind": kind, **values}))
             self._file.flush()
-        except OSError as exc:
-            raise io.write_error(self.path, exc) from exc
 
     def close(self) -> None:
-        try:
+        with io.writing(self.path):
             self._file.close()
-        except OSError as exc:
-            raise io.write_error(self.path, exc) from exc
 
 
 def _line(record: Mapping[str, Any]) -> str:
@@ -232,22 +227,43 @@ _OLD_TRAIN_NAMES = {"tokens": "train_tokens", "flops": "train_flops"}
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics file (a line cut short by a crash is ignored), under the current names.
+    """Records of a metrics file, under the current names.
 
-    A number that was not finite is None, also in files written before it was stored as null.
+    A number that was not finite is None, also in files written before it was stored as null. A
+    line that is not a record (not UTF-8 JSON, no integer step, a number that is not one) is
+    skipped with a warning naming the file and the line; a last line cut short by a crash
+    (no line end) is skipped silently.
     """
     path = Path(path)
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if isinstance(record, dict) and "step" in record and "kind" in record:
+        record = _record(line)
+        if record is not None:
             records.append(finite_or_null(_current_names(record)))
+        elif number < len(lines):  # the last piece has no line end: cut short by a crash
+            warnings.warn(f"{path} line {number} is not a metrics record; skipped: {line[:80]!r}", stacklevel=2)
     return records
+
+
+# Fields of a record that the curves read: numbers (null where not finite).
+_NUMBERS = ("loss", "val_loss", *PROGRESS)
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (isinstance(record, dict) and is_int(record.get("step")) and isinstance(record.get("kind"), str)):
+        return None
+    if any(record.get(name) is not None and not isinstance(record[name], (int, float)) for name in _NUMBERS):
+        return None
+    return record
 
 
 def _current_names(record: dict[str, Any]) -> dict[str, Any]:

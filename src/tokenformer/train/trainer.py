@@ -53,10 +53,12 @@ from .checkpoint import (
     TOKENIZER,
     Checkpoint,
     CheckpointError,
+    changing,
     checkpoint_name,
     load_checkpoint,
     load_sharded_state,
     prune_checkpoints,
+    reading,
     resolve_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -64,6 +66,7 @@ from .checkpoint import (
     set_aside_checkpoints,
 )
 from .config import TrainConfig
+from .interrupt import TrainingInterrupted, deferred_interrupt
 from .metrics import Logger, MetricsLogger, plot_loss_curve
 from .parallel import (
     RankSlice,
@@ -285,14 +288,15 @@ class Trainer:
         resume = self.config.resume
         if resume is None:
             return None
-        if resume == "auto":
-            found = self._on_main(lambda: scan_checkpoints(self.run_dir))
-            path, self._damaged = broadcast_object(found, self.dist)
-        else:
-            path = broadcast_object(self._on_main(lambda: resolve_checkpoint(resume)), self.dist)
-        if path is None:
-            return None  # "auto" in a run directory without a good checkpoint: a fresh start
-        return load_checkpoint(path, self.device, load_model)
+        with reading(self.run_dir if resume == "auto" else resume):  # another run may be training
+            if resume == "auto":
+                found = self._on_main(lambda: scan_checkpoints(self.run_dir))
+                path, self._damaged = broadcast_object(found, self.dist)
+            else:
+                path = broadcast_object(self._on_main(lambda: resolve_checkpoint(resume)), self.dist)
+            if path is None:
+                return None  # "auto" in a run directory without a good checkpoint: a fresh start
+            return load_checkpoint(path, self.device, load_model)
 
     def _check_resume(self, checkpoint: Checkpoint) -> None:
         """Options that cannot continue ``checkpoint`` are refused here, before anything is written."""
@@ -356,8 +360,9 @@ class Trainer:
     def _find_init_checkpoint(self, load_model) -> Checkpoint | None:
         if self.config.init_from is None:
             return None
-        path = resolve_checkpoint(self.config.init_from)
-        loaded = load_checkpoint(path, self.device, load_model)
+        with reading(self.config.init_from):
+            path = resolve_checkpoint(self.config.init_from)
+            loaded = load_checkpoint(path, self.device, load_model)
         if loaded.sharded:
             raise ValueError(
                 f"training option init_from={self.config.init_from!r} is a sharded checkpoint ({path}); allowed: a "
@@ -483,7 +488,9 @@ class Trainer:
         """Train up to optimizer step ``until_step`` (default ``config.max_steps``).
 
         Validates every ``eval_interval`` steps and checkpoints every ``ckpt_interval`` steps,
-        and both at ``until_step``. Raises :class:`TrainingDiverged` on a NaN/inf loss.
+        and both at ``until_step``. Raises :class:`TrainingDiverged` on a NaN/inf loss. On Ctrl-C
+        it finishes the step, saves a checkpoint and raises :class:`TrainingInterrupted` (a
+        second Ctrl-C stops at once, unsaved; see :mod:`tokenformer.train.interrupt`).
         """
         config = self.config
         target = config.max_steps if until_step is None else until_step
@@ -514,37 +521,57 @@ class Trainer:
         )
         window_items, window_start = 0, time.perf_counter()
         try:
-            while self.state.step < target:
-                started = time.perf_counter()
-                loss, items = self._train_step()
-                self.state.wall_time += time.perf_counter() - started
-                if self.state.first_loss is None:
-                    self.state.first_loss = loss
-                window_items += items
-                step = self.state.step
-                if (step % config.log_interval == 0 or step == target) and main:
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_items / elapsed if elapsed > 0 else float("nan")
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    self._metrics.log(step, "train", loss=loss, lr=lr, tokens_per_s=rate, **self._progress())
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-                    window_items, window_start = 0, time.perf_counter()
-                bar.update(1)
-                if step % config.eval_interval == 0 or step == target:
-                    metrics = self.evaluate()
-                    if main:
-                        bar.write(
-                            f"step {step}: "
-                            + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                        )
-                    self._check_divergence(metrics.get("val_loss"), step)
-                if step % config.ckpt_interval == 0 or step == target:
-                    self.save_checkpoint()
-                if window_items == 0:  # throughput counts training only, not validation or saving
-                    window_start = time.perf_counter()
+            with deferred_interrupt(enabled=not self.dist.active) as stop:
+                while self.state.step < target:
+                    started = time.perf_counter()
+                    loss, items = self._train_step()
+                    self.state.wall_time += time.perf_counter() - started
+                    if self.state.first_loss is None:
+                        self.state.first_loss = loss
+                    window_items += items
+                    step = self.state.step
+                    if (step % config.log_interval == 0 or step == target) and main:
+                        elapsed = time.perf_counter() - window_start
+                        rate = window_items / elapsed if elapsed > 0 else float("nan")
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        self._metrics.log(step, "train", loss=loss, lr=lr, tokens_per_s=rate, **self._progress())
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                        window_items, window_start = 0, time.perf_counter()
+                    bar.update(1)
+                    if step % config.eval_interval == 0 or step == target:
+                        metrics = self.evaluate()
+                        if main:
+                            bar.write(
+                                f"step {step}: "
+                                + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                            )
+                        self._check_divergence(metrics.get("val_loss"), step)
+                    if step % config.ckpt_interval == 0 or step == target:
+                        self.save_checkpoint()
+                    if window_items == 0:  # throughput counts training only, not validation or saving
+                        window_start = time.perf_counter()
+                    if stop.requested:
+                        self._stop_interrupted()
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, TrainingInterrupted):
+                raise
+            unsaved = f"interrupted during step {self.state.step + 1}, which is not saved"
+            raise TrainingInterrupted(f"{unsaved}; {self._kept()}{self._resume_hint()}") from None
         finally:
             bar.close()
         return self.state
+
+    def _stop_interrupted(self) -> None:
+        """After Ctrl-C: save this step's checkpoint (unless it was just saved) and stop."""
+        step = self.state.step
+        if self.last_checkpoint != self.run_dir / CHECKPOINTS / checkpoint_name(step):
+            self.save_checkpoint()
+        raise TrainingInterrupted(f"interrupted at step {step}, saved in {self.last_checkpoint}{self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return ""
+        return f"; resume with: tokenformer train --config {self.run_dir / TRAIN_CONFIG} --resume auto"
 
     def _train_step(self) -> tuple[float, int]:
         config, step = self.config, self.state.step
@@ -786,9 +813,12 @@ class Trainer:
         def save() -> None:
             ema = self.ema.module.state_dict() if self.ema is not None else None
             state = self.checkpoint_state()
-            save_checkpoint(
-                path, self.model, self.optimizer, state, tokenizer_json, sharded=sharded, ema=ema, replace=in_run
-            )
+            # Replacing a checkpoint of the same step waits for the run's readers (rank 0 swaps).
+            replacing = in_run and self.dist.is_main and Path(path).exists()
+            with changing(self.run_dir) if replacing else contextlib.nullcontext():
+                save_checkpoint(
+                    path, self.model, self.optimizer, state, tokenizer_json, sharded=sharded, ema=ema, replace=in_run
+                )
 
         if sharded:
             save()  # every rank writes its shards
