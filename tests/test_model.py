@@ -185,9 +185,9 @@ def test_parameter_matched_linear():
 @pytest.mark.parametrize(
     ("preset", "overrides", "shape"),
     [
-        ("cpu-0.3M", dict(n_layers=3, qkv_tokens=128, proj_tokens=128, ffn_tokens=512), (104, 13)),
-        ("cpu-1M", dict(n_layers=3, qkv_tokens=256, proj_tokens=256, ffn_tokens=1024), (208, 13)),
-        ("150M", {}, (896, 14)),  # 16 d^2 a block: d_model about sqrt(4/3) x 768, heads of 64
+        ("cpu-0.3M", dict(n_layers=3, qkv_tokens=128, proj_tokens=128, ffn_tokens=512), (104, 4)),
+        ("cpu-1M", dict(n_layers=3, qkv_tokens=256, proj_tokens=256, ffn_tokens=1024), (208, 8)),
+        ("150M", {}, (888, 12)),  # 16 d^2 a block: d_model about sqrt(4/3) x 768
     ],
 )
 def test_standard_linear_has_the_usual_shape_and_the_parameters(preset, overrides, shape):
@@ -195,7 +195,7 @@ def test_standard_linear_has_the_usual_shape_and_the_parameters(preset, override
     standard = cfg.standard_linear()
     assert standard.projection == "linear" and standard.ffn_tokens == 4 * standard.d_model
     assert (standard.d_model, standard.n_heads) == shape
-    assert standard.head_dim % 8 == 0
+    assert standard.d_model % 8 == 0 and standard.rotary_dims % 2 == 0
     ratio = count_parameters(standard, non_embedding=True) / count_parameters(cfg, non_embedding=True)
     assert 0.95 <= ratio <= 1.05
     with torch.device("meta"):

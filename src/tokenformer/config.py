@@ -253,30 +253,27 @@ class BlockConfig:
         non-embedding parameters: MLP hidden width ``4 d'``, so ``12 d'^2`` weights a block against
         the Pattention block's ``2d(3q + p + f)``.
 
-        ``d'`` and the heads are chosen among the valid shapes whose block weights lie within
-        ``tolerance`` of the TokenFormer's: head width a multiple of 8 first, then the head width
-        nearest this config's, then the closest match.
+        ``d'`` is the multiple of 8 nearest the exact match (any integer where no multiple of 8
+        lies within ``tolerance``); the heads are the valid count nearest this config's (by ratio,
+        the larger count on a tie): head widths whose rotary dims come out odd are not valid.
         """
         if self.layer_tokens is not None:
             raise ValueError("standard_linear needs uniform token counts (layer_tokens=None)")
         target = 2 * self.d_model * (3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens)
         ideal = math.sqrt(target / 12)
-        candidates = []
-        for d in range(max(1, math.floor(ideal * (1 - tolerance))), math.ceil(ideal * (1 + tolerance)) + 1):
-            error = abs(12 * d * d - target) / target
-            if error > tolerance:
-                continue
-            for heads in (h for h in range(1, d + 1) if d % h == 0):
-                head_dim = d // heads
-                rank = (head_dim % 8 != 0, abs(math.log(head_dim / self.head_dim)), error)
-                candidates.append((rank, d, heads))
-        for _rank, d, heads in sorted(candidates):
-            try:
-                return self.replace(
-                    projection="linear", d_model=d, n_heads=heads, qkv_tokens=d, proj_tokens=d, ffn_tokens=4 * d
-                )
-            except ValueError:  # e.g. rotary dims that come out odd for this head width
-                continue
+        widths = range(max(1, math.floor(ideal * (1 - tolerance))), math.ceil(ideal * (1 + tolerance)) + 1)
+        widths = [d for d in widths if abs(12 * d * d - target) <= tolerance * target]
+        for d in sorted(widths, key=lambda d: (d % 8 != 0, abs(d - ideal))):
+            counts = sorted(
+                (h for h in range(1, d + 1) if d % h == 0), key=lambda h: (abs(math.log(h / self.n_heads)), -h)
+            )
+            for heads in counts:
+                try:
+                    return self.replace(
+                        projection="linear", d_model=d, n_heads=heads, qkv_tokens=d, proj_tokens=d, ffn_tokens=4 * d
+                    )
+                except ValueError:  # rotary dims that come out odd for this head width
+                    continue
         raise ValueError(
             f"no standard-shape Transformer within {tolerance:.0%} of the parameters of d_model={self.d_model} "
             f"with tokens {self.qkv_tokens}/{self.proj_tokens}/{self.ffn_tokens}"
