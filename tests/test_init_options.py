@@ -64,6 +64,11 @@ def test_defaults_are_the_release_but_small_values():
         assert layer.value_std == pytest.approx(2 / (2 * math.sqrt(32)) / 64)
     vision = VisionConfig.from_preset("fmnist-0.3M")
     assert vision.pattention_init("ffn", 64)["value_std"] == pytest.approx(vision.value_init_std)
+    # The Transformer twin's residual outputs start 16 times below the wang std (the ViT's do not).
+    linear = tiny_config(projection="linear")
+    assert linear.linear_init_std(writes_residual=True) == pytest.approx(linear.value_init_std / 16)
+    assert linear.linear_init_std(writes_residual=False) == linear.init_std
+    assert vision.replace(projection="linear").linear_init_std(writes_residual=True) == vision.value_init_std
 
 
 @pytest.mark.parametrize("name", OPTIONS)
