@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import BlockConfig, TokenformerConfig
-from .pattention import Pattention, reuse_tokens, run_pattentions
+from .pattention import Pattention, reuse_tokens, reused_concat, reused_weight, run_pattentions
 
 
 def make_projection(
@@ -46,6 +46,14 @@ def make_projection(
     return _linear(in_features, out_features, config.linear_init_std(writes_residual))
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; a plain bias-free Linear reads its weight through :func:`reused_weight` (kept in
+    its decoding layout during generation). A Linear wrapped by an adapter runs as itself."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        return F.linear(x, reused_weight(layer.weight))
+    return layer(x)
+
+
 def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
     linear = nn.Linear(in_features, out_features, bias=False)
     nn.init.normal_(linear.weight, std=std)
@@ -61,7 +69,7 @@ class MLP(nn.Module):
         self.fc2 = _linear(hidden, config.d_model, config.linear_init_std(writes_residual=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return linear(self.fc2, F.gelu(linear(self.fc1, x)))
 
 
 def make_ffn(config: BlockConfig, num_tokens: int) -> nn.Module:
@@ -115,6 +123,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     tables are ``[T, dims]``, or ``[B, 1, T, dims]`` for positions that differ between rows."""
     if cos.shape[-1] == 0:
         return x
+    if not (torch.is_grad_enabled() and x.requires_grad):  # decoding: no autograd bookkeeping
+        return _rotate(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
 
@@ -140,9 +150,9 @@ class KVCache:
             raise ValueError(f"the KV cache holds at most max_len={self.max_len} tokens; {end} were given")
         self.keys[layer] = self._room(self.keys[layer], k, end)
         self.values[layer] = self._room(self.values[layer], v, end)
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer].narrow(2, self.length, k.shape[2]).copy_(k)
+        self.values[layer].narrow(2, self.length, v.shape[2]).copy_(v)
+        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
 
     def _room(self, buffer: torch.Tensor | None, new: torch.Tensor, end: int) -> torch.Tensor:
         """``buffer``, or a larger copy of its cached slots, with room for ``end`` tokens."""
@@ -199,7 +209,7 @@ class SelfAttention(nn.Module):
             return run_pattentions(layers, x)
         if all(type(layer) is nn.Linear for layer in layers):
             weights = [layer.weight for layer in layers]
-            return list(F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1))
+            return list(F.linear(x, reused_concat(weights)).split([w.shape[0] for w in weights], dim=-1))
         return [layer(x) for layer in layers]
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +252,7 @@ class SelfAttention(nn.Module):
             start = cache.length
             k, v = cache.update(layer, k, v)
         y = self.attend(q, k, v, start, allowed)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
+        return linear(self.proj, y.transpose(1, 2).reshape(batch, length, d_model))
 
 
 class Block(nn.Module):
@@ -434,7 +444,7 @@ class TokenformerLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits of final hidden states: the output head is the word embedding (tied)."""
-        return F.linear(hidden, self.word_embeddings.weight)
+        return F.linear(hidden, reused_weight(self.word_embeddings.weight))
 
     def forward(
         self,

@@ -18,7 +18,8 @@ import contextlib
 import contextvars
 import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,10 @@ def _torch_forward(x, keys, values, tau, norm):
         # n * softmax(A), n = tau^2 frozen at creation; softmax subtracts the row maximum.
         probs = torch.softmax(a, dim=-1).mul_((t * t).to(a.dtype))
         scores, row_scale = scores.new_empty(0), scores.new_empty(0)
-    out = torch.bmm(probs.transpose(0, 1), values.view(s, n, -1))
+    if s == 1:  # the same product as a batch of one, without the batch's bookkeeping
+        out = torch.mm(probs.view(rows, n), values).unsqueeze(0)
+    else:
+        out = torch.bmm(probs.transpose(0, 1), values.view(s, n, -1))
     return out, probs.view(rows, s * n), scores, row_scale.view(rows, -1) if row_scale.numel() else row_scale
 
 
@@ -416,11 +420,14 @@ _reused_tokens: contextvars.ContextVar[dict | None] = contextvars.ContextVar("re
 
 @contextlib.contextmanager
 def reuse_tokens():
-    """Within this block, calls without autograd keep each group's concatenated key and value
-    tokens (cast to the autocast dtype) from call to call instead of building them anew.
+    """Within this block, calls without autograd keep what they build from the weights from call to
+    call instead of building it anew: each group's concatenated key and value tokens (cast to the
+    autocast dtype) and, on the CPU, the weights of the products in their decoding layout
+    (:func:`decoding_layout`).
 
-    For generation (``TokenformerLM.generate`` uses it), where the weights do not change between
-    new tokens; a parameter changed in place inside the block would not be seen.
+    For generation (``TokenformerLM.generate`` and the transformers ``generate`` use it), where the
+    weights do not change between new tokens; a parameter changed in place inside the block would
+    not be seen.
     """
     reset = _reused_tokens.set({})
     try:
@@ -429,16 +436,56 @@ def reuse_tokens():
         _reused_tokens.reset(reset)
 
 
-def _tokens(keys, values, taus, dtype):
-    """The key and value tokens of a group concatenated in ``dtype``, and its taus as one tensor."""
+def _kept(
+    kind: str, weights: Sequence[torch.Tensor], build: Callable[[bool], Any], taus: Sequence[torch.Tensor] = ()
+) -> Any:
+    """``build(False)``; within :func:`reuse_tokens` (calls without autograd), ``build(True)`` once,
+    kept for these ``weights`` (and ``taus``). Only parameters are kept: a weight computed from
+    them at every call (an adapter's) is a new tensor each time."""
     # (The compiler cannot trace a context variable: it is only read outside compiled code.)
     cache = None if torch.compiler.is_compiling() or torch.is_grad_enabled() else _reused_tokens.get()
-    if cache is None:
-        return _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
-    key = (dtype, *((t.data_ptr(), t.shape) for t in (*keys, *values, *taus)))
+    if cache is None or not all(isinstance(w, nn.Parameter) for w in weights):
+        return build(False)
+    # Growth and pruning replace a parameter's tensor: its memory or its shape changes.
+    key = (kind, *[(t.data_ptr(), t.shape) for t in (*weights, *taus)])
     if key not in cache:
-        cache[key] = _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
+        cache[key] = build(True)
     return cache[key]
+
+
+def decoding_layout(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [out, in]`` (the right operand of ``x @ weight.T``) with the same values and shape,
+    stored transposed on the CPU. Decoding multiplies one row per sequence by every weight, a
+    product bound by how fast the weight streams from memory: on the CPU the vector-matrix form,
+    which reads ``weight.T`` row by row, streamed it up to 1.4x faster than the dot products over
+    the rows of ``weight`` (docs/performance.md). Other devices get ``weight`` itself."""
+    if weight.device.type != "cpu":
+        return weight
+    return weight.T.contiguous().T
+
+
+def _laid_out(weight: torch.Tensor, kept: bool) -> torch.Tensor:
+    return decoding_layout(weight) if kept else weight
+
+
+def reused_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` for ``F.linear``; within :func:`reuse_tokens`, kept in its :func:`decoding_layout`."""
+    return _kept("weight", (weight,), lambda kept: _laid_out(weight, kept))
+
+
+def reused_concat(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(weights)`` for ``F.linear``; within :func:`reuse_tokens`, kept in its decoding layout."""
+    return _kept("concat", weights, lambda kept: _laid_out(_concat(weights), kept))
+
+
+def _tokens(keys, values, taus, dtype):
+    """The key and value tokens of a group concatenated in ``dtype``, and its taus as one tensor;
+    within :func:`reuse_tokens`, kept, the keys in their decoding layout."""
+
+    def build(kept: bool):
+        return _laid_out(_cast(_concat(keys), dtype), kept), _cast(_concat(values), dtype), _stack(taus)
+
+    return _kept(f"tokens {dtype}", (*keys, *values), build, taus)
 
 
 def pattention(
