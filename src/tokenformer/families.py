@@ -32,7 +32,15 @@ from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # Keys that Hugging Face transformers adds to a config.json; the directory format is shared.
-HF_CONFIG_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map")
+HF_CONFIG_KEYS = (
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "auto_map",
+    "use_cache",
+)
 
 
 @dataclass(frozen=True)

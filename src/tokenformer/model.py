@@ -166,6 +166,12 @@ class KVCache:
         return grown
 
 
+def tracing() -> bool:
+    """Whether torch.compile, torch.export or TorchScript is tracing: code that branches on a tensor's
+    values would fix the branch taken for every later input."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """The position ``[B, S]`` of every slot of a padded batch (``attention_mask`` 1 for a token, 0
     for padding): each row's tokens count from 0; padding takes its preceding token's position, or 0."""
@@ -224,6 +230,8 @@ class SelfAttention(nn.Module):
         (boolean, broadcastable to the scores) is the mask of a padded batch, causal already
         (:func:`padding_allowed`)."""
         if allowed is not None:
+            if allowed.is_floating_point():  # an additive mask: in the scores' dtype
+                allowed = allowed.to(q.dtype)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         length = q.shape[2]
         if start == 0:
@@ -251,6 +259,8 @@ class SelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)
+            if k.shape[2] != start + length:  # a static cache (transformers'): its later slots are empty
+                k, v = k.narrow(2, 0, start + length), v.narrow(2, 0, start + length)
         y = self.attend(q, k, v, start, allowed)
         return linear(self.proj, y.transpose(1, 2).reshape(batch, length, d_model))
 
@@ -276,7 +286,7 @@ class Block(nn.Module):
         super().__init__()
         tokens = config.tokens(layer)
         self.layer = layer
-        self.eps = config.layernorm_eps
+        self.width, self.eps = config.d_model, config.layernorm_eps
         self.attention = attention(config, tokens)
         self.mlp = make_ffn(config, tokens["ffn"])
         for name, rank in config.ghosts(layer).items():  # a pruned model's ghosts (filled by its state dict)
@@ -302,7 +312,8 @@ class Block(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # The release's in-block LayerNorm has no learnable weight or bias.
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        # (Its width is the config's, a constant: traced for ONNX, a shape read from x would not be.)
+        return F.layer_norm(x, (self.width,), eps=self.eps)
 
     def forward(
         self,
@@ -374,7 +385,7 @@ class TokenformerLM(nn.Module):
                 f"sequence length {end} exceeds max_seq_len={self.config.max_seq_len}; "
                 f"allowed: at most {self.config.max_seq_len} tokens (cached and new together)"
             )
-        if input_ids.numel() and not torch.compiler.is_compiling():
+        if input_ids.numel() and not tracing():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
@@ -388,13 +399,21 @@ class TokenformerLM(nn.Module):
         position_ids: torch.Tensor | None,
     ) -> None:
         batch, length = input_ids.shape
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            rows, heads, queries, keys = attention_mask.shape
+            if rows not in (1, batch) or heads != 1 or queries != length or keys < start + length:
+                raise ValueError(
+                    f"a 4-d attention_mask must have shape [batch, 1, new tokens, key slots >= cached + new tokens] "
+                    f"= [{batch}, 1, {length}, >= {start + length}] (transformers' form: True or 0 where a token "
+                    f"attends to a key, False or -inf where not), got {list(attention_mask.shape)}"
+                )
+        elif attention_mask is not None:
             expected = (batch, start + length)
             if tuple(attention_mask.shape) != expected or attention_mask.is_floating_point():
                 raise ValueError(
                     f"attention_mask must be an integer or bool tensor of shape [batch, cached + new tokens] = "
-                    f"{list(expected)} (1 for a token, 0 for padding), got {attention_mask.dtype} "
-                    f"{list(attention_mask.shape)}"
+                    f"{list(expected)} (1 for a token, 0 for padding), or transformers' 4-d mask, got "
+                    f"{attention_mask.dtype} {list(attention_mask.shape)}"
                 )
         if position_ids is not None and (
             position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length
@@ -421,14 +440,18 @@ class TokenformerLM(nn.Module):
         self._check_padding(input_ids, start, attention_mask, position_ids)
         length = input_ids.shape[1]
         allowed = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # transformers' mask (a static cache's covers all its slots; those after the tokens are cut off)
+            allowed = attention_mask[..., : start + length]
+        elif attention_mask is not None:
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask)[:, start:]
-            # Without padding the mask changes nothing: the unmasked causal path is faster.
-            if not bool(attention_mask.all()):
+            # Without padding the mask changes nothing: the unmasked causal path is faster. Compiled or
+            # exported code cannot look at the values, so it always takes the mask.
+            if tracing() or not bool(attention_mask.all()):
                 allowed = padding_allowed(attention_mask, start, length)
         if position_ids is None:
-            position_ids = torch.arange(start, start + length, device=input_ids.device)
+            position_ids = torch.arange(length, device=input_ids.device) + start
         cos, sin = rotary_cos_sin(self.config, position_ids, self.word_embeddings.weight.dtype)
         if cos.dim() == 3:  # positions per row: [B, T, dims] -> [B, 1, T, dims] against [B, H, T, head_dim]
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

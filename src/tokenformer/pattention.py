@@ -363,6 +363,8 @@ def _plain(impl: str, x: torch.Tensor, taus: Sequence[torch.Tensor]) -> bool:
     """Whether the plain formula runs instead of the registered operator."""
     if impl == "reference" or any(t.requires_grad for t in taus):
         return True
+    if torch.jit.is_tracing():  # TorchScript (and the ONNX export built on it) knows no registered operator
+        return True
     # On the CPU the compiler generates faster code for the whole formula (its normalisation
     # fused with the neighbouring element-wise work) than for an operator it cannot look into.
     return impl == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling()
