@@ -329,6 +329,19 @@ def test_torchscript_trace_and_onnx_export_with_a_mask(tmp_path):
     assert {"MatMul", "Gelu", "Softmax"} <= {node.op_type for node in onnx.load(path).graph.node}
 
 
+def test_resize_token_embeddings_works_in_place(tmp_path):
+    hf = to_hf(grown_model())
+    ids = torch.randint(0, 97, (1, 6))
+    before = hf(ids).logits
+    hf.resize_token_embeddings(130)
+    new = torch.tensor([[5, 120, 129]])
+    assert hf(new).logits.shape == (1, 3, 130)  # new ids are accepted at once
+    torch.testing.assert_close(hf(ids).logits[..., :97], before)
+    assert from_hf(hf).config.vocab_size == hf.config.vocab_size == 130
+    hf.save_pretrained(tmp_path)
+    torch.testing.assert_close(load_model(tmp_path)(new), hf(new).logits)
+
+
 def test_transformers_generate_keeps_the_decoding_weights(monkeypatch):
     from tokenformer import pattention
 

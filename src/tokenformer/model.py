@@ -467,7 +467,11 @@ class TokenformerLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits of final hidden states: the output head is the word embedding (tied)."""
-        return F.linear(hidden, reused_weight(self.word_embeddings.weight))
+        embedding = self.word_embeddings
+        if type(embedding) is nn.Embedding:
+            return F.linear(hidden, reused_weight(embedding.weight))
+        # An adapter wraps the embedding (LoRA): the tied head reads the rows the input reads.
+        return F.linear(hidden, embedding(torch.arange(self.config.vocab_size, device=hidden.device)))
 
     def forward(
         self,

@@ -28,6 +28,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_tokenformer import TokenformerHFConfig
+from .lora import prepare_lora_config
 from .model import Block, TokenformerLM, set_activation_checkpointing
 from .pattention import Pattention, reuse_tokens
 
@@ -94,7 +95,11 @@ class TokenformerPreTrainedModel(PreTrainedModel):
         config.auto_map = {**auto_map(), **(getattr(config, "auto_map", None) or {})}
         lm = TokenformerLM(config.to_tokenformer())
         self.word_embeddings, self.layers, self.final_norm = lm.word_embeddings, lm.layers, lm.final_norm
-        # Kept out of the module tree: registering it would give every weight a second name.
+        # The LM's modules are this model's, held once: one dict of submodules serves both, so a
+        # module replaced here (a LoRA layer, peft's modules_to_save, resize_token_embeddings) is the
+        # module the LM runs. The LM itself stays out of the module tree: registering it would give
+        # every weight a second name.
+        object.__setattr__(lm, "_modules", self._modules)
         object.__setattr__(self, "lm", lm)
         self.post_init()
 
@@ -121,7 +126,19 @@ class TokenformerPreTrainedModel(PreTrainedModel):
         return self.word_embeddings
 
     def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
-        self.word_embeddings = self.lm.word_embeddings = value
+        self.word_embeddings = value
+
+    def resize_token_embeddings(self, *args, **kwargs) -> torch.nn.Embedding:
+        embedding = super().resize_token_embeddings(*args, **kwargs)
+        # The LM checks token ids against its own config: it takes the new vocabulary size.
+        self.lm.config = self.config.to_tokenformer()
+        return embedding
+
+    def prepare_lora_config(self, config: Any) -> Any:
+        """A peft ``LoraConfig`` whose ``target_modules`` may name this model's Pattention layers
+        (``query``, ``key``, ``value``, ``proj``, ``mlp``; ``"all-linear"``: all of them): pass it to
+        ``get_peft_model``. See ``lora.py`` in this folder."""
+        return prepare_lora_config(config, self)
 
     def _hidden_states(
         self,
