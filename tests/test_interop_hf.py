@@ -342,6 +342,12 @@ def test_resize_token_embeddings_works_in_place(tmp_path):
     torch.testing.assert_close(load_model(tmp_path)(new), hf(new).logits)
 
 
+def test_save_pretrained_writes_the_model_card(tmp_path):
+    to_hf(grown_model()).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "TokenFormer causal language model" in card and "trust_remote_code=True" in card
+
+
 def test_transformers_generate_keeps_the_decoding_weights(monkeypatch):
     from tokenformer import pattention
 

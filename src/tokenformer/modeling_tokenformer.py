@@ -16,6 +16,8 @@ transformers copies it with every module it imports relatively (``model.py``, ``
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_tokenformer import TokenformerHFConfig
 from .lora import prepare_lora_config
 from .model import Block, TokenformerLM, set_activation_checkpointing
+from .model_card import MODEL_CARD_NAME, model_card
 from .pattention import Pattention, reuse_tokens
 
 
@@ -139,6 +142,15 @@ class TokenformerPreTrainedModel(PreTrainedModel):
         (``query``, ``key``, ``value``, ``proj``, ``mlp``; ``"all-linear"``: all of them): pass it to
         ``get_peft_model``. See ``lora.py`` in this folder."""
         return prepare_lora_config(config, self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """transformers' ``save_pretrained`` (weights, config with ``auto_map``, code, generation
+        config) and the model card (``README.md``)."""
+        if kwargs.get("is_main_process", True):
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            card = model_card(self.lm.config)
+            (Path(save_directory) / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _hidden_states(
         self,
