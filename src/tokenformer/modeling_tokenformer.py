@@ -34,6 +34,7 @@ from .lora import prepare_lora_config
 from .model import Block, TokenformerLM, set_activation_checkpointing
 from .model_card import MODEL_CARD_NAME, model_card
 from .pattention import Pattention, reuse_tokens
+from .quantization import check_savable, quantize_int8
 
 
 class _CacheView:
@@ -143,9 +144,15 @@ class TokenformerPreTrainedModel(PreTrainedModel):
         ``get_peft_model``. See ``lora.py`` in this folder."""
         return prepare_lora_config(config, self)
 
+    def quantize_int8(self) -> TokenformerPreTrainedModel:
+        """Store the parameter tokens as int8 for inference, in place (see ``quantization.py``)."""
+        quantize_int8(self)
+        return self
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """transformers' ``save_pretrained`` (weights, config with ``auto_map``, code, generation
         config) and the model card (``README.md``)."""
+        check_savable(self)
         if kwargs.get("is_main_process", True):
             Path(save_directory).mkdir(parents=True, exist_ok=True)
             card = model_card(self.lm.config)
