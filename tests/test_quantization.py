@@ -81,3 +81,23 @@ def test_transformers_models_quantize_in_place():
     torch.testing.assert_close(hf(ids).logits, quantize_int8(model)(ids))
     with pytest.raises(ValueError, match="a quantized model is not saved"):
         hf.save_pretrained("unused")
+
+
+def test_eval_measures_the_int8_model(tmp_path, corpus_file, cache_dir, capsys, one_thread):
+    from conftest import cli_flags, tiny_train_options
+
+    from tokenformer.cli import main
+
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", max_steps=4, eval_interval=4)
+    main(["train", *cli_flags(options)])
+    capsys.readouterr()
+    losses = {}
+    for int8 in ("false", "true"):
+        main(["eval", "--model", str(tmp_path / "run"), "--int8", int8, "--max_windows", "8"])
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.endswith(", int8 weights)") == (int8 == "true"), line
+        losses[int8] = float(line.split("(loss ")[1].split()[0])
+    assert losses["true"] == pytest.approx(losses["false"], abs=0.05) and losses["true"] != losses["false"]
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path / "run"), "--int8", "true", "--harness", "true", "--tasks", "piqa"])
+    assert "--int8 is for perplexity: lm-eval (--harness) loads the model itself" in capsys.readouterr().err
