@@ -502,6 +502,14 @@ class TokenformerLM(nn.Module):
         ``token_weight_decay``: another decay for the parameter tokens (see :func:`weight_decay_groups`)."""
         return weight_decay_groups(self, weight_decay, token_weight_decay=token_weight_decay)
 
+    def next_logits(
+        self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The logits ``[B, vocab]`` after the last of ``input_ids``, the cache extended by them: the
+        output head, the largest product of a decoding step, runs for that position only."""
+        hidden = self.hidden_states(input_ids, cache=cache, attention_mask=attention_mask)[-1]
+        return self.logits(hidden[:, -1])
+
     @torch.no_grad()
     def generate(
         self,
@@ -544,7 +552,7 @@ class TokenformerLM(nn.Module):
         # tokens once.
         with reuse_tokens():
             cache = KVCache(self.config.n_layers, total)
-            logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+            logits = self.next_logits(input_ids, cache, attention_mask)
             out = [input_ids]
             done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for step in range(max_new_tokens):
@@ -557,7 +565,7 @@ class TokenformerLM(nn.Module):
                     break
                 if attention_mask is not None:
                     attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), 1)
-                logits = self(token[:, None], cache=cache, attention_mask=attention_mask)[:, -1]
+                logits = self.next_logits(token[:, None], cache, attention_mask)
             return torch.cat(out, dim=1)
 
 
