@@ -457,13 +457,16 @@ def _kept(
 
 def decoding_layout(weight: torch.Tensor) -> torch.Tensor:
     """``weight [out, in]`` (the right operand of ``x @ weight.T``) with the same values and shape,
-    stored transposed on the CPU. Decoding multiplies one row per sequence by every weight, a
-    product bound by how fast the weight streams from memory: on the CPU the vector-matrix form,
-    which reads ``weight.T`` row by row, streamed it up to 1.4x faster than the dot products over
-    the rows of ``weight`` (docs/performance.md). Other devices get ``weight`` itself."""
+    stored so that decoding reads it fastest on the CPU: along its longer side. Decoding multiplies
+    one row per sequence by every weight, a product bound by how fast the weight streams from
+    memory, and the CPU's products stream long rows faster than short ones: with ``out >= in``
+    ``weight.T`` row by row (a vector-matrix product), else ``weight`` row by row (dot products).
+    Against the dot products over rows of 768 this streamed up to 1.4x faster
+    (docs/performance.md). Other devices get ``weight`` itself."""
     if weight.device.type != "cpu":
         return weight
-    return weight.T.contiguous().T
+    out_features, in_features = weight.shape
+    return weight.T.contiguous().T if out_features >= in_features else weight.contiguous()
 
 
 def _laid_out(weight: torch.Tensor, kept: bool) -> torch.Tensor:
@@ -482,10 +485,14 @@ def reused_concat(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _tokens(keys, values, taus, dtype):
     """The key and value tokens of a group concatenated in ``dtype``, and its taus as one tensor;
-    within :func:`reuse_tokens`, kept, the keys in their decoding layout."""
+    within :func:`reuse_tokens`, kept in their decoding layout (the values of a single Pattention:
+    the group's products read each segment's values as they are stored)."""
 
     def build(kept: bool):
-        return _laid_out(_cast(_concat(keys), dtype), kept), _cast(_concat(values), dtype), _stack(taus)
+        keys_, values_ = _cast(_concat(keys), dtype), _cast(_concat(values), dtype)
+        if len(values) == 1:  # out = probs @ values: the product's weight is values.T
+            values_ = _laid_out(values_.T, kept).T
+        return _laid_out(keys_, kept), values_, _stack(taus)
 
     return _kept(f"tokens {dtype}", (*keys, *values), build, taus)
 
