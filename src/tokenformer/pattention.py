@@ -43,7 +43,14 @@ def check_norm(norm: str) -> str:
     return norm
 
 
+_TO_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(dtype, torch.float32)``, without a call into torch for the float
+    dtypes (it runs a few times per layer and token when decoding)."""
+    if dtype in _TO_FLOAT32:
+        return torch.float32
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -129,15 +136,15 @@ def _segments(keys: torch.Tensor, tau: torch.Tensor) -> tuple[int, int]:
 
 def _torch_forward(x, keys, values, tau, norm):
     (s, n), rows = _segments(keys, tau), x.shape[0]
-    scores = x @ keys.T
+    scores = torch.mm(x, keys.t())
     a, t = scores.view(rows, s, n), _cast(tau.view(s, 1), _accumulate_dtype(x.dtype))
     if norm == "l2_norm_gelu":
         row_scale = t / _row_norm(a)
-        probs = F.gelu(a.mul_(row_scale.to(a.dtype)))
+        probs = F.gelu(a.mul_(_cast(row_scale, a.dtype)))
     elif norm == "gelu_l2_norm":
         probs = F.gelu(a)
         row_scale = t / _row_norm(probs)
-        probs.mul_(row_scale.to(a.dtype))
+        probs.mul_(_cast(row_scale, a.dtype))
     else:
         # n * softmax(A), n = tau^2 frozen at creation; softmax subtracts the row maximum.
         probs = torch.softmax(a, dim=-1).mul_((t * t).to(a.dtype))
