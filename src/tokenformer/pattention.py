@@ -493,7 +493,7 @@ def _madvise() -> Callable[..., int] | None:
     return function
 
 
-def _huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of the CPU tensor ``t`` in memory that Linux may back with 2 MiB pages
     (transparent huge pages, asked for with ``madvise``; elsewhere an ordinary copy). A decoding
     step streams every weight once: with fewer pages to translate it ran about 5% faster, and the
@@ -510,7 +510,7 @@ def _huge_page_copy(t: torch.Tensor) -> torch.Tensor:
 def decoding_layout(weight: torch.Tensor) -> torch.Tensor:
     """``weight [out, in]`` (the right operand of ``x @ weight.T``) with the same values and shape,
     copied so that decoding reads it fastest on the CPU: along its longer side, on huge pages
-    (:func:`_huge_page_copy`). Decoding multiplies one row per sequence by every weight, a
+    (:func:`huge_page_copy`). Decoding multiplies one row per sequence by every weight, a
     product bound by how fast the weight streams from memory, and the CPU's products stream long
     rows faster than short ones: with ``out >= in`` ``weight.T`` row by row (a vector-matrix
     product), else ``weight`` row by row (dot products). Against the dot products over rows of
@@ -519,8 +519,8 @@ def decoding_layout(weight: torch.Tensor) -> torch.Tensor:
         return weight
     out_features, in_features = weight.shape
     if out_features >= in_features:
-        return _huge_page_copy(weight.T).T
-    return _huge_page_copy(weight)
+        return huge_page_copy(weight.T).T
+    return huge_page_copy(weight)
 
 
 def _laid_out(weight: torch.Tensor, kept: bool) -> torch.Tensor:
@@ -547,7 +547,7 @@ def _tokens(keys, values, taus, dtype):
         if len(values) == 1:  # out = probs @ values: the product's weight is values.T
             values_ = _laid_out(values_.T, kept).T
         elif kept and values_.device.type == "cpu":  # the group's batched product reads them as stored
-            values_ = _huge_page_copy(values_)
+            values_ = huge_page_copy(values_)
         return _laid_out(keys_, kept), values_, _stack(taus)
 
     return _kept(f"tokens {dtype}", (*keys, *values), build, taus)

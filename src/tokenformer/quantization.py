@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pattention import Pattention, normalise_scores
+from .pattention import Pattention, huge_page_copy, normalise_scores
 
 # _weight_int8pack_mm reads its reduction dimension in blocks of 16; other widths give garbage.
 _PACK_BLOCK = 16
@@ -30,11 +30,12 @@ _PACK_BLOCK = 16
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: ``weight [rows, cols]`` as int8 with one float32 scale per row, ``weight ~ q * scale[:, None]``
-    (symmetric, the largest magnitude of each row at 127)."""
+    (symmetric, the largest magnitude of each row at 127). On the CPU ``q`` lies on huge pages,
+    where decoding streams it faster (:func:`tokenformer.pattention.huge_page_copy`)."""
     weight = weight.detach().float().contiguous()
     scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
     q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    return (huge_page_copy(q) if q.device.type == "cpu" else q), scale
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
