@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     whole = {name: times[f"{name} long"] for name in models}
 
-    def ratio(series: dict[str, list[float]], name: str) -> float:
-        # Median over rounds of the arm's rate over the baseline's rate in the same round.
-        return statistics.median(b / a for a, b in zip(series[name], series[BASELINE], strict=True))
+    def ratio(series: dict[str, list[float]], name: str, base: str = BASELINE) -> float:
+        # Median over rounds of the arm's rate over the base arm's rate in the same round.
+        return statistics.median(b / a for a, b in zip(series[name], series[base], strict=True))
 
     rows = []
     for name, (model, _) in models.items():
@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     table = markdown_table(HEADERS, rows)
     print(table, flush=True)
+    against_ours = "\n".join(
+        f"- {name}: {ratio(decode, name, 'tokenformer'):.3f}x its decode rate, "
+        f"{ratio(whole, name, 'tokenformer'):.3f}x its generate rate"
+        for name in models
+        if name.startswith("tokenformer") and name != "tokenformer"
+    )
     agreement = "\n".join(
         f"- {name}: {share:.0%} of its new tokens are those of `tokenformer`'s own generate"
         for name, share in agreement.items()
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{steps} tokens between the two calls; `generate` is {args.long} new tokens over the whole call (prompt, "
         "and the work done once per call, included). `x gpt-neox`: median over rounds of the arm's rate "
         f"divided by GPT-NeoX's in the same round (> 1: faster). `MiB`: parameters and buffers.\n\n{table}\n\n"
+        f"Against `tokenformer` (our own generate), median per-round ratios:\n\n{against_ours}\n\n"
         f"Greedy output, {args.long} new tokens:\n\n{agreement}\n"
     )
     title = f"Decoding speed at batch 1: TokenFormer {args.preset} vs GPT-NeoX (transformers)"
