@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not
 
 from conftest import tiny_config, tiny_train_options  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-from transformers.dynamic_module_utils import get_relative_import_files  # noqa: E402
+from transformers.dynamic_module_utils import get_imports, get_relative_import_files  # noqa: E402
 
 from tokenformer import TokenformerLM, TokenformerViT, VisionConfig, grow, save_model, to_hf  # noqa: E402
 from tokenformer.interop import hub  # noqa: E402
@@ -101,6 +101,11 @@ def test_save_model_writes_what_save_pretrained_writes(tmp_path):
     assert auto_map() == hub.AUTO_MAP
     for path in hub.code_files():
         assert (tmp_path / "ours" / path.name).read_text() == path.read_text()
+        # transformers refuses a folder whose code imports a package that is missing: torch and
+        # transformers, and what they depend on, only; peft, for LoRA, is imported where it is
+        # used, inside try/except, which transformers' check skips.
+        needed = set(get_imports(path)) - set(sys.stdlib_module_names)
+        assert needed <= {"torch", "typing_extensions", "transformers", "safetensors"}, path.name
 
 
 def test_tokenizer_files_generation_config_and_card(checkpoint):
