@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not
 
 from conftest import tiny_config, tiny_train_options  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-from transformers.dynamic_module_utils import get_relative_import_files  # noqa: E402
+from transformers.dynamic_module_utils import get_imports, get_relative_import_files  # noqa: E402
 
 from tokenformer import TokenformerLM, TokenformerViT, VisionConfig, grow, save_model, to_hf  # noqa: E402
 from tokenformer.interop import hub  # noqa: E402
@@ -101,6 +101,11 @@ def test_save_model_writes_what_save_pretrained_writes(tmp_path):
     assert auto_map() == hub.AUTO_MAP
     for path in hub.code_files():
         assert (tmp_path / "ours" / path.name).read_text() == path.read_text()
+        # transformers refuses a folder whose code imports a package that is missing: torch and
+        # transformers, and what they depend on, only; peft, for LoRA, is imported where it is
+        # used, inside try/except, which transformers' check skips.
+        needed = set(get_imports(path)) - set(sys.stdlib_module_names)
+        assert needed <= {"torch", "typing_extensions", "transformers", "safetensors"}, path.name
 
 
 def test_tokenizer_files_generation_config_and_card(checkpoint):
@@ -257,3 +262,97 @@ def test_plain_lm_eval_command_evaluates_a_checkpoint(checkpoint, tmp_path):
     assert math.isfinite(rolling["word_perplexity,none"]) and rolling["bits_per_byte,none"] > 0
     assert 0 <= results["hub_choice"]["acc,none"] <= 1
     assert 0 <= results["hub_generate"]["exact_match,none"] <= 1
+
+
+@pytest.mark.slow
+def test_an_exported_folder_fine_tunes_and_serves_without_tokenformer(checkpoint, tmp_path):
+    """What a transformers user does with a folder: LoRA by target_modules (embeddings and
+    modules_to_save too), the cache contract, a static cache, export and fullgraph compile with a
+    mask, resize_token_embeddings and int8, all through the folder's own code."""
+    pytest.importorskip("peft", reason="peft is not installed (the test extra brings it)")
+    from tokenformer.cli import main
+
+    folder = tmp_path / "hub"
+    main(["export", str(checkpoint), str(folder)])
+    assert not {"optimizer.safetensors", "trainer_state.json", "manifest.json"} & {p.name for p in folder.iterdir()}
+    code = f"""
+    import json, warnings
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.cache_utils import StaticCache
+
+    torch.manual_seed(0)
+    folder = {str(folder)!r}
+    load = lambda: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    model = load().eval()
+    report = {{"module": type(model).__module__, "use_cache": model.config.use_cache}}
+    ids = torch.randint(1, 200, (2, 12))
+    full = model(ids, use_cache=False).logits
+    first = model(ids[:, :8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rest = model(ids[:, 8:], past_key_values=first.cache).logits
+    report["past_key_values"] = torch.allclose(rest, full[:, 8:], atol=1e-5)
+    cache = model(ids[:, :8]).cache
+    legacy = tuple((layer.keys, layer.values) for layer in cache.layers)
+    report["legacy"] = torch.allclose(model(ids[:, 8:], cache=legacy).logits, full[:, 8:], atol=1e-5)
+
+    mask = torch.ones_like(ids[:, :6])
+    mask[0, :2] = 0
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    report["static"] = torch.equal(
+        model.generate(ids[:, :6], cache_implementation="static", **options), model.generate(ids[:, :6], **options)
+    )
+
+    seq = torch.export.Dim("seq", min=2, max=64)
+    exported = torch.export.export(
+        model, (ids,), {{"attention_mask": mask.new_ones(ids.shape), "use_cache": False}},
+        dynamic_shapes={{"input_ids": {{1: seq}}, "attention_mask": {{1: seq}}, "use_cache": None}},
+    ).module()
+    padded = torch.ones_like(ids[:, :9])
+    padded[1, :4] = 0
+    expected = model(ids[:, :9], attention_mask=padded, use_cache=False).logits
+    out = exported(ids[:, :9], attention_mask=padded, use_cache=False).logits
+    report["export"] = float((out - expected).abs().max())
+    forward = lambda i, m: model(i, attention_mask=m, use_cache=False).logits
+    step = torch.compile(forward, fullgraph=True, backend="eager")
+    report["compile"] = float((step(ids[:, :9], padded) - expected).abs().max())
+
+    base = model(ids).logits
+    config = LoraConfig(r=4, target_modules=["query", "key", "value", "proj", "mlp", "word_embeddings"],
+                        modules_to_save=["final_norm"])
+    tuned = get_peft_model(model.train(), model.prepare_lora_config(config))
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        tuned(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapted = tuned.eval()(input_ids=ids).logits
+    merged = tuned.merge_and_unload()
+    report["lora"] = {{
+        "moved": float((adapted - base).abs().max()),
+        "merged": torch.allclose(merged(ids).logits, adapted, atol=1e-5),
+        "merged_type": type(merged.layers[0].attention.query).__name__,
+    }}
+
+    model = load().eval()
+    model.resize_token_embeddings(model.config.vocab_size + 10)
+    report["resized"] = list(model(torch.tensor([[model.config.vocab_size - 1]])).logits.shape)
+    model.save_pretrained({str(tmp_path / "resaved")!r})
+
+    model = load().eval()
+    expected = model(ids).logits
+    quantized = model.quantize_int8()(ids).logits
+    report["int8"] = float((quantized - expected).norm() / expected.norm())
+    print(json.dumps(report))
+    """
+    report = json.loads(run_without_tokenformer(code, tmp_path).stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules.") and report["use_cache"] is True
+    assert report["past_key_values"] and report["legacy"] and report["static"]
+    assert report["export"] < 1e-4 and report["compile"] < 1e-4, report
+    lora = report["lora"]
+    assert lora["moved"] > 1e-3 and lora["merged"] and lora["merged_type"] == "Pattention"
+    assert report["resized"] == [1, 1, 522]
+    assert (tmp_path / "resaved" / "README.md").is_file()
+    assert report["int8"] < 0.05

@@ -365,5 +365,6 @@ def test_reuse_tokens_keeps_a_groups_tokens_within_the_block_only():
             layer.value_param_tokens.data = torch.cat((layer.value_param_tokens.data, torch.randn(4, 8)))
         grown = run_pattentions(layers, x)
     with torch.no_grad():
-        torch.testing.assert_close(grown, run_pattentions(layers, x), rtol=0, atol=0)
+        # Equal up to rounding: on the CPU the kept keys are stored transposed (decoding_layout).
+        torch.testing.assert_close(grown, run_pattentions(layers, x))
         torch.testing.assert_close(grown[0], first[0] * 2)

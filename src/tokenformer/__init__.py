@@ -8,6 +8,7 @@ from .interop.registration import install as _register_with_transformers
 from .model import TokenformerLM
 from .pattention import NORMS, Pattention
 from .pruning import PruneRecord, calibration_scores, prune, prune_pattention
+from .quantization import quantize_int8
 from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "load_model",
     "prune",
     "prune_pattention",
+    "quantize_int8",
     "save_model",
     "stack_layers",
     "to_hf",

@@ -29,6 +29,7 @@ from . import __version__
 from .commands.consolidate import consolidate
 from .commands.convert import convert
 from .commands.evaluate import evaluate
+from .commands.export import export
 from .commands.generate import generate
 from .commands.grow import grow
 from .commands.presets import presets
@@ -46,11 +47,14 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "generate": generate,
     "eval": evaluate,
     "convert": convert,
+    "export": export,
     "scale": scale,
     "study": study,
 }
 # Verbs whose first argument may be the config without --config (`tokenformer scale PLAN.yaml`).
 CONFIG_FIRST = ("scale", "study")
+# Verbs whose leading arguments may be given without their flags (`tokenformer export RUN OUT`).
+POSITIONAL = {"export": ("run", "out")}
 # The YAML configs shipped with the package; each configured verb looks in its own folder.
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -108,6 +112,16 @@ def check_layout(config_class: type, source: str) -> None:
         check(data)
 
 
+def flagged(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """``args`` with its leading values (those before the first flag) given their flags, in the
+    order of ``names``: ``[RUN, OUT, --ema, true]`` -> ``[--run, RUN, --out, OUT, --ema, true]``."""
+    leading = 0
+    while leading < min(len(args), len(names)) and not args[leading].startswith("-"):
+        leading += 1
+    named = [item for name, value in zip(names, args[:leading], strict=False) for item in (f"--{name}", value)]
+    return [*named, *args[leading:]]
+
+
 def build_parser() -> ArgumentParser:
     # A value never names code to import: jsonargparse would import the module of a
     # ``class_path`` in any option typed Any (model_overrides), from a flag or a --config file,
@@ -152,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) > 1 and argv[0] in CONFIG_FIRST and not argv[1].startswith("-"):
         argv.insert(1, "--config")
+    if argv and argv[0] in POSITIONAL:
+        argv = [argv[0], *flagged(argv[1:], POSITIONAL[argv[0]])]
     parser = build_parser()
     args = parser.parse_args(argv)
     name = args.subcommand

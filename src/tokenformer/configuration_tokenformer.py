@@ -31,11 +31,15 @@ class TokenformerHFConfig(PretrainedConfig):
         "max_position_embeddings": "max_seq_len",
     }
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, use_cache: bool = True, **kwargs) -> None:
         # Validation and defaults are TokenformerConfig's.
         core = TokenformerConfig.from_dict({name: kwargs.pop(name) for name in CORE_FIELDS if name in kwargs})
         for name, value in core.to_dict().items():
             setattr(self, name, value)
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"config field use_cache must be true or false, got {use_cache!r}")
+        # Whether forward returns the keys and values of its tokens (a Cache) for the next call.
+        self.use_cache = use_cache
         super().__init__(**kwargs)
 
     @classmethod

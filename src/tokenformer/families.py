@@ -27,12 +27,21 @@ from . import io
 from .config import PRESETS, TokenformerConfig
 from .flops import count_parameters, count_vision_parameters, training_flops_per_image, training_flops_per_token
 from .model import TokenformerLM
+from .quantization import check_savable
 from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # Keys that Hugging Face transformers adds to a config.json; the directory format is shared.
-HF_CONFIG_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map")
+HF_CONFIG_KEYS = (
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "auto_map",
+    "use_cache",
+)
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,7 @@ def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None) -
     """
     directory = Path(directory)
     entry = family_of(model)
+    check_savable(model)
     if tokenizer is not None:
         if entry.write_extras is None:
             raise ValueError(f"a {entry.name} model directory holds no tokenizer; allowed: tokenizer=None")

@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import BlockConfig, TokenformerConfig
-from .pattention import Pattention, reuse_tokens, run_pattentions
+from .pattention import Pattention, reuse_tokens, reused_concat, reused_weight, run_pattentions
 
 
 def make_projection(
@@ -46,6 +46,14 @@ def make_projection(
     return _linear(in_features, out_features, config.linear_init_std(writes_residual))
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; a plain bias-free Linear reads its weight through :func:`reused_weight` (kept in
+    its decoding layout during generation). A Linear wrapped by an adapter runs as itself."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        return F.linear(x, reused_weight(layer.weight))
+    return layer(x)
+
+
 def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
     linear = nn.Linear(in_features, out_features, bias=False)
     nn.init.normal_(linear.weight, std=std)
@@ -61,7 +69,7 @@ class MLP(nn.Module):
         self.fc2 = _linear(hidden, config.d_model, config.linear_init_std(writes_residual=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return linear(self.fc2, F.gelu(linear(self.fc1, x)))
 
 
 def make_ffn(config: BlockConfig, num_tokens: int) -> nn.Module:
@@ -115,6 +123,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     tables are ``[T, dims]``, or ``[B, 1, T, dims]`` for positions that differ between rows."""
     if cos.shape[-1] == 0:
         return x
+    if not (torch.is_grad_enabled() and x.requires_grad):  # decoding: no autograd bookkeeping
+        return _rotate(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
 
@@ -140,9 +150,9 @@ class KVCache:
             raise ValueError(f"the KV cache holds at most max_len={self.max_len} tokens; {end} were given")
         self.keys[layer] = self._room(self.keys[layer], k, end)
         self.values[layer] = self._room(self.values[layer], v, end)
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer].narrow(2, self.length, k.shape[2]).copy_(k)
+        self.values[layer].narrow(2, self.length, v.shape[2]).copy_(v)
+        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
 
     def _room(self, buffer: torch.Tensor | None, new: torch.Tensor, end: int) -> torch.Tensor:
         """``buffer``, or a larger copy of its cached slots, with room for ``end`` tokens."""
@@ -154,6 +164,12 @@ class KVCache:
         if buffer is not None:
             grown[:, :, : self.length] = buffer[:, :, : self.length]
         return grown
+
+
+def tracing() -> bool:
+    """Whether torch.compile, torch.export or TorchScript is tracing: code that branches on a tensor's
+    values would fix the branch taken for every later input."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -199,7 +215,7 @@ class SelfAttention(nn.Module):
             return run_pattentions(layers, x)
         if all(type(layer) is nn.Linear for layer in layers):
             weights = [layer.weight for layer in layers]
-            return list(F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1))
+            return list(F.linear(x, reused_concat(weights)).split([w.shape[0] for w in weights], dim=-1))
         return [layer(x) for layer in layers]
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +230,8 @@ class SelfAttention(nn.Module):
         (boolean, broadcastable to the scores) is the mask of a padded batch, causal already
         (:func:`padding_allowed`)."""
         if allowed is not None:
+            if allowed.is_floating_point():  # an additive mask: in the scores' dtype
+                allowed = allowed.to(q.dtype)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         length = q.shape[2]
         if start == 0:
@@ -241,8 +259,10 @@ class SelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)
+            if k.shape[2] != start + length:  # a static cache (transformers'): its later slots are empty
+                k, v = k.narrow(2, 0, start + length), v.narrow(2, 0, start + length)
         y = self.attend(q, k, v, start, allowed)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
+        return linear(self.proj, y.transpose(1, 2).reshape(batch, length, d_model))
 
 
 class Block(nn.Module):
@@ -266,7 +286,7 @@ class Block(nn.Module):
         super().__init__()
         tokens = config.tokens(layer)
         self.layer = layer
-        self.eps = config.layernorm_eps
+        self.width, self.eps = config.d_model, config.layernorm_eps
         self.attention = attention(config, tokens)
         self.mlp = make_ffn(config, tokens["ffn"])
         for name, rank in config.ghosts(layer).items():  # a pruned model's ghosts (filled by its state dict)
@@ -292,7 +312,8 @@ class Block(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # The release's in-block LayerNorm has no learnable weight or bias.
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        # (Its width is the config's, a constant: traced for ONNX, a shape read from x would not be.)
+        return F.layer_norm(x, (self.width,), eps=self.eps)
 
     def forward(
         self,
@@ -364,7 +385,7 @@ class TokenformerLM(nn.Module):
                 f"sequence length {end} exceeds max_seq_len={self.config.max_seq_len}; "
                 f"allowed: at most {self.config.max_seq_len} tokens (cached and new together)"
             )
-        if input_ids.numel() and not torch.compiler.is_compiling():
+        if input_ids.numel() and not tracing():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
@@ -378,13 +399,21 @@ class TokenformerLM(nn.Module):
         position_ids: torch.Tensor | None,
     ) -> None:
         batch, length = input_ids.shape
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            rows, heads, queries, keys = attention_mask.shape
+            if rows not in (1, batch) or heads != 1 or queries != length or keys < start + length:
+                raise ValueError(
+                    f"a 4-d attention_mask must have shape [batch, 1, new tokens, key slots >= cached + new tokens] "
+                    f"= [{batch}, 1, {length}, >= {start + length}] (transformers' form: True or 0 where a token "
+                    f"attends to a key, False or -inf where not), got {list(attention_mask.shape)}"
+                )
+        elif attention_mask is not None:
             expected = (batch, start + length)
             if tuple(attention_mask.shape) != expected or attention_mask.is_floating_point():
                 raise ValueError(
                     f"attention_mask must be an integer or bool tensor of shape [batch, cached + new tokens] = "
-                    f"{list(expected)} (1 for a token, 0 for padding), got {attention_mask.dtype} "
-                    f"{list(attention_mask.shape)}"
+                    f"{list(expected)} (1 for a token, 0 for padding), or transformers' 4-d mask, got "
+                    f"{attention_mask.dtype} {list(attention_mask.shape)}"
                 )
         if position_ids is not None and (
             position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length
@@ -411,14 +440,18 @@ class TokenformerLM(nn.Module):
         self._check_padding(input_ids, start, attention_mask, position_ids)
         length = input_ids.shape[1]
         allowed = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # transformers' mask (a static cache's covers all its slots; those after the tokens are cut off)
+            allowed = attention_mask[..., : start + length]
+        elif attention_mask is not None:
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask)[:, start:]
-            # Without padding the mask changes nothing: the unmasked causal path is faster.
-            if not bool(attention_mask.all()):
+            # Without padding the mask changes nothing: the unmasked causal path is faster. Compiled or
+            # exported code cannot look at the values, so it always takes the mask.
+            if tracing() or not bool(attention_mask.all()):
                 allowed = padding_allowed(attention_mask, start, length)
         if position_ids is None:
-            position_ids = torch.arange(start, start + length, device=input_ids.device)
+            position_ids = torch.arange(length, device=input_ids.device) + start
         cos, sin = rotary_cos_sin(self.config, position_ids, self.word_embeddings.weight.dtype)
         if cos.dim() == 3:  # positions per row: [B, T, dims] -> [B, 1, T, dims] against [B, H, T, head_dim]
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -434,7 +467,11 @@ class TokenformerLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits of final hidden states: the output head is the word embedding (tied)."""
-        return F.linear(hidden, self.word_embeddings.weight)
+        embedding = self.word_embeddings
+        if type(embedding) is nn.Embedding:
+            return F.linear(hidden, reused_weight(embedding.weight))
+        # An adapter wraps the embedding (LoRA): the tied head reads the rows the input reads.
+        return F.linear(hidden, embedding(torch.arange(self.config.vocab_size, device=hidden.device)))
 
     def forward(
         self,
@@ -464,6 +501,14 @@ class TokenformerLM(nn.Module):
         """AdamW groups: matrices (embedding, parameter tokens, linears) decay; norms do not.
         ``token_weight_decay``: another decay for the parameter tokens (see :func:`weight_decay_groups`)."""
         return weight_decay_groups(self, weight_decay, token_weight_decay=token_weight_decay)
+
+    def next_logits(
+        self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The logits ``[B, vocab]`` after the last of ``input_ids``, the cache extended by them: the
+        output head, the largest product of a decoding step, runs for that position only."""
+        hidden = self.hidden_states(input_ids, cache=cache, attention_mask=attention_mask)[-1]
+        return self.logits(hidden[:, -1])
 
     @torch.no_grad()
     def generate(
@@ -507,7 +552,7 @@ class TokenformerLM(nn.Module):
         # tokens once.
         with reuse_tokens():
             cache = KVCache(self.config.n_layers, total)
-            logits = self(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+            logits = self.next_logits(input_ids, cache, attention_mask)
             out = [input_ids]
             done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for step in range(max_new_tokens):
@@ -520,7 +565,7 @@ class TokenformerLM(nn.Module):
                     break
                 if attention_mask is not None:
                     attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), 1)
-                logits = self(token[:, None], cache=cache, attention_mask=attention_mask)[:, -1]
+                logits = self.next_logits(token[:, None], cache, attention_mask)
             return torch.cat(out, dim=1)
 
 

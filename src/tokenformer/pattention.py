@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import functools
 import importlib.util
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +46,14 @@ def check_norm(norm: str) -> str:
     return norm
 
 
+_TO_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(dtype, torch.float32)``, without a call into torch for the float
+    dtypes (it runs a few times per layer and token when decoding)."""
+    if dtype in _TO_FLOAT32:
+        return torch.float32
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -128,20 +139,23 @@ def _segments(keys: torch.Tensor, tau: torch.Tensor) -> tuple[int, int]:
 
 def _torch_forward(x, keys, values, tau, norm):
     (s, n), rows = _segments(keys, tau), x.shape[0]
-    scores = x @ keys.T
+    scores = torch.mm(x, keys.t())
     a, t = scores.view(rows, s, n), _cast(tau.view(s, 1), _accumulate_dtype(x.dtype))
     if norm == "l2_norm_gelu":
         row_scale = t / _row_norm(a)
-        probs = F.gelu(a.mul_(row_scale.to(a.dtype)))
+        probs = F.gelu(a.mul_(_cast(row_scale, a.dtype)))
     elif norm == "gelu_l2_norm":
         probs = F.gelu(a)
         row_scale = t / _row_norm(probs)
-        probs.mul_(row_scale.to(a.dtype))
+        probs.mul_(_cast(row_scale, a.dtype))
     else:
         # n * softmax(A), n = tau^2 frozen at creation; softmax subtracts the row maximum.
         probs = torch.softmax(a, dim=-1).mul_((t * t).to(a.dtype))
         scores, row_scale = scores.new_empty(0), scores.new_empty(0)
-    out = torch.bmm(probs.transpose(0, 1), values.view(s, n, -1))
+    if s == 1:  # the same product as a batch of one, without the batch's bookkeeping
+        out = torch.mm(probs.view(rows, n), values).unsqueeze(0)
+    else:
+        out = torch.bmm(probs.transpose(0, 1), values.view(s, n, -1))
     return out, probs.view(rows, s * n), scores, row_scale.view(rows, -1) if row_scale.numel() else row_scale
 
 
@@ -359,6 +373,8 @@ def _plain(impl: str, x: torch.Tensor, taus: Sequence[torch.Tensor]) -> bool:
     """Whether the plain formula runs instead of the registered operator."""
     if impl == "reference" or any(t.requires_grad for t in taus):
         return True
+    if torch.jit.is_tracing():  # TorchScript (and the ONNX export built on it) knows no registered operator
+        return True
     # On the CPU the compiler generates faster code for the whole formula (its normalisation
     # fused with the neighbouring element-wise work) than for an operator it cannot look into.
     return impl == "auto" and x.device.type == "cpu" and torch.compiler.is_compiling()
@@ -416,11 +432,15 @@ _reused_tokens: contextvars.ContextVar[dict | None] = contextvars.ContextVar("re
 
 @contextlib.contextmanager
 def reuse_tokens():
-    """Within this block, calls without autograd keep each group's concatenated key and value
-    tokens (cast to the autocast dtype) from call to call instead of building them anew.
+    """Within this block, calls without autograd keep what they build from the weights from call to
+    call instead of building it anew: each group's concatenated key and value tokens (cast to the
+    autocast dtype) and, on the CPU, from a weight's ``DECODING_LAYOUT_AFTER``-th use on, a copy of
+    it in its decoding layout (:func:`decoding_layout`; the copies take about as much memory as
+    the weights while the block lasts).
 
-    For generation (``TokenformerLM.generate`` uses it), where the weights do not change between
-    new tokens; a parameter changed in place inside the block would not be seen.
+    For generation (``TokenformerLM.generate`` and the transformers ``generate`` use it), where the
+    weights do not change between new tokens; a parameter changed in place inside the block would
+    not be seen.
     """
     reset = _reused_tokens.set({})
     try:
@@ -429,16 +449,109 @@ def reuse_tokens():
         _reused_tokens.reset(reset)
 
 
-def _tokens(keys, values, taus, dtype):
-    """The key and value tokens of a group concatenated in ``dtype``, and its taus as one tensor."""
+# A kept weight is first used as it is stored; from its DECODING_LAYOUT_AFTER-th use on, in its
+# decoding layout. Building that layout copies the weight once, which at the 150M size on the CPU
+# took about as long as ten decoding steps: a short generation would not make the copy back.
+DECODING_LAYOUT_AFTER = 16
+
+
+def _kept(
+    kind: str, weights: Sequence[torch.Tensor], build: Callable[[bool], Any], taus: Sequence[torch.Tensor] = ()
+) -> Any:
+    """``build(False)``; within :func:`reuse_tokens` (calls without autograd), kept for these
+    ``weights`` (and ``taus``): built once with ``build(False)``, and again with ``build(True)`` (the
+    decoding layout) at its ``DECODING_LAYOUT_AFTER``-th use. Only parameters are kept: a weight
+    computed from them at every call (an adapter's) is a new tensor each time."""
     # (The compiler cannot trace a context variable: it is only read outside compiled code.)
     cache = None if torch.compiler.is_compiling() or torch.is_grad_enabled() else _reused_tokens.get()
-    if cache is None:
-        return _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
-    key = (dtype, *((t.data_ptr(), t.shape) for t in (*keys, *values, *taus)))
-    if key not in cache:
-        cache[key] = _cast(_concat(keys), dtype), _cast(_concat(values), dtype), _stack(taus)
-    return cache[key]
+    if cache is None or not all(isinstance(w, nn.Parameter) for w in weights):
+        return build(False)
+    # Growth and pruning replace a parameter's tensor: its memory or its shape changes.
+    key = (kind, *[(t.data_ptr(), t.shape) for t in (*weights, *taus)])
+    entry = cache.get(key)
+    if entry is None:
+        entry = cache[key] = [0, build(False)]
+    entry[0] += 1
+    if entry[0] == DECODING_LAYOUT_AFTER:
+        entry[1] = build(True)
+    return entry[1]
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _madvise() -> Callable[..., int] | None:
+    """libc's ``madvise`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return function
+
+
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the CPU tensor ``t`` in memory that Linux may back with 2 MiB pages
+    (transparent huge pages, asked for with ``madvise``; elsewhere an ordinary copy). A decoding
+    step streams every weight once: with fewer pages to translate, a 150M step on the CPU took
+    0.82x the time, and the copy itself is made in about half the time (far fewer page faults)."""
+    copy = torch.empty(t.shape, dtype=t.dtype)
+    start, size = copy.data_ptr(), copy.numel() * copy.element_size()
+    first, end = -(-start // _HUGE_PAGE) * _HUGE_PAGE, (start + size) // _HUGE_PAGE * _HUGE_PAGE
+    madvise = _madvise()
+    if madvise is not None and end > first:  # before the first write: its pages are not there yet
+        madvise(first, end - first, _MADV_HUGEPAGE)
+    return copy.copy_(t)
+
+
+def decoding_layout(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [out, in]`` (the right operand of ``x @ weight.T``) with the same values and shape,
+    copied so that decoding reads it fastest on the CPU: along its longer side, on huge pages
+    (:func:`huge_page_copy`). Decoding multiplies one row per sequence by every weight, a
+    product bound by how fast the weight streams from memory, and the CPU's products stream long
+    rows faster than short ones: with ``out >= in`` ``weight.T`` row by row (a vector-matrix
+    product), else ``weight`` row by row (dot products). Against the dot products over rows of
+    768 this streamed up to 1.4x faster (docs/performance.md). Other devices get ``weight`` itself."""
+    if weight.device.type != "cpu":
+        return weight
+    out_features, in_features = weight.shape
+    if out_features >= in_features:
+        return huge_page_copy(weight.T).T
+    return huge_page_copy(weight)
+
+
+def _laid_out(weight: torch.Tensor, kept: bool) -> torch.Tensor:
+    return decoding_layout(weight) if kept else weight
+
+
+def reused_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` for ``F.linear``; within :func:`reuse_tokens`, kept in its :func:`decoding_layout`."""
+    return _kept("weight", (weight,), lambda kept: _laid_out(weight, kept))
+
+
+def reused_concat(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(weights)`` for ``F.linear``; within :func:`reuse_tokens`, kept in its decoding layout."""
+    return _kept("concat", weights, lambda kept: _laid_out(_concat(weights), kept))
+
+
+def _tokens(keys, values, taus, dtype):
+    """The key and value tokens of a group concatenated in ``dtype``, and its taus as one tensor;
+    within :func:`reuse_tokens`, kept in their decoding layout (the values of a single Pattention:
+    the group's products read each segment's values as they are stored)."""
+
+    def build(kept: bool):
+        keys_, values_ = _cast(_concat(keys), dtype), _cast(_concat(values), dtype)
+        if len(values) == 1:  # out = probs @ values: the product's weight is values.T
+            values_ = _laid_out(values_.T, kept).T
+        elif kept and values_.device.type == "cpu":  # the group's batched product reads them as stored
+            values_ = huge_page_copy(values_)
+        return _laid_out(keys_, kept), values_, _stack(taus)
+
+    return _kept(f"tokens {dtype}", (*keys, *values), build, taus)
 
 
 def pattention(

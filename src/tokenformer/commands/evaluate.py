@@ -18,6 +18,7 @@ def evaluate(
     max_windows: int | None = None,
     tokenizer: str | None = None,
     precision: Literal["fp32", "bf16-mixed"] = "fp32",
+    int8: bool = False,
     device: str = "auto",
     harness: bool = False,
     tasks: list[str] | str | None = None,
@@ -37,6 +38,8 @@ def evaluate(
         max_windows: Evaluate at most this many windows, spread evenly (null: all).
         tokenizer: A tokenizer.json (default: the one saved with the model).
         precision: ``fp32`` or ``bf16-mixed``.
+        int8: Evaluate the model with its parameter tokens (and Linear weights) stored as int8
+            (``tokenformer.quantize_int8``): how much quantization costs.
         device: ``auto``, ``cpu``, ``cuda``, ...
         harness: Run lm-evaluation-harness tasks instead (needs the ``[eval]`` extra).
         tasks: lm-eval task names with --harness, comma-separated like lm-eval's
@@ -53,6 +56,8 @@ def evaluate(
     from ..validation import check_option, is_int
 
     check_option("batch_size", batch_size, lambda v: is_int(v) and v >= 1, "a positive integer")
+    if int8 and harness:
+        raise ValueError("--int8 is for perplexity: lm-eval (--harness) loads the model itself; allowed: --int8 false")
     for name, value in (("seq_len", seq_len), ("max_windows", max_windows)):
         check_option(name, value, lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null")
     if harness:
@@ -83,6 +88,10 @@ def evaluate(
 
     target = resolve_device(device)
     net, tok, saved = load_for_inference(model, tokenizer, target)
+    if int8:
+        from ..quantization import quantize_int8
+
+        quantize_int8(net)
     if seq_len is None:
         seq_len = saved["seq_len"] if saved else net.config.max_seq_len
     if data is None:
@@ -106,7 +115,8 @@ def evaluate(
         metrics = evaluate_windows(net, windows, batch_size, target)
     print(
         f"perplexity {metrics['val_ppl']:.3f} "
-        f"(loss {metrics['val_loss']:.4f} nats/token over {metrics['val_tokens']} tokens of {what})"
+        f"(loss {metrics['val_loss']:.4f} nats/token over {metrics['val_tokens']} tokens of {what}"
+        f"{', int8 weights' if int8 else ''})"
     )
     return metrics
 
