@@ -61,11 +61,15 @@ def tiny_plan(corpus_file: Path, cache_dir: Path, out_dir: Path, train: dict | N
     return {**plan, **changes}
 
 
+# A wider TokenFormer with the final stage's non-embedding parameters (within 1%).
+SHAPE = dict(d_model=48, n_heads=2, qkv_tokens=22, proj_tokens=22, ffn_tokens=40)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, corpus_file, cache_dir):
     out = tmp_path_factory.mktemp("scale") / "plan"
     path = out.parent / "plan.yaml"
-    path.write_text(yaml.safe_dump(tiny_plan(corpus_file, cache_dir, out)))
+    path.write_text(yaml.safe_dump(tiny_plan(corpus_file, cache_dir, out, arms=list(ARMS), tokenformer_shape=SHAPE)))
     plan = load_plan(path)
     return plan, run_plan(plan, f"tokenformer scale {path}"), path
 
@@ -468,6 +472,7 @@ def _broken(base: dict, path: str, value) -> dict:
         ),
         ("arms", ["transformer_scratch"], r"ablation=True .*arms include tokenformer_grown"),
         ("min_lr_ratio", 2, r"min_lr_ratio=2 .*\[0, 1\]"),
+        ("tokenformer_shape", SHAPE, r"tokenformer_shape=.* allowed: null unless arms include tokenformer_shaped"),
         (
             "train.model_overrides.n_layers",
             1,
@@ -529,6 +534,27 @@ def test_the_transformer_arms_are_parameter_matched_in_two_shapes(tmp_path):
         ratio = count_parameters(config, non_embedding=True) / count_parameters(final, non_embedding=True)
         assert 0.95 <= ratio <= 1.05
     assert plan.schedule("transformer_standard") == [({}, plan.total_steps)]  # from scratch
+
+
+def test_the_shaped_tokenformer_arm_has_the_final_stage_parameters_in_another_shape(tmp_path):
+    data = tiny_plan("kjv", tmp_path, tmp_path / "out", arms=["tokenformer_shaped"], ablation=False)
+    plan = ScalingPlan.from_dict({**data, "tokenformer_shape": SHAPE})
+    (shaped,) = [plan.model_config(m) for m in plan.arm_models("tokenformer_shaped")]
+    final = plan.tokenformer(plan.stages[-1])
+    assert shaped.projection == "pattention" and shaped == final.replace(**SHAPE)
+    ratio = count_parameters(shaped, non_embedding=True) / count_parameters(final, non_embedding=True)
+    assert 0.99 <= ratio <= 1.01
+    assert plan.schedule("tokenformer_shaped") == [({}, plan.total_steps)]  # from scratch
+    # The arm needs a shape; a shape needs the arm; and a shape of another size is refused.
+    for arms, shape, message in (
+        (["tokenformer_shaped"], None, r"tokenformer_shape=None .*when arms include tokenformer_shaped"),
+        (["tokenformer_shaped"], {"d_model": 48}, r"within 5% of the final stage's 24,640 \(this one has 36,960\)"),
+        (["tokenformer_shaped"], {"depth": 4}, r"a non-empty mapping of d_model, n_heads, qkv_tokens"),
+        (["tokenformer_shaped"], {"d_model": 0}, r"tokenformer_shape.d_model=0 .*a positive integer"),
+    ):
+        data = tiny_plan("kjv", tmp_path, tmp_path / "out", arms=arms, ablation=False, tokenformer_shape=shape)
+        with pytest.raises(ValueError, match=message):
+            ScalingPlan.from_dict(data)
 
 
 def test_the_shipped_plans_are_valid():

@@ -192,3 +192,17 @@ def test_plan_files_that_are_missing_or_not_mappings_are_refused(tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="study plan .*list.yaml must be a YAML mapping of its fields, got list"):
         load_plan(listed)
+
+
+def test_the_shipped_study_plans_load_and_the_shape_studies_hold_the_parameter_budget():
+    from tokenformer.flops import count_parameters
+
+    studies = Path(__file__).resolve().parents[2] / "configs" / "studies"
+    plans = {p.stem: load_plan(p) for p in sorted(studies.glob("*.yaml"))}
+    for name in ("tokenformer-shape", "tokenformer-shape-d128"):
+        plan = plans[name]
+        models = {v.name: plan.run_config(v, plan.lr_grid[0], plan.seeds[0]).model_config() for v in plan.variants}
+        sizes = {name: count_parameters(model, non_embedding=True) for name, model in models.items()}
+        widths = {name: model.d_model for name, model in models.items()}
+        assert len(set(widths.values())) == len(widths)  # every variant another d_model
+        assert all(abs(size / sizes[plan.baseline] - 1) <= 0.01 for size in sizes.values()), sizes

@@ -13,7 +13,9 @@ of seed and step) and validation windows, and sees the same number of tokens:
   widening, parameter-matched to the TokenFormer of each stage);
 - ``transformer_stacked``: the final Transformer's shape grown in depth instead (G_stack: copies
   of the trained layers stacked on top; not function preserving), each stage as deep as the
-  TokenFormer stage's share of the final non-embedding parameters allows (at least one layer).
+  TokenFormer stage's share of the final non-embedding parameters allows (at least one layer);
+- ``tokenformer_shaped`` (when the plan names a ``tokenformer_shape``): a TokenFormer of another
+  shape (d_model, heads, token counts) with the final stage's non-embedding parameters, from scratch.
 
 Each (arm, learning rate, seed) is a resumable run in ``<out_dir>/runs/<arm>/lr-<lr>/seed-<seed>``;
 a run with a ``result.json`` is finished and skipped. Outputs: ``results.json``, ``report.md``,

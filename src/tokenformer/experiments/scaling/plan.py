@@ -26,9 +26,16 @@ ARMS = (
     "transformer_standard",
     "transformer_grown",
     "transformer_stacked",
+    "tokenformer_shaped",
 )
+# Every arm but ``tokenformer_shaped``, which needs a ``tokenformer_shape``.
+DEFAULT_ARMS = ARMS[:-1]
 GROWN_ARMS = ("tokenformer_grown", "transformer_grown", "transformer_stacked")
 
+# What ``tokenformer_shape`` may set, and how far its non-embedding parameters may stray from
+# the final stage's.
+SHAPE_OPTIONS = ("d_model", "n_heads", "qkv_tokens", "proj_tokens", "ffn_tokens")
+SHAPE_TOLERANCE = 0.05
 # Training options each run gets from the plan rather than from the ``train`` section.
 PER_RUN = ("lr", "min_lr", "seed", "max_steps", "out_dir", "resume")
 STAGE_ONE = "stage-1"
@@ -74,10 +81,17 @@ class ScalingPlan:
             (``transformer_scratch``) or of the usual shape, MLP 4 x d_model
             (``transformer_standard``, :meth:`~tokenformer.config.BlockConfig.standard_linear`);
             the matched Transformer grown over the stages by widening its MLP (Net2Net,
-            ``transformer_grown``) or by stacking layers (G_stack, ``transformer_stacked``).
+            ``transformer_grown``) or by stacking layers (G_stack, ``transformer_stacked``); a
+            TokenFormer of another shape with the final stage's non-embedding parameters, from
+            scratch (``tokenformer_shaped``, shape from ``tokenformer_shape``). Default: every
+            arm but ``tokenformer_shaped``.
         seeds: Seeds every (arm, learning rate) trains with, each a run of its own (the seed
             sets the model init, the batches and the values of grown parameters).
         ablation: Run the first-growth-step ablation for every seed (needs ``tokenformer_grown``).
+        tokenformer_shape: The ``tokenformer_shaped`` arm's shape: any of ``SHAPE_OPTIONS``
+            (d_model, n_heads, token counts) over the final stage's model; its non-embedding
+            parameters must be within 5% of the final stage's (a shape chosen by a study such as
+            ``configs/studies/tokenformer-shape.yaml``).
         ablation_steps: Steps trained after the first growth in each ablation (default: stage 2's).
         min_lr_ratio: Cosine floor as a fraction of each run's peak learning rate.
         train: The options of ``tokenformer train`` every run shares; ``train.model`` and
@@ -88,9 +102,10 @@ class ScalingPlan:
     out_dir: str
     stages: list[Stage]
     lr_grid: list[float]
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     seeds: list[int] = field(default_factory=lambda: [1337])
     ablation: bool = True
+    tokenformer_shape: dict[str, int] | None = None
     ablation_steps: int | None = None
     min_lr_ratio: float = 0.1
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -135,6 +150,7 @@ class ScalingPlan:
             raise _plan_error(
                 "arms", self.arms, "no transformer_stacked with train.strategy: fsdp (sharded layers are not stacked)"
             )
+        self._check_shape()
         if not isinstance(self.ablation, bool):
             raise _plan_error("ablation", self.ablation, "true or false")
         if self.ablation and "tokenformer_grown" not in self.arms:
@@ -147,6 +163,30 @@ class ScalingPlan:
         for arm in self.arms:
             for overrides in self.arm_models(arm):
                 self.run_config(overrides, self.lr_grid[0], self.seeds[0], self.out_dir)
+
+    def _check_shape(self) -> None:
+        shaped, arm = "tokenformer_shaped" in self.arms, "arms include tokenformer_shaped"
+        if self.tokenformer_shape is None:
+            if shaped:
+                raise _plan_error("tokenformer_shape", None, f"a mapping of {', '.join(SHAPE_OPTIONS)} when {arm}")
+            return
+        if not shaped:
+            raise _plan_error("tokenformer_shape", self.tokenformer_shape, f"null unless {arm}")
+        shape = self.tokenformer_shape
+        if not isinstance(shape, dict) or not shape or any(k not in SHAPE_OPTIONS for k in shape):
+            raise _plan_error("tokenformer_shape", shape, f"a non-empty mapping of {', '.join(SHAPE_OPTIONS)}")
+        for name, value in shape.items():
+            if not (is_int(value) and value >= 1):
+                raise _plan_error(f"tokenformer_shape.{name}", value, "a positive integer")
+        final = count_parameters(self.tokenformer(self.stages[-1]), non_embedding=True)
+        mine = count_parameters(self.model_config(self.arm_models("tokenformer_shaped")[0]), non_embedding=True)
+        if abs(mine / final - 1) > SHAPE_TOLERANCE:
+            raise _plan_error(
+                "tokenformer_shape",
+                shape,
+                f"a shape whose non-embedding parameters are within {SHAPE_TOLERANCE:.0%} of the final stage's "
+                f"{final:,} (this one has {mine:,})",
+            )
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -173,6 +213,8 @@ class ScalingPlan:
         """``model_overrides`` of each stage of ``arm`` (one entry for a from-scratch arm)."""
         base = self.train.model_overrides
         stages = self.stages if arm in GROWN_ARMS else self.stages[-1:]
+        if arm == "tokenformer_shaped":
+            return [{**base, **stages[-1].tokens(), **(self.tokenformer_shape or {})}]
         if arm.startswith("tokenformer"):
             return [{**base, **s.tokens()} for s in stages]
         if arm == "transformer_standard":

@@ -26,6 +26,7 @@ COMPARISONS = (
     ("tokenformer_grown", "transformer_standard"),
     ("tokenformer_grown", "transformer_grown"),
     ("tokenformer_grown", "transformer_stacked"),
+    ("tokenformer_grown", "tokenformer_shaped"),
     ("transformer_grown", "transformer_scratch"),
     ("transformer_stacked", "transformer_scratch"),
 )
