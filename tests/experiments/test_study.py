@@ -110,6 +110,12 @@ def test_report_numbers_are_recomputed_from_the_stored_runs(finished):
     assert all(r["commit"] == commit for r in results["runs"])
     assert f"Runs trained at commit {commit}; report written at commit {commit}." in text
     assert f"| `small-values` | `tokenformer` | {pair['mean']:+.4f} | {pair['se']:.4f} | 2 |" in text
+    # Size and compute beside each variant: FLOPs per token of its best-rate run.
+    run = next(
+        r for r in results["runs"] if r["variant"] == "tokenformer" and r["lr"] == analysis["tokenformer"]["best_lr"]
+    )
+    size_row = f"| `tokenformer` | {run['parameters']:,} | {run['non_embedding_parameters']:,} | "
+    assert size_row + f"{run['flops'] / run['tokens'] / 1e6:.2f}M |" in text
     assert (Path(plan.out_dir) / "curves.png").stat().st_size > 0
     assert (Path(plan.out_dir) / "report.md").read_text() == text
 

@@ -462,6 +462,41 @@ def _commits(results: dict[str, Any]) -> str:
     return text + f"; report written at commit {results.get('commit', 'unrecorded')}."
 
 
+def _size_table(results: dict[str, Any]) -> list[str]:
+    """Each variant's parameters and training FLOPs per token (per image for vision) at its best rate."""
+    rows = []
+    for variant, entry in results["analysis"]["variants"].items():
+        runs = [r for r in results["runs"] if r["variant"] == variant and r["lr"] == entry["best_lr"]]
+        if not runs:
+            continue
+        run = runs[0]
+        parameters, non_embedding = run.get("parameters"), run.get("non_embedding_parameters")
+        per_token = run["flops"] / run["tokens"] if run.get("flops") and run.get("tokens") else None
+        if parameters is None and per_token is None:
+            continue
+        rows.append(
+            [
+                f"`{variant}`",
+                f"{parameters:,}" if parameters is not None else "—",
+                f"{non_embedding:,}" if non_embedding is not None else "—",
+                f"{per_token / 1e6:.2f}M" if per_token else "—",
+            ]
+        )
+    if not rows:
+        return []
+    item = "image" if results["plan"].get("train", {}).get("task") == "vision" else "token"
+    headers = ["variant", "parameters", "non-embedding", f"training FLOPs per {item}"]
+    return [
+        "## Size and compute",
+        "",
+        "At each variant's best rate: training FLOPs (`tokenformer.flops`, 3 x the forward matmuls) over the "
+        f"{item}s trained on.",
+        "",
+        runner.markdown_table(headers, rows),
+        "",
+    ]
+
+
 def report(results: dict[str, Any]) -> str:
     plan = StudyPlan.from_dict(results["plan"])
     analysis = results["analysis"]
@@ -534,6 +569,7 @@ def report(results: dict[str, Any]) -> str:
             "",
         ]
     grid = sorted({lr for v in plan.variants for lr in plan.grid(v)})
+    lines += _size_table(results)
     lines += [f"## Learning-rate grid (mean {name} over seeds)", ""]
     grid_rows = []
     for variant in plan.variants:
