@@ -125,6 +125,24 @@ def test_grow_in_python_keeps_validation_loss_and_continues(tmp_path, corpus_fil
     assert trainer.model.layers[0].mlp.num_tokens == 48
 
 
+def test_depth_growth_in_python_keeps_validation_loss_and_resumes(tmp_path, corpus_file, cache_dir):
+    options = dict(max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto", ema_decay=0.9)
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, **options)
+    trainer.fit(4)
+    before = trainer.state.val_history[-1]["val_loss"]
+    record = trainer.grow(ffn_tokens=48, n_layers=3, depth_position="interleave")
+    assert trainer.evaluate()["val_loss"] == before  # the moving average grew exactly too
+    new = trainer.model.layers[record.new_layers[0]]
+    assert all(trainer.optimizer.state[p]["step"].item() == 0 for p in new.parameters())
+    assert trainer.state.growth_history[-1]["new_layers"] == [1]
+    trainer.fit(6)
+    trainer.close()
+    resumed = make_trainer(tmp_path, corpus_file, cache_dir, **options)
+    assert resumed.state.step == 6 and resumed.model.config.n_layers == 3
+    resumed.fit()
+    resumed.close()
+
+
 def test_stack_in_python_copies_layers_and_their_moments_and_resumes(tmp_path, corpus_file, cache_dir):
     trainer = make_trainer(
         tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto"

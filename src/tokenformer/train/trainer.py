@@ -443,16 +443,19 @@ class Trainer:
             ema.n_averaged.fill_(max(1, updates))
         return ema
 
-    def _regrow_ema(self, source_of: Callable[[str], str], grown: dict[str, tuple[int, int]]) -> None:
+    def _regrow_ema(self, source_of: Callable[[str], str | None], grown: dict[str, tuple[int, int]]) -> None:
         # After growth the average takes the grown model's shapes: old rows/columns keep their
-        # average, new ones start at the new weights (zero keys, so the averaged function is
-        # unchanged too); a copied layer starts with its source layer's average.
+        # average, new ones (and new blocks, source None) start at the new weights (zero keys or
+        # zero residual outputs, so the averaged function is unchanged too); a copied layer starts
+        # with its source layer's average.
         if self.ema is None:
             return
         old = dict(self.ema.module.named_parameters())
         ema = self._new_ema()
         with torch.no_grad():
             for name, param in ema.module.named_parameters():
+                if source_of(name) is None:
+                    continue
                 if name in grown:
                     dim, size = grown[name]
                     param = param.narrow(dim, 0, size)
@@ -707,7 +710,8 @@ class Trainer:
     # -- growth -------------------------------------------------------------------------------
 
     def grow(self, **tokens: Any) -> GrowthRecord:
-        """:func:`tokenformer.grow` the model, carry AdamW's moments over, and re-wrap the model.
+        """:func:`tokenformer.grow` the model (in width, depth or both), carry AdamW's moments over
+        (new blocks join the optimizer with fresh moments), and re-wrap the model.
 
         A sharded (FSDP) model is gathered whole on every rank first, grown there, and sharded
         again with its optimizer state; a collective call then.
@@ -719,9 +723,9 @@ class Trainer:
             optimizer = gather(self.model, self.optimizer, whole, lambda model: make_optimizer(model, self.config))
             self.model = whole
         record = grow(self.model, **tokens)
-        carry_optimizer_state(optimizer)
+        carry_optimizer_state(optimizer, record)
         self._place(optimizer)
-        self._regrow_ema(lambda name: name, {g.name: (g.dim, g.old_size) for g in record.grown})
+        self._regrow_ema(record.source_name, {g.name: (g.dim, g.old_size) for g in record.grown})
         self._model_changed("grow", record.to_dict())
         return record
 
