@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .growth import GrowthRecord, grow
@@ -157,3 +158,9 @@ def grow_to_size(model: nn.Module, size: dict[str, int], **options: Any) -> Grow
     to ``grow`` (``depth_position``, ``generator``, ...)."""
     larger = growth_to(model.config, size)
     return grow(model, **larger, **options) if larger else None
+
+
+def growth_generator(seed: int, stage: int) -> torch.Generator:
+    """The generator of the random new weights of growth into ``stage`` of a run seeded ``seed``:
+    a regrowth after a resume is identical, and every rank of a distributed run grows alike."""
+    return torch.Generator().manual_seed(seed * 1000 + stage)

@@ -48,6 +48,7 @@ from ..growth import (
 )
 from ..model import set_activation_checkpointing
 from ..pruning import PruneRecord, calibration_scores, prune, prune_like, prune_optimizer_state
+from ..schedule import GrowthStage, growth_generator, growth_schedule, growth_to, model_size
 from .checkpoint import (
     CHECKPOINTS,
     TOKENIZER,
@@ -254,7 +255,20 @@ class Trainer:
         self.model = model.to(self.device)
         self._model_class = type(self.model)  # FSDP2 changes the class of the model it shards
         self._wrap_model = wrap_model or self._default_wrap
-        initial_growth = grow(self.model, **config.grow_to) if start is not None and config.grow_to else None
+        initial_growth = None
+        if start is not None and config.grow_to:
+            initial_growth = grow(self.model, **config.grow_to, depth_position=config.grow_depth_position)
+        # grow_schedule: the sizes the model grows to during the run, from the size it started at
+        # (a resumed run: as its checkpoint records, else the size of the config's model).
+        saved = checkpoint.trainer_state.get("schedule_start") if checkpoint is not None else None
+        if saved is None and checkpoint is not None and config.grow_schedule:
+            saved = model_size(config.model_config())
+        self.schedule_start = saved or model_size(self.model.config)
+        self.growth_stages: list[GrowthStage] = (
+            growth_schedule(config.grow_schedule, self.schedule_start, config.grow_to, config.max_steps)
+            if config.grow_schedule
+            else []
+        )
         old_parameters = self._old_parameters(checkpoint, initial_growth)
         optimizer = make_optimizer(self.model, config)
         if checkpoint is not None and not checkpoint.sharded:
@@ -526,6 +540,7 @@ class Trainer:
         try:
             with deferred_interrupt(enabled=not self.dist.active) as stop:
                 while self.state.step < target:
+                    self._grow_on_schedule()
                     started = time.perf_counter()
                     loss, items = self._train_step()
                     self.state.wall_time += time.perf_counter() - started
@@ -729,6 +744,22 @@ class Trainer:
         self._model_changed("grow", record.to_dict())
         return record
 
+    def _grow_on_schedule(self) -> None:
+        """With ``grow_schedule``: grow to the size of the stage the next step belongs to, unless
+        the model has it (a run resumed after the growth), validating right before and after."""
+        step = self.state.step
+        due = [i for i, stage in enumerate(self.growth_stages) if stage.start <= step]
+        if not due:
+            return
+        changes = growth_to(self.model.config, self.growth_stages[due[-1]].size)
+        if not changes:
+            return
+        if not self.state.val_history or self.state.val_history[-1]["step"] != step:
+            self.evaluate()
+        generator = growth_generator(self.config.seed, due[-1])
+        self.grow(**changes, depth_position=self.config.grow_depth_position, generator=generator)
+        self.evaluate()
+
     def calibration_scores(self, batches: int) -> dict[str, torch.Tensor]:
         """:func:`tokenformer.pruning.calibration_scores` of the model on the first ``batches``
         training batches (of micro-batch 0), in evaluation mode."""
@@ -799,6 +830,8 @@ class Trainer:
             "layers": growth_summary(self.model) if families.is_registered(self.model) else None,
             "train_config": self.config.to_dict(),
             "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
+            # The size grow_schedule starts from: a resumed run computes the same stages.
+            "schedule_start": self.schedule_start,
         }
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:

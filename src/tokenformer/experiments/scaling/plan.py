@@ -311,6 +311,7 @@ class ScalingPlan:
             del data["stages"]
         else:
             del data["schedule"]
+            data["stages"] = [{k: v for k, v in stage.items() if v is not None} for stage in data["stages"]]
         return data
 
     @classmethod
@@ -360,7 +361,7 @@ def _stage(index: int, data: Any) -> Stage:
     if not isinstance(data, dict) or sorted(set(data) - {"n_layers"}) != sorted(names):
         raise _plan_error(f"stages[{index}]", data, f"a mapping with exactly {', '.join(names)} (and n_layers)")
     for name, value in data.items():
-        if not (is_int(value) and value >= 1):
+        if not (is_int(value) and value >= 1) and not (name == "n_layers" and value is None):
             raise _plan_error(f"stages[{index}].{name}", value, "a positive integer")
     return Stage(**data)
 

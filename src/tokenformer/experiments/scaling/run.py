@@ -19,6 +19,7 @@ import yaml
 from ... import io
 from ...flops import count_parameters
 from ...growth import TokenUpdateScale
+from ...schedule import growth_generator
 from ...train import Trainer, lr_at
 from ...train.parallel import Distributed, barrier, broadcast_object, init_distributed
 from ...train.trainer import resolve_device
@@ -31,12 +32,6 @@ from .report import analyse, plot_curves, report
 def _at_size(model: torch.nn.Module, size: dict[str, int]) -> bool:
     current = {**model.config.tokens(0), "n_layers": model.config.n_layers}
     return all(current[k.removesuffix("_tokens")] == v for k, v in size.items())
-
-
-def _growth_generator(seed: int, stage: int) -> torch.Generator:
-    # New values are random: a fixed generator per seed and stage makes a regrowth after a
-    # resume identical, and every rank of a distributed run grow alike.
-    return torch.Generator().manual_seed(seed * 1000 + stage)
 
 
 def _depth(plan: ScalingPlan, size: dict[str, int]) -> dict[str, Any]:
@@ -58,7 +53,7 @@ def run_arm(plan: ScalingPlan, arm: str, lr: float, seed: int) -> dict[str, Any]
                 if arm == "transformer_stacked":
                     trainer.stack(size["n_layers"])
                 else:
-                    trainer.grow(**_depth(plan, size), generator=_growth_generator(seed, index))
+                    trainer.grow(**_depth(plan, size), generator=growth_generator(seed, index))
                 trainer.evaluate()  # right after growth: equals the loss before it (unless stacked)
             trainer.fit(end)
             # Every rank asks rank 0 whether the checkpoint exists: saving is a collective call.
@@ -115,7 +110,7 @@ def run_ablation(plan: ScalingPlan, lr: float, seed: int, name: str) -> dict[str
     try:
         before = trainer.state.val_history[-1]
         growth = _depth(plan, tokens)
-        record = trainer.grow(**growth, key_init=variant["key_init"], generator=_growth_generator(seed, 1))
+        record = trainer.grow(**growth, key_init=variant["key_init"], generator=growth_generator(seed, 1))
         after = trainer.evaluate()
         if variant["old_scale"] != 1.0:
             TokenUpdateScale(trainer.optimizer, record, old_scale=variant["old_scale"])
