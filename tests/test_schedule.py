@@ -3,9 +3,11 @@ optimizer state carried, learning-rate schedule continued) and resumes across it
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_train_options
+from conftest import cli_flags, tiny_config, tiny_train_options
 
 from tokenformer import TokenformerLM
+from tokenformer.cli import main
+from tokenformer.families import load_model
 from tokenformer.schedule import grow_to_size, growth_schedule, model_size, parse_rule
 from tokenformer.train import TrainConfig, Trainer, lr_at, read_metrics
 from tokenformer.train.checkpoint import checkpoint_name
@@ -75,18 +77,16 @@ def test_training_grows_on_schedule_exactly_and_resumes_across_the_growth(tmp_pa
         cache_dir,
         run,
         max_steps=8,
-        ckpt_interval=4,
+        ckpt_interval=2,
         eval_interval=8,
         grow_schedule="shares:0.5,0.5",
         grow_to={"ffn_tokens": 64, "n_layers": 3},
         grow_depth_position="interleave",
         loggers=[],
     )
-    trainer = Trainer(TrainConfig(**options))
-    trainer.fit(6)  # checkpoints at 4 (before the growth at step 4) and 6 (after it)
-    trainer.fit()
-    trainer.close()
-    assert model_size(trainer.model.config) == {"qkv_tokens": 16, "proj_tokens": 16, "ffn_tokens": 64, "n_layers": 3}
+    main(["train", *cli_flags(options)])  # checkpoints at 2, 4 (before the growth at step 4), 6 and 8
+    final_model = load_model(run / "checkpoints" / checkpoint_name(8))
+    assert model_size(final_model.config) == {"qkv_tokens": 16, "proj_tokens": 16, "ffn_tokens": 64, "n_layers": 3}
     records = read_metrics(run / "metrics.jsonl")
     (event,) = [r for r in records if r["kind"] == "event"]
     assert (event["step"], event["event"], event["new_layers"], event["after"][1]["ffn"]) == (4, "grow", [1], 64)
@@ -94,8 +94,8 @@ def test_training_grows_on_schedule_exactly_and_resumes_across_the_growth(tmp_pa
     assert after == pytest.approx(before, abs=1e-6)  # growth keeps the function
     # The learning rate goes on along its schedule, no warmup again.
     lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
-    assert lrs[5] == pytest.approx(lr_at(4, trainer.config)) and lrs[5] < lrs[4]
-    final = trainer.state.val_history[-1]["val_loss"]
+    assert lrs[5] == pytest.approx(lr_at(4, TrainConfig(**options))) and lrs[5] < lrs[4]
+    final = [r["val_loss"] for r in records if r["kind"] == "val"][-1]
     # Resumed from the checkpoint before the growth (it grows again, alike) and after it.
     for step, depth in ((4, 2), (6, 3)):
         name = checkpoint_name(step)

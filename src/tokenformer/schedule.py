@@ -2,10 +2,11 @@
 
 A schedule is a list of :class:`GrowthStage`: a model size (the totals of ``qkv_tokens``,
 ``proj_tokens``, ``ffn_tokens`` and ``n_layers``) and the optimizer steps trained at it. Stages
-are given by their *share* of the step budget, so one schedule serves any budget. A scaling plan
-writes its stages out (:mod:`tokenformer.experiments.scaling.plan`); :func:`growth_schedule`
-derives them from a rule, a start size and a target size, for ordinary training
-(``tokenformer train --grow_schedule RULE --grow_to SIZE``).
+are given by their *share* of the step budget, so one schedule serves any budget. A scaling
+plan's ``schedule:`` section spells out each stage's share and size
+(:mod:`tokenformer.experiments.scaling.plan`); :func:`growth_schedule` derives them from a rule,
+a start size and a target size, for ordinary training (``tokenformer train --grow_schedule RULE
+--grow_to SIZE``).
 
 Rules:
 
@@ -47,9 +48,6 @@ class GrowthStage:
     @property
     def steps(self) -> int:
         return self.end - self.start
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, **self.size}
 
 
 def check_shares(shares: Any, where: str) -> list[float]:

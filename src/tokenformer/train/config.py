@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..families import family
-from ..schedule import parse_rule
+from ..schedule import SIZE_KEYS, parse_rule
 from ..validation import check, dataclass_from_dict, invalid, is_int, is_number
 
 Precision = Literal["fp32", "bf16-mixed"]
@@ -61,8 +61,6 @@ class VisionOptions:
         return self == VisionOptions(dataset=self.dataset, data_path=self.data_path)
 
 
-# The keys of ``grow_to``: the arguments of tokenformer.grow.
-GROW_KEYS = ("qkv_tokens", "proj_tokens", "ffn_tokens", "n_layers")
 DepthPosition = Literal["top", "bottom", "interleave"]
 VISION_FIELDS = tuple(f.name for f in dataclasses.fields(VisionOptions))
 
@@ -318,11 +316,11 @@ class TrainConfig:
                 or (
                     isinstance(v, dict)
                     and bool(v)
-                    and set(v) <= set(GROW_KEYS)
+                    and set(v) <= set(SIZE_KEYS)
                     and all(is_int(n) and n >= 1 for n in v.values())
                 )
             ),
-            f"null or a mapping from {', '.join(GROW_KEYS)} to positive integers",
+            f"null or a mapping from {', '.join(SIZE_KEYS)} to positive integers",
         )
         _check(
             self,

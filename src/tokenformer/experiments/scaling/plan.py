@@ -16,7 +16,7 @@ from typing import Any
 from ...config import shape_changes
 from ...flops import count_parameters
 from ...growth import DEPTH_POSITIONS
-from ...schedule import TOKEN_KEYS, check_shares, stage_ends
+from ...schedule import SIZE_KEYS, TOKEN_KEYS, check_shares, stage_ends
 from ...train import TrainConfig
 from ...validation import dataclass_from_dict, invalid, is_int, is_number
 from .. import runner
@@ -69,7 +69,6 @@ class Stage:
 
 # The keys of a ``schedule:`` stage besides the size.
 SCHEDULE_STAGE_KEYS = ("share", "factors")
-SCHEDULE_SIZE_KEYS = (*TOKEN_KEYS, "n_layers")
 SCHEDULE_BUDGETS = ("total_steps", "total_tokens")
 
 
@@ -403,8 +402,8 @@ def schedule_stages(schedule: dict[str, Any], total_steps: int, model: Any) -> l
     shares = []
     for i, stage in enumerate(stages):
         where = f"schedule.stages[{i}]"
-        allowed = f"a mapping with share and sizes ({', '.join(SCHEDULE_SIZE_KEYS)}) or factors"
-        known = {*SCHEDULE_STAGE_KEYS, *SCHEDULE_SIZE_KEYS}
+        allowed = f"a mapping with share and sizes ({', '.join(SIZE_KEYS)}) or factors"
+        known = {*SCHEDULE_STAGE_KEYS, *SIZE_KEYS}
         if not isinstance(stage, dict) or "share" not in stage or set(stage) - known:
             raise _plan_error(where, stage, allowed)
         shares.append(stage["share"])
@@ -416,14 +415,14 @@ def schedule_stages(schedule: dict[str, Any], total_steps: int, model: Any) -> l
     for i, (stage, end) in enumerate(zip(stages, ends, strict=True)):
         where = f"schedule.stages[{i}]"
         factors = stage.get("factors") or {}
-        if not isinstance(factors, dict) or set(factors) - set(SCHEDULE_SIZE_KEYS):
-            raise _plan_error(f"{where}.factors", factors, f"a mapping from {', '.join(SCHEDULE_SIZE_KEYS)} to numbers")
+        if not isinstance(factors, dict) or set(factors) - set(SIZE_KEYS):
+            raise _plan_error(f"{where}.factors", factors, f"a mapping from {', '.join(SIZE_KEYS)} to numbers")
         both = sorted(set(factors) & set(stage))
         if both:
             raise _plan_error(where, stage, f"a size or a factor for each key, not both (both for {both})")
         if i == 0 and (factors or set(TOKEN_KEYS) - set(stage)):
             raise _plan_error(where, stage, f"the first stage with totals of {', '.join(TOKEN_KEYS)} and no factors")
-        for key in SCHEDULE_SIZE_KEYS:
+        for key in SIZE_KEYS:
             if key in stage:
                 if not (is_int(stage[key]) and stage[key] >= 1):
                     raise _plan_error(f"{where}.{key}", stage[key], "a positive integer")
