@@ -43,10 +43,14 @@ def test_train_grow_train_keeps_validation_loss_across_growth(tmp_path, corpus_f
             "24",
             "--ffn_tokens",
             "48",
+            "--n_layers",
+            "3",
+            "--depth_position",
+            "interleave",
         ]
     )
     out = capsys.readouterr().out
-    assert "function preserving: True" in out
+    assert "function preserving: True" in out and "2 -> 3 layers" in out
     main(["eval", "--model", str(tmp_path / "run" / "checkpoints" / "step-00000006"), "--max_windows", "16"])
     main(["eval", "--model", str(tmp_path / "grown"), "--max_windows", "16"])
     before, after = [line for line in capsys.readouterr().out.splitlines() if line.startswith("perplexity")]
@@ -66,7 +70,8 @@ def test_train_grow_train_keeps_validation_loss_across_growth(tmp_path, corpus_f
 
     state = json.loads((latest / "trainer_state.json").read_text())
     assert state["growth_history"][0]["after"][0] == {"qkv": 24, "proj": 16, "ffn": 48}
-    assert state["layers"][1]["mlp"] == {"tokens": 48, "tau": pytest.approx(32**0.5)}  # tau frozen at the old count
+    assert state["layers"][2]["mlp"] == {"tokens": 48, "tau": pytest.approx(32**0.5)}  # tau frozen at the old count
+    assert state["layers"][1]["mlp"] == {"tokens": 48, "tau": pytest.approx(48**0.5)}  # the new block's own
 
     main(["generate", "--model", str(tmp_path / "run"), "--prompt", "In the beginning", "--max_new_tokens", "8"])
     assert capsys.readouterr().out.startswith("In the beginning")

@@ -259,3 +259,165 @@ def test_stack_layers_refuses_a_depth_that_does_not_grow(n_layers):
     model = TokenformerLM(TokenformerConfig.from_preset("cpu-0.3M", n_layers=2, vocab_size=64))
     with pytest.raises(ValueError, match=rf"n_layers={n_layers!r}.*allowed: an integer > 2"):
         stack_layers(model, n_layers)
+
+
+@pytest.mark.parametrize("position", ["top", "bottom", "interleave"])
+def test_depth_growth_preserves_logits_on_1m_preset(position):
+    model = TokenformerLM(TokenformerConfig.from_preset("cpu-1M"))
+    trained(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    with torch.no_grad():
+        before = model(ids)
+        record = grow(model, ffn_tokens=768, n_layers=6, depth_position=position)
+        after = model(ids)
+    assert record.function_preserving
+    assert (after - before).abs().max().item() <= 1e-5
+    assert model.config.n_layers == len(model.layers) == 6 and model.config.ffn_tokens == 768
+    assert [block.layer for block in model.layers] == list(range(6))
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(model.config)
+    assert record.to_dict()["new_layers"] == record.new_layers == [i for i, s in enumerate(record.sources) if s is None]
+
+
+@pytest.mark.parametrize(
+    ("position", "sources"),
+    [
+        ("top", [0, 1, 2, None, None]),
+        ("bottom", [None, None, 0, 1, 2]),
+        ("interleave", [0, None, 1, None, 2]),
+    ],
+)
+def test_depth_positions(position, sources):
+    model = TokenformerLM(tiny_config(n_layers=3))
+    old = list(model.layers)
+    record = grow(model, n_layers=5, depth_position=position)
+    assert record.sources == sources
+    assert [model.layers[i] is old[s] for i, s in enumerate(sources) if s is not None] == [True] * 3
+    assert grow(TokenformerLM(tiny_config()), n_layers=6, depth_position="interleave").sources == [
+        0,
+        None,
+        None,
+        1,
+        None,
+        None,
+    ]
+
+
+def test_new_block_is_fresh_with_zero_residual_outputs_that_receive_gradients():
+    model = TokenformerLM(tiny_config())
+    record = grow(model, n_layers=3)
+    block = model.layers[2]
+    fresh = TokenformerLM(tiny_config(n_layers=3)).layers[2]
+    for name, module in block.pattentions():
+        assert module.tau.item() == fresh.get_submodule(name).tau.item()
+        assert module.key_param_tokens.std().item() == pytest.approx(0.02, rel=0.3)
+    assert torch.count_nonzero(block.attention.proj.value_param_tokens) == 0
+    assert torch.count_nonzero(block.mlp.value_param_tokens) == 0
+    assert torch.count_nonzero(block.attention.query.value_param_tokens) > 0
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    assert block.mlp.value_param_tokens.grad.abs().sum() > 0
+    assert block.attention.proj.value_param_tokens.grad.abs().sum() > 0
+    assert {g.name for g in record.grown} == {f"layers.2.{n}" for n, _ in block.named_parameters()}
+
+
+def test_linear_baseline_grows_in_depth_exactly():
+    model = TokenformerLM(tiny_config(projection="linear"))
+    trained(model)
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        before = model(ids)
+        grow(model, ffn_tokens=64, n_layers=4, depth_position="interleave")
+        after = model(ids)
+    assert (after - before).abs().max().item() <= 1e-6
+    new = model.layers[1]
+    assert torch.count_nonzero(new.attention.proj.weight) == 0 and torch.count_nonzero(new.mlp.fc2.weight) == 0
+    assert new.mlp.fc1.weight.shape == (64, 32)
+
+
+def test_vision_model_grows_in_depth_exactly():
+    from test_vision import images_for, tiny_vit
+
+    from tokenformer import TokenformerViT
+
+    model = TokenformerViT(tiny_vit(lsa=True)).eval()
+    images = images_for(model.config)
+    with torch.no_grad():
+        before = model(images)
+        grow(model, qkv_tokens=30, n_layers=4, depth_position="bottom")
+        after = model(images)
+    assert (after - before).abs().max().item() <= 1e-5
+    assert model.config.n_layers == 4 and model.config.qkv_tokens == 30
+
+
+def test_depth_growth_survives_save_load_and_keeps_the_kv_cache_right(tmp_path):
+    from tokenformer.families import load_model, save_model
+
+    torch.manual_seed(0)
+    model = TokenformerLM(tiny_config())
+    trained(model)
+    grow(model, ffn_tokens=48, layers=[1], n_layers=3, depth_position="interleave")
+    # The new block takes the grown counts of the block below it.
+    assert model.config.layer_tokens == [
+        {"qkv": 24, "proj": 20, "ffn": 40},
+        {"qkv": 24, "proj": 20, "ffn": 40},
+        {"qkv": 24, "proj": 20, "ffn": 48},
+    ]
+    trained(model, steps=1)  # the new block's weights move away from zero
+    save_model(model, tmp_path / "m")
+    restored = load_model(tmp_path / "m")
+    assert restored.config == model.config
+    ids = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(restored(ids), model(ids), rtol=0, atol=0)
+    # The grown model's blocks write their KV cache entries under their new indices.
+    generated = model.generate(ids[:1, :4], max_new_tokens=5, temperature=0.0)
+    for end in range(4, 9):
+        assert generated[0, end] == model(generated[:, :end])[0, -1].argmax()
+    assert torch.equal(restored.generate(ids[:1, :4], max_new_tokens=5, temperature=0.0), generated)
+
+
+def test_depth_growth_with_a_generator_is_repeatable():
+    model = TokenformerLM(tiny_config())
+    twin = copy.deepcopy(model)
+    state = torch.get_rng_state()
+    grow(model, n_layers=3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
+    grow(twin, n_layers=3, generator=torch.Generator().manual_seed(5))
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_optimizer_state_carried_across_depth_growth():
+    model = TokenformerLM(tiny_config())
+    opt = trained(model)
+    old = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    record = grow(model, ffn_tokens=48, n_layers=4, depth_position="interleave")
+    carry_optimizer_state(opt, record)
+    in_groups = {id(p): g["name"] for g in opt.param_groups for p in g["params"]}
+    assert set(in_groups) == {id(p) for p in model.parameters()}
+    for added in record.added:
+        assert in_groups[id(added.param)] == in_groups[id(added.template)]
+        state = opt.state[added.param]
+        assert state["step"].item() == 0 and torch.count_nonzero(state["exp_avg"]) == 0
+        assert state["exp_avg_sq"].shape == added.param.shape
+    for param, saved in old.items():
+        assert torch.equal(opt.state[param]["step"], saved["step"])
+        old_rows = tuple(slice(0, s) for s in saved["exp_avg"].shape)
+        assert torch.equal(opt.state[param]["exp_avg"][old_rows], saved["exp_avg"])
+    ids = torch.randint(0, 97, (2, 16))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    opt.step()
+    new = model.layers[record.new_layers[0]].mlp.value_param_tokens
+    assert opt.state[new]["step"].item() == 1 and new.abs().sum() > 0
+
+
+def test_depth_growth_errors():
+    model = TokenformerLM(tiny_config())
+    with pytest.raises(ValueError, match=r"unknown depth_position 'middle'; allowed: top, bottom, interleave"):
+        grow(model, n_layers=3, depth_position="middle")
+    with pytest.raises(ValueError, match=r"n_layers=1 cannot be grown to; allowed: an integer >= the current 2"):
+        grow(model, n_layers=1)
+    with pytest.raises(ValueError, match=r"n_layers=2.5 cannot be grown to"):
+        grow(model, n_layers=2.5)
+    with pytest.raises(ValueError, match=r"nothing to grow: n_layers=2 equals"):
+        grow(model, n_layers=2)
+    assert model.config.n_layers == len(model.layers) == 2

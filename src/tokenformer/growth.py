@@ -9,8 +9,14 @@ either (a dead saddle).
 ``softmax`` cannot be grown this way: ``exp(0 - max)`` is never 0, so zero-key tokens take
 probability mass from the old ones and every output changes.
 
+Depth grows exactly too: a pre-LN block adds its two residual updates to its input, and when the
+Pattentions that write into the residual stream (the attention output projection and the FFN)
+have zero value tokens both updates are exactly zero, so a new block computes the identity. Its
+keys are random, so the zero values receive gradients at once (the scores are not zero).
+
 Growth resizes parameters in place (``param.data`` is replaced), so optimizer param groups,
-hooks and references stay valid; ``carry_optimizer_state`` pads the optimizer's moments.
+hooks and references stay valid; ``carry_optimizer_state`` pads the optimizer's moments and adds
+new blocks' parameters to its param groups.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ from .pattention import Pattention
 from .validation import is_int
 
 KEY_INITS = ("zeros", "random")
+# Where depth growth inserts new blocks (see grow).
+DEPTH_POSITIONS = ("top", "bottom", "interleave")
+# The token kinds whose projections write into the residual stream: zero in a new block.
+RESIDUAL_KINDS = ("proj", "ffn")
 
 
 @dataclass
@@ -43,22 +53,62 @@ class GrownParameter:
 
 
 @dataclass
+class AddedParameter:
+    """A parameter of a block that depth growth inserted, and ``template``: the parameter of the
+    same name in the old block next to it (the optimizer puts it in that one's param group)."""
+
+    name: str
+    param: nn.Parameter
+    template: nn.Parameter
+
+
+@dataclass
 class GrowthRecord:
-    """What one call of :func:`grow` changed."""
+    """What one call of :func:`grow` changed.
+
+    ``before`` and ``after`` are the token counts per layer (``after`` of the grown depth);
+    ``sources[i]`` is the old index of layer ``i`` of the grown model, ``None`` for a new block.
+    ``grown`` lists the widened parameters and every parameter of a new block (old size 0), as
+    :class:`TokenUpdateScale` reads them; ``added`` the new blocks' parameters.
+    """
 
     before: list[dict[str, int]]
     after: list[dict[str, int]]
     key_init: str
     function_preserving: bool
     grown: list[GrownParameter] = field(default_factory=list)
+    sources: list[int | None] = field(default_factory=list)
+    depth_position: str | None = None
+    added: list[AddedParameter] = field(default_factory=list)
+
+    @property
+    def new_layers(self) -> list[int]:
+        """Indices of the new blocks in the grown model."""
+        return [i for i, source in enumerate(self.sources) if source is None]
+
+    def source_name(self, name: str) -> str | None:
+        """The old model's name of parameter ``name`` of the grown model (``None``: a new block's)."""
+        if not self.new_layers or not name.startswith("layers."):
+            return name
+        index, rest = name.removeprefix("layers.").split(".", 1)
+        source = self.sources[int(index)]
+        return None if source is None else f"layers.{source}.{rest}"
 
     def to_dict(self) -> dict:
-        return {
+        record = {
             "before": self.before,
             "after": self.after,
             "key_init": self.key_init,
             "function_preserving": self.function_preserving,
         }
+        if self.new_layers:
+            record.update(
+                n_layers_before=len(self.before),
+                n_layers_after=len(self.after),
+                new_layers=self.new_layers,
+                depth_position=self.depth_position,
+            )
+        return record
 
 
 def _append_rows(param: nn.Parameter, new: torch.Tensor, dim: int) -> None:
@@ -160,38 +210,63 @@ def grow(
     proj_tokens: int | None = None,
     ffn_tokens: int | None = None,
     *,
+    n_layers: int | None = None,
+    depth_position: Literal["top", "bottom", "interleave"] = "top",
     layers: Iterable[int] | None = None,
     key_init: Literal["zeros", "random"] = "zeros",
     value_std: float | None = None,
     generator: torch.Generator | None = None,
 ) -> GrowthRecord:
-    """Append parameter tokens to every Pattention of a kind, in all layers or in ``layers``.
+    """Append parameter tokens to every Pattention of a kind, in all layers or in ``layers``, and
+    insert new blocks up to ``n_layers``.
 
-    ``model`` is a ``TokenformerLM`` or a ``TokenformerViT``: anything with a ``config`` and
-    ``layers`` of blocks. The vision model's patch projection and classifier head keep their size.
+    ``model`` is a ``TokenformerLM`` or a ``TokenformerViT``: anything with a ``config``,
+    ``layers`` of blocks and ``new_block(layer)``. The vision model's patch projection and
+    classifier head keep their size.
 
-    Each count is the new total (``None`` leaves that kind alone). New keys are zero
+    Width: each count is the new total (``None`` leaves that kind alone). New keys are zero
     (function-preserving) or, with ``key_init="random"``, drawn like fresh keys (as the released
     GPU code does; the function changes). New values are ``N(0, value_std)``, by default the
     std the config's init rule (``value_init``, ``value_scale``) gives a new Pattention of that
     kind with the new count. On a ``projection="linear"`` model only ``ffn_tokens`` (the MLP
     hidden width) can grow, Net2Net style: new incoming weights as a new first layer's, outgoing
     weights zero (``N(0, value_std)`` with ``key_init="random"``, by default the config's
-    ``out_scale`` rule). Updates
-    ``model.config`` to the new counts. A call that would change nothing (every count already
-    reached) is refused.
+    ``out_scale`` rule).
+
+    Depth: ``n_layers`` is the new total of blocks. Each new block is initialised as a fresh block
+    of the grown config (``model.new_block``), then the projections that write into the residual
+    stream (attention output and FFN Pattentions' value tokens; the Linears for the baseline) are
+    zeroed: the block adds exactly nothing, whatever ``key_init``. It takes the token counts of
+    the old block below it (the bottom block's for ``depth_position="bottom"``). Where new blocks
+    go (``depth_position``): ``"top"`` after the last block, ``"bottom"`` before the first, or
+    ``"interleave"``: spread through the stack, new block ``j`` of ``k`` after old block
+    ``j * n_old // k`` (doubling the depth puts one after every old block). ``layers`` and the
+    indices of ``before`` refer to the old layers; ``layer`` of every block and the KV cache
+    follow the new order.
+
+    Width grows first, then depth (new blocks take the grown counts). Updates ``model.config``
+    (token counts, ``n_layers``, ``ghost_ranks``). A call that would change nothing (every count
+    and the depth already reached) is refused. ``generator`` draws every random new weight, so
+    a growth repeated with a generator in the same state is identical.
     """
     _require_bare_model(model, "grow")
     config = model.config
     if key_init not in KEY_INITS:
         raise ValueError(f"unknown key_init {key_init!r}; allowed: {', '.join(KEY_INITS)}")
+    if depth_position not in DEPTH_POSITIONS:
+        raise ValueError(f"unknown depth_position {depth_position!r}; allowed: {', '.join(DEPTH_POSITIONS)}")
     targets = {"qkv": qkv_tokens, "proj": proj_tokens, "ffn": ffn_tokens}
     targets = {kind: n for kind, n in targets.items() if n is not None}
-    if not targets:
-        raise ValueError("grow needs at least one of qkv_tokens, proj_tokens, ffn_tokens")
+    if not targets and n_layers is None:
+        raise ValueError("grow needs at least one of qkv_tokens, proj_tokens, ffn_tokens, n_layers")
     for kind, n in targets.items():
         if not is_int(n):
             raise TypeError(f"{kind}_tokens={n!r} is not an integer; allowed: an integer token count (or None)")
+    if n_layers is not None and not (is_int(n_layers) and n_layers >= config.n_layers):
+        raise ValueError(
+            f"n_layers={n_layers!r} cannot be grown to; allowed: an integer >= the current {config.n_layers} "
+            "(grow cannot shrink the depth)"
+        )
     if config.projection == "linear" and set(targets) - {"ffn"}:
         raise ValueError(
             f"a projection='linear' model has no parameter tokens in its attention; "
@@ -206,11 +281,13 @@ def grow(
                     f"grow cannot shrink: {kind}_tokens={n!r} is below layer {i}'s current {before[i][kind]}; "
                     f"allowed: an integer >= {before[i][kind]}"
                 )
-    if all(n == before[i][kind] for i in chosen for kind, n in targets.items()):
-        asked = ", ".join(f"{kind}_tokens={n}" for kind, n in targets.items())
+    deeper = n_layers is not None and n_layers > config.n_layers
+    if not deeper and all(n == before[i][kind] for i in chosen for kind, n in targets.items()):
+        depth = [] if n_layers is None else [f"n_layers={n_layers}"]
+        asked = ", ".join([f"{kind}_tokens={n}" for kind, n in targets.items()] + depth)
         raise ValueError(
             f"nothing to grow: {asked} equals the current count of every chosen layer; "
-            "allowed: a count above the current one for at least one kind and layer"
+            "allowed: a count above the current one for at least one kind and layer, or a larger n_layers"
         )
     if config.projection == "pattention":  # before anything changes
         for kind, n in targets.items():
@@ -242,7 +319,86 @@ def grow(
             "growing a softmax Pattention changes its outputs: zero keys still take probability mass", stacklevel=2
         )
     preserving = not grown or (key_init == "zeros" and not softmax)
-    return GrowthRecord(before, after, key_init, preserving, grown)
+    record = GrowthRecord(before, after, key_init, preserving, grown, list(range(config.n_layers)))
+    if deeper:
+        _grow_depth(model, n_layers, depth_position, generator, record)
+    return record
+
+
+def depth_order(n_old: int, n_new: int, position: str) -> list[int | None]:
+    """The grown stack as old layer indices, ``None`` for each new block (see :func:`grow`)."""
+    if position not in DEPTH_POSITIONS:
+        raise ValueError(f"unknown depth_position {position!r}; allowed: {', '.join(DEPTH_POSITIONS)}")
+    new = n_new - n_old
+    if position == "top":
+        return [*range(n_old), *[None] * new]
+    if position == "bottom":
+        return [*[None] * new, *range(n_old)]
+    after = [0] * n_old
+    for j in range(new):
+        after[j * n_old // new] += 1
+    return [item for i in range(n_old) for item in (i, *[None] * after[i])]
+
+
+def _grow_depth(
+    model: nn.Module, n_layers: int, position: str, generator: torch.Generator | None, record: GrowthRecord
+) -> None:
+    config = model.config
+    sources = depth_order(config.n_layers, n_layers, position)
+    # A new block takes the counts of the old block below it (the bottom one's when there is none).
+    neighbour = [next((s for s in reversed(sources[: i + 1]) if s is not None), 0) for i in range(n_layers)]
+    counts = [dict(record.after[j]) for j in neighbour]
+    ghosts = None if config.ghost_ranks is None else [{} if s is None else config.ghost_ranks[s] for s in sources]
+    model.config = config.replace(n_layers=n_layers, ghost_ranks=ghosts, layer_tokens=None)
+    set_config_tokens(model, counts)
+    # Widened parameters of old layers are named by their new indices.
+    index = {source: i for i, source in enumerate(sources) if source is not None}
+    for g in record.grown:
+        old, rest = g.name.removeprefix("layers.").split(".", 1)
+        g.name = f"layers.{index[int(old)]}.{rest}"
+    old_blocks = list(model.layers)
+    blocks = []
+    for i, source in enumerate(sources):
+        if source is not None:
+            block = old_blocks[source]
+        else:
+            template = dict(old_blocks[neighbour[i]].named_parameters())
+            like = next(iter(template.values()))
+            block = _new_block(model, i, generator).to(device=like.device, dtype=like.dtype)
+            for name, param in block.named_parameters():
+                record.added.append(AddedParameter(f"layers.{i}.{name}", param, template[name]))
+                record.grown.append(GrownParameter(f"layers.{i}.{name}", param, 0, 0))
+        block.layer = i  # the block's index in the KV cache
+        blocks.append(block)
+    model.layers = nn.ModuleList(blocks)
+    record.after, record.sources, record.depth_position = counts, sources, position
+
+
+def _new_block(model: nn.Module, layer: int, generator: torch.Generator | None) -> nn.Module:
+    """A fresh block of ``model``'s config whose residual outputs are zero. Its random weights come
+    from ``generator`` (seeding a forked global generator: the block initialises itself)."""
+    if generator is None:
+        block = model.new_block(layer)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            block = model.new_block(layer)
+    with torch.no_grad():
+        for kind in RESIDUAL_KINDS:
+            for _, module in block.modules_of_kind(kind):
+                for param in _residual_weights(module):
+                    param.zero_()
+    return block
+
+
+def _residual_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weights of a projection that writes into the residual stream: a Pattention's values,
+    a Linear's weight, an MLP's second layer."""
+    if isinstance(module, Pattention):
+        return [module.value_param_tokens]
+    if isinstance(module, MLP):
+        return [module.fc2.weight]
+    return [module.weight]
 
 
 def _check_alive(value_std: float, key_init: str, kind: str) -> None:
@@ -336,12 +492,28 @@ def stack_layers(model: nn.Module, n_layers: int) -> StackRecord:
     return StackRecord(old, n_layers, sources)
 
 
-def carry_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
-    """Pad every per-parameter state tensor (AdamW moments, ...) to its grown parameter's shape.
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, record: GrowthRecord | None = None) -> int:
+    """Pad every per-parameter state tensor (AdamW moments, ...) to its grown parameter's shape,
+    and with ``record`` (of a depth growth) add the new blocks' parameters to the optimizer.
 
     Old tokens keep their moments; new rows/columns start at zero; scalar state such as the
-    step count is kept, so training resumes without a restart. Returns how many tensors grew.
+    step count is kept, so training resumes without a restart. A new block's parameter joins the
+    param group of its counterpart in the old block next to it (same weight decay) with the state
+    of a parameter never stepped: every state tensor and number zero, the step count included
+    (AdamW's bias correction starts afresh for it). Returns how many tensors grew.
     """
+    if record is not None:
+        for added in record.added:
+            group = next((g for g in optimizer.param_groups if any(p is added.template for p in g["params"])), None)
+            if group is None:  # a template the optimizer does not train (frozen): neither is its copy
+                continue
+            group["params"].append(added.param)
+            template = optimizer.state.get(added.template)
+            if template:  # explicit zeros: state dicts keyed by name need an entry for every parameter
+                optimizer.state[added.param] = {
+                    key: torch.zeros_like(value) if torch.is_tensor(value) else type(value)(0)
+                    for key, value in template.items()
+                }
     padded = 0
     for group in optimizer.param_groups:
         for param in group["params"]:

@@ -369,9 +369,14 @@ class TokenformerLM(nn.Module):
         super().__init__()
         self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(self.new_block(i) for i in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layernorm_eps)
         nn.init.normal_(self.word_embeddings.weight, std=config.init_std)
+
+    def new_block(self, layer: int) -> Block:
+        """A freshly initialised block for position ``layer`` under ``self.config`` (depth growth
+        builds new blocks with it)."""
+        return Block(self.config, layer)
 
     def _check_input(self, input_ids: torch.Tensor, start: int) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

@@ -247,8 +247,7 @@ class TokenformerViT(nn.Module):
         )
         self.cls_token = nn.Parameter(torch.empty(1, 1, d)) if config.pool == "cls" else None
         self.pos_embedding = nn.Parameter(torch.empty(1, config.seq_len, d))
-        attention = functools.partial(BidirectionalAttention, locality=config.lsa)
-        self.layers = nn.ModuleList(Block(config, i, attention) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(self.new_block(i) for i in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layernorm_eps)
         self.head = make_projection(
             config, "head", config.head_tokens, writes_residual=False, in_features=d, out_features=config.num_classes
@@ -256,6 +255,11 @@ class TokenformerViT(nn.Module):
         nn.init.normal_(self.pos_embedding, std=config.init_std)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=config.init_std)
+
+    def new_block(self, layer: int) -> Block:
+        """A freshly initialised block for position ``layer`` under ``self.config`` (depth growth
+        builds new blocks with it)."""
+        return Block(self.config, layer, functools.partial(BidirectionalAttention, locality=self.config.lsa))
 
     def _check_input(self, images: torch.Tensor) -> None:
         c = self.config

@@ -533,7 +533,7 @@ def test_the_transformer_arms_are_parameter_matched_in_two_shapes(tmp_path):
     for config in (mlp, standard):
         ratio = count_parameters(config, non_embedding=True) / count_parameters(final, non_embedding=True)
         assert 0.95 <= ratio <= 1.05
-    assert plan.schedule("transformer_standard") == [({}, plan.total_steps)]  # from scratch
+    assert plan.arm_schedule("transformer_standard") == [({}, plan.total_steps)]  # from scratch
 
 
 def test_the_shaped_tokenformer_arm_has_the_final_stage_parameters_in_another_shape(tmp_path):
@@ -544,7 +544,7 @@ def test_the_shaped_tokenformer_arm_has_the_final_stage_parameters_in_another_sh
     assert shaped.projection == "pattention" and shaped == final.replace(**SHAPE)
     ratio = count_parameters(shaped, non_embedding=True) / count_parameters(final, non_embedding=True)
     assert 0.99 <= ratio <= 1.01
-    assert plan.schedule("tokenformer_shaped") == [({}, plan.total_steps)]  # from scratch
+    assert plan.arm_schedule("tokenformer_shaped") == [({}, plan.total_steps)]  # from scratch
     # The arm needs a shape; a shape needs the arm; and a shape of another size is refused.
     for arms, shape, message in (
         (["tokenformer_shaped"], None, r"tokenformer_shape=None .*when arms include tokenformer_shaped"),
@@ -590,3 +590,117 @@ def test_the_committed_reports_follow_from_their_stored_runs(name):
     recomputed = dict(results, analysis=scaling.analyse(plan, results["runs"], results["ablation"]))
     assert json.loads(json.dumps(recomputed["analysis"])) == results["analysis"]
     assert (folder / "report.md").read_text().startswith(scaling.report(recomputed))
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+
+def schedule_plan(corpus_file, cache_dir, out_dir, **schedule) -> dict:
+    """The tiny plan with its stages as a schedule: half the steps at the first size, then
+    ffn tokens doubled and a third block interleaved."""
+    data = tiny_plan(corpus_file, cache_dir, out_dir, arms=["tokenformer_grown", "tokenformer_scratch"])
+    del data["stages"]
+    data["schedule"] = {
+        "total_steps": 8,
+        "depth_position": "interleave",
+        "stages": [
+            {"share": 0.5, "qkv_tokens": 16, "proj_tokens": 16, "ffn_tokens": 32},
+            {"share": 0.5, "factors": {"ffn_tokens": 2}, "n_layers": 3},
+        ],
+        **schedule,
+    }
+    return data
+
+
+def test_a_schedule_gives_stages_by_share_of_the_budget(tmp_path):
+    three = [
+        {"share": 0.2, "qkv_tokens": 16, "proj_tokens": 16, "ffn_tokens": 32},
+        {"share": 0.3, "ffn_tokens": 64},  # ffn first
+        {"share": 0.5, "factors": {"qkv_tokens": 1.5, "proj_tokens": 2}, "n_layers": 4},  # attention later
+    ]
+    plan = ScalingPlan.from_dict(schedule_plan("kjv", tmp_path, tmp_path / "out", total_steps=10, stages=three))
+    assert [(s.qkv_tokens, s.proj_tokens, s.ffn_tokens, s.n_layers, s.steps) for s in plan.stages] == [
+        (16, 16, 32, 2, 2),
+        (16, 16, 64, 2, 3),
+        (24, 32, 64, 4, 5),
+    ]
+    assert plan.total_steps == plan.train.max_steps == 10 and plan.stage_ends() == [2, 5, 10]
+    assert plan.arm_schedule("tokenformer_grown")[2] == (
+        {"qkv_tokens": 24, "proj_tokens": 32, "ffn_tokens": 64, "n_layers": 4},
+        10,
+    )
+    assert plan.model_config(plan.arm_models("tokenformer_scratch")[0]).n_layers == 4
+    # A token budget: 1280 tokens of 4 x 32 per step.
+    budget = schedule_plan("kjv", tmp_path, tmp_path / "out", stages=three)
+    del budget["schedule"]["total_steps"]
+    budget["schedule"]["total_tokens"] = 1280
+    assert ScalingPlan.from_dict(budget).stage_ends() == [2, 5, 10]
+    # The plan's own dictionary (what worker processes get) gives the same plan.
+    again = ScalingPlan.from_dict(plan.to_dict())
+    assert again.stages == plan.stages and "stages" not in plan.to_dict()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stages": None}, r"plan field schedule.stages=None is invalid; allowed: a list of at least 2 stages"),
+        ({"total_steps": 0}, r"plan field schedule.total_steps=0 is invalid; allowed: a positive integer"),
+        ({"total_tokens": 5}, r"plan field schedule=.* allowed: a mapping with stages, one of total_steps"),
+        ({"depth_position": "middle"}, r"schedule.depth_position='middle' is invalid; allowed: top, bottom, inter"),
+        ({"stages.0.share": 0.7}, r"shares?.*sums to 1.2; allowed: shares summing to 1"),
+        ({"stages.1.share": 0}, r"share\[1\]=0 is invalid; allowed: a number in \(0, 1\]"),
+        ({"stages.1.factors": {"ffn_tokens": 0.5}}, r"stages\[1\].factors.ffn_tokens=0.5 .*allowed: a number >= 1"),
+        ({"stages.1.width": 2}, r"schedule.stages\[1\]=.* allowed: a mapping with share and sizes"),
+        ({"stages.0.factors": {"n_layers": 2}}, r"stages\[0\]=.*the first stage with totals of qkv_tokens"),
+        ({"stages.1.ffn_tokens": 16}, r"stages\[1\]=.*both for \['ffn_tokens'\]"),
+        ({"stages.1.factors": {}, "stages.1.n_layers": 2}, r"schedule.stages\[1\]=.*sizes >= stage 1's"),
+    ],
+)
+def test_schedule_errors_name_the_field_the_value_and_what_is_allowed(tmp_path, change, message):
+    data = schedule_plan("kjv", tmp_path, tmp_path / "out")
+    for path, value in change.items():
+        data = _broken(data, f"schedule.{path}", value)
+    with pytest.raises(ValueError, match=message):
+        ScalingPlan.from_dict(data)
+
+
+def test_a_plan_has_stages_or_a_schedule_and_no_grown_transformer_with_depth(tmp_path):
+    data = schedule_plan("kjv", tmp_path, tmp_path / "out")
+    both = {**data, "stages": tiny_plan("kjv", tmp_path, tmp_path / "out")["stages"]}
+    with pytest.raises(ValueError, match=r"stages='both' is invalid; allowed: exactly one of stages"):
+        ScalingPlan.from_dict(both)
+    with pytest.raises(ValueError, match=r"missing required field\(s\) \['stages \(or schedule\)'\]"):
+        ScalingPlan.from_dict({k: v for k, v in data.items() if k != "schedule"})
+    with pytest.raises(ValueError, match=r"allowed: no transformer_grown with a schedule that grows n_layers"):
+        ScalingPlan.from_dict({**data, "arms": ["tokenformer_grown", "transformer_grown"]})
+
+
+def test_the_grown_tokenformer_follows_a_schedule_in_width_and_depth(tmp_path, corpus_file, cache_dir):
+    data = {
+        **schedule_plan(corpus_file, cache_dir, tmp_path / "plan"),
+        "lr_grid": [0.01],
+        "seeds": [1],
+        "ablation": False,
+    }
+    plan = ScalingPlan.from_dict(data)
+    result = scaling.run_arm(plan, "tokenformer_grown", 0.01, 1)
+    assert result["growth_steps"] == [4]
+    before, after = [p for p in result["curve"] if p["step"] == 4]
+    assert after["val_loss"] == pytest.approx(before["val_loss"], abs=1e-5)
+    trainer = Trainer(
+        plan.run_config(
+            plan.arm_models("tokenformer_grown")[0], 0.01, 1, plan.run_dir("tokenformer_grown", 0.01, 1), resume="auto"
+        )
+    )
+    config = trainer.model.config
+    trainer.close()
+    assert (config.n_layers, config.ffn_tokens, config.qkv_tokens) == (3, 64, 16)
+    assert trainer.state.growth_history[0]["new_layers"] == [1]
+    # FLOPs: each stage at its own size.
+    tokens_per_step = plan.train.batch_size * plan.train.seq_len
+    per_token = [
+        training_flops_per_token(plan.model_config(m, 512), plan.train.seq_len)
+        for m in plan.arm_models("tokenformer_grown")
+    ]
+    assert result["flops"] == pytest.approx(sum(4 * tokens_per_step * f for f in per_token), rel=1e-12)
+    assert per_token[1] > per_token[0]

@@ -144,7 +144,8 @@ def test_consolidate_turns_sharded_into_single_file_and_back(runs, tmp_path, cap
 
 def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys):
     """Growth of a sharded checkpoint (gathered by ``tokenformer grow``, resharded on resume),
-    then growth inside the running 2-rank FSDP job (gathered, grown and resharded in memory)."""
+    then growth in width and depth inside the running 2-rank FSDP job (gathered, grown and
+    resharded in memory)."""
     root, options = runs
     sharded = list_checkpoints(root / "fsdp")[-1]
     main(
@@ -176,7 +177,7 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
         "strategy": "fsdp",
         "threads": 1,
     }
-    growth = {"grow_at": STEPS + 2, "tokens": {"ffn_tokens": 64}}
+    growth = {"grow_at": STEPS + 2, "tokens": {"ffn_tokens": 64, "n_layers": 3, "depth_position": "interleave"}}
     done = subprocess.run(
         torchrun_command(2, str(WORKER), json.dumps(grown), json.dumps(growth)),
         env=env(),
@@ -194,7 +195,8 @@ def test_growing_a_sharded_run_keeps_the_validation_loss(runs, tmp_path, capsys)
         "step-00000022",
         "step-00000024",
     ]  # fit writes one at its last step
-    assert families.read_model_config(list_checkpoints(tmp_path / "run")[-1]).tokens(0)["ffn"] == 64
+    grown_config = families.read_model_config(list_checkpoints(tmp_path / "run")[-1])
+    assert grown_config.tokens(0)["ffn"] == 64 and grown_config.n_layers == 3
 
 
 def test_a_vision_run_under_ddp_writes_the_test_metrics_of_one_process(tmp_path):

@@ -125,6 +125,57 @@ def test_grow_in_python_keeps_validation_loss_and_continues(tmp_path, corpus_fil
     assert trainer.model.layers[0].mlp.num_tokens == 48
 
 
+def test_depth_growth_in_python_keeps_validation_loss_and_resumes(tmp_path, corpus_file, cache_dir):
+    options = dict(max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto", ema_decay=0.9)
+    trainer = make_trainer(tmp_path, corpus_file, cache_dir, **options)
+    trainer.fit(4)
+    before = trainer.state.val_history[-1]["val_loss"]
+    record = trainer.grow(ffn_tokens=48, n_layers=3, depth_position="interleave")
+    assert trainer.evaluate()["val_loss"] == before  # the moving average grew exactly too
+    new = trainer.model.layers[record.new_layers[0]]
+    assert all(trainer.optimizer.state[p]["step"].item() == 0 for p in new.parameters())
+    assert trainer.state.growth_history[-1]["new_layers"] == [1]
+    trainer.fit(6)
+    trainer.close()
+    resumed = make_trainer(tmp_path, corpus_file, cache_dir, **options)
+    assert resumed.state.step == 6 and resumed.model.config.n_layers == 3
+    resumed.fit()
+    resumed.close()
+
+
+def test_depth_growth_of_a_sharded_run_on_one_rank(tmp_path, corpus_file, cache_dir, monkeypatch):
+    """FSDP2 on one gloo rank: the model is gathered, grown in width and depth, and resharded with
+    its optimizer state (new blocks at zero); the sharded checkpoint resumes at the grown size."""
+    import socket
+
+    from tokenformer.train.parallel import close_distributed
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(name, str(value))
+    options = dict(max_steps=6, ckpt_interval=4, eval_interval=4, strategy="fsdp", resume="auto", loggers=[])
+    try:
+        trainer = make_trainer(tmp_path, corpus_file, cache_dir, **options)
+        trainer.fit(4)
+        before = trainer.state.val_history[-1]["val_loss"]
+        record = trainer.grow(ffn_tokens=48, n_layers=3, depth_position="interleave")
+        assert trainer.evaluate()["val_loss"] == pytest.approx(before, abs=1e-6)
+        new = dict(trainer.model.named_parameters())["layers.1.mlp.key_param_tokens"]
+        old = dict(trainer.model.named_parameters())["layers.0.mlp.key_param_tokens"]
+        assert record.new_layers == [1] and trainer.optimizer.state[new]["step"].item() == 0
+        assert trainer.optimizer.state[old]["step"].item() == 4
+        trainer.fit(5)
+        trainer.close()
+        resumed = make_trainer(tmp_path, corpus_file, cache_dir, **options)
+        assert resumed.state.step == 5 and resumed.model.config.n_layers == 3
+        resumed.fit()
+        resumed.close()
+    finally:
+        close_distributed()
+
+
 def test_stack_in_python_copies_layers_and_their_moments_and_resumes(tmp_path, corpus_file, cache_dir):
     trainer = make_trainer(
         tmp_path, corpus_file, cache_dir, max_steps=8, ckpt_interval=4, eval_interval=4, resume="auto"

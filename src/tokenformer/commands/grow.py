@@ -1,4 +1,4 @@
-"""``tokenformer grow``: append parameter tokens to a trained checkpoint."""
+"""``tokenformer grow``: append parameter tokens (and blocks) to a trained checkpoint."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ def grow(
     qkv_tokens: int | None = None,
     proj_tokens: int | None = None,
     ffn_tokens: int | None = None,
+    n_layers: int | None = None,
+    depth_position: Literal["top", "bottom", "interleave"] = "top",
     layers: list[int] | None = None,
     key_init: Literal["zeros", "random"] = "zeros",
     evaluate: bool = True,
@@ -27,7 +29,10 @@ def grow(
         qkv_tokens: New total of query/key/value parameter tokens (null: unchanged).
         proj_tokens: New total of output-projection parameter tokens (null: unchanged).
         ffn_tokens: New total of feed-forward parameter tokens (null: unchanged).
-        layers: Grow only these layers (null: all).
+        n_layers: New total of blocks (null: unchanged); new blocks start with zero residual
+            outputs, so the function is kept.
+        depth_position: Where new blocks go: ``top``, ``bottom`` or ``interleave`` (spread through the stack).
+        layers: Grow the token counts of only these (old) layers (null: all).
         key_init: ``zeros`` keeps the function exactly; ``random`` initialises new keys like the released GPU code.
         evaluate: Print the validation loss before and right after growth.
         data: The corpus to validate on (null: the one the run was trained on); not read without --evaluate.
@@ -40,13 +45,20 @@ def grow(
         source, trainer = checkpoint_trainer(checkpoint, device, data, needs_data=evaluate, command="grow")
         before = trainer.evaluate() if evaluate else None
         record = trainer.grow(
-            qkv_tokens=qkv_tokens, proj_tokens=proj_tokens, ffn_tokens=ffn_tokens, layers=layers, key_init=key_init
+            qkv_tokens=qkv_tokens,
+            proj_tokens=proj_tokens,
+            ffn_tokens=ffn_tokens,
+            n_layers=n_layers,
+            depth_position=depth_position,
+            layers=layers,
+            key_init=key_init,
         )
         after = trainer.evaluate() if evaluate else None
         path = trainer.save_checkpoint(out)
     parameters = sum(p.numel() for p in trainer.model.parameters())
     print(
-        f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer "
+        f"grew {source} at step {trainer.state.step}: {record.before[0]} -> {record.after[0]} tokens per layer, "
+        f"{len(record.before)} -> {len(record.after)} layers "
         f"({parameters / 1e6:.2f}M parameters, function preserving: {record.function_preserving})"
     )
     if before is not None:

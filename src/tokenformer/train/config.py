@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..families import family
+from ..schedule import SIZE_KEYS, parse_rule
 from ..validation import check, dataclass_from_dict, invalid, is_int, is_number
 
 Precision = Literal["fp32", "bf16-mixed"]
@@ -60,8 +61,7 @@ class VisionOptions:
         return self == VisionOptions(dataset=self.dataset, data_path=self.data_path)
 
 
-# The keys of ``grow_to``: the arguments of tokenformer.grow.
-GROW_KEYS = ("qkv_tokens", "proj_tokens", "ffn_tokens")
+DepthPosition = Literal["top", "bottom", "interleave"]
 VISION_FIELDS = tuple(f.name for f in dataclasses.fields(VisionOptions))
 
 
@@ -133,9 +133,19 @@ class TrainConfig:
             tokenizer this run starts from, as a new run: step 0, a fresh optimizer and schedule
             (fine-tuning, or learning new ``data``); ``model`` is then ignored. With ``resume:
             auto`` an interrupted run continues from its own checkpoints instead.
-        grow_to: Token totals to grow the ``init_from`` model to before its first step, e.g.
-            ``{ffn_tokens: 768}`` (keys ``qkv_tokens``, ``proj_tokens``, ``ffn_tokens``; zero new
-            keys, so the function is kept).
+        grow_to: The size to grow to, e.g. ``{ffn_tokens: 768, n_layers: 6}`` (keys
+            ``qkv_tokens``, ``proj_tokens``, ``ffn_tokens``, ``n_layers``; zero new keys and new
+            blocks with zero residual outputs, so the function is kept): with ``init_from`` the
+            loaded model grows to it before its first step; with ``grow_schedule`` the model
+            grows to it in stages during the run.
+        grow_schedule: Grow the model during training from ``model`` (with ``model_overrides``) to
+            ``grow_to`` in stages (:func:`tokenformer.schedule.growth_schedule`):
+            ``shares:S1,S2,...`` (each stage's share of ``max_steps``, summing to 1) or
+            ``equal:K``; token counts grow geometrically from stage to stage, depth linearly. Each
+            growth is logged as a ``grow`` event with the validation loss right before and right
+            after it; AdamW's state is carried and the learning-rate schedule continues.
+        grow_depth_position: Where ``grow_schedule`` and ``grow_to`` put new blocks: ``top``,
+            ``bottom`` or ``interleave`` (see :func:`tokenformer.grow`).
         old_lr_scale: With ``grow_to``: the learning rate of everything that existed before the
             growth (the old tokens and every other parameter, the embedding too) as a multiple of
             ``lr``; 0 freezes it bit for bit and trains the new tokens only.
@@ -192,6 +202,8 @@ class TrainConfig:
     resume: str | None = None
     init_from: str | None = None
     grow_to: dict[str, int] | None = None
+    grow_schedule: str | None = None
+    grow_depth_position: DepthPosition = "top"
     old_lr_scale: float = 1.0
     eval_interval: int = 100
     eval_batches: int = 8
@@ -304,24 +316,40 @@ class TrainConfig:
                 or (
                     isinstance(v, dict)
                     and bool(v)
-                    and set(v) <= set(GROW_KEYS)
+                    and set(v) <= set(SIZE_KEYS)
                     and all(is_int(n) and n >= 1 for n in v.values())
                 )
             ),
-            f"null or a mapping from {', '.join(GROW_KEYS)} to positive integers",
+            f"null or a mapping from {', '.join(SIZE_KEYS)} to positive integers",
         )
         _check(
             self,
             "grow_to",
-            lambda v: v is None or self.init_from is not None,
-            "null without init_from (it grows the model init_from loads)",
+            lambda v: v is None or self.init_from is not None or self.grow_schedule is not None,
+            "null without init_from or grow_schedule (it grows the model init_from loads, or the model in stages)",
         )
+        _check(
+            self,
+            "grow_schedule",
+            lambda v: v is None or (self.grow_to is not None and self.init_from is None),
+            "null without grow_to, and null with init_from (a schedule grows the model the run starts from)",
+        )
+        if self.grow_schedule is not None:
+            parse_rule(self.grow_schedule)
+        positions = typing.get_args(DepthPosition)
+        _check(self, "grow_depth_position", lambda v: v in positions, ", ".join(positions))
         _check(self, "old_lr_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         _check(
             self,
             "old_lr_scale",
-            lambda v: v == 1 or self.grow_to is not None,
-            "1 without grow_to (it sets the rate of what existed before that growth)",
+            lambda v: v == 1 or (self.grow_to is not None and self.init_from is not None),
+            "1 without grow_to and init_from (it sets the rate of what existed before that growth)",
+        )
+        _check(
+            self,
+            "old_lr_scale",
+            lambda v: v == 1 or "n_layers" not in (self.grow_to or {}),
+            "1 when grow_to sets n_layers (new blocks have no old part)",
         )
         if self.resume in (None, "auto"):
             # An unknown preset or a bad override fails here, before any work. A run resumed from

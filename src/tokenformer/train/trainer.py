@@ -48,6 +48,7 @@ from ..growth import (
 )
 from ..model import set_activation_checkpointing
 from ..pruning import PruneRecord, calibration_scores, prune, prune_like, prune_optimizer_state
+from ..schedule import GrowthStage, growth_generator, growth_schedule, growth_to, model_size
 from .checkpoint import (
     CHECKPOINTS,
     TOKENIZER,
@@ -254,7 +255,20 @@ class Trainer:
         self.model = model.to(self.device)
         self._model_class = type(self.model)  # FSDP2 changes the class of the model it shards
         self._wrap_model = wrap_model or self._default_wrap
-        initial_growth = grow(self.model, **config.grow_to) if start is not None and config.grow_to else None
+        initial_growth = None
+        if start is not None and config.grow_to:
+            initial_growth = grow(self.model, **config.grow_to, depth_position=config.grow_depth_position)
+        # grow_schedule: the sizes the model grows to during the run, from the size it started at
+        # (a resumed run: as its checkpoint records, else the size of the config's model).
+        saved = checkpoint.trainer_state.get("schedule_start") if checkpoint is not None else None
+        if saved is None and checkpoint is not None and config.grow_schedule:
+            saved = model_size(config.model_config())
+        self.schedule_start = saved or model_size(self.model.config)
+        self.growth_stages: list[GrowthStage] = (
+            growth_schedule(config.grow_schedule, self.schedule_start, config.grow_to, config.max_steps)
+            if config.grow_schedule
+            else []
+        )
         old_parameters = self._old_parameters(checkpoint, initial_growth)
         optimizer = make_optimizer(self.model, config)
         if checkpoint is not None and not checkpoint.sharded:
@@ -443,16 +457,19 @@ class Trainer:
             ema.n_averaged.fill_(max(1, updates))
         return ema
 
-    def _regrow_ema(self, source_of: Callable[[str], str], grown: dict[str, tuple[int, int]]) -> None:
+    def _regrow_ema(self, source_of: Callable[[str], str | None], grown: dict[str, tuple[int, int]]) -> None:
         # After growth the average takes the grown model's shapes: old rows/columns keep their
-        # average, new ones start at the new weights (zero keys, so the averaged function is
-        # unchanged too); a copied layer starts with its source layer's average.
+        # average, new ones (and new blocks, source None) start at the new weights (zero keys or
+        # zero residual outputs, so the averaged function is unchanged too); a copied layer starts
+        # with its source layer's average.
         if self.ema is None:
             return
         old = dict(self.ema.module.named_parameters())
         ema = self._new_ema()
         with torch.no_grad():
             for name, param in ema.module.named_parameters():
+                if source_of(name) is None:
+                    continue
                 if name in grown:
                     dim, size = grown[name]
                     param = param.narrow(dim, 0, size)
@@ -523,6 +540,7 @@ class Trainer:
         try:
             with deferred_interrupt(enabled=not self.dist.active) as stop:
                 while self.state.step < target:
+                    self._grow_on_schedule()
                     started = time.perf_counter()
                     loss, items = self._train_step()
                     self.state.wall_time += time.perf_counter() - started
@@ -707,7 +725,8 @@ class Trainer:
     # -- growth -------------------------------------------------------------------------------
 
     def grow(self, **tokens: Any) -> GrowthRecord:
-        """:func:`tokenformer.grow` the model, carry AdamW's moments over, and re-wrap the model.
+        """:func:`tokenformer.grow` the model (in width, depth or both), carry AdamW's moments over
+        (new blocks join the optimizer with fresh moments), and re-wrap the model.
 
         A sharded (FSDP) model is gathered whole on every rank first, grown there, and sharded
         again with its optimizer state; a collective call then.
@@ -719,11 +738,27 @@ class Trainer:
             optimizer = gather(self.model, self.optimizer, whole, lambda model: make_optimizer(model, self.config))
             self.model = whole
         record = grow(self.model, **tokens)
-        carry_optimizer_state(optimizer)
+        carry_optimizer_state(optimizer, record)
         self._place(optimizer)
-        self._regrow_ema(lambda name: name, {g.name: (g.dim, g.old_size) for g in record.grown})
+        self._regrow_ema(record.source_name, {g.name: (g.dim, g.old_size) for g in record.grown})
         self._model_changed("grow", record.to_dict())
         return record
+
+    def _grow_on_schedule(self) -> None:
+        """With ``grow_schedule``: grow to the size of the stage the next step belongs to, unless
+        the model has it (a run resumed after the growth), validating right before and after."""
+        step = self.state.step
+        due = [i for i, stage in enumerate(self.growth_stages) if stage.start <= step]
+        if not due:
+            return
+        changes = growth_to(self.model.config, self.growth_stages[due[-1]].size)
+        if not changes:
+            return
+        if not self.state.val_history or self.state.val_history[-1]["step"] != step:
+            self.evaluate()
+        generator = growth_generator(self.config.seed, due[-1])
+        self.grow(**changes, depth_position=self.config.grow_depth_position, generator=generator)
+        self.evaluate()
 
     def calibration_scores(self, batches: int) -> dict[str, torch.Tensor]:
         """:func:`tokenformer.pruning.calibration_scores` of the model on the first ``batches``
@@ -795,6 +830,8 @@ class Trainer:
             "layers": growth_summary(self.model) if families.is_registered(self.model) else None,
             "train_config": self.config.to_dict(),
             "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
+            # The size grow_schedule starts from: a resumed run computes the same stages.
+            "schedule_start": self.schedule_start,
         }
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:

@@ -15,6 +15,8 @@ from typing import Any
 
 from ...config import shape_changes
 from ...flops import count_parameters
+from ...growth import DEPTH_POSITIONS
+from ...schedule import SIZE_KEYS, TOKEN_KEYS, check_shares, stage_ends
 from ...train import TrainConfig
 from ...validation import dataclass_from_dict, invalid, is_int, is_number
 from .. import runner
@@ -55,15 +57,26 @@ def _plan_error(name: str, value: Any, allowed: str) -> ValueError:
 
 @dataclass
 class Stage:
-    """One stage: the TokenFormer's parameter-token counts and the optimizer steps trained at them."""
+    """One stage: the TokenFormer's parameter-token counts (and depth; ``None``: the ``train``
+    section's) and the optimizer steps trained at them."""
 
     qkv_tokens: int
     proj_tokens: int
     ffn_tokens: int
     steps: int
+    n_layers: int | None = None
 
     def tokens(self) -> dict[str, int]:
         return {"qkv_tokens": self.qkv_tokens, "proj_tokens": self.proj_tokens, "ffn_tokens": self.ffn_tokens}
+
+    def size(self) -> dict[str, int]:
+        """The token counts and, when the stage sets it, the depth."""
+        return {**self.tokens(), **({} if self.n_layers is None else {"n_layers": self.n_layers})}
+
+
+# The keys of a ``schedule:`` stage besides the size.
+SCHEDULE_STAGE_KEYS = ("share", "factors")
+SCHEDULE_BUDGETS = ("total_steps", "total_tokens")
 
 
 @dataclass
@@ -72,7 +85,18 @@ class ScalingPlan:
 
     Args:
         out_dir: Run directory (results, report, plots and every run's checkpoints).
-        stages: At least three stages, token counts never shrinking and growing at each boundary.
+        stages: At least three stages, token counts (and ``n_layers``, optional) never shrinking
+            and growing at each boundary. Give either ``stages`` or ``schedule``.
+        schedule: The stages as shares of a budget (:func:`schedule_stages` reads it):
+            ``total_steps`` or ``total_tokens`` (steps: tokens over ``train``'s tokens per step),
+            and ``stages``, at least two, each with its ``share`` of the budget (shares sum to 1)
+            and its size: totals of ``qkv_tokens``, ``proj_tokens``, ``ffn_tokens`` and
+            ``n_layers``, or ``factors`` (a mapping of those keys to multipliers of the previous
+            stage's, rounded); a key left out keeps the previous stage's value. The first stage
+            gives all three token counts (its depth defaults to ``train``'s model). Sizes never
+            shrink and grow at each boundary; the grown TokenFormer grows in width and depth,
+            new blocks where ``depth_position`` says (``top``, the default, ``bottom`` or
+            ``interleave``: see :func:`tokenformer.grow`).
         lr_grid: Peak learning rates every arm trains at; each arm keeps the rate with the best
             mean final validation loss over the seeds.
         arms: Which of the arms to run (``ARMS``): the TokenFormer grown over the stages and from
@@ -100,8 +124,9 @@ class ScalingPlan:
     """
 
     out_dir: str
-    stages: list[Stage]
-    lr_grid: list[float]
+    stages: list[Stage] | None = None
+    lr_grid: list[float] = field(default_factory=list)
+    schedule: dict[str, Any] | None = None
     arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     seeds: list[int] = field(default_factory=lambda: [1337])
     ablation: bool = True
@@ -113,25 +138,31 @@ class ScalingPlan:
     def __post_init__(self) -> None:
         if not isinstance(self.train, (dict, TrainConfig)):
             raise _plan_error("train", self.train, "a mapping of tokenformer train options")
-        self.stages = [s if isinstance(s, Stage) else _stage(i, s) for i, s in enumerate(self.stages or [])]
-        if len(self.stages) < 3:
-            raise _plan_error(
-                "stages", len(self.stages), "a list of at least 3 stages (the grown arms grow at least twice)"
-            )
-        for i, (old, new) in enumerate(zip(self.stages, self.stages[1:], strict=False), start=2):
-            shrinking = [k for k in new.tokens() if new.tokens()[k] < old.tokens()[k]]
-            if shrinking or new.tokens() == old.tokens():
+        if (self.stages is None) == (self.schedule is None):
+            given = "both" if self.schedule is not None else "neither"
+            raise _plan_error("stages", given, "exactly one of stages (a list) and schedule (shares of a budget)")
+        if self.schedule is None:
+            self.stages = [s if isinstance(s, Stage) else _stage(i, s) for i, s in enumerate(self.stages or [])]
+            depths = [s.n_layers for s in self.stages]
+            if None in depths and set(depths) != {None}:
+                raise _plan_error("stages", depths, "n_layers in every stage or in none (the depth of each)")
+            if len(self.stages) < 3:
                 raise _plan_error(
-                    f"stages[{i - 1}]",
-                    new.tokens(),
-                    f"token counts >= stage {i - 1}'s {old.tokens()}, at least one larger",
+                    "stages", len(self.stages), "a list of at least 3 stages (the grown arms grow at least twice)"
                 )
+            self._check_growing("stages")
+            total_steps = self.total_steps
+        else:
+            total_steps = _schedule_total_steps(self.schedule, self.train)
         # The section is validated with the plan's steps: options such as warmup_steps are
         # checked against them.
         if isinstance(self.train, dict):
-            self.train = _train_section(self.train, self.total_steps)
+            self.train = _train_section(self.train, total_steps)
         else:
-            self.train = dataclasses.replace(self.train, max_steps=self.total_steps)
+            self.train = dataclasses.replace(self.train, max_steps=total_steps)
+        if self.schedule is not None:
+            self.stages = schedule_stages(self.schedule, total_steps, self.model_config(self.train.model_overrides))
+            self._check_growing("schedule.stages")
         if self.train.task != "lm":
             raise _plan_error("train.task", self.train.task, LM_ONLY)
         runner.check_lr_grid("lr_grid", self.lr_grid, "plan field")
@@ -139,6 +170,14 @@ class ScalingPlan:
         unknown = [a for a in self.arms or [] if a not in ARMS]
         if not self.arms or unknown or len(set(self.arms)) != len(self.arms):
             raise _plan_error("arms", self.arms, f"a non-empty list of distinct arms from {', '.join(ARMS)}")
+        deeper = [a for a in self.arms if a in ("transformer_grown", "transformer_stacked")] if self.grows_depth else []
+        if deeper:
+            raise _plan_error(
+                "arms",
+                self.arms,
+                f"no {', '.join(deeper)} with a schedule that grows n_layers (the grown Transformers are "
+                "matched to the TokenFormer stage by stage at a fixed depth)",
+            )
         if "transformer_stacked" in self.arms and len(set(self.stacked_depths())) < 2:
             raise _plan_error(
                 "arms",
@@ -188,6 +227,26 @@ class ScalingPlan:
                 f"{final:,} (this one has {mine:,})",
             )
 
+    def _check_growing(self, name: str) -> None:
+        for i, (old, new) in enumerate(zip(self.stages, self.stages[1:], strict=False), start=2):
+            before, after = self._size(old), self._size(new)
+            what = "token counts" if old.n_layers is None else "sizes"
+            if any(after[k] < before[k] for k in after) or after == before:
+                raise _plan_error(
+                    f"{name}[{i - 1}]",
+                    after,
+                    f"{what} >= stage {i - 1}'s {before}, at least one larger",
+                )
+
+    @staticmethod
+    def _size(stage: Stage) -> dict[str, int]:
+        return stage.size() if stage.n_layers is not None else stage.tokens()
+
+    @property
+    def grows_depth(self) -> bool:
+        """Whether the TokenFormer's stages differ in depth."""
+        return len({s.n_layers for s in self.stages}) > 1
+
     # -- the schedule -------------------------------------------------------------------------
 
     @property
@@ -207,21 +266,26 @@ class ScalingPlan:
 
     def tokenformer(self, stage: Stage) -> Any:
         """The TokenFormer of ``stage``."""
-        return self.model_config({**self.train.model_overrides, **stage.tokens()})
+        return self.model_config({**self.train.model_overrides, **stage.size()})
 
     def arm_models(self, arm: str) -> list[dict[str, Any]]:
         """``model_overrides`` of each stage of ``arm`` (one entry for a from-scratch arm)."""
         base = self.train.model_overrides
         stages = self.stages if arm in GROWN_ARMS else self.stages[-1:]
         if arm == "tokenformer_shaped":
-            return [{**base, **stages[-1].tokens(), **(self.tokenformer_shape or {})}]
+            return [{**base, **stages[-1].size(), **(self.tokenformer_shape or {})}]
         if arm.startswith("tokenformer"):
-            return [{**base, **s.tokens()} for s in stages]
+            return [{**base, **s.size()} for s in stages]
         if arm == "transformer_standard":
             tokenformer = self.tokenformer(stages[-1])
-            return [{**base, **stages[-1].tokens(), **shape_changes(tokenformer.standard_linear(), tokenformer)}]
+            return [{**base, **stages[-1].size(), **shape_changes(tokenformer.standard_linear(), tokenformer)}]
         matched = [
-            {**base, "projection": "linear", "ffn_tokens": self.tokenformer(s).parameter_matched_linear().ffn_tokens}
+            {
+                **base,
+                **({} if s.n_layers is None else {"n_layers": s.n_layers}),
+                "projection": "linear",
+                "ffn_tokens": self.tokenformer(s).parameter_matched_linear().ffn_tokens,
+            }
             for s in stages
         ]
         if arm == "transformer_stacked":
@@ -235,7 +299,12 @@ class ScalingPlan:
         layers = self.tokenformer(self.stages[-1]).n_layers
         return [max(1, round(layers * size / sizes[-1])) for size in sizes]
 
-    def schedule(self, arm: str) -> list[tuple[dict[str, int], int]]:
+    @property
+    def depth_position(self) -> str:
+        """Where the grown TokenFormer's new blocks go."""
+        return (self.schedule or {}).get("depth_position", "top")
+
+    def arm_schedule(self, arm: str) -> list[tuple[dict[str, int], int]]:
         """(token counts or depth to grow to, last step) of each stage of ``arm``."""
         if arm not in GROWN_ARMS:
             return [({}, self.total_steps)]
@@ -243,6 +312,8 @@ class ScalingPlan:
         if arm == "transformer_stacked":
             return [({"n_layers": m["n_layers"]}, end) for m, end in zip(models, self.stage_ends(), strict=True)]
         kinds = ("qkv_tokens", "proj_tokens", "ffn_tokens") if arm.startswith("tokenformer") else ("ffn_tokens",)
+        if arm == "tokenformer_grown" and self.grows_depth:
+            kinds = (*kinds, "n_layers")
         return [({k: m[k] for k in kinds}, end) for m, end in zip(models, self.stage_ends(), strict=True)]
 
     # -- runs ---------------------------------------------------------------------------------
@@ -277,6 +348,11 @@ class ScalingPlan:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["train"] = {k: v for k, v in self.train.to_dict().items() if k not in PER_RUN}
+        if self.schedule is not None:  # the stages are derived from it
+            del data["stages"]
+        else:
+            del data["schedule"]
+            data["stages"] = [{k: v for k, v in stage.items() if v is not None} for stage in data["stages"]]
         return data
 
     @classmethod
@@ -297,7 +373,9 @@ class ScalingPlan:
         if not isinstance(data, dict):
             raise ValueError(f"a plan must be a mapping of plan fields, got {type(data).__name__}")
         cls.check_layout(data)
-        missing = [name for name in ("out_dir", "stages", "lr_grid") if name not in data]
+        missing = [name for name in ("out_dir", "lr_grid") if name not in data]
+        if "stages" not in data and "schedule" not in data:
+            missing.append("stages (or schedule)")
         if missing:
             raise ValueError(f"plan is missing required field(s) {missing}")
         return dataclass_from_dict(cls, data, "plan field")
@@ -320,13 +398,84 @@ def _train_section(data: dict[str, Any], max_steps: int) -> TrainConfig:
 
 
 def _stage(index: int, data: Any) -> Stage:
-    names = [f.name for f in dataclasses.fields(Stage)]
-    if not isinstance(data, dict) or sorted(data) != sorted(names):
-        raise _plan_error(f"stages[{index}]", data, f"a mapping with exactly {', '.join(names)}")
+    names = [*TOKEN_KEYS, "steps"]
+    if not isinstance(data, dict) or sorted(set(data) - {"n_layers"}) != sorted(names):
+        raise _plan_error(f"stages[{index}]", data, f"a mapping with exactly {', '.join(names)} (and n_layers)")
     for name, value in data.items():
-        if not (is_int(value) and value >= 1):
+        if not (is_int(value) and value >= 1) and not (name == "n_layers" and value is None):
             raise _plan_error(f"stages[{index}].{name}", value, "a positive integer")
     return Stage(**data)
+
+
+def _schedule_total_steps(schedule: Any, train: dict[str, Any] | TrainConfig) -> int:
+    """The step budget of a ``schedule:`` section: ``total_steps``, or ``total_tokens`` over the
+    ``train`` section's tokens per step."""
+    keys = set(schedule) - {"depth_position"} if isinstance(schedule, dict) else set()
+    if keys not in ({budget, "stages"} for budget in SCHEDULE_BUDGETS):
+        raise _plan_error(
+            "schedule",
+            schedule,
+            f"a mapping with stages, one of {', '.join(SCHEDULE_BUDGETS)} (a budget) and optionally depth_position",
+        )
+    if schedule.get("depth_position", "top") not in DEPTH_POSITIONS:
+        raise _plan_error("schedule.depth_position", schedule["depth_position"], ", ".join(DEPTH_POSITIONS))
+    if "total_steps" in schedule:
+        steps = schedule["total_steps"]
+        if not (is_int(steps) and steps >= 1):
+            raise _plan_error("schedule.total_steps", steps, "a positive integer")
+        return steps
+    tokens = schedule["total_tokens"]
+    # The section's batch shape (checked against the budget's steps once they are known).
+    options = train if isinstance(train, TrainConfig) else _train_section(train, 2**62)
+    per_step = options.tokens_per_step
+    if not (is_int(tokens) and tokens >= per_step):
+        raise _plan_error(
+            "schedule.total_tokens", tokens, f"an integer >= the tokens of one step ({per_step}, train's batch)"
+        )
+    return tokens // per_step
+
+
+def schedule_stages(schedule: dict[str, Any], total_steps: int, model: Any) -> list[Stage]:
+    """The stages of a ``schedule:`` section (see :class:`ScalingPlan`) over ``total_steps``;
+    ``model``: the ``train`` section's model config (the first stage's default depth)."""
+    stages = schedule["stages"]
+    if not isinstance(stages, list) or len(stages) < 2:
+        raise _plan_error("schedule.stages", stages, "a list of at least 2 stages")
+    shares = []
+    for i, stage in enumerate(stages):
+        where = f"schedule.stages[{i}]"
+        allowed = f"a mapping with share and sizes ({', '.join(SIZE_KEYS)}) or factors"
+        known = {*SCHEDULE_STAGE_KEYS, *SIZE_KEYS}
+        if not isinstance(stage, dict) or "share" not in stage or set(stage) - known:
+            raise _plan_error(where, stage, allowed)
+        shares.append(stage["share"])
+    check_shares(shares, "plan field schedule.stages[*].share")
+    ends = stage_ends(shares, total_steps, "plan field schedule")
+    depths = any("n_layers" in s or "n_layers" in (s.get("factors") or {}) for s in stages)
+    size: dict[str, float] = {} if not depths else {"n_layers": model.n_layers}
+    out = []
+    for i, (stage, end) in enumerate(zip(stages, ends, strict=True)):
+        where = f"schedule.stages[{i}]"
+        factors = stage.get("factors") or {}
+        if not isinstance(factors, dict) or set(factors) - set(SIZE_KEYS):
+            raise _plan_error(f"{where}.factors", factors, f"a mapping from {', '.join(SIZE_KEYS)} to numbers")
+        both = sorted(set(factors) & set(stage))
+        if both:
+            raise _plan_error(where, stage, f"a size or a factor for each key, not both (both for {both})")
+        if i == 0 and (factors or set(TOKEN_KEYS) - set(stage)):
+            raise _plan_error(where, stage, f"the first stage with totals of {', '.join(TOKEN_KEYS)} and no factors")
+        for key in SIZE_KEYS:
+            if key in stage:
+                if not (is_int(stage[key]) and stage[key] >= 1):
+                    raise _plan_error(f"{where}.{key}", stage[key], "a positive integer")
+                size[key] = stage[key]
+            elif key in factors:
+                if not (is_number(factors[key]) and factors[key] >= 1):
+                    raise _plan_error(f"{where}.factors.{key}", factors[key], "a number >= 1 (sizes never shrink)")
+                size[key] = round(size[key] * factors[key])
+        start = 0 if i == 0 else ends[i - 1]
+        out.append(Stage(**{k: int(v) for k, v in size.items()}, steps=end - start))
+    return out
 
 
 def load_plan(path: str | Path, out_dir: str | None = None) -> ScalingPlan:

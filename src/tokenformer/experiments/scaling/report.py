@@ -440,7 +440,12 @@ def report(results: dict[str, Any]) -> str:
         f"own; the seed sets the model init, the batches and the grown values. Validation: the same "
         f"{train.eval_batches} batches of fixed windows for every run and evaluation. Stages (TokenFormer tokens "
         "qkv/proj/ffn × steps): "
-        + ", ".join(f"{s.qkv_tokens}/{s.proj_tokens}/{s.ffn_tokens} × {s.steps}" for s in plan.stages)
+        + ", ".join(
+            f"{s.qkv_tokens}/{s.proj_tokens}/{s.ffn_tokens}"
+            + ("" if s.n_layers is None else f" in {s.n_layers} layers")
+            + f" × {s.steps}"
+            for s in plan.stages
+        )
         + ". FLOPs: `tokenformer.flops` (matmuls, 3 × forward), summed over every step of every stage. "
         "Wall time: training steps only (validation and checkpoints excluded), every run with the same "
         "thread count; the load average (one minute) is recorded at each run's start and end.",

@@ -19,6 +19,7 @@ import yaml
 from ... import io
 from ...flops import count_parameters
 from ...growth import TokenUpdateScale
+from ...schedule import growth_generator
 from ...train import Trainer, lr_at
 from ...train.parallel import Distributed, barrier, broadcast_object, init_distributed
 from ...train.trainer import resolve_device
@@ -29,33 +30,30 @@ from .report import analyse, plot_curves, report
 
 
 def _at_size(model: torch.nn.Module, size: dict[str, int]) -> bool:
-    if "n_layers" in size:
-        return model.config.n_layers == size["n_layers"]
-    current = model.config.tokens(0)
+    current = {**model.config.tokens(0), "n_layers": model.config.n_layers}
     return all(current[k.removesuffix("_tokens")] == v for k, v in size.items())
 
 
-def _growth_generator(seed: int, stage: int) -> torch.Generator:
-    # New values are random: a fixed generator per seed and stage makes a regrowth after a
-    # resume identical, and every rank of a distributed run grow alike.
-    return torch.Generator().manual_seed(seed * 1000 + stage)
+def _depth(plan: ScalingPlan, size: dict[str, int]) -> dict[str, Any]:
+    # The arguments of grow for a stage's size: where new blocks go when it sets the depth.
+    return {**size, "depth_position": plan.depth_position} if "n_layers" in size else size
 
 
 def run_arm(plan: ScalingPlan, arm: str, lr: float, seed: int) -> dict[str, Any]:
     """Train one (arm, learning rate, seed) to the end, resuming from its latest checkpoint."""
     directory = plan.run_dir(arm, lr, seed)
     load_at_start = runner.load_average()
-    schedule = plan.schedule(arm)
+    schedule = plan.arm_schedule(arm)
     trainer = Trainer(plan.run_config(plan.arm_models(arm)[0], lr, seed, directory, resume="auto"))
     try:
         for index, (size, end) in enumerate(schedule):
             if trainer.state.step >= end:
                 continue
             if size and not _at_size(trainer.model, size):
-                if "n_layers" in size:
+                if arm == "transformer_stacked":
                     trainer.stack(size["n_layers"])
                 else:
-                    trainer.grow(**size, generator=_growth_generator(seed, index))
+                    trainer.grow(**_depth(plan, size), generator=growth_generator(seed, index))
                 trainer.evaluate()  # right after growth: equals the loss before it (unless stacked)
             trainer.fit(end)
             # Every rank asks rank 0 whether the checkpoint exists: saving is a collective call.
@@ -102,7 +100,7 @@ def run_ablation(plan: ScalingPlan, lr: float, seed: int, name: str) -> dict[str
     if env.is_main and out.exists():
         shutil.rmtree(out)
     barrier(env)
-    tokens = plan.schedule("tokenformer_grown")[1][0]
+    tokens = plan.arm_schedule("tokenformer_grown")[1][0]
     start = plan.stage_ends()[0]
     steps = plan.ablation_steps or plan.stages[1].steps
     config = plan.run_config(
@@ -111,7 +109,8 @@ def run_ablation(plan: ScalingPlan, lr: float, seed: int, name: str) -> dict[str
     trainer = Trainer(config)
     try:
         before = trainer.state.val_history[-1]
-        record = trainer.grow(**tokens, key_init=variant["key_init"], generator=_growth_generator(seed, 1))
+        growth = _depth(plan, tokens)
+        record = trainer.grow(**growth, key_init=variant["key_init"], generator=growth_generator(seed, 1))
         after = trainer.evaluate()
         if variant["old_scale"] != 1.0:
             TokenUpdateScale(trainer.optimizer, record, old_scale=variant["old_scale"])
