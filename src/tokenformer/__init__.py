@@ -9,6 +9,7 @@ from .model import TokenformerLM
 from .pattention import NORMS, Pattention
 from .pruning import PruneRecord, calibration_scores, prune, prune_pattention
 from .quantization import quantize_int8
+from .sparse_pattention import SparsePattention
 from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "PRESETS",
     "Pattention",
     "PruneRecord",
+    "SparsePattention",
     "TokenUpdateScale",
     "TokenformerConfig",
     "TokenformerLM",
