@@ -46,6 +46,31 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
+class QueryBatchNorm(nn.Module):
+    """``BatchNorm1d`` over the rows of ``[N, features]`` (weight, bias, running mean and variance),
+    without its integer batch counter: a model's files hold floating-point tensors only."""
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.empty(features, **factory))
+        self.bias = nn.Parameter(torch.empty(features, **factory))
+        self.register_buffer("running_mean", torch.empty(features, **factory))
+        self.register_buffer("running_var", torch.empty(features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for t, value in ((self.weight, 1.0), (self.bias, 0.0), (self.running_mean, 0.0), (self.running_var, 1.0)):
+            if not t.is_meta:
+                nn.init.constant_(t, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
+
+
 class SparsePattention(nn.Module):
     """Pattention whose ``heads * sub_keys**2`` parameter tokens are read ``top_k`` per head.
 
@@ -54,9 +79,9 @@ class SparsePattention(nn.Module):
     token ``(i, j)`` is row ``h * sub_keys**2 + i * sub_keys + j``); the buffer ``tau`` (saved in
     the state dict) is the score scale, ``sqrt(top_k)`` unless given, frozen at creation.
 
-    ``query_norm`` normalises the input before it is scored (the values are read by the same
-    selection either way): ``"none"``; ``"layer"``, a layer norm without weights; ``"batch"``, a
-    ``BatchNorm1d`` over every input row of the batch, as product-key memories use to spread the
+    ``query_norm`` normalises the input before its scores are taken: ``"none"``; ``"layer"``, a
+    layer norm without weights; ``"batch"``, a batch norm (:class:`QueryBatchNorm`, with weight
+    and bias) over every input row of the batch, as product-key memories use to spread the
     queries over the keys. ``"batch"`` normalises with the batch's statistics in training (so a
     row's output depends on the other rows of its batch, later positions of a sequence included)
     and with running statistics in evaluation.
@@ -104,7 +129,7 @@ class SparsePattention(nn.Module):
         self.sub_key_tokens = nn.Parameter(torch.empty(heads, 2, sub_keys, in_features // 2, **factory))
         self.value_param_tokens = nn.Parameter(torch.empty(heads * sub_keys**2, out_features, **factory))
         self.register_buffer("tau", torch.tensor(self.initial_tau, **factory))
-        self.batch_norm = nn.BatchNorm1d(in_features, **factory) if query_norm == "batch" else None
+        self.batch_norm = QueryBatchNorm(in_features, **factory) if query_norm == "batch" else None
         self.reset_parameters()
 
     @property
@@ -205,3 +230,15 @@ class DenseProductKeys(nn.Module):
             for keys, head_values in zip(self.keys().unbind(0), values.unbind(0), strict=True)
         ]
         return torch.stack(heads).sum(0).view(*lead, sparse.out_features)
+
+
+class SparseMemory(nn.ModuleList):
+    """A memory of one or more :class:`SparsePattention` tables reading the same input: the sum
+    of their outputs. Each table keeps its own selection and normalisation, so a table appended
+    with zero values adds exactly 0 (see :func:`tokenformer.growth.grow_memory`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self[0](x)
+        for table in self[1:]:
+            out = out + table(x)
+        return out
