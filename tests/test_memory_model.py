@@ -10,6 +10,7 @@ from tokenformer import (
     TokenformerConfig,
     TokenformerLM,
     count_parameters,
+    grow_memory,
     load_model,
     save_model,
     training_flops_per_token,
@@ -158,3 +159,52 @@ def test_the_released_layout_refuses_a_memory():
 
     with pytest.raises(ValueError, match=r"the released layout has no sparse memory; .* layers \[1\]"):
         ours_to_released(TokenformerLM(tiny_config(**MEMORY)))
+
+
+def trained(model, steps=3):
+    """A few AdamW steps at a high rate, so that growth is tested on weights far from their init."""
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-2)
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (2, 12))
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("query_norm", ["none", "batch"])
+def test_grow_memory_keeps_the_function_exactly_and_trains_the_new_table(tmp_path, query_norm):
+    model = TokenformerLM(tiny_config(**MEMORY, memory_query_norm=query_norm))
+    trained(model)
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        before = model(ids)
+        record = grow_memory(model, sub_keys=5)
+        after = model(ids)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert record.before == [4] and record.after == [4, 5] and model.config.memory_sub_keys == [4, 5]
+    table = model.layers[1].memory[1]
+    assert table.num_tokens == 25 and not table.training
+    assert [name for name, _ in record.new_parameters][:2] == [
+        "layers.1.memory.1.sub_key_tokens",
+        "layers.1.memory.1.value_param_tokens",
+    ]
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(model.config)
+    # The new values get gradient from the first step (random keys, zero values).
+    model.train()
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert table.value_param_tokens.grad.abs().sum() > 0
+    # The grown model saves and loads with its tables.
+    save_model(model.eval(), tmp_path / "grown")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "grown").eval()(ids), model(ids), rtol=0, atol=0)
+
+
+def test_grow_memory_errors():
+    with pytest.raises(ValueError, match=r"grow_memory needs a model with a sparse memory; .*memory_layers=\[\]"):
+        grow_memory(TokenformerLM(tiny_config()), sub_keys=4)
+    model = TokenformerLM(tiny_config(**{**MEMORY, "memory_top_k": 5}))
+    with pytest.raises(ValueError, match="sub_keys=2 is invalid; allowed: .* memory_top_k=5 \\(at least 3\\)"):
+        grow_memory(model, sub_keys=2)

@@ -3,7 +3,7 @@
 from .config import PRESETS, TokenformerConfig
 from .families import FAMILIES, load_model, save_model
 from .flops import count_parameters, training_flops, training_flops_per_token
-from .growth import TokenUpdateScale, carry_optimizer_state, grow, growth_summary, stack_layers
+from .growth import TokenUpdateScale, carry_optimizer_state, grow, grow_memory, growth_summary, stack_layers
 from .interop.registration import install as _register_with_transformers
 from .model import TokenformerLM
 from .pattention import NORMS, Pattention
@@ -32,6 +32,7 @@ __all__ = [
     "count_parameters",
     "from_hf",
     "grow",
+    "grow_memory",
     "growth_summary",
     "load_model",
     "prune",
