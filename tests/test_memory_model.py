@@ -208,3 +208,16 @@ def test_grow_memory_errors():
     model = TokenformerLM(tiny_config(**{**MEMORY, "memory_top_k": 5}))
     with pytest.raises(ValueError, match="sub_keys=2 is invalid; allowed: .* memory_top_k=5 \\(at least 3\\)"):
         grow_memory(model, sub_keys=2)
+
+
+def test_weight_averaging_refuses_a_batch_normalised_memory_query(tmp_path, corpus_file, cache_dir):
+    from conftest import tiny_train_options
+
+    from tokenformer.train import TrainConfig, Trainer
+
+    options = tiny_train_options(corpus_file, cache_dir, tmp_path / "run", ema_decay=0.9)
+    options["model_overrides"] = {**options["model_overrides"], **MEMORY, "memory_layers": [0]}
+    with pytest.raises(ValueError, match="ema_decay=0.9 cannot average a model with a batch-normalised memory query"):
+        Trainer(
+            TrainConfig(**{**options, "model_overrides": {**options["model_overrides"], "memory_query_norm": "batch"}})
+        )

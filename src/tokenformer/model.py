@@ -10,6 +10,9 @@ ordinary LayerNorm; rotary embeddings (GPT-NeoX rotate-half) cover the first ``r
 each head's dims; the output head is the transposed word embedding. ``projection="linear"``
 gives the standard Transformer with the same code path (bias-free Linear Q/K/V/O, a
 Linear-GELU-Linear MLP of hidden width ``ffn_tokens``).
+
+The layers in ``memory_layers`` (none by default) add a sparse memory read from ``LN(h)``, beside
+the FFN or in its place (:mod:`tokenformer.sparse_pattention`, docs/sparse-memory.md).
 """
 
 from __future__ import annotations
@@ -293,7 +296,9 @@ class SelfAttention(nn.Module):
 
 class Block(nn.Module):
     """``h = x + Proj(Attention(LN(x))); y = h + FFN(LN(h))``; ``attention(config, tokens)``
-    builds the attention (by default the language model's causal :class:`SelfAttention`)."""
+    builds the attention (by default the language model's causal :class:`SelfAttention`). A
+    memory layer adds ``Memory(LN(h))`` to ``y`` (``memory``; ``mlp`` is None where it replaces
+    the FFN)."""
 
     # Which modules of a block hold each kind of parameter tokens (growth, pruning and the
     # released layout all address them by these names).
@@ -627,14 +632,15 @@ def weight_decay_groups(
     for m in model.modules():
         if isinstance(m, SparsePattention):
             memory.add(id(m.value_param_tokens))
-            if token_weight_decay is not None:
-                tokens.add(id(m.sub_key_tokens))
-        elif token_weight_decay is None:
-            continue
+            projection = (m.sub_key_tokens,)
         elif isinstance(m, Pattention):
-            tokens |= {id(m.key_param_tokens), id(m.value_param_tokens)}
+            projection = (m.key_param_tokens, m.value_param_tokens)
         elif isinstance(m, nn.Linear):
-            tokens.add(id(m.weight))
+            projection = (m.weight,)
+        else:
+            continue
+        if token_weight_decay is not None:
+            tokens |= {id(p) for p in projection}
     params = [p for p in model.parameters() if p.requires_grad]
     special = tokens | memory
     groups = [

@@ -48,6 +48,7 @@ from ..growth import (
 )
 from ..model import set_activation_checkpointing
 from ..pruning import PruneRecord, calibration_scores, prune, prune_like, prune_optimizer_state
+from ..sparse_pattention import QueryBatchNorm
 from .checkpoint import (
     CHECKPOINTS,
     TOKENIZER,
@@ -441,6 +442,13 @@ class Trainer:
     def _new_ema(self, state: dict[str, torch.Tensor] | None = None, updates: int = 0) -> AveragedModel:
         # A copy of the model; its first update copies the weights unless ``state`` restores an
         # average of ``updates`` updates (a resumed run whose checkpoint kept one).
+        if any(isinstance(m, QueryBatchNorm) for m in self.model.modules()):
+            # The average copies buffers once: a batch norm's running statistics would stay at their start.
+            raise ValueError(
+                f"training option ema_decay={self.config.ema_decay} cannot average a model with a batch-normalised "
+                "memory query (the average keeps no running statistics); allowed: ema_decay 0, or model "
+                "memory_query_norm 'none' or 'layer'"
+            )
         ema = AveragedModel(self.model, multi_avg_fn=ema_update(self.config.ema_decay))
         ema.module.eval()
         ema.module.requires_grad_(False)
