@@ -221,3 +221,20 @@ def test_weight_averaging_refuses_a_batch_normalised_memory_query(tmp_path, corp
         Trainer(
             TrainConfig(**{**options, "model_overrides": {**options["model_overrides"], "memory_query_norm": "batch"}})
         )
+
+
+@pytest.mark.parametrize("position", ["beside", "replace"])
+def test_token_growth_and_pruning_leave_the_memory_alone(position):
+    from tokenformer import grow, prune
+
+    model = TokenformerLM(tiny_config(**MEMORY, memory_position=position)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    memory = {k: v.clone() for k, v in model.layers[1].memory.state_dict().items()}
+    with torch.no_grad():
+        before = model(ids)
+        grow(model, qkv_tokens=30, ffn_tokens=48)
+        torch.testing.assert_close(model(ids), before)
+    prune(model, ffn_tokens=20)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(model.config)
+    for key, value in model.layers[1].memory.state_dict().items():
+        assert torch.equal(value, memory[key]), key
