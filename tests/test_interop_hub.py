@@ -137,6 +137,8 @@ def test_folders_load_generate_and_stop_at_eos_without_tokenformer(checkpoint, t
     folders = {"checkpoint": checkpoint}
     models = {"grown": grown_model(), "tau": grown_model(tau_scale={"ffn": 0.5}, fixed_tau={"qkv": 3.0})}
     models["linear"] = TokenformerLM(tiny_config(projection="linear")).eval()
+    memory = dict(memory_layers=[1], memory_sub_keys=4, memory_top_k=3, memory_heads=2, memory_query_norm="batch")
+    models["memory"] = TokenformerLM(tiny_config(**memory)).eval()
     for name, model in models.items():
         folders[name] = save_model(model, tmp_path / name)
     threads = torch.get_num_threads()

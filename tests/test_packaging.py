@@ -67,7 +67,10 @@ def test_an_unknown_config_name_lists_the_shipped_ones(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", "cpu-6M"])
     err = capsys.readouterr().err
-    assert "--config 'cpu-6M' is neither a file nor a config shipped with tokenformer; shipped: cpu-5M, demo" in err
+    assert (
+        "--config 'cpu-6M' is neither a file nor a config shipped with tokenformer; "
+        "shipped: cpu-5M, cpu-5M-memory, demo" in err
+    )
 
 
 def recipe_lines(makefile: Path) -> list[str]:

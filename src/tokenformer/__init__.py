@@ -3,12 +3,13 @@
 from .config import PRESETS, TokenformerConfig
 from .families import FAMILIES, load_model, save_model
 from .flops import count_parameters, training_flops, training_flops_per_token
-from .growth import TokenUpdateScale, carry_optimizer_state, grow, growth_summary, stack_layers
+from .growth import TokenUpdateScale, carry_optimizer_state, grow, grow_memory, growth_summary, stack_layers
 from .interop.registration import install as _register_with_transformers
 from .model import TokenformerLM
 from .pattention import NORMS, Pattention
 from .pruning import PruneRecord, calibration_scores, prune, prune_pattention
 from .quantization import quantize_int8
+from .sparse_pattention import SparsePattention
 from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "PRESETS",
     "Pattention",
     "PruneRecord",
+    "SparsePattention",
     "TokenUpdateScale",
     "TokenformerConfig",
     "TokenformerLM",
@@ -30,6 +32,7 @@ __all__ = [
     "count_parameters",
     "from_hf",
     "grow",
+    "grow_memory",
     "growth_summary",
     "load_model",
     "prune",

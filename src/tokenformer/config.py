@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .pattention import NORMS, release_tau
+from .sparse_pattention import QUERY_NORMS
 from .validation import (
     check,
     check_choice,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 PROJECTIONS = ("pattention", "linear")
 TOKEN_KINDS = ("qkv", "proj", "ffn")
 VALUE_INITS = ("wang", "fan_in")
+MEMORY_POSITIONS = ("beside", "replace")
 
 
 @dataclass
@@ -84,6 +86,21 @@ class BlockConfig:
 
     These are the analogues of the Pattention fields above, so that the Transformer gets the
     same recipe search as the TokenFormer.
+
+    A sparse memory (:class:`~tokenformer.sparse_pattention.SparsePattention`, docs/sparse-memory.md)
+    in the layers ``memory_layers`` (empty: none, the default):
+
+    - ``memory_sub_keys``: sub-keys per half and head (``sub_keys**2`` parameter tokens per head),
+      or a list of them, one per table: :func:`~tokenformer.growth.grow_memory` adds tables whose
+      outputs add to the first one's.
+    - ``memory_top_k``: parameter tokens each head of a table reads per input token.
+    - ``memory_heads``: heads per table.
+    - ``memory_position``: ``"beside"`` the FFN (``y = h + FFN(LN(h)) + Memory(LN(h))``) or in
+      its place (``"replace"``: ``y = h + Memory(LN(h))``, the layer has no FFN).
+    - ``memory_query_norm``: ``none``, ``layer`` or ``batch`` (SparsePattention's ``query_norm``).
+
+    A table starts as an FFN Pattention of ``memory_top_k`` tokens would (``pattention_init("ffn",
+    memory_top_k)``: its ``tau``, key and value std).
     """
 
     d_model: int = 768
@@ -105,6 +122,12 @@ class BlockConfig:
     value_scale: float | dict[str, float] = 1.0
     linear_std: float | None = None
     out_scale: float = 1.0
+    memory_layers: list[int] = field(default_factory=list)
+    memory_sub_keys: int | list[int] = 64
+    memory_top_k: int = 16
+    memory_heads: int = 1
+    memory_position: str = "beside"
+    memory_query_norm: str = "none"
 
     # Token kinds whose Pattentions the init fields above can address.
     INIT_KINDS: ClassVar[tuple[str, ...]] = TOKEN_KINDS
@@ -126,6 +149,39 @@ class BlockConfig:
         self._check_per_kind("value_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         check(self, "linear_std", lambda v: v is None or (is_number(v) and v > 0), f"null or {positive}")
         check(self, "out_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        layers = self.memory_layers
+        if not (isinstance(layers, list) and all(is_int(i) and 0 <= i < self.n_layers for i in layers)) or len(
+            set(layers)
+        ) != len(layers):
+            raise invalid(
+                "config field", "memory_layers", layers, f"a list of distinct layer indices 0..{self.n_layers - 1}"
+            )
+        tables = self.memory_sub_keys
+        if not (is_int(tables) and tables >= 1) and not (
+            isinstance(tables, list) and tables and all(is_int(s) and s >= 1 for s in tables)
+        ):
+            raise invalid("config field", "memory_sub_keys", tables, "a positive integer or a non-empty list of them")
+        check_positive_ints(self, ("memory_top_k", "memory_heads"))
+        smallest = min(self.memory_tables)
+        check(self, "memory_top_k", lambda v: v <= smallest**2, f"at most memory_sub_keys**2 = {smallest**2}")
+        check_choice(self, "memory_position", MEMORY_POSITIONS)
+        check_choice(self, "memory_query_norm", QUERY_NORMS)
+        if layers and self.d_model % 2:
+            raise invalid(
+                "config field", "memory_layers", layers, f"[] with an odd d_model={self.d_model} (a memory splits it)"
+            )
+
+    @property
+    def memory_tables(self) -> list[int]:
+        """Sub-keys of each table of a memory layer (``memory_sub_keys`` as a list)."""
+        tables = self.memory_sub_keys
+        return list(tables) if isinstance(tables, list) else [tables]
+
+    def has_memory(self, layer: int) -> bool:
+        return layer in self.memory_layers
 
     def _check_layer_tokens(self) -> None:
         tokens = self.layer_tokens
@@ -380,4 +436,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-0.3M": _cpu(5, 64, 4),
     "cpu-1M": _cpu(4, 128, 4),
     "cpu-5M": _cpu(5, 256, 8),
+    # The small sizes with a sparse memory beside the FFN of one middle layer (docs/sparse-memory.md):
+    # many more parameters, few more read per token.
+    "cpu-1M-memory": dict(_cpu(4, 128, 4), memory_layers=[2], memory_sub_keys=32, memory_top_k=16, memory_heads=2),
+    "cpu-5M-memory": dict(_cpu(5, 256, 8), memory_layers=[2], memory_sub_keys=64, memory_top_k=16, memory_heads=4),
 }

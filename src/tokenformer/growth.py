@@ -22,6 +22,7 @@ new blocks' parameters to its param groups.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from .config import TOKEN_KINDS
-from .model import MLP
+from .model import MLP, make_memory_table
 from .pattention import Pattention
 from .validation import is_int
 
@@ -204,6 +205,17 @@ def growth_summary(model: nn.Module) -> list[dict]:
     return summary
 
 
+def _refuse_depth_with_memory(config, what: str) -> None:
+    # A memory layer is named by its index: new blocks would move it, and a copied block would
+    # carry a memory its config does not name.
+    memory = list(getattr(config, "memory_layers", None) or [])
+    if memory:
+        raise ValueError(
+            f"{what} cannot grow the depth of a model with a sparse memory (memory_layers={memory}); "
+            "allowed: width growth (grow without n_layers) and grow_memory"
+        )
+
+
 def grow(
     model: nn.Module,
     qkv_tokens: int | None = None,
@@ -267,6 +279,8 @@ def grow(
             f"n_layers={n_layers!r} cannot be grown to; allowed: an integer >= the current {config.n_layers} "
             "(grow cannot shrink the depth)"
         )
+    if n_layers is not None and n_layers > config.n_layers:
+        _refuse_depth_with_memory(config, "grow")
     if config.projection == "linear" and set(targets) - {"ffn"}:
         raise ValueError(
             f"a projection='linear' model has no parameter tokens in its attention; "
@@ -481,6 +495,7 @@ def stack_layers(model: nn.Module, n_layers: int) -> StackRecord:
         raise ValueError(
             f"stack_layers cannot shrink or keep the depth: n_layers={n_layers!r}; allowed: an integer > {old}"
         )
+    _refuse_depth_with_memory(config, "stack_layers")
     sources = [i % old for i in range(n_layers)]
     for i in range(old, n_layers):
         block = copy.deepcopy(model.layers[sources[i]])
@@ -599,3 +614,57 @@ class TokenUpdateScale:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+@dataclass
+class MemoryGrowthRecord:
+    """What one call of :func:`grow_memory` changed: the sub-keys of each memory table before
+    and after, and the parameters of the new tables (by name in the model)."""
+
+    before: list[int]
+    after: list[int]
+    new_parameters: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"memory_sub_keys_before": self.before, "memory_sub_keys_after": self.after}
+
+
+def grow_memory(model: nn.Module, sub_keys: int, *, generator: torch.Generator | None = None) -> MemoryGrowthRecord:
+    """Append a table of ``sub_keys**2`` parameter tokens per head to every sparse memory, keeping
+    the function exactly.
+
+    Zero keys cannot do this for a memory: a new token that enters a row's top-k takes the place
+    of an old one and joins the normalisation, so the output changes even with a zero value. The
+    new tokens form a table of their own instead (:class:`~tokenformer.sparse_pattention.SparseMemory`),
+    with its own top-k and normalisation, whose output is added to the old tables': its values
+    start at zero, so it adds exactly 0, and its keys are random (as a new table's, from the
+    config), so that its values get gradient from the first step. ``memory_top_k`` applies to the
+    new table too, so ``sub_keys**2`` must reach it. Updates ``model.config.memory_sub_keys`` to
+    the list of every table's sub-keys.
+
+    The new tables are new parameters: an optimizer built before the growth does not hold them
+    (build it again, or add ``record.new_parameters`` as a param group).
+    """
+    _require_bare_model(model, "grow_memory")
+    config = model.config
+    if not config.memory_layers:
+        raise ValueError("grow_memory needs a model with a sparse memory; this one has memory_layers=[]")
+    if not is_int(sub_keys) or sub_keys**2 < config.memory_top_k:
+        raise ValueError(
+            f"grow_memory sub_keys={sub_keys!r} is invalid; allowed: an integer whose square reaches "
+            f"memory_top_k={config.memory_top_k} (at least {math.isqrt(config.memory_top_k - 1) + 1})"
+        )
+    before = config.memory_tables
+    new_parameters = []
+    for i in config.memory_layers:
+        memory = model.layers[i].memory
+        reference = memory[0].value_param_tokens
+        table = make_memory_table(config, sub_keys, value_std=0.0).to(reference.device, reference.dtype)
+        table.train(memory.training)
+        with torch.no_grad():
+            table.sub_key_tokens.normal_(std=table.key_std, generator=generator)
+        memory.append(table)
+        prefix = f"layers.{i}.memory.{len(memory) - 1}"
+        new_parameters += [(f"{prefix}.{name}", p) for name, p in table.named_parameters()]
+    model.config = config.replace(memory_sub_keys=[*before, sub_keys])
+    return MemoryGrowthRecord(before, model.config.memory_tables, new_parameters)

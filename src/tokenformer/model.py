@@ -10,6 +10,9 @@ ordinary LayerNorm; rotary embeddings (GPT-NeoX rotate-half) cover the first ``r
 each head's dims; the output head is the transposed word embedding. ``projection="linear"``
 gives the standard Transformer with the same code path (bias-free Linear Q/K/V/O, a
 Linear-GELU-Linear MLP of hidden width ``ffn_tokens``).
+
+The layers in ``memory_layers`` (none by default) add a sparse memory read from ``LN(h)``, beside
+the FFN or in its place (:mod:`tokenformer.sparse_pattention`, docs/sparse-memory.md).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from .config import BlockConfig, TokenformerConfig
 from .pattention import Pattention, reuse_tokens, reused_concat, reused_weight, run_pattentions
+from .sparse_pattention import SparseMemory, SparsePattention
 
 
 def make_projection(
@@ -77,6 +81,31 @@ def make_ffn(config: BlockConfig, num_tokens: int) -> nn.Module:
     if config.projection == "pattention":
         return make_projection(config, "ffn", num_tokens, writes_residual=True)
     return MLP(config, num_tokens)
+
+
+def make_memory_table(config: BlockConfig, sub_keys: int, value_std: float | None = None) -> SparsePattention:
+    """A table of a layer's sparse memory with ``sub_keys`` sub-keys per half, initialised as an FFN
+    Pattention of ``memory_top_k`` tokens (``value_std`` overrides its value std)."""
+    init = config.pattention_init("ffn", config.memory_top_k)
+    if value_std is not None:
+        init["value_std"] = value_std
+    return SparsePattention(
+        config.d_model,
+        config.d_model,
+        sub_keys,
+        config.memory_top_k,
+        config.memory_heads,
+        config.norm,
+        query_norm=config.memory_query_norm,
+        **init,
+    )
+
+
+def make_memory(config: BlockConfig, layer: int) -> SparseMemory | None:
+    """The sparse memory of ``layer`` (one table per entry of ``memory_sub_keys``), or None."""
+    if not config.has_memory(layer):
+        return None
+    return SparseMemory(make_memory_table(config, sub_keys) for sub_keys in config.memory_tables)
 
 
 def rotary_cos_sin(
@@ -267,7 +296,9 @@ class SelfAttention(nn.Module):
 
 class Block(nn.Module):
     """``h = x + Proj(Attention(LN(x))); y = h + FFN(LN(h))``; ``attention(config, tokens)``
-    builds the attention (by default the language model's causal :class:`SelfAttention`)."""
+    builds the attention (by default the language model's causal :class:`SelfAttention`). A
+    memory layer adds ``Memory(LN(h))`` to ``y`` (``memory``; ``mlp`` is None where it replaces
+    the FFN)."""
 
     # Which modules of a block hold each kind of parameter tokens (growth, pruning and the
     # released layout all address them by these names).
@@ -288,7 +319,10 @@ class Block(nn.Module):
         self.layer = layer
         self.width, self.eps = config.d_model, config.layernorm_eps
         self.attention = attention(config, tokens)
-        self.mlp = make_ffn(config, tokens["ffn"])
+        # A sparse memory beside the FFN, or in its place (then the layer has no FFN: mlp is None).
+        self.memory = make_memory(config, layer)
+        replaced = self.memory is not None and config.memory_position == "replace"
+        self.mlp = None if replaced else make_ffn(config, tokens["ffn"])
         for name, rank in config.ghosts(layer).items():  # a pruned model's ghosts (filled by its state dict)
             module = dict(self.pattentions()).get(name)
             if module is None:
@@ -302,8 +336,10 @@ class Block(nn.Module):
         self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
 
     def modules_of_kind(self, kind: str) -> list[tuple[str, nn.Module]]:
-        """``(name, module)`` of every projection of token ``kind`` (qkv, proj or ffn) in this block."""
-        return [(name, self.get_submodule(name)) for name in self.KIND_MODULES[kind]]
+        """``(name, module)`` of every projection of token ``kind`` (qkv, proj or ffn) in this block
+        (none of kind ffn where a memory replaces the FFN)."""
+        modules = dict(self.named_modules())
+        return [(name, modules[name]) for name in self.KIND_MODULES[kind] if name in modules]
 
     def pattentions(self) -> list[tuple[str, Pattention]]:
         """``(name, module)`` of every Pattention of this block, by name in the block."""
@@ -337,7 +373,11 @@ class Block(nn.Module):
         allowed: torch.Tensor | None,
     ) -> torch.Tensor:
         h = x + self.attention(self._norm(x), cos, sin, cache, self.layer, allowed)
-        return h + self.mlp(self._norm(h))
+        if self.memory is None:
+            return h + self.mlp(self._norm(h))
+        normed = self._norm(h)
+        out = h + self.memory(normed)
+        return out if self.mlp is None else out + self.mlp(normed)
 
 
 def set_activation_checkpointing(
@@ -502,10 +542,11 @@ class TokenformerLM(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def param_groups(self, weight_decay: float, token_weight_decay: float | None = None) -> list[dict]:
+    def param_groups(self, weight_decay: float, token_weight_decay: float | None = None, **memory: float) -> list[dict]:
         """AdamW groups: matrices (embedding, parameter tokens, linears) decay; norms do not.
-        ``token_weight_decay``: another decay for the parameter tokens (see :func:`weight_decay_groups`)."""
-        return weight_decay_groups(self, weight_decay, token_weight_decay=token_weight_decay)
+        ``token_weight_decay``: another decay for the parameter tokens; ``memory_lr_scale``,
+        ``memory_weight_decay``: the sparse memories' values (see :func:`weight_decay_groups`)."""
+        return weight_decay_groups(self, weight_decay, token_weight_decay=token_weight_decay, **memory)
 
     def next_logits(
         self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
@@ -579,25 +620,38 @@ def weight_decay_groups(
     weight_decay: float,
     exclude: tuple[nn.Parameter, ...] = (),
     token_weight_decay: float | None = None,
+    memory_lr_scale: float = 1.0,
+    memory_weight_decay: float = 0.0,
 ) -> list[dict]:
     """AdamW groups: matrices decay; vectors (norms) and the parameters in ``exclude`` do not.
 
     With ``token_weight_decay`` the projection weights form a third group with that decay: the
-    Pattention parameter tokens (keys and values), and for the Transformer baseline its Linear
-    weights, their analogue. Each group is named (``decay``, ``no_decay``, ``tokens``)."""
+    Pattention parameter tokens (keys and values, a sparse memory's sub-keys too), and for the
+    Transformer baseline its Linear weights, their analogue. The value tokens of sparse memories
+    (if any) form a group of their own, with ``memory_weight_decay`` (none by default: a token
+    read by few inputs would be decayed at every step and trained at few) and ``lr_scale =
+    memory_lr_scale``, the multiple of the schedule's learning rate the trainer gives them. Each
+    group is named (``decay``, ``no_decay``, ``tokens``, ``memory``)."""
     skip = {id(p) for p in exclude}
-    tokens = set()
-    if token_weight_decay is not None:
-        for m in model.modules():
-            if isinstance(m, Pattention):
-                tokens |= {id(m.key_param_tokens), id(m.value_param_tokens)}
-            elif isinstance(m, nn.Linear):
-                tokens.add(id(m.weight))
+    tokens, memory = set(), set()
+    for m in model.modules():
+        if isinstance(m, SparsePattention):
+            memory.add(id(m.value_param_tokens))
+            projection = (m.sub_key_tokens,)
+        elif isinstance(m, Pattention):
+            projection = (m.key_param_tokens, m.value_param_tokens)
+        elif isinstance(m, nn.Linear):
+            projection = (m.weight,)
+        else:
+            continue
+        if token_weight_decay is not None:
+            tokens |= {id(p) for p in projection}
     params = [p for p in model.parameters() if p.requires_grad]
+    special = tokens | memory
     groups = [
         {
             "name": "decay",
-            "params": [p for p in params if p.dim() >= 2 and id(p) not in skip and id(p) not in tokens],
+            "params": [p for p in params if p.dim() >= 2 and id(p) not in skip and id(p) not in special],
             "weight_decay": weight_decay,
         },
         {"name": "no_decay", "params": [p for p in params if p.dim() < 2 or id(p) in skip], "weight_decay": 0.0},
@@ -605,6 +659,15 @@ def weight_decay_groups(
     if token_weight_decay is not None:
         groups.append(
             {"name": "tokens", "params": [p for p in params if id(p) in tokens], "weight_decay": token_weight_decay}
+        )
+    if memory:
+        groups.append(
+            {
+                "name": "memory",
+                "params": [p for p in params if id(p) in memory],
+                "weight_decay": memory_weight_decay,
+                "lr_scale": memory_lr_scale,
+            }
         )
     return groups
 

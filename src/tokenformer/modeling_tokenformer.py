@@ -35,6 +35,7 @@ from .model import Block, TokenformerLM, set_activation_checkpointing
 from .model_card import MODEL_CARD_NAME, model_card
 from .pattention import Pattention, reuse_tokens
 from .quantization import check_savable, quantize_int8
+from .sparse_pattention import QueryBatchNorm, SparsePattention
 
 
 class _CacheView:
@@ -116,6 +117,14 @@ class TokenformerPreTrainedModel(PreTrainedModel):
             init.constant_(module.tau, module.initial_tau)
             if module.ghost is not None:  # a pruned model's ghost: always loaded, never drawn
                 init.zeros_(module.ghost)
+        elif isinstance(module, SparsePattention):
+            init.normal_(module.sub_key_tokens, std=module.key_std)
+            init.normal_(module.value_param_tokens, std=module.value_std)
+            init.constant_(module.tau, module.initial_tau)
+        elif isinstance(module, QueryBatchNorm):
+            for tensor, value in ((module.weight, 1.0), (module.bias, 0.0), (module.running_mean, 0.0)):
+                init.constant_(tensor, value)
+            init.constant_(module.running_var, 1.0)
         else:
             super()._init_weights(module)
 

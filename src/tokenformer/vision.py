@@ -303,8 +303,9 @@ class TokenformerViT(nn.Module):
             return logits
         return logits, F.cross_entropy(logits.float(), labels)
 
-    def param_groups(self, weight_decay: float, token_weight_decay: float | None = None) -> list[dict]:
+    def param_groups(self, weight_decay: float, token_weight_decay: float | None = None, **memory: float) -> list[dict]:
         """AdamW groups: matrices decay; norms, the position embedding and the class token do not (as in ViT).
-        ``token_weight_decay``: another decay for the parameter tokens (see :func:`weight_decay_groups`)."""
+        ``token_weight_decay``: another decay for the parameter tokens; ``memory_lr_scale``,
+        ``memory_weight_decay``: the sparse memories' values (see :func:`weight_decay_groups`)."""
         exclude = (self.pos_embedding,) if self.cls_token is None else (self.pos_embedding, self.cls_token)
-        return weight_decay_groups(self, weight_decay, exclude, token_weight_decay)
+        return weight_decay_groups(self, weight_decay, exclude, token_weight_decay, **memory)

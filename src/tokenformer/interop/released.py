@@ -190,10 +190,15 @@ def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
 
     The released format has no tau, so a model whose tau is not ``sqrt(token count)`` (one
     grown or pruned) is refused: the released code would compute a different function. So is a
-    pruned model with ghost norms: the released code has no place for them.
+    pruned model with ghost norms, or one with a sparse memory: the released code has no place for them.
     """
     config = model.config
     _require_pattention(config)
+    if config.memory_layers:
+        raise ValueError(
+            f"the released layout has no sparse memory; this model has one in layers {config.memory_layers}. "
+            "Save with tokenformer.save_model instead."
+        )
     if config.ghost_ranks is not None:
         ghosts = [f"layers.{i}.{name}" for i, layer in enumerate(config.ghost_ranks) for name in layer]
         raise ValueError(

@@ -101,6 +101,12 @@ class TrainConfig:
             Transformer baseline's Linear weights (their analogue); the embedding keeps
             ``weight_decay``. Scores are normalised per row, so decay on the keys only changes
             their effective learning rate; on the values it regularises.
+        memory_lr_scale: The learning rate of the value tokens of sparse memories (model field
+            ``memory_layers``) as a multiple of the schedule's: each value token is read by few
+            inputs, so it gets few updates at the shared rate (product-key memories train their
+            values at a higher rate). Ignored by a model without a memory.
+        memory_weight_decay: Weight decay of those value tokens (default none: a token that a
+            step does not read would still be decayed at every step).
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         grad_clip: Clip the global gradient norm to this value (0 disables clipping).
@@ -186,6 +192,8 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     token_weight_decay: float | None = None
+    memory_lr_scale: float = 1.0
+    memory_weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -261,6 +269,8 @@ class TrainConfig:
         _check(
             self, "token_weight_decay", lambda v: v is None or (is_number(v) and v >= 0), "a finite number >= 0 or null"
         )
+        _check(self, "memory_lr_scale", lambda v: is_number(v) and v > 0, "a finite number > 0")
+        _check(self, "memory_weight_decay", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
         _check(self, "val_fraction", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)")
         for name, choices in (("precision", Precision), ("task", TaskName)):
             allowed = typing.get_args(choices)

@@ -49,6 +49,7 @@ from ..growth import (
 from ..model import set_activation_checkpointing
 from ..pruning import PruneRecord, calibration_scores, prune, prune_like, prune_optimizer_state
 from ..schedule import GrowthStage, growth_generator, growth_schedule, growth_to, model_size
+from ..sparse_pattention import QueryBatchNorm
 from .checkpoint import (
     CHECKPOINTS,
     TOKENIZER,
@@ -125,7 +126,8 @@ def resolve_device(name: str) -> torch.device:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with decoupled weight decay on the matrices only (on the parameter tokens with
-    ``token_weight_decay`` when it is set).
+    ``token_weight_decay`` when it is set); a sparse memory's values in a group of their own
+    (``memory_weight_decay``, and ``lr_scale = memory_lr_scale``, which the step applies).
 
     The fused implementation (one kernel per parameter) runs where torch has it: plain tensors
     on CPU or CUDA. On CPU the per-tensor loop otherwise costs a noticeable share of a small
@@ -135,7 +137,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """
     fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in model.parameters())
     optimizer = torch.optim.AdamW(
-        model.param_groups(config.weight_decay, config.token_weight_decay),
+        model.param_groups(
+            config.weight_decay,
+            config.token_weight_decay,
+            memory_lr_scale=config.memory_lr_scale,
+            memory_weight_decay=config.memory_weight_decay,
+        ),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         fused=fused or None,
@@ -449,6 +456,13 @@ class Trainer:
     def _new_ema(self, state: dict[str, torch.Tensor] | None = None, updates: int = 0) -> AveragedModel:
         # A copy of the model; its first update copies the weights unless ``state`` restores an
         # average of ``updates`` updates (a resumed run whose checkpoint kept one).
+        if any(isinstance(m, QueryBatchNorm) for m in self.model.modules()):
+            # The average copies buffers once: a batch norm's running statistics would stay at their start.
+            raise ValueError(
+                f"training option ema_decay={self.config.ema_decay} cannot average a model with a batch-normalised "
+                "memory query (the average keeps no running statistics); allowed: ema_decay 0, or model "
+                "memory_query_norm 'none' or 'layer'"
+            )
         ema = AveragedModel(self.model, multi_avg_fn=ema_update(self.config.ema_decay))
         ema.module.eval()
         ema.module.requires_grad_(False)
@@ -484,12 +498,19 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _apply_hyperparameters(self) -> None:
-        decay = {"decay": self.config.weight_decay, "tokens": self.config.token_weight_decay}
+        config = self.config
+        decay = {
+            "decay": config.weight_decay,
+            "tokens": config.token_weight_decay,
+            "memory": config.memory_weight_decay,
+        }
         for group in self.optimizer.param_groups:
-            group["betas"] = (self.config.beta1, self.config.beta2)
+            group["betas"] = (config.beta1, config.beta2)
             name = group.get("name", "decay" if group["weight_decay"] != 0.0 else "no_decay")  # unnamed: older runs
             if decay.get(name) is not None:
                 group["weight_decay"] = decay[name]
+            if name == "memory":
+                group["lr_scale"] = config.memory_lr_scale
 
     def _default_wrap(self, model: nn.Module) -> nn.Module:
         return torch.compile(model) if self.config.compile else model
@@ -595,7 +616,7 @@ class Trainer:
         config, step = self.config, self.state.step
         lr = self.lr_schedule(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         total, items = torch.zeros((), device=self.device), 0
         for micro in range(config.grad_accum):
