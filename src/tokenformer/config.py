@@ -48,6 +48,11 @@ class BlockConfig:
     ``attention.value``, ``attention.proj``, ``mlp``) to the rows of its ghost (``1..d_model``);
     Pattentions left out have none (``None``: no layer has one). Ghosts need ``norm="l2_norm_gelu"``.
 
+    ``norm_splits`` records the Pattentions grown with separate normalisation
+    (:func:`~tokenformer.grow` with ``normalisation="separate"``): one mapping per layer from a
+    Pattention's name in its block to the count of its old tokens, which are normalised apart from
+    the tokens after them (``None``: no layer has one).
+
     How a new Pattention of a token kind starts (``kind``: ``qkv``, ``proj``, ``ffn``; the
     vision model adds ``patch`` and ``head``). Each of these fields takes one value for every kind
     or a mapping ``{kind: value}`` (kinds left out keep the default); with
@@ -115,6 +120,7 @@ class BlockConfig:
     init_std: float = 0.02
     layer_tokens: list[dict[str, int]] | None = field(default=None)
     ghost_ranks: list[dict[str, int]] | None = field(default=None)
+    norm_splits: list[dict[str, int]] | None = field(default=None)
     tau_scale: float | dict[str, float] = 1.0
     fixed_tau: float | dict[str, float] | None = None
     key_std: float | dict[str, float] | None = None
@@ -139,6 +145,7 @@ class BlockConfig:
         check_choice(self, "projection", PROJECTIONS)
         self._check_layer_tokens()
         self._check_ghost_ranks()
+        self._check_norm_splits()
         positive = "a finite number > 0"
         check(self, "layernorm_eps", lambda v: is_number(v) and v > 0, positive)
         check(self, "init_std", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
@@ -231,6 +238,34 @@ class BlockConfig:
                 f"null with projection={self.projection!r}, norm={self.norm!r} "
                 "(a ghost norm needs projection='pattention' and norm='l2_norm_gelu')",
             )
+
+    def _check_norm_splits(self) -> None:
+        splits = self.norm_splits
+        if splits is None:
+            return
+        if not isinstance(splits, list) or len(splits) != self.n_layers:
+            raise invalid(
+                "config field",
+                "norm_splits",
+                splits,
+                f"a list of one mapping per layer (n_layers={self.n_layers}) or null",
+            )
+        for i, entry in enumerate(splits):
+            if not isinstance(entry, dict) or any(
+                not isinstance(name, str) or not is_int(split) or split < 1 for name, split in entry.items()
+            ):
+                raise invalid(
+                    "config field",
+                    f"norm_splits[{i}]",
+                    entry,
+                    "a mapping from Pattention name (e.g. 'mlp') to its count of old tokens (a positive integer)",
+                )
+        if any(splits) and self.projection != "pattention":
+            raise invalid("config field", "norm_splits", splits, "null with projection='linear' (no Pattentions)")
+
+    def splits(self, layer: int) -> dict[str, int]:
+        """Old-token counts of one layer's Pattentions grown with separate normalisation (empty: none)."""
+        return {} if self.norm_splits is None else dict(self.norm_splits[layer])
 
     def ghosts(self, layer: int) -> dict[str, int]:
         """Ghost ranks of one layer's pruned Pattentions, by name in the block (empty: none)."""

@@ -9,6 +9,16 @@ either (a dead saddle).
 ``softmax`` cannot be grown this way: ``exp(0 - max)`` is never 0, so zero-key tokens take
 probability mass from the old ones and every output changes.
 
+Zero keys keep the function at the moment of growth only: once the new keys train, the new
+tokens' scores enter every row's norm and shrink every old token's normalised score, on every
+input. Growth with **separate normalisation** (``normalisation="separate"``) keeps the old tokens'
+normalisation apart instead: the layer normalises the old scores over the old tokens (with the old
+``tau``, and a pruned layer's ghost) and the new scores over the new tokens (with their own
+``tau = sqrt(n_new)`` scaled as the config's init rule says), and adds the two outputs. The new
+tokens get random keys and zero values, so they add exactly 0 at first and their values get
+gradient at once; as long as the old tokens stay frozen, the old part of the output is exactly
+what the layer computed before growth, on every input. It keeps ``softmax`` exact too.
+
 Depth grows exactly too: a pre-LN block adds its two residual updates to its input, and when the
 Pattentions that write into the residual stream (the attention output projection and the FFN)
 have zero value tokens both updates are exactly zero, so a new block computes the identity. Its
@@ -37,6 +47,8 @@ from .pattention import Pattention
 from .validation import is_int
 
 KEY_INITS = ("zeros", "random")
+# How new tokens are normalised (see the module docstring): with the old ones, or apart.
+NORMALISATIONS = ("joint", "separate")
 # Where depth growth inserts new blocks (see grow).
 DEPTH_POSITIONS = ("top", "bottom", "interleave")
 # The token kinds whose projections write into the residual stream: zero in a new block.
@@ -81,6 +93,7 @@ class GrowthRecord:
     sources: list[int | None] = field(default_factory=list)
     depth_position: str | None = None
     added: list[AddedParameter] = field(default_factory=list)
+    normalisation: str = "joint"
 
     @property
     def new_layers(self) -> list[int]:
@@ -102,6 +115,8 @@ class GrowthRecord:
             "key_init": self.key_init,
             "function_preserving": self.function_preserving,
         }
+        if self.normalisation != "joint":
+            record["normalisation"] = self.normalisation
         if self.new_layers:
             record.update(
                 n_layers_before=len(self.before),
@@ -119,17 +134,29 @@ def _append_rows(param: nn.Parameter, new: torch.Tensor, dim: int) -> None:
 
 
 def _grow_pattention(
-    layer: Pattention, num_tokens: int, key_init: str, value_std: float, generator: torch.Generator | None, name: str
+    layer: Pattention,
+    num_tokens: int,
+    key_init: str,
+    value_std: float,
+    generator: torch.Generator | None,
+    name: str,
+    split_tau: float | None = None,
 ) -> list[GrownParameter]:
+    """Append tokens to ``layer``; with ``split_tau`` (separate normalisation) the new tokens form
+    a group of their own with that score scale: random keys, zero values."""
     old = layer.num_tokens
     extra = num_tokens - old
     keys, values = layer.key_param_tokens, layer.value_param_tokens
     new_keys = keys.new_zeros(extra, layer.in_features)
-    if key_init == "random":
+    if key_init == "random" or split_tau is not None:
         new_keys.normal_(std=layer.key_std, generator=generator)
-    new_values = values.new_empty(extra, layer.out_features).normal_(std=value_std, generator=generator)
+    new_values = values.new_zeros(extra, layer.out_features)
+    if split_tau is None:
+        new_values.normal_(std=value_std, generator=generator)
     _append_rows(keys, new_keys, 0)
     _append_rows(values, new_values, 0)
+    if split_tau is not None:
+        layer.set_split(old, split_tau)
     # tau is deliberately left at sqrt(n_old): see the module docstring.
     return [
         GrownParameter(f"{name}.key_param_tokens", keys, 0, old),
@@ -227,6 +254,7 @@ def grow(
     layers: Iterable[int] | None = None,
     key_init: Literal["zeros", "random"] = "zeros",
     value_std: float | None = None,
+    normalisation: Literal["joint", "separate"] = "joint",
     generator: torch.Generator | None = None,
 ) -> GrowthRecord:
     """Append parameter tokens to every Pattention of a kind, in all layers or in ``layers``, and
@@ -256,6 +284,13 @@ def grow(
     indices of ``before`` refer to the old layers; ``layer`` of every block and the KV cache
     follow the new order.
 
+    ``normalisation="separate"`` (Pattention models only; width only): the new tokens of each
+    grown Pattention are normalised apart from the old ones (see the module docstring), with random
+    keys (drawn like fresh keys), zero values and ``tau`` of a new Pattention of their count; the
+    old tokens keep their own normalisation exactly, ``key_init`` and ``value_std`` are not used.
+    ``model.config.norm_splits`` records each such layer's old count. A layer grown separately can
+    grow again jointly (zero keys join the new group and keep the function) but not separately.
+
     Width grows first, then depth (new blocks take the grown counts). Updates ``model.config``
     (token counts, ``n_layers``, ``ghost_ranks``). A call that would change nothing (every count
     and the depth already reached) is refused. ``generator`` draws every random new weight, so
@@ -267,6 +302,7 @@ def grow(
         raise ValueError(f"unknown key_init {key_init!r}; allowed: {', '.join(KEY_INITS)}")
     if depth_position not in DEPTH_POSITIONS:
         raise ValueError(f"unknown depth_position {depth_position!r}; allowed: {', '.join(DEPTH_POSITIONS)}")
+    separate = _check_normalisation(config, normalisation, n_layers, value_std)
     targets = {"qkv": qkv_tokens, "proj": proj_tokens, "ffn": ffn_tokens}
     targets = {kind: n for kind, n in targets.items() if n is not None}
     if not targets and n_layers is None:
@@ -303,7 +339,16 @@ def grow(
             f"nothing to grow: {asked} equals the current count of every chosen layer; "
             "allowed: a count above the current one for at least one kind and layer, or a larger n_layers"
         )
-    if config.projection == "pattention":  # before anything changes
+    if separate:  # before anything changes
+        for i in chosen:
+            for kind, n in targets.items():
+                split = [name for name, m in model.layers[i].modules_of_kind(kind) if m.split and n > before[i][kind]]
+                if split:
+                    raise ValueError(
+                        f"layer {i}'s {', '.join(split)} already normalise two groups of tokens apart; allowed: "
+                        f"normalisation='joint' for {kind}_tokens (zero keys join the new group), or other kinds"
+                    )
+    if config.projection == "pattention" and not separate:  # before anything changes
         for kind, n in targets.items():
             _check_alive(
                 config.pattention_init(kind, n)["value_std"] if value_std is None else value_std, key_init, kind
@@ -320,23 +365,56 @@ def grow(
                     prefix = f"layers.{i}.{name}"
                     if isinstance(module, Pattention):
                         std = config.pattention_init(kind, n)["value_std"] if value_std is None else value_std
-                        grown += _grow_pattention(module, n, key_init, std, generator, prefix)
+                        split_tau = config.pattention_init(kind, n - before[i][kind])["tau"] if separate else None
+                        grown += _grow_pattention(module, n, key_init, std, generator, prefix, split_tau)
                     else:
                         std = config.linear_init_std(writes_residual=True) if value_std is None else value_std
                         in_std = config.linear_init_std(writes_residual=False)
                         grown += _grow_mlp(module, n, key_init, in_std, std, generator, prefix)
                 after[i][kind] = n
     set_config_tokens(model, after)
+    if separate:
+        model.config = model.config.replace(norm_splits=layer_splits(model))
     softmax = config.projection == "pattention" and config.norm == "softmax"
-    if softmax and grown:
+    if softmax and grown and not separate:
         warnings.warn(
             "growing a softmax Pattention changes its outputs: zero keys still take probability mass", stacklevel=2
         )
-    preserving = not grown or (key_init == "zeros" and not softmax)
+    preserving = not grown or separate or (key_init == "zeros" and not softmax)
     record = GrowthRecord(before, after, key_init, preserving, grown, list(range(config.n_layers)))
+    record.normalisation = normalisation
     if deeper:
         _grow_depth(model, n_layers, depth_position, generator, record)
     return record
+
+
+def _check_normalisation(config, normalisation: str, n_layers: int | None, value_std: float | None) -> bool:
+    """Whether ``normalisation`` asks for separate groups; refuses what that cannot do."""
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalisation!r}; allowed: {', '.join(NORMALISATIONS)}")
+    if normalisation == "joint":
+        return False
+    if config.projection != "pattention":
+        raise ValueError(
+            f"normalisation='separate' needs Pattentions, this model has projection={config.projection!r}; "
+            "allowed: normalisation='joint'"
+        )
+    if n_layers is not None and n_layers != config.n_layers:
+        raise ValueError(
+            f"normalisation='separate' grows the width only, got n_layers={n_layers!r} (the model has "
+            f"{config.n_layers}); allowed: grow the depth in a call of its own"
+        )
+    if value_std is not None:
+        raise ValueError(
+            f"normalisation='separate' starts the new values at zero, got value_std={value_std!r}; allowed: None"
+        )
+    return True
+
+
+def layer_splits(model: nn.Module) -> list[dict[str, int]] | None:
+    """``norm_splits`` of ``model``'s config as its Pattentions are: each split layer's old count."""
+    splits = [{name: m.split for name, m in block.pattentions() if m.split} for block in model.layers]
+    return splits if any(splits) else None
 
 
 def depth_order(n_old: int, n_new: int, position: str) -> list[int | None]:
@@ -363,7 +441,8 @@ def _grow_depth(
     neighbour = [next((s for s in reversed(sources[: i + 1]) if s is not None), 0) for i in range(n_layers)]
     counts = [dict(record.after[j]) for j in neighbour]
     ghosts = None if config.ghost_ranks is None else [{} if s is None else config.ghost_ranks[s] for s in sources]
-    model.config = config.replace(n_layers=n_layers, ghost_ranks=ghosts, layer_tokens=None)
+    splits = None if config.norm_splits is None else [{} if s is None else config.norm_splits[s] for s in sources]
+    model.config = config.replace(n_layers=n_layers, ghost_ranks=ghosts, norm_splits=splits, layer_tokens=None)
     set_config_tokens(model, counts)
     # Widened parameters of old layers are named by their new indices.
     index = {source: i for i, source in enumerate(sources) if source is not None}
@@ -503,7 +582,10 @@ def stack_layers(model: nn.Module, n_layers: int) -> StackRecord:
         model.layers.append(block)
     layer_tokens = None if config.layer_tokens is None else [dict(config.layer_tokens[j]) for j in sources]
     ghost_ranks = None if config.ghost_ranks is None else [dict(config.ghost_ranks[j]) for j in sources]
-    model.config = config.replace(n_layers=n_layers, layer_tokens=layer_tokens, ghost_ranks=ghost_ranks)
+    norm_splits = None if config.norm_splits is None else [dict(config.norm_splits[j]) for j in sources]
+    model.config = config.replace(
+        n_layers=n_layers, layer_tokens=layer_tokens, ghost_ranks=ghost_ranks, norm_splits=norm_splits
+    )
     return StackRecord(old, n_layers, sources)
 
 
@@ -555,15 +637,80 @@ def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.view(1) if t.dim() == 0 and dim == 0 else t
 
 
-class TokenUpdateScale:
-    """Scale the optimizer's update of old and new parameter tokens separately.
+@dataclass
+class ScaledRows:
+    """The update scale of each row (``dim=0``) or column (``dim=1``) of one parameter:
+    ``scale [param.shape[dim]]`` (one entry for a scalar parameter); 0 freezes that row."""
+
+    name: str
+    param: nn.Parameter
+    dim: int
+    scale: torch.Tensor
+
+
+class RowUpdateScale:
+    """Scale the optimizer's update of each row of some parameters by its own factor.
+
+    Rows of one tensor share its param group, so param groups cannot tell them apart: this
+    snapshots each listed tensor before ``step()`` and rescales the step's change afterwards. The
+    step of AdamW (decoupled weight decay included), Adam and SGD is proportional to the learning
+    rate, so this equals a per-row learning rate, and a row of scale 0 stays bit for bit (its
+    weight decay and moments move nothing). Rows of scale 0 also get zero gradients, so they do not
+    count towards gradient clipping.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rows: list[ScaledRows]) -> None:
+        if any(bool((r.scale < 0).any()) for r in rows):
+            raise ValueError("update scales must be >= 0")
+        self.rows = list(rows)
+        self._before: list[torch.Tensor] = []
+        self._handles = [
+            optimizer.register_step_pre_hook(self._snapshot),
+            optimizer.register_step_post_hook(self._rescale),
+        ]
+        frozen = [r for r in self.rows if bool((r.scale == 0).any())]
+        self._handles += [r.param.register_hook(self._zero_frozen_grad(r)) for r in frozen]
+
+    @staticmethod
+    def _shaped(r: ScaledRows, like: torch.Tensor) -> torch.Tensor:
+        """``r.scale`` broadcastable against ``like`` (a parameter's shape)."""
+        shape = [-1 if d == r.dim else 1 for d in range(max(like.dim(), 1))]
+        return r.scale.to(like.device, like.dtype).view(shape)
+
+    @classmethod
+    def _zero_frozen_grad(cls, r: ScaledRows):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            rows = _rows(grad, r.dim)
+            return torch.where(cls._shaped(r, rows) == 0, 0.0, rows).view_as(grad)
+
+        return hook
+
+    def _snapshot(self, *_) -> None:
+        self._before = [r.param.detach().clone() for r in self.rows]
+
+    @torch.no_grad()
+    def _rescale(self, *_) -> None:
+        for r, before in zip(self.rows, self._before, strict=True):
+            delta = _rows(r.param - before, r.dim)
+            # A frozen row is written back from the snapshot, not as before + 0 * delta: a delta of
+            # inf or NaN must not reach it either.
+            scale = self._shaped(r, delta)
+            moved = _rows(before, r.dim) + delta * scale
+            r.param.copy_(torch.where(scale == 0, _rows(before, r.dim), moved).view_as(r.param))
+        self._before = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class TokenUpdateScale(RowUpdateScale):
+    """Scale the optimizer's update of old and new parameter tokens separately (a
+    :class:`RowUpdateScale` with two scales per grown tensor).
 
     ``old_scale=0`` freezes the tokens that existed before growth; ``new_scale`` is the new
-    tokens' learning rate as a multiple of the group's. Old and new tokens share one tensor, so
-    param groups cannot tell them apart: this snapshots each grown tensor before ``step()`` and
-    rescales the step's change afterwards. The step of AdamW (decoupled weight decay included),
-    Adam and SGD is proportional to the learning rate, so this equals a per-token learning rate.
-    Frozen rows also get zero gradients, so they do not count towards gradient clipping.
+    tokens' learning rate as a multiple of the group's.
 
     ``record`` is a :class:`GrowthRecord` or a list of :class:`GrownParameter` (e.g. from
     :func:`grown_parameters`); an entry whose ``old_size`` is its whole length is all old.
@@ -580,40 +727,13 @@ class TokenUpdateScale:
             raise ValueError(f"update scales must be >= 0, got old_scale={old_scale}, new_scale={new_scale}")
         self.grown = record.grown if isinstance(record, GrowthRecord) else list(record)
         self.old_scale, self.new_scale = old_scale, new_scale
-        self._before: list[torch.Tensor] = []
-        self._handles = [
-            optimizer.register_step_pre_hook(self._snapshot),
-            optimizer.register_step_post_hook(self._rescale),
-        ]
-        if old_scale == 0:
-            self._handles += [g.param.register_hook(self._zero_old_grad(g)) for g in self.grown]
-
-    @staticmethod
-    def _zero_old_grad(g: GrownParameter):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad.clone()
-            _rows(grad, g.dim).narrow(g.dim, 0, g.old_size).zero_()
-            return grad
-
-        return hook
-
-    def _snapshot(self, *_) -> None:
-        self._before = [g.param.detach().clone() for g in self.grown]
-
-    @torch.no_grad()
-    def _rescale(self, *_) -> None:
-        for g, before in zip(self.grown, self._before, strict=True):
-            delta = g.param - before
-            rows = _rows(delta, g.dim)  # a view: scaling it scales delta
-            rows.narrow(g.dim, 0, g.old_size).mul_(self.old_scale)
-            rows.narrow(g.dim, g.old_size, rows.shape[g.dim] - g.old_size).mul_(self.new_scale)
-            g.param.copy_(before + delta)
-        self._before = []
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        rows = []
+        for g in self.grown:
+            size = _rows(g.param.detach(), g.dim).shape[g.dim]
+            scale = torch.full((size,), float(new_scale), dtype=torch.float64)
+            scale[: g.old_size] = old_scale
+            rows.append(ScaledRows(g.name, g.param, g.dim, scale))
+        super().__init__(optimizer, rows)
 
 
 @dataclass

@@ -331,6 +331,14 @@ class Block(nn.Module):
                     f"allowed: {', '.join(n for names in self.KIND_MODULES.values() for n in names)}"
                 )
             module.set_ghost(module.key_param_tokens.new_zeros(rank, module.in_features))
+        for name, split in config.splits(layer).items():  # separately normalised groups (tau from the state dict)
+            module = dict(self.pattentions()).get(name)
+            if module is None:
+                raise ValueError(
+                    f"config field norm_splits[{layer}] names {name!r}, not a Pattention of a block; "
+                    f"allowed: {', '.join(n for names in self.KIND_MODULES.values() for n in names)}"
+                )
+            module.set_split(split, 1.0)
         # A torch.utils.checkpoint-style function, set by set_activation_checkpointing: with one,
         # backward recomputes this block's activations instead of keeping them from the forward pass.
         self.checkpoint_fn: Callable[..., torch.Tensor] | None = None

@@ -594,6 +594,11 @@ class Pattention(nn.Module):
     A pruned layer may hold the buffer ``ghost [ghost_rank, in_features]`` (saved in the state
     dict; ``None`` otherwise): a factor of the removed keys' Gram matrix that keeps their share of
     every row's norm (:mod:`tokenformer.pruning`); :meth:`set_ghost` sets or removes it.
+
+    A layer grown with separate normalisation (``grow(..., normalisation="separate")``) has two
+    groups of tokens: the first ``split`` (the old ones, with ``tau`` and the ghost) and the rest
+    (with the buffer ``split_tau``), each normalised over its own scores only; the output is the
+    sum of the groups' outputs (:meth:`parts`). :meth:`set_split` sets it.
     """
 
     def __init__(
@@ -630,6 +635,8 @@ class Pattention(nn.Module):
         self.value_param_tokens = nn.Parameter(torch.empty(num_tokens, out_features, **factory))
         self.register_buffer("tau", torch.tensor(self.initial_tau, **factory))
         self.register_buffer("ghost", None)
+        self.split = 0
+        self.register_buffer("split_tau", None)
         self.reset_parameters()
 
     @property
@@ -654,6 +661,36 @@ class Pattention(nn.Module):
         # Contiguous, as a loaded one is: the same bits then give the same products.
         self.ghost = factor.to(keys.device, keys.dtype).contiguous() if present else None
 
+    def set_split(self, split: int, tau: float) -> None:
+        """Normalise tokens ``split:`` apart from the first ``split``, with score scale ``tau``
+        (``split=0``: one normalisation over every token)."""
+        if not (isinstance(split, int) and not isinstance(split, bool) and 0 <= split < self.num_tokens):
+            raise ValueError(
+                f"a Pattention split must be an integer from 0 to num_tokens - 1 = {self.num_tokens - 1}, got {split!r}"
+            )
+        if split and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"the score scale of a Pattention's second group must be a finite number > 0, got {tau!r}")
+        self.split = split
+        keys = self.key_param_tokens
+        self.split_tau = torch.tensor(float(tau), device=keys.device, dtype=self.tau.dtype) if split else None
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each normalisation group: ``[old, new]`` for a layer with a split, else
+        ``[output]``. The old part is computed exactly as the layer computed it before the split."""
+        keys, values = self.key_param_tokens, self.value_param_tokens
+        if not self.split:
+            return [self._group_output(x, keys, values, self.tau, self.ghost)]
+        s = self.split
+        return [
+            self._group_output(x, keys[:s], values[:s], self.tau, self.ghost),
+            self._group_output(x, keys[s:], values[s:], self.split_tau, None),
+        ]
+
+    def _group_output(self, x, keys, values, tau, ghost) -> torch.Tensor:
+        if ghost is not None:
+            return pattention(x, keys, values, tau, self.norm, self.impl, ghost)
+        return _group(x, (keys,), (values,), (tau,), self.norm, self.impl)[0]
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.key_param_tokens, std=self.key_std)
         nn.init.normal_(self.value_param_tokens, std=self.value_std)
@@ -663,25 +700,24 @@ class Pattention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl not in IMPLS:
             raise ValueError(f"unknown Pattention impl {self.impl!r}; allowed: {', '.join(IMPLS)}")
-        keys, values = self.key_param_tokens, self.value_param_tokens
-        if self.ghost is not None:
-            return pattention(x, keys, values, self.tau, self.norm, self.impl, self.ghost)
-        return _group(x, (keys,), (values,), (self.tau,), self.norm, self.impl)[0]
+        parts = self.parts(x)
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     def extra_repr(self) -> str:
         ghost = f", ghost_rank={self.ghost_rank}" if self.ghost is not None else ""
+        split = f", split={self.split}" if self.split else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_tokens={self.num_tokens}, norm={self.norm!r}{ghost}"
+            f"num_tokens={self.num_tokens}, norm={self.norm!r}{ghost}{split}"
         )
 
 
 def run_pattentions(layers: Sequence[Pattention], x: torch.Tensor) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]``, as one group (:func:`pattention_group`) when the layers
-    share their norm and implementation (and none has a ghost)."""
+    share their norm and implementation (and none has a ghost or a split)."""
     first = layers[0]
     shapes = {(layer.num_tokens, layer.out_features, layer.norm, layer.impl) for layer in layers}
-    if len(shapes) > 1 or first.impl not in IMPLS or any(layer.ghost is not None for layer in layers):
+    if len(shapes) > 1 or first.impl not in IMPLS or any(layer.ghost is not None or layer.split for layer in layers):
         return [layer(x) for layer in layers]
     keys = [layer.key_param_tokens for layer in layers]
     values = [layer.value_param_tokens for layer in layers]

@@ -341,6 +341,11 @@ def prune(
     """
     _require_bare_model(model, "prune")
     config = model.config
+    if config.norm_splits is not None:
+        raise ValueError(
+            f"prune keeps one normalisation per Pattention; this model normalises new tokens apart "
+            f"(norm_splits={config.norm_splits}); allowed: a model grown with normalisation='joint'"
+        )
     targets = {kind: n for kind, n in zip(TOKEN_KINDS, (qkv_tokens, proj_tokens, ffn_tokens), strict=True)}
     targets = {kind: n for kind, n in targets.items() if n is not None}
     if not targets:

@@ -55,6 +55,11 @@ class Int8Pattention(nn.Module):
 
     def __init__(self, layer: Pattention) -> None:
         super().__init__()
+        if layer.split:
+            raise ValueError(
+                f"int8 Pattentions have one normalisation; this layer normalises its tokens from {layer.split} on "
+                "apart (grown with normalisation='separate'); allowed: layers without a split"
+            )
         self.in_features, self.out_features, self.num_tokens = layer.in_features, layer.out_features, layer.num_tokens
         self.norm = layer.norm
         for name, weight in (("key", layer.key_param_tokens), ("value", layer.value_param_tokens.T)):
