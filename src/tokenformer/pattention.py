@@ -714,11 +714,17 @@ class Pattention(nn.Module):
 
 def run_pattentions(layers: Sequence[Pattention], x: torch.Tensor) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]``, as one group (:func:`pattention_group`) when the layers
-    share their norm and implementation (and none has a ghost or a split)."""
+    share their norm and implementation (and none has a ghost or a split, or forward hooks: a
+    hooked layer is called, so that its hooks see its input and output)."""
     first = layers[0]
     shapes = {(layer.num_tokens, layer.out_features, layer.norm, layer.impl) for layer in layers}
-    if len(shapes) > 1 or first.impl not in IMPLS or any(layer.ghost is not None or layer.split for layer in layers):
+    special = any(layer.ghost is not None or layer.split or _hooked(layer) for layer in layers)
+    if len(shapes) > 1 or first.impl not in IMPLS or special:
         return [layer(x) for layer in layers]
     keys = [layer.key_param_tokens for layer in layers]
     values = [layer.value_param_tokens for layer in layers]
     return _group(x, keys, values, [layer.tau for layer in layers], first.norm, first.impl)
+
+
+def _hooked(layer: nn.Module) -> bool:
+    return bool(layer._forward_hooks or layer._forward_pre_hooks)

@@ -17,6 +17,7 @@ Strategy = Literal["single", "ddp", "fsdp"]
 TaskName = Literal["lm", "vision"]
 VisionDataset = Literal["fashion-mnist", "cifar10"]
 LoggerName = Literal["tensorboard", "wandb"]
+Continual = Literal["finetune", "grow", "grow_separate", "sparse"]
 
 
 @dataclass
@@ -154,7 +155,25 @@ class TrainConfig:
             ``bottom`` or ``interleave`` (see :func:`tokenformer.grow`).
         old_lr_scale: With ``grow_to``: the learning rate of everything that existed before the
             growth (the old tokens and every other parameter, the embedding too) as a multiple of
-            ``lr``; 0 freezes it bit for bit and trains the new tokens only.
+            ``lr``; 0 freezes it bit for bit and trains the new tokens only (null: 0 with
+            ``continual: grow`` or ``grow_separate``, else 1).
+        continual: How a run started with ``init_from`` learns its new ``data`` (null: as
+            ``finetune``): ``finetune`` trains every parameter; ``grow`` grows the model to
+            ``grow_to`` with zero new keys (one normalisation over old and new tokens);
+            ``grow_separate`` grows it with the new tokens normalised apart from the old ones, so
+            that frozen old tokens keep their share of every output exactly
+            (:func:`tokenformer.grow` with ``normalisation="separate"``); both train the new tokens
+            with everything old at ``old_lr_scale`` (default 0: frozen). ``sparse`` trains only
+            the ``trainable_tokens`` parameter tokens of each Pattention that the new data uses
+            most and ``reference_data`` (the old corpus) least, everything else frozen
+            (:mod:`tokenformer.sparse_finetuning`); the usage statistics are written to
+            ``out_dir/token_usage.safetensors`` and read back when the run resumes.
+        trainable_tokens: With ``continual: sparse``: how many parameter tokens (key and value
+            rows) of each Pattention train.
+        reference_data: With ``continual: sparse``: the corpus the model learned before (as
+            ``data``), on which the usage of the old data is measured.
+        usage_batches: With ``continual: sparse``: batches of each corpus over which token usage
+            is measured (the first training batches of ``data`` and of ``reference_data``).
         eval_interval: Validate every this many steps (and at the end).
         eval_batches: Validation batches of batch_size windows, the same windows every time
             (language models; a classifier validates on all of its held-out images).
@@ -212,7 +231,11 @@ class TrainConfig:
     grow_to: dict[str, int] | None = None
     grow_schedule: str | None = None
     grow_depth_position: DepthPosition = "top"
-    old_lr_scale: float = 1.0
+    old_lr_scale: float | None = None
+    continual: Continual | None = None
+    trainable_tokens: int | None = None
+    reference_data: str | list[str] | None = None
+    usage_batches: int = 8
     eval_interval: int = 100
     eval_batches: int = 8
     log_interval: int = 10
@@ -236,6 +259,7 @@ class TrainConfig:
             "log_interval",
             "ckpt_interval",
             "keep_last",
+            "usage_batches",
         )
         for name in positive:
             _check(self, name, lambda v: is_int(v) and v >= 1, "a positive integer")
@@ -348,23 +372,75 @@ class TrainConfig:
             parse_rule(self.grow_schedule)
         positions = typing.get_args(DepthPosition)
         _check(self, "grow_depth_position", lambda v: v in positions, ", ".join(positions))
-        _check(self, "old_lr_scale", lambda v: is_number(v) and v >= 0, "a finite number >= 0")
+        _check(self, "old_lr_scale", lambda v: v is None or (is_number(v) and v >= 0), "a finite number >= 0 or null")
         _check(
             self,
             "old_lr_scale",
-            lambda v: v == 1 or (self.grow_to is not None and self.init_from is not None),
+            lambda v: v in (None, 1) or (self.grow_to is not None and self.init_from is not None),
             "1 without grow_to and init_from (it sets the rate of what existed before that growth)",
         )
         _check(
             self,
             "old_lr_scale",
-            lambda v: v == 1 or "n_layers" not in (self.grow_to or {}),
+            lambda v: v in (None, 1) or "n_layers" not in (self.grow_to or {}),
             "1 when grow_to sets n_layers (new blocks have no old part)",
         )
+        self._check_continual()
         if self.resume in (None, "auto"):
             # An unknown preset or a bad override fails here, before any work. A run resumed from
             # a given checkpoint uses that checkpoint's model instead.
             self.model_config()
+
+    def _check_continual(self) -> None:
+        modes = typing.get_args(Continual)
+        _check(self, "continual", lambda v: v is None or v in modes, f"{', '.join(modes)} or null")
+        _check(
+            self,
+            "continual",
+            lambda v: v is None or self.init_from is not None,
+            "null without init_from (it says how the model init_from loads learns the new data)",
+        )
+        growing = self.continual in ("grow", "grow_separate")
+        _check(
+            self,
+            "continual",
+            lambda v: not growing or (self.grow_to is not None and "n_layers" not in self.grow_to),
+            "grow or grow_separate with grow_to giving token counts only (qkv_tokens, proj_tokens, ffn_tokens)",
+        )
+        _check(
+            self,
+            "continual",
+            lambda v: self.grow_to is None or v in (None, "grow", "grow_separate"),
+            "grow, grow_separate or null with grow_to (finetune and sparse do not grow the model)",
+        )
+        sparse = self.continual == "sparse"
+        _check(
+            self,
+            "trainable_tokens",
+            lambda v: (v is None and not sparse) or (sparse and is_int(v) and v >= 1),
+            "a positive integer with continual: sparse, else null",
+        )
+        _check(
+            self,
+            "reference_data",
+            lambda v: (
+                (v is None and not sparse)
+                or (sparse and bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)))
+            ),
+            "a corpus name, path or glob (or a list) with continual: sparse, else null",
+        )
+
+    @property
+    def old_scale(self) -> float:
+        """``old_lr_scale`` resolved: 0 by default when ``continual`` grows, else 1."""
+        if self.old_lr_scale is not None:
+            return float(self.old_lr_scale)
+        return 0.0 if self.continual in ("grow", "grow_separate") else 1.0
+
+    @property
+    def grow_normalisation(self) -> str:
+        """How ``grow_to`` normalises the new tokens (:func:`tokenformer.grow`'s ``normalisation``)."""
+        return "separate" if self.continual == "grow_separate" else "joint"
 
     def model_config(self, vocab_size: int | None = None) -> Any:
         """The ``model`` preset of the task's model family with ``model_overrides``; a model with a

@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from ..data import Tokenizer
 from ..growth import (
     GrownParameter,
     GrowthRecord,
+    RowUpdateScale,
+    ScaledRows,
     StackRecord,
     TokenUpdateScale,
     carry_optimizer_state,
@@ -49,6 +51,16 @@ from ..growth import (
 from ..model import set_activation_checkpointing
 from ..pruning import PruneRecord, calibration_scores, prune, prune_like, prune_optimizer_state
 from ..schedule import GrowthStage, growth_generator, growth_schedule, growth_to, model_size
+from ..sparse_finetuning import (
+    USAGE_FILE,
+    chosen_tokens,
+    freeze_all_but_tokens,
+    load_usage,
+    save_usage,
+    token_scores,
+    token_usage,
+    trainable_rows,
+)
 from ..sparse_pattention import QueryBatchNorm
 from .checkpoint import (
     CHECKPOINTS,
@@ -264,7 +276,12 @@ class Trainer:
         self._wrap_model = wrap_model or self._default_wrap
         initial_growth = None
         if start is not None and config.grow_to:
-            initial_growth = grow(self.model, **config.grow_to, depth_position=config.grow_depth_position)
+            initial_growth = grow(
+                self.model,
+                **config.grow_to,
+                depth_position=config.grow_depth_position,
+                normalisation=config.grow_normalisation,
+            )
         # grow_schedule: the sizes the model grows to during the run, from the size it started at
         # (a resumed run: as its checkpoint records, else the size of the config's model).
         saved = checkpoint.trainer_state.get("schedule_start") if checkpoint is not None else None
@@ -277,6 +294,9 @@ class Trainer:
             else []
         )
         old_parameters = self._old_parameters(checkpoint, initial_growth)
+        # continual: sparse: the usage statistics (new data, old data) its tokens are chosen by.
+        self.token_usage: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        sparse_rows = self._sparse_rows(checkpoint, task) if config.continual == "sparse" else None
         optimizer = make_optimizer(self.model, config)
         if checkpoint is not None and not checkpoint.sharded:
             optimizer.load_state_dict(checkpoint.optimizer_state)
@@ -288,10 +308,13 @@ class Trainer:
         if initial_growth is not None:
             entry = {"step": 0, "tokens": 0, "init_from": str(start.path), **initial_growth.to_dict()}
             self.state.growth_history.append(entry)
-        # The per-row learning rates of old_lr_scale (None: every parameter at the schedule's rate).
-        self.update_scale: TokenUpdateScale | None = None
+        # The per-row learning rates of old_lr_scale or of continual: sparse (None: every parameter
+        # at the schedule's rate).
+        self.update_scale: RowUpdateScale | None = None
         if old_parameters is not None:
-            self.update_scale = TokenUpdateScale(self.optimizer, old_parameters, old_scale=config.old_lr_scale)
+            self.update_scale = TokenUpdateScale(self.optimizer, old_parameters, old_scale=config.old_scale)
+        elif sparse_rows is not None:
+            self.update_scale = RowUpdateScale(self.optimizer, sparse_rows)
         self.ema: AveragedModel | None = None
         if config.ema_decay:
             saved = checkpoint.trainer_state.get("ema_updates", 0) if checkpoint is not None else 0
@@ -398,7 +421,7 @@ class Trainer:
         every other parameter, as (parameter, old size) entries for :class:`TokenUpdateScale`.
         Frozen whole tensors (``old_lr_scale: 0``) stop requiring gradients instead, before the
         optimizer is built, so that they get no update, no weight decay and no optimizer state."""
-        scale = self.config.old_lr_scale
+        scale = self.config.old_scale
         if scale == 1:
             return None
         if growth is not None:
@@ -423,6 +446,34 @@ class Trainer:
             else:
                 whole.append(GrownParameter(name, param, 0, param.shape[0] if param.dim() else 1))
         return grown + whole
+
+    def _sparse_rows(self, checkpoint: Checkpoint | None, task: Task) -> list[ScaledRows]:
+        """``continual: sparse``: the update scales that train each Pattention's chosen tokens only;
+        every other parameter stops requiring gradients (before the optimizer is built). A new run
+        measures token usage on ``data`` and ``reference_data`` (the first ``usage_batches``
+        training batches of each); a resumed one reads what its first session wrote."""
+        config = self.config
+        path = self.run_dir / USAGE_FILE
+        if checkpoint is not None:
+            if not path.is_file():
+                raise CheckpointError(
+                    f"continual: sparse cannot resume {checkpoint.path}: the token usage its first session measured "
+                    f"({path}) is missing; allowed: a run directory that holds it, or a new run (resume: null)"
+                )
+            self.token_usage = load_usage(path)
+        else:
+            reference = make_task(replace(config, data=config.reference_data), self.tokenizer)[0]
+            self.token_usage = tuple(
+                token_usage(
+                    self.model,
+                    (source.train_batch(step, 0, self.device) for step in range(config.usage_batches)),
+                    source.loss,
+                )
+                for source in (task, reference)
+            )
+        chosen = chosen_tokens(token_scores(*self.token_usage), config.trainable_tokens)
+        freeze_all_but_tokens(self.model)
+        return trainable_rows(self.model, chosen)
 
     def _place(self, optimizer: torch.optim.Optimizer) -> None:
         # The optimizer of the whole model moves to a new one built after parallelize (FSDP2
@@ -550,6 +601,8 @@ class Trainer:
                     self._log_event(entry)
             # The resolved options, reusable as `tokenformer train --config <out_dir>/train_config.yaml`.
             io.atomic_write_text(self.run_dir / TRAIN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if self.token_usage is not None:
+                save_usage(self.run_dir / USAGE_FILE, *self.token_usage)
         bar = tqdm(
             total=target,
             initial=self.state.step,
