@@ -77,17 +77,25 @@ def test_pruning_experiment_end_to_end(tmp_path, corpus_file, cache_dir, capsys)
     assert f"python -m tokenformer.experiments.pruning {path} --report_only" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the [continual] extra (peft) is not installed")
-def test_continual_experiment_end_to_end(tmp_path, corpus_file, cache_dir):
-    base_plan = tiny_pruning_plan(corpus_file, cache_dir, tmp_path / "pruning")
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base_plan.to_dict()))
-    second = tmp_path / "b.txt"
+@pytest.fixture(scope="module")
+def continual_inputs(tmp_path_factory, corpus_file, cache_dir):
+    """The base plan (YAML; its base models are trained once for the module's experiments) and corpus B."""
+    folder = tmp_path_factory.mktemp("continual-inputs")
+    base_plan = tiny_pruning_plan(corpus_file, cache_dir, folder / "pruning")
+    (folder / "base.yaml").write_text(yaml.safe_dump(base_plan.to_dict()))
+    second = folder / "b.txt"
     from tokenformer.data import kjv_documents
 
     second.write_text("".join(doc.text for doc in kjv_documents()[-3:]), encoding="utf-8")
+    return folder / "base.yaml", second
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the [continual] extra (peft) is not installed")
+def test_continual_experiment_end_to_end(tmp_path, continual_inputs):
+    base_plan, second = continual_inputs
     plan = continual.ContinualPlan(
         out_dir=str(tmp_path / "continual"),
-        base_plan=str(tmp_path / "base.yaml"),
+        base_plan=str(base_plan),
         seeds=[1, 2],
         data=str(second),
         steps=4,
@@ -109,6 +117,39 @@ def test_continual_experiment_end_to_end(tmp_path, corpus_file, cache_dir):
     assert results["analysis"]["at_target"]
     assert continual.run_experiment(plan, "test", report_only=True)["runs"] == results["runs"]
     assert "## Forgetting at equal loss on B" in (tmp_path / "continual" / "report.md").read_text()
+
+
+def test_continual_experiment_runs_separate_growth_and_sparse_arms(tmp_path, continual_inputs):
+    base_plan, second = continual_inputs
+    plan = continual.ContinualPlan(
+        out_dir=str(tmp_path / "continual"),
+        base_plan=str(base_plan),
+        seeds=[1],
+        data=str(second),
+        steps=4,
+        lr_grid=[0.003],
+        arms=["tf_grow_separate", "tf_sparse"],
+        sparse_tokens=[2, 4],
+        usage_batches=2,
+        eval_interval=2,
+        eval_batches=2,
+    )
+    results = continual.run_experiment(plan, "test")
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert set(runs) == {"tf_grow_separate", "tf_sparse_2", "tf_sparse_4"}
+    # Neither arm changes the function before its first step: every run starts at the base model's losses.
+    start = runs["tf_sparse_2"]["curve"][0]
+    assert runs["tf_grow_separate"]["curve"][0] == pytest.approx(start, abs=1e-6)
+    # Two (four) key and value rows of d_model each, in each of the 5 Pattentions of 2 layers.
+    assert runs["tf_sparse_2"]["trainable_parameters"] == 2 * 64 * 5 * 2
+    assert runs["tf_sparse_4"]["trainable_parameters"] == 4 * 64 * 5 * 2
+    assert set(results["analysis"]["at_target"][0]["arms"]) == set(runs)
+    assert "`tf_sparse_2`" in (tmp_path / "continual" / "report.md").read_text()
+
+
+def test_continual_plan_checks_the_sparse_budgets():
+    with pytest.raises(ValueError, match=r"sparse_tokens=\[0\] is invalid; allowed: a non-empty list of positive"):
+        continual.ContinualPlan(sparse_tokens=[0])
 
 
 def test_forgetting_is_read_where_b_first_reaches_the_target():

@@ -174,7 +174,7 @@ def test_continual_options_are_checked(tmp_path, corpus_file, cache_dir):
         TrainConfig(**options, grow_to={"ffn_tokens": 40})
     with pytest.raises(ValueError, match="old_lr_scale=0.0 is invalid; allowed: 1 without grow_to"):
         TrainConfig(**options, old_lr_scale=0.0)
-    with pytest.raises(ValueError, match="grow_to=.*qkv_tokens, proj_tokens, ffn_tokens to positive integers"):
+    with pytest.raises(ValueError, match="grow_to=.*ffn_tokens, n_layers to positive integers"):
         TrainConfig(**options, init_from="run", grow_to={"ffn": 40})
 
 

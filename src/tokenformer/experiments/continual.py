@@ -9,6 +9,12 @@ each of these ways (*arms*):
   (everything old frozen bit for bit: ``old_lr_scale: 0``);
 - ``tf_grow_slow``: the same growth, everything trained, the old parameters at ``slow_scale`` of
   the learning rate;
+- ``tf_grow_separate``: the same growth with the new tokens normalised apart from the old ones
+  (``continual: grow_separate``), only the new tokens trained: the old tokens' share of every
+  output stays exactly what it was, on A's inputs too;
+- ``tf_sparse``: no growth; only the parameter tokens of each Pattention that B uses most and A
+  least trained (``continual: sparse``), one run per budget of ``sparse_tokens`` (the arm
+  ``tf_sparse_<N>`` trains ``N`` tokens per Pattention);
 - ``tx_finetune``: the Transformer, every parameter trained;
 - ``tx_lora``: the Transformer frozen, with LoRA adapters (``peft``) on every projection whose
   rank gives as many trainable parameters as ``tf_grow_frozen``'s new tokens.
@@ -39,12 +45,13 @@ from ..config import TOKEN_KINDS
 from ..train import TrainConfig, Trainer
 from ..train.lm import evaluate_windows
 from ..train.tasks import make_task
-from ..validation import dataclass_from_dict, invalid
+from ..validation import dataclass_from_dict, invalid, is_int
 from . import runner
 from .pruning import base_runs, load_base
 from .pruning import load_plan as load_pruning_plan
 
-ARMS = ("tf_finetune", "tf_grow_frozen", "tf_grow_slow", "tx_finetune", "tx_lora")
+ARMS = ("tf_finetune", "tf_grow_frozen", "tf_grow_slow", "tf_grow_separate", "tf_sparse", "tx_finetune", "tx_lora")
+SPARSE = "tf_sparse"
 PLOT = "forgetting.png"
 LORA_TARGETS = ["query", "key", "value", "proj", "fc1", "fc2"]
 
@@ -62,6 +69,9 @@ class ContinualPlan:
         steps: Steps on B, the same for every arm.
         growth: Token growth of the ``tf_grow_*`` arms, as a multiple of each kind's count.
         slow_scale: ``tf_grow_slow``'s learning rate of the old parameters, as a multiple.
+        sparse_tokens: The budgets of ``tf_sparse``: parameter tokens trained per Pattention, one
+            arm ``tf_sparse_<N>`` each.
+        usage_batches: Batches of A and of B over which ``tf_sparse`` measures token usage.
         lr_grid: Peak learning rates every arm trains at (warmup 10%, cosine to a tenth).
         arms: The arms run.
         eval_interval: Steps between evaluations of A and B.
@@ -77,6 +87,8 @@ class ContinualPlan:
     steps: int = 300
     growth: float = 1.5
     slow_scale: float = 0.1
+    sparse_tokens: list[int] = field(default_factory=lambda: [16, 64])
+    usage_batches: int = 8
     lr_grid: list[float] = field(default_factory=lambda: [0.001, 0.002, 0.004])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     eval_interval: int = 25
@@ -90,6 +102,10 @@ class ContinualPlan:
             raise invalid("plan field", "growth", self.growth, "a multiple > 1")
         if not self.lr_grid or not all(lr > 0 for lr in self.lr_grid):
             raise invalid("plan field", "lr_grid", self.lr_grid, "a non-empty list of learning rates > 0")
+        if not self.sparse_tokens or not all(is_int(n) and n >= 1 for n in self.sparse_tokens):
+            raise invalid("plan field", "sparse_tokens", self.sparse_tokens, "a non-empty list of positive integers")
+        if not (is_int(self.usage_batches) and self.usage_batches >= 1):
+            raise invalid("plan field", "usage_batches", self.usage_batches, "a positive integer")
 
     def run_dir(self, arm: str, lr: float, seed: int) -> Path:
         return Path(self.out_dir) / "runs" / arm / runner.lr_name(lr) / f"seed-{seed}"
@@ -100,6 +116,15 @@ class ContinualPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContinualPlan:
         return dataclass_from_dict(cls, data, "plan field")
+
+
+def run_arms(plan: dict[str, Any]) -> list[str]:
+    """The arms of ``plan`` (a plan's ``to_dict``) as runs name them: ``tf_sparse`` once per budget."""
+    return [
+        name
+        for arm in plan["arms"]
+        for name in ([f"{SPARSE}_{n}" for n in plan["sparse_tokens"]] if arm == SPARSE else [arm])
+    ]
 
 
 def load_plan(path: str | Path, out_dir: str | None = None) -> ContinualPlan:
@@ -175,7 +200,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             options["init_from"] = job["base"]["checkpoint"]
             if arm.startswith("tf_grow"):
                 options["grow_to"] = grown_counts(base_model.config, plan.growth)
-                options["old_lr_scale"] = 0.0 if arm == "tf_grow_frozen" else plan.slow_scale
+                options["old_lr_scale"] = plan.slow_scale if arm == "tf_grow_slow" else 0.0
+            if arm == "tf_grow_separate":
+                options["continual"] = "grow_separate"
+            if arm.startswith(SPARSE):
+                options.update(
+                    continual="sparse",
+                    trainable_tokens=int(arm.removeprefix(f"{SPARSE}_")),
+                    reference_data=config_a.data,
+                    usage_batches=plan.usage_batches,
+                )
         config_b = TrainConfig.from_dict(options)
         tokenizer = Tokenizer.from_json(job["tokenizer"]) if model is not None else None
         task_b = make_task(config_b, tokenizer)[0] if model is not None else None
@@ -199,8 +233,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         finally:
             trainer.close()
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        if arm == "tf_grow_frozen":
+        if arm in ("tf_grow_frozen", "tf_grow_separate"):
             trainable = new_token_parameters(base_model.config, plan.growth)
+        if arm.startswith(SPARSE):  # the chosen rows of the key and value tokens
+            trainable = sum(int(r.scale.count_nonzero()) * r.param.shape[1] for r in trainer.update_scale.rows)
         return {"arm": arm, "lr": lr, "seed": seed, "curve": curve, "trainable_parameters": trainable}
 
     return runner.cached_run(out_dir, run)
@@ -234,7 +270,7 @@ def run_experiment(plan: ContinualPlan, command: str = "", report_only: bool = F
             "tf_config": tf_config,
         }
         for seed in plan.seeds
-        for arm in plan.arms
+        for arm in run_arms(plan.to_dict())
         for lr in plan.lr_grid
     ]
     if report_only:
@@ -279,9 +315,10 @@ def b_targets(plan: dict[str, Any], by: dict[tuple, dict[str, Any]]) -> list[flo
     def mean_b(arm: str, lr: float, index: int) -> float:
         return statistics.fmean(by[(arm, lr, seed)]["curve"][index]["b"] for seed in plan["seeds"])
 
-    rates = {arm: complete_rates(plan, by, arm) for arm in plan["arms"]}
-    top = min(mean_b(arm, rates[arm][0], 0) for arm in plan["arms"] if rates[arm])
-    bottom = max(min(mean_b(arm, lr, -1) for lr in rates[arm]) for arm in plan["arms"] if rates[arm])
+    arms = run_arms(plan)
+    rates = {arm: complete_rates(plan, by, arm) for arm in arms}
+    top = min(mean_b(arm, rates[arm][0], 0) for arm in arms if rates[arm])
+    bottom = max(min(mean_b(arm, lr, -1) for lr in rates[arm]) for arm in arms if rates[arm])
     if bottom >= top:  # some arm never gets below where another starts
         return [bottom]
     return [top - (top - bottom) * share for share in (1 / 3, 2 / 3, 1.0)]
@@ -299,7 +336,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     at_target = []
     for target in b_targets(plan, by):
         arms = {}
-        for arm in plan["arms"]:
+        for arm in run_arms(plan):
             best = None
             for lr in complete_rates(plan, by, arm):
                 values = {seed: forgetting_at_b(by[(arm, lr, seed)]["curve"], target) for seed in plan["seeds"]}
@@ -316,7 +353,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
                 entry["frozen_minus_this"] = runner.paired(frozen["per_seed"], entry["per_seed"])
         at_target.append({"b_target": target, "arms": arms})
     final = {}
-    for arm in plan["arms"]:
+    for arm in run_arms(plan):
         for lr in plan["lr_grid"]:
             seeds = [by[(arm, lr, s)] for s in plan["seeds"] if (arm, lr, s) in by]
             if not seeds:
@@ -344,7 +381,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plan, analysis = results["plan"], results["analysis"]
     last = analysis["at_target"][-1]["arms"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for arm in plan["arms"]:
+    for arm in run_arms(plan):
         lr = (last.get(arm) or {"lr": plan["lr_grid"][0]})["lr"]
         curves = [r["curve"] for r in results["runs"] if r["arm"] == arm and r["lr"] == lr]
         if not curves:
@@ -384,7 +421,10 @@ def report(results: dict[str, Any]) -> str:
         f"{recipe.tokens_per_step} tokens on B, peak lr from {plan['lr_grid']} (warmup 10%, cosine to a tenth), "
         f"seeds {plan['seeds']}; A and B validated on the same {plan['eval_batches']} batches every "
         f"{plan['eval_interval']} steps. Growth: every token kind x{plan['growth']:g} (zero keys); "
-        f"`tf_grow_slow`: old parameters at {plan['slow_scale']:g} x the rate.",
+        f"`tf_grow_slow`: old parameters at {plan['slow_scale']:g} x the rate; `tf_grow_separate`: new tokens "
+        "normalised apart from the old ones (random keys, zero values), old tokens frozen; `tf_sparse_<N>`: the N "
+        f"tokens per Pattention that B uses most and A least (usage over {plan.get('usage_batches', 8)} batches of "
+        "each) trained, everything else frozen.",
         "",
         "## Final losses (mean over the seeds run)",
         "",
