@@ -142,3 +142,12 @@ def test_continual_grow_freezes_the_old_tokens_unless_configured():
     slow = TrainConfig(init_from="run", continual="grow_separate", grow_to={"ffn_tokens": 40}, old_lr_scale=0.1)
     assert slow.old_scale == 0.1 and slow.grow_normalisation == "separate"
     assert TrainConfig().old_scale == 1.0
+
+
+def test_grow_command_grows_with_separate_normalisation(tmp_path, base_run, capsys):
+    grown = str(tmp_path / "grown")
+    main(["grow", "--checkpoint", str(base_run), "--out", grown, "--ffn_tokens", "40", "--normalisation", "separate"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "validation loss" in line]
+    assert len({line.split("validation loss")[1].split()[0] for line in lines}) == 1  # unchanged by the growth
+    grown = load_checkpoint(tmp_path / "grown").model
+    assert grown.config.norm_splits == [{"mlp": 32}, {"mlp": 32}] and grown.layers[0].mlp.num_tokens == 40

@@ -17,6 +17,7 @@ def grow(
     depth_position: Literal["top", "bottom", "interleave"] = "top",
     layers: list[int] | None = None,
     key_init: Literal["zeros", "random"] = "zeros",
+    normalisation: Literal["joint", "separate"] = "joint",
     evaluate: bool = True,
     data: str | list[str] | None = None,
     device: str = "auto",
@@ -34,6 +35,9 @@ def grow(
         depth_position: Where new blocks go: ``top``, ``bottom`` or ``interleave`` (spread through the stack).
         layers: Grow the token counts of only these (old) layers (null: all).
         key_init: ``zeros`` keeps the function exactly; ``random`` initialises new keys like the released GPU code.
+        normalisation: ``joint`` normalises the new tokens with the old ones; ``separate`` apart from them (random
+            new keys, zero new values), so that the old tokens' share of every output stays exactly as it was
+            while they are frozen (width only).
         evaluate: Print the validation loss before and right after growth.
         data: The corpus to validate on (null: the one the run was trained on); not read without --evaluate.
         device: ``auto``, ``cpu``, ``cuda``, ...
@@ -52,6 +56,7 @@ def grow(
             depth_position=depth_position,
             layers=layers,
             key_init=key_init,
+            normalisation=normalisation,
         )
         after = trainer.evaluate() if evaluate else None
         path = trainer.save_checkpoint(out)
