@@ -3,8 +3,9 @@ import copy
 import pytest
 import torch
 from conftest import tiny_config
+from test_vision import tiny_vit
 
-from tokenformer import TokenformerLM, TokenUpdateScale, grow
+from tokenformer import TokenformerLM, TokenformerViT, TokenUpdateScale, grow, load_model, save_model
 from tokenformer.io import load_weights, save_weights
 from tokenformer.pattention import Pattention
 
@@ -77,6 +78,21 @@ def test_separate_growth_reloads_from_its_config(tmp_path):
     with torch.no_grad():
         assert torch.equal(restored(ids), model(ids))
     assert restored.layers[1].mlp.split == 40
+    save_model(model, tmp_path / "saved")
+    loaded = load_model(tmp_path / "saved")
+    assert loaded.layers[0].mlp.split_tau.item() == model.layers[0].mlp.split_tau.item()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_separate_growth_of_a_vision_model_keeps_its_logits():
+    model = TokenformerViT(tiny_vit())
+    images = torch.randn(3, 2, 12, 12)
+    with torch.no_grad():
+        before = model(images)
+        grow(model, qkv_tokens=30, ffn_tokens=50, normalisation="separate")
+        assert torch.equal(model(images), before)
+    assert model.config.norm_splits[1]["mlp"] == 40
 
 
 def test_a_split_layer_grows_jointly_but_not_separately_again():

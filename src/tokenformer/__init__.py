@@ -3,7 +3,15 @@
 from .config import PRESETS, TokenformerConfig
 from .families import FAMILIES, load_model, save_model
 from .flops import count_parameters, training_flops, training_flops_per_token
-from .growth import TokenUpdateScale, carry_optimizer_state, grow, grow_memory, growth_summary, stack_layers
+from .growth import (
+    RowUpdateScale,
+    TokenUpdateScale,
+    carry_optimizer_state,
+    grow,
+    grow_memory,
+    growth_summary,
+    stack_layers,
+)
 from .interop.registration import install as _register_with_transformers
 from .model import TokenformerLM
 from .pattention import NORMS, Pattention
@@ -20,6 +28,7 @@ __all__ = [
     "PRESETS",
     "Pattention",
     "PruneRecord",
+    "RowUpdateScale",
     "SparsePattention",
     "TokenUpdateScale",
     "TokenformerConfig",
