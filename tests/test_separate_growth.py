@@ -5,7 +5,17 @@ import torch
 from conftest import tiny_config
 from test_vision import tiny_vit
 
-from tokenformer import TokenformerLM, TokenformerViT, TokenUpdateScale, grow, load_model, save_model
+from tokenformer import (
+    TokenformerLM,
+    TokenformerViT,
+    TokenUpdateScale,
+    grow,
+    growth_summary,
+    load_model,
+    prune,
+    quantize_int8,
+    save_model,
+)
 from tokenformer.io import load_weights, save_weights
 from tokenformer.pattention import Pattention
 
@@ -41,6 +51,12 @@ def test_separate_growth_starts_exactly_at_the_old_function(norm):
     assert layer.split_tau.item() == pytest.approx(10**0.5) and layer.tau.item() == pytest.approx(40**0.5)
     assert torch.count_nonzero(layer.value_param_tokens[40:]) == 0
     assert torch.count_nonzero(layer.key_param_tokens[40:]) == 10 * 32  # random keys: values get gradient
+    assert growth_summary(model)[0]["mlp"] == {
+        "tokens": 50,
+        "tau": pytest.approx(40**0.5),
+        "split": 40,
+        "split_tau": pytest.approx(10**0.5),
+    }
     qkv = {name: 24 for name in ("attention.query", "attention.key", "attention.value")}
     assert model.config.norm_splits == [{**qkv, "mlp": 40}] * 2
 
@@ -120,3 +136,16 @@ def test_separate_growth_refuses_what_it_cannot_do(options, match):
     model = TokenformerLM(tiny_config())
     with pytest.raises(ValueError, match=match):
         grow(model, ffn_tokens=50, **{"normalisation": "separate", **options})
+
+
+def test_layouts_with_one_normalisation_refuse_a_split_model():
+    from tokenformer.interop.released import ours_to_released
+
+    model = TokenformerLM(tiny_config())
+    grow(model, ffn_tokens=50, normalisation="separate")
+    with pytest.raises(ValueError, match="released layout has one normalisation per Pattention"):
+        ours_to_released(model)
+    with pytest.raises(ValueError, match="prune keeps one normalisation per Pattention"):
+        prune(model, ffn_tokens=30)
+    with pytest.raises(ValueError, match="int8 Pattentions have one normalisation"):
+        quantize_int8(model)

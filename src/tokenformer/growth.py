@@ -215,8 +215,9 @@ def layer_tokens(model: nn.Module) -> list[dict[str, int]]:
 
 
 def growth_summary(model: nn.Module) -> list[dict]:
-    """Per layer: token counts and tau of every Pattention, and the rank of a pruned one's ghost
-    (what a checkpoint records)."""
+    """Per layer: token counts and tau of every Pattention, the rank of a pruned one's ghost and
+    the old count and second tau of one grown with separate normalisation (what a checkpoint
+    records)."""
     summary = []
     for i, block in enumerate(model.layers):
         entry: dict = {"layer": i}
@@ -226,6 +227,8 @@ def growth_summary(model: nn.Module) -> list[dict]:
                     entry[name] = {"tokens": module.num_tokens, "tau": float(module.tau)}
                     if module.ghost is not None:
                         entry[name]["ghost_rank"] = module.ghost_rank
+                    if module.split:
+                        entry[name].update(split=module.split, split_tau=float(module.split_tau))
                 elif isinstance(module, MLP):
                     entry[name] = {"hidden": module.fc1.out_features}
         summary.append(entry)

@@ -190,7 +190,8 @@ def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
 
     The released format has no tau, so a model whose tau is not ``sqrt(token count)`` (one
     grown or pruned) is refused: the released code would compute a different function. So is a
-    pruned model with ghost norms, or one with a sparse memory: the released code has no place for them.
+    pruned model with ghost norms, one grown with separate normalisation, or one with a sparse
+    memory: the released code has no place for them.
     """
     config = model.config
     _require_pattention(config)
@@ -205,6 +206,13 @@ def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
             "the released layout cannot hold a pruned model's ghost norms (the removed tokens' share of each "
             f"row's norm, kept in {', '.join(ghosts)}): the released code would normalise over the kept tokens "
             "only and compute a different function. Save with tokenformer.save_model instead."
+        )
+    if config.norm_splits is not None:
+        splits = [f"layers.{i}.{name}" for i, layer in enumerate(config.norm_splits) for name in layer]
+        raise ValueError(
+            "the released layout has one normalisation per Pattention; this model normalises its new tokens apart "
+            f"from the old ones in {', '.join(splits)} (grown with normalisation='separate'). Save with "
+            "tokenformer.save_model instead."
         )
     grown = [
         f"layers.{entry['layer']}.{name}: tau={info['tau']:.6g}, "
