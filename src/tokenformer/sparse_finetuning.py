@@ -37,7 +37,7 @@ from .growth import ScaledRows
 from .pattention import Pattention, normalise_scores
 from .pruning import select_tokens
 
-# Added to the old usage inside the logarithm: far below any share a token that is used at all has.
+# Added to the old usage inside the logarithm, so that a token the old data never uses scores finitely.
 USAGE_EPS = 1e-8
 # Where a run keeps its usage statistics (beside its checkpoints).
 USAGE_FILE = "token_usage.safetensors"
