@@ -120,9 +120,47 @@ def _activations(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What each token contributes with, per input row: the normalised scores ``S`` of a
     Pattention (its ghost included), the ``GeLU`` activations of an MLP."""
     if isinstance(module, Pattention):
-        ghost = None if module.ghost is None else F.linear(x, module.ghost)
-        return normalise_scores(F.linear(x, module.key_param_tokens), module.norm, module.tau, ghost)
+        return normalised_scores(module, x)
     return F.gelu(module.fc1(x))
+
+
+def normalised_scores(layer: Pattention, x: torch.Tensor) -> torch.Tensor:
+    """``S [..., num_tokens]``: every token's normalised score as ``layer`` computes it (each
+    normalisation group over its own tokens; a pruned layer's ghost in the old group's norm)."""
+    keys = layer.key_param_tokens
+    ghost = None if layer.ghost is None else F.linear(x, layer.ghost)
+    if not layer.split:
+        return normalise_scores(F.linear(x, keys), layer.norm, layer.tau, ghost)
+    s = layer.split
+    old = normalise_scores(F.linear(x, keys[:s]), layer.norm, layer.tau, ghost)
+    return torch.cat((old, normalise_scores(F.linear(x, keys[s:]), layer.norm, layer.split_tau)), dim=-1)
+
+
+def forward_with_hooks(
+    model: nn.Module,
+    hooks: Iterable[tuple[nn.Module, Callable[[nn.Module, tuple, Any], None]]],
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None,
+    caller: str,
+) -> None:
+    """Run ``forward(model, batch)`` (default ``model(batch)``) in eval mode on every batch with
+    each ``(module, hook)`` registered as a forward hook; hooks removed and the mode restored
+    after, whatever happens. Refused (naming ``caller``) when ``batches`` is empty."""
+    forward = forward or (lambda m, batch: m(batch))
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        seen = 0
+        for batch in batches:
+            forward(model, batch)
+            seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not seen:
+        raise ValueError(f"{caller} needs at least one batch")
 
 
 def prunable_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
@@ -146,7 +184,6 @@ def calibration_scores(
     every input row of ``batches``; ``forward(model, batch)`` runs the model on one batch (default
     ``model(batch)``). Returns ``{"layers.<i>.<name>": scores}`` for :func:`prune`'s ``scores``.
     """
-    forward = forward or (lambda m, batch: m(batch))
     modules = prunable_modules(model)
     sums = {name: torch.zeros(_keys_and_values(m)[0].shape[0], dtype=torch.float64) for name, _, m in modules}
     rows = dict.fromkeys(sums, 0)
@@ -160,20 +197,9 @@ def calibration_scores(
 
         return accumulate
 
-    handles = [module.register_forward_hook(hook(name)) for name, _, module in modules]
-    was_training = model.training
-    model.eval()
-    try:
-        seen = 0
-        for batch in batches:
-            forward(model, batch)
-            seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if not seen:
-        raise ValueError("calibration_scores needs at least one batch")
+    forward_with_hooks(
+        model, [(module, hook(name)) for name, _, module in modules], batches, forward, "calibration_scores"
+    )
     scores = {}
     for name, _, module in modules:
         _, values = _keys_and_values(module)

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import io
 from .growth import ScaledRows
-from .pattention import Pattention, normalise_scores
-from .pruning import select_tokens
+from .pattention import Pattention
+from .pruning import forward_with_hooks, normalised_scores, select_tokens
 
 # Added to the old usage inside the logarithm, so that a token the old data never uses scores finitely.
 USAGE_EPS = 1e-8
@@ -50,18 +49,6 @@ def pattentions(model: nn.Module) -> list[tuple[str, Pattention]]:
     ]
 
 
-def normalised_scores(layer: Pattention, x: torch.Tensor) -> torch.Tensor:
-    """``S [..., num_tokens]``: every token's normalised score as ``layer`` computes it (each
-    normalisation group over its own tokens; a pruned layer's ghost in the old group's norm)."""
-    keys = layer.key_param_tokens
-    ghost = None if layer.ghost is None else F.linear(x, layer.ghost)
-    if not layer.split:
-        return normalise_scores(F.linear(x, keys), layer.norm, layer.tau, ghost)
-    s = layer.split
-    old = normalise_scores(F.linear(x, keys[:s]), layer.norm, layer.tau, ghost)
-    return torch.cat((old, normalise_scores(F.linear(x, keys[s:]), layer.norm, layer.split_tau)), dim=-1)
-
-
 @torch.no_grad()
 def token_usage(
     model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any] | None = None
@@ -72,7 +59,6 @@ def token_usage(
     ``forward(model, batch)`` runs the model on one batch (default ``model(batch)``). Returns
     ``{"layers.<i>.<name>": usage}``.
     """
-    forward = forward or (lambda m, batch: m(batch))
     layers = pattentions(model)
     if not layers:
         raise ValueError("token_usage needs a model with Pattentions; this one has none (projection='linear')")
@@ -85,20 +71,7 @@ def token_usage(
 
         return accumulate
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        for batch in batches:
-            forward(model, batch)
-            seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if not seen:
-        raise ValueError("token_usage needs at least one batch")
+    forward_with_hooks(model, [(layer, hook(name)) for name, layer in layers], batches, forward, "token_usage")
     return {name: total / total.sum().clamp_min(torch.finfo(torch.float64).tiny) for name, total in sums.items()}
 
 
