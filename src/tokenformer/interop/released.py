@@ -185,6 +185,11 @@ def released_to_ours(state_dict: Mapping[str, torch.Tensor], config: Tokenformer
     return converted
 
 
+def _layer_names(per_layer: list[dict]) -> list[str]:
+    """``layers.<i>.<name>`` of every entry of a per-layer config field (ghost ranks, splits)."""
+    return [f"layers.{i}.{name}" for i, layer in enumerate(per_layer) for name in layer]
+
+
 def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
     """The released layout of a model's weights (the reverse map).
 
@@ -201,14 +206,14 @@ def ours_to_released(model: TokenformerLM) -> dict[str, torch.Tensor]:
             "Save with tokenformer.save_model instead."
         )
     if config.ghost_ranks is not None:
-        ghosts = [f"layers.{i}.{name}" for i, layer in enumerate(config.ghost_ranks) for name in layer]
+        ghosts = _layer_names(config.ghost_ranks)
         raise ValueError(
             "the released layout cannot hold a pruned model's ghost norms (the removed tokens' share of each "
             f"row's norm, kept in {', '.join(ghosts)}): the released code would normalise over the kept tokens "
             "only and compute a different function. Save with tokenformer.save_model instead."
         )
     if config.norm_splits is not None:
-        splits = [f"layers.{i}.{name}" for i, layer in enumerate(config.norm_splits) for name in layer]
+        splits = _layer_names(config.norm_splits)
         raise ValueError(
             "the released layout has one normalisation per Pattention; this model normalises its new tokens apart "
             f"from the old ones in {', '.join(splits)} (grown with normalisation='separate'). Save with "
