@@ -30,16 +30,17 @@ from common import (
     fmt_mib,
     fmt_ms,
     interleaved_times,
-    markdown_table,
     median,
     paired_ratio,
     peak_memory_bytes,
     saved_activation_bytes,
     setup,
+    status_bytes,
     write_report,
 )
 
 from tokenformer import TokenformerConfig, TokenformerLM
+from tokenformer.experiments.runner import markdown_table
 from tokenformer.model import set_activation_checkpointing
 
 ARMS = {"kept": False, "checkpointed": True}
@@ -72,14 +73,6 @@ def build(preset: str, batch: int, seq_len: int, checkpointed: bool, device: tor
         optimizer.step()
 
     return model, ids, step
-
-
-def status_bytes(field: str) -> int:
-    """A ``VmRSS``/``VmHWM`` line of ``/proc/self/status`` in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise SystemExit(f"no {field} in /proc/self/status: peak RSS needs Linux")
 
 
 def rss_child(args: argparse.Namespace) -> None:

@@ -137,6 +137,16 @@ def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
+def status_bytes(field: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of ``/proc/self/status`` in bytes (Linux). For a fresh process's
+    peak RSS, ``VmHWM`` rather than ``ru_maxrss``: after fork and exec ``ru_maxrss`` starts at the
+    parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit(f"no {field} in /proc/self/status: peak RSS needs Linux")
+
+
 def command_line() -> str:
     return runner.command_line("python " + os.path.relpath(sys.argv[0], ROOT), sys.argv[1:])
 

@@ -1,5 +1,7 @@
 """The language model with sparse memory layers (docs/sparse-memory.md)."""
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -13,6 +15,7 @@ from tokenformer import (
     grow,
     grow_memory,
     load_model,
+    memory_usage,
     save_model,
     stack_layers,
     training_flops_per_token,
@@ -245,3 +248,53 @@ def test_token_growth_and_pruning_leave_the_memory_alone(position):
     assert sum(p.numel() for p in model.parameters()) == count_parameters(model.config)
     for key, value in model.layers[1].memory.state_dict().items():
         assert torch.equal(value, memory[key]), key
+
+
+def test_memory_usage_of_a_memory_read_whole_is_complete_and_uniform():
+    # top_k == sub_keys**2: every input row selects every token of every head once.
+    model = TokenformerLM(tiny_config(**{**MEMORY, "memory_top_k": 16})).train()
+    grow_memory(model, sub_keys=4)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 5)) for _ in range(3)]
+    usage = memory_usage(model, batches)
+    assert model.training
+    assert list(usage) == ["layers.1.memory.0", "layers.1.memory.1"]
+    for stats in usage.values():
+        assert stats["tokens"] == stats["selected"] == 2 * 16
+        assert stats["share"] == 1.0 and stats["kl_uniform"] == pytest.approx(0.0, abs=1e-12)
+        assert torch.equal(stats["counts"], torch.full((32,), 3 * 2 * 5))
+
+
+class Queries(torch.nn.Module):
+    """A memory read by the given queries directly."""
+
+    def __init__(self, table: SparsePattention) -> None:
+        super().__init__()
+        self.memory = SparseMemory([table])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.memory(x)
+
+
+def test_memory_usage_counts_every_selection():
+    # Two heads of 2 x 2 tokens reading 2-wide queries; head 1's sub-keys are head 0's negated.
+    # The score of token (i, j) is x1 * K1_i + x2 * K2_j, so with K1 = K2 = [1, -1] the best token
+    # is (sign x1 < 0, sign x2 < 0) in head 0 and the opposite in head 1.
+    table = SparsePattention(2, 2, sub_keys=2, top_k=1, heads=2)
+    with torch.no_grad():
+        half = torch.tensor([[1.0], [-1.0]])
+        table.sub_key_tokens.copy_(torch.stack([torch.stack([half, half]), torch.stack([-half, -half])]))
+    queries = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    stats = memory_usage(Queries(table), [queries[:3], queries[3:]])["memory.0"]
+    # Head 0: (0, 0) twice, (0, 1) once, (1, 1) once; head 1 (tokens 4..7): (1, 1) twice, (1, 0), (0, 0).
+    assert stats["counts"].tolist() == [2, 1, 0, 1, 1, 0, 1, 2]
+    assert (stats["tokens"], stats["selected"], stats["share"]) == (8, 6, 0.75)
+    # p = [2, 1, 0, 1, 1, 0, 1, 2] / 8: sum p log(8 p) = 4 * (2 / 8) log 2 + 4 * (1 / 8) log 1.
+    assert stats["kl_uniform"] == pytest.approx(0.5 * math.log(2), rel=1e-12)
+
+
+def test_memory_usage_refuses_a_model_without_memory():
+    refused = r"memory_usage needs a model with a sparse memory; this one has memory_layers=\[\]; allowed: "
+    with pytest.raises(ValueError, match=refused):
+        memory_usage(TokenformerLM(tiny_config()), [torch.zeros(1, 4, dtype=torch.long)])
+    with pytest.raises(ValueError, match="memory_usage needs at least one batch"):
+        memory_usage(TokenformerLM(tiny_config(**MEMORY)), [])

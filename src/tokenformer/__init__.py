@@ -17,7 +17,7 @@ from .model import TokenformerLM
 from .pattention import NORMS, Pattention
 from .pruning import PruneRecord, calibration_scores, prune, prune_pattention
 from .quantization import quantize_int8
-from .sparse_pattention import SparsePattention
+from .sparse_pattention import SparsePattention, memory_usage
 from .vision import VISION_PRESETS, TokenformerViT, VisionConfig
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ __all__ = [
     "grow_memory",
     "growth_summary",
     "load_model",
+    "memory_usage",
     "prune",
     "prune_pattention",
     "quantize_int8",

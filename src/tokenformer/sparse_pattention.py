@@ -25,11 +25,16 @@ with ``top_k == n`` every token is selected and the layer is the dense Pattentio
 Heads are independent tables of the same kind, each reading the whole input, with their own
 sub-keys and values; their outputs add up (``embedding_bag`` sums one bag of ``heads * top_k``
 weighted value rows per input row).
+
+:func:`memory_usage` measures how much of a model's memories its inputs reach: the share of
+tokens ever selected and how far the selections are from uniform.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -242,3 +247,62 @@ class SparseMemory(nn.ModuleList):
         for table in self[1:]:
             out = out + table(x)
         return out
+
+
+@torch.no_grad()
+def memory_usage(
+    model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """How much of every memory table of ``model`` the inputs ``batches`` read, in eval mode.
+
+    ``forward(model, batch)`` runs the model on one batch (default ``model(batch)``, a batch of
+    input ids). Returns, per table (``"layers.<i>.memory.<t>"``, every :class:`SparsePattention`
+    of the model by its module name)::
+
+        tokens      heads * sub_keys**2, the table's value tokens
+        selected    the tokens selected at least once
+        share       selected / tokens
+        kl_uniform  KL(p || uniform) = log(tokens) - H(p), in nats, of p the share of all
+                    selections each token got: 0 when every token is selected equally often
+        counts      how often each token was selected (int64 [tokens], value_param_tokens' rows)
+    """
+    # A function-level import: pruning imports the model, which imports this module.
+    from .pruning import forward_with_hooks
+
+    tables = [(name, module) for name, module in model.named_modules() if isinstance(module, SparsePattention)]
+    if not tables:
+        config = getattr(model, "config", None)
+        given = f"memory_layers={config.memory_layers!r}" if hasattr(config, "memory_layers") else "no SparsePattention"
+        raise ValueError(
+            f"memory_usage needs a model with a sparse memory; this one has {given}; "
+            "allowed: a model with memory layers (a config with memory_layers, e.g. [1]) or SparsePattention modules"
+        )
+    counts = {name: torch.zeros(table.heads * table.num_tokens, dtype=torch.int64) for name, table in tables}
+
+    def hook(name: str):
+        def count(table: SparsePattention, inputs: tuple, _output: Any) -> None:
+            # The hook sees the table's input, not its selection: it selects again (the same
+            # tokens, as eval mode normalises queries with fixed statistics).
+            _, tokens = table.select(table.query(inputs[0].reshape(-1, table.in_features)))
+            counts[name] += torch.bincount(tokens.flatten(), minlength=counts[name].numel()).cpu()
+
+        return count
+
+    forward_with_hooks(model, [(table, hook(name)) for name, table in tables], batches, forward, "memory_usage")
+    return {name: selection_statistics(count) for name, count in counts.items()}
+
+
+def selection_statistics(counts: torch.Tensor) -> dict[str, Any]:
+    """``tokens``, ``selected``, ``share``, ``kl_uniform`` and ``counts`` (see :func:`memory_usage`)
+    of the selection ``counts`` of one table's tokens."""
+    tokens = counts.numel()
+    p = counts.to(torch.float64) / counts.sum().clamp_min(1)
+    p = p[p > 0]
+    selected = int(p.numel())
+    return {
+        "tokens": tokens,
+        "selected": selected,
+        "share": selected / tokens,
+        "kl_uniform": float((p * (p * tokens).log()).sum()),
+        "counts": counts,
+    }
