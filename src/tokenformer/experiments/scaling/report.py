@@ -248,11 +248,14 @@ def paired_differences(best: dict[str, dict[int, dict[str, Any]]]) -> list[dict[
     return rows
 
 
-def comparisons(best: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+def comparisons(
+    best: dict[str, dict[int, dict[str, Any]]], pairs: tuple[tuple[str, str], ...] = COMPARISONS
+) -> list[dict[str, Any]]:
     """FLOPs and training wall time to target: for each seed, where the arm first reaches the same
-    seed's baseline final validation loss, over the baseline's total; summarised across seeds."""
+    seed's baseline final validation loss, over the baseline's total; summarised across seeds.
+    ``pairs``: the (arm, baseline) pairs compared, where both are in ``best``."""
     rows = []
-    for arm, baseline in COMPARISONS:
+    for arm, baseline in pairs:
         if arm not in best or baseline not in best:
             continue
         per_seed = {}
