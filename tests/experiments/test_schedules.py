@@ -99,6 +99,24 @@ def test_the_search_compares_each_candidate_with_the_base_plans_arms(base, monke
     assert run_search(plan)["analysis"] == analysis
 
 
+def test_a_candidate_can_grow_toward_the_base_plans_best_shape(base, tmp_path):
+    out, path = base
+    data = yaml.safe_load(path.read_text())
+    data["tokenformer_shape"] = {"d_model": 48, "n_heads": 2, "qkv_tokens": 22, "proj_tokens": 22, "ffn_tokens": 40}
+    data["arms"].append("tokenformer_shaped")
+    shaped_base = tmp_path / "shaped.yaml"
+    shaped_base.write_text(yaml.safe_dump(data))
+    plan = SchedulePlan.from_dict(
+        search(base, base_plan=str(shaped_base), candidates=[{"name": "wide", "rule": "equal:2", "shape": "shaped"}])
+    )
+    wide = plan.candidate_plan(plan.candidates[0])
+    assert wide.train.model_overrides["d_model"] == 48 and wide.train.model_overrides["n_heads"] == 2
+    assert [(s.qkv_tokens, s.ffn_tokens) for s in wide.stages] == [(6, 10), (22, 40)]
+    plain = SchedulePlan.from_dict(search(base, candidates=[{"name": "wide", "rule": "equal:2", "shape": "shaped"}]))
+    with pytest.raises(ValueError, match=r"candidate 'wide' shape='shaped' is invalid; allowed: final \(the base plan"):
+        plain.candidate_plan(plain.candidates[0])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

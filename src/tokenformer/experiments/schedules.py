@@ -11,7 +11,10 @@ that it can be applied unchanged to another plan:
 - ``start_divisor``: the first stage's token counts are the final ones over it (rounded); every
   growth multiplies them by the same factor (``start_divisor ** (1 / (K - 1))``);
 - ``start_layers``: the first stage's depth (default: the final depth); the depth grows linearly
-  to the final one, new blocks where ``depth_position`` says.
+  to the final one, new blocks where ``depth_position`` says;
+- ``shape``: the final size: ``final``, the base plan's last stage (default), or ``shaped``, its
+  ``tokenformer_shape`` (another d_model and token counts: the model grows toward the shape that
+  did best from scratch; growth keeps d_model, so every stage has that width).
 
 Every candidate trains at each rate of ``lr_grid`` for each seed (``out_dir/<candidate>`` is a
 scaling plan's run directory with the one arm ``tokenformer_grown``). A candidate whose stages are
@@ -51,6 +54,8 @@ BASELINES = (
     "tokenformer_shaped",
 )
 POSITIONS = ("top", "bottom", "interleave")
+SHAPES = ("final", "shaped")
+WIDTH_KEYS = ("d_model", "n_heads")
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Candidate:
     start_divisor: float = 4.0
     start_layers: int | None = None
     depth_position: str = "top"
+    shape: str = "final"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -78,6 +84,8 @@ class Candidate:
             raise invalid(where, "start_layers", self.start_layers, "a positive integer or null")
         if self.depth_position not in POSITIONS:
             raise invalid(where, "depth_position", self.depth_position, ", ".join(POSITIONS))
+        if self.shape not in SHAPES:
+            raise invalid(where, "shape", self.shape, ", ".join(SHAPES))
 
 
 @dataclass
@@ -129,6 +137,9 @@ class SchedulePlan:
         data = base.to_dict()
         data.pop("stages", None)
         data.pop("tokenformer_shape", None)
+        if candidate.shape == "shaped":
+            width = {k: v for k, v in _shape(candidate, base).items() if k in WIDTH_KEYS}
+            data["train"] = {**data["train"], "model_overrides": {**base.train.model_overrides, **width}}
         data.update(
             out_dir=str(Path(self.out_dir) / candidate.name),
             schedule=candidate_schedule(candidate, base),
@@ -153,9 +164,22 @@ def final_size(plan: ScalingPlan) -> dict[str, int]:
     return {**last.tokens(), "n_layers": last.n_layers or plan.model_config(plan.train.model_overrides).n_layers}
 
 
+def _shape(candidate: Candidate, base: ScalingPlan) -> dict[str, int]:
+    if base.tokenformer_shape is None:
+        raise invalid(
+            f"candidate {candidate.name!r}",
+            "shape",
+            candidate.shape,
+            f"final (the base plan {base.out_dir} has no tokenformer_shape)",
+        )
+    return base.tokenformer_shape
+
+
 def candidate_schedule(candidate: Candidate, base: ScalingPlan) -> dict[str, Any]:
     """``candidate`` as a plan's ``schedule:`` section over ``base``'s budget and final size."""
     target = final_size(base)
+    if candidate.shape == "shaped":
+        target.update({k: v for k, v in _shape(candidate, base).items() if k not in WIDTH_KEYS})
     start = {
         **{k: max(1, round(v / candidate.start_divisor)) for k, v in target.items() if k != "n_layers"},
         "n_layers": candidate.start_layers or target["n_layers"],
@@ -183,7 +207,7 @@ def same_stages(a: ScalingPlan, b: ScalingPlan) -> bool:
         depth = plan.model_config(plan.train.model_overrides).n_layers
         return [(s.qkv_tokens, s.proj_tokens, s.ffn_tokens, s.n_layers or depth, s.steps) for s in plan.stages]
 
-    return stages(a) == stages(b)
+    return stages(a) == stages(b) and a.train.model_overrides == b.train.model_overrides
 
 
 def load_schedule_plan(path: str | Path, out_dir: str | None = None) -> SchedulePlan:
@@ -382,7 +406,8 @@ def report(results: dict[str, Any]) -> str:
         rows.append(
             [
                 f"{c['name']}",
-                f"`{c['rule']}`, /{c['start_divisor']:g}, {c['start_layers'] or 'final'} layers, {c['depth_position']}",
+                f"`{c['rule']}`, /{c['start_divisor']:g}, {c['start_layers'] or 'final'} layers, {c['depth_position']}"
+                + (", best shape" if c.get("shape") == "shaped" else ""),
                 stages,
                 _lr(entry),
                 _pm(entry["mean"], entry["se"]),
