@@ -157,3 +157,120 @@ def test_forgetting_is_read_where_b_first_reaches_the_target():
     assert continual.forgetting_at_b(curve, 5.25) == pytest.approx(0.3)  # halfway between the last two
     assert continual.forgetting_at_b(curve, 7.0) == 0.0  # reached before the first step
     assert continual.forgetting_at_b(curve, 4.0) is None  # never reached
+
+
+# B's loss at steps 0, 2 and 4 of each arm of a synthetic continual experiment (one rate, both
+# seeds): every arm starts at 7, the grown one gets no lower than 6.25 (so the thirds are 6.75,
+# 6.5 and 6.25) and full fine-tuning gets to 3 (so half-way for it is 5).
+B_CURVES = {
+    "tf_finetune": [7, 6.25, 3],
+    "tf_grow_frozen": [7, 6.5, 6.25],
+    "tx_finetune": [7, 5, 3],
+    "tx_lora": [7, 5.5, 4],
+}
+MACHINE = {"processor": "cpu", "cpu_count": 1, "platform": "test", "torch": "2", "threads": 1, "device": "cpu"}
+
+
+def synthetic_results(forgetting: dict[str, list[list[float]]]) -> dict:
+    """A continual experiment's results from A's rise at each evaluation, per arm and seed (1, 2)."""
+    plan = continual.ContinualPlan(seeds=[1, 2], lr_grid=[0.001], arms=list(forgetting)).to_dict()
+    runs = [
+        {
+            "arm": arm,
+            "lr": 0.001,
+            "seed": seed,
+            "curve": [
+                {"step": 2 * i, "b": b, "a": 4 + rise}
+                for i, (b, rise) in enumerate(zip(B_CURVES[arm], rises, strict=True))
+            ],
+            "trainable_parameters": 1,
+        }
+        for arm, per_seed in forgetting.items()
+        for seed, rises in zip(plan["seeds"], per_seed, strict=True)
+    ]
+    machine = {**MACHINE, "precision": "fp32"}
+    results = {"command": "test", "machine": machine, "plan": plan, "base_recipe": {}, "runs": runs}
+    results["analysis"] = continual.analyse(results)
+    return results
+
+
+def linear(arm: str, *slopes: float) -> list[list[float]]:
+    """Per seed, A's rise along ``arm``'s B curve when it is ``slope`` times B's fall."""
+    return [[slope * (7 - b) for b in B_CURVES[arm]] for slope in slopes]
+
+
+# The TokenFormer fine-tuned forgets 0.01 (seed 1) and 0.03 (seed 2) per unit of B's fall: a fifth
+# and three fifths of LoRA's 0.05, a tenth and three tenths of full fine-tuning's 0.1.
+FORGETTING = {
+    "tf_finetune": linear("tf_finetune", 0.01, 0.03),
+    "tf_grow_frozen": linear("tf_grow_frozen", 0.5, 0.5),
+    "tx_finetune": linear("tx_finetune", 0.1, 0.1),
+    "tx_lora": linear("tx_lora", 0.05, 0.05),
+}
+
+
+def test_continual_targets_add_half_way_for_full_finetuning():
+    analysis = synthetic_results(FORGETTING)["analysis"]
+    assert analysis["finetune_halfway"] == 5.0
+    targets = [block["b_target"] for block in analysis["at_target"]]
+    assert targets == pytest.approx([6.75, 6.5, 6.25, 5.0])
+    # The grown arm never gets below 6.25: no forgetting at the half-way target, only at the thirds.
+    assert analysis["at_target"][-1]["arms"]["tf_grow_frozen"] is None
+    assert analysis["at_target"][2]["arms"]["tf_grow_frozen"]["mean"] == pytest.approx(0.375)
+    assert analysis["at_target"][-1]["arms"]["tx_lora"]["mean"] == pytest.approx(0.1)
+
+
+def test_continual_goal_met_at_every_target():
+    results = synthetic_results(FORGETTING)
+    analysis = results["analysis"]
+    for block in analysis["goal"]:
+        fall = 7 - block["b_target"]
+        assert block["best"]["arm"] == "tf_finetune"
+        lora, finetune = block["vs"]["tx_lora"], block["vs"]["tx_finetune"]
+        assert lora["ratio"]["mean"] == pytest.approx(0.4) and lora["ratio"]["se"] == pytest.approx(0.2)
+        assert finetune["ratio"]["mean"] == pytest.approx(0.2) and finetune["ratio"]["se"] == pytest.approx(0.1)
+        assert lora["difference"]["mean"] == pytest.approx(-0.03 * fall)  # paired by seed: TokenFormer − LoRA
+        assert lora["difference"]["se"] == pytest.approx(0.01 * fall)
+        assert lora["met"] and finetune["met"]
+    assert analysis["goal_verdict"] == {"met": True, "targets": 4, "seeds": 2, "missed": [], "open": []}
+    text = continual.report(results)
+    assert text.index("## The goal") < text.index("## Final losses") < text.index("## Forgetting at equal loss")
+    assert (
+        "**Met** at every target the best TokenFormer arm reaches (4 of them). Seeds: 2; the goal asks for 3." in text
+    )
+    assert "B target 5.0000 (half-way):" in text
+    assert "| `tf_grow_frozen` | — | — | — |" in text
+
+
+def test_continual_goal_missed_where_lora_stops_forgetting():
+    # LoRA forgets nothing more after B = 5.5: at the half-way target it has forgotten 0.075, and the
+    # TokenFormer 0.02 and 0.06, ratios 4/15 and 12/15.
+    lora = [[0, 0.075, 0.075]] * 2
+    results = synthetic_results({**FORGETTING, "tx_lora": lora})
+    analysis = results["analysis"]
+    assert [block["vs"]["tx_lora"]["met"] for block in analysis["goal"]] == [True, True, True, False]
+    assert analysis["goal"][-1]["vs"]["tx_lora"]["ratio"]["mean"] == pytest.approx(8 / 15)
+    assert analysis["goal"][-1]["vs"]["tx_finetune"]["met"]
+    verdict = analysis["goal_verdict"]
+    assert verdict["met"] is False and verdict["open"] == []
+    assert verdict["missed"] == [{"b_target": 5.0, "baseline": "tx_lora", "ratio": pytest.approx(8 / 15)}]
+    assert "**Missed** against `tx_lora` (goal ≤ 0.5) at B 5.0000 (half-way): 0.533." in continual.report(results)
+
+
+def test_continual_goal_gives_no_ratio_to_a_baseline_that_did_not_forget():
+    finetune = [FORGETTING["tx_finetune"][0], [0, 0, 0]]  # seed 2: A's loss never rises
+    results = synthetic_results({**FORGETTING, "tx_finetune": finetune})
+    block = results["analysis"]["goal"][0]  # B = 6.75: the TokenFormer forgot 0.0025 and 0.0075
+    assert "ratio" not in block["vs"]["tx_finetune"] and block["vs"]["tx_finetune"]["met"] is None
+    assert block["vs"]["tx_finetune"]["difference"]["diffs"] == pytest.approx([0.0025 - 0.025, 0.0075])
+    verdict = results["analysis"]["goal_verdict"]
+    assert verdict["met"] is None and verdict["missed"] == [] and len(verdict["open"]) == 4
+    assert "— (its forgetting is not positive on seed 2)" in continual.report(results)
+
+
+def test_continual_report_of_an_older_run_without_the_baselines():
+    results = synthetic_results({arm: FORGETTING[arm] for arm in ("tf_finetune", "tf_grow_frozen")})
+    del results["analysis"]["goal"]  # as analysed before the goal was
+    assert [block["b_target"] for block in results["analysis"]["at_target"]] == pytest.approx([6.75, 6.5, 6.25])
+    text = continual.report(results)
+    assert "**Not decided**: met wherever compared, but not compared against `tx_lora` (not run) at B 6.7500" in text

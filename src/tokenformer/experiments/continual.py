@@ -23,7 +23,11 @@ Every run evaluates the validation sets of A and of B (the same windows for ever
 first step and every ``eval_interval`` steps. Forgetting is A's loss over the base model's;
 learning is B's loss. As the arms trade one for the other differently, they are compared at
 *equal loss on B*: each run's A loss where its B loss first reaches a target, each arm at the
-learning rate of its grid that forgets least there, paired by seed.
+learning rate of its grid that forgets least there, paired by seed. The targets are thirds of the
+way down to the loss that every arm reaches (so the slowest arm sets them) and half-way down for
+``tx_finetune``. The report opens with the goal (``GOAL``): at every target it reaches, the
+``tf_*`` arm that forgets least there forgets at most half of what ``tx_lora`` forgets and at most
+0.3 of what ``tx_finetune`` forgets (ratios per seed, mean over seeds), on three seeds.
 
 Runs are cached in ``out_dir/runs/<arm>/lr-<lr>/seed-<s>`` (a run with a ``result.json`` is done).
 Outputs: ``results.json``, ``report.md`` and ``forgetting.png``.
@@ -32,7 +36,9 @@ Outputs: ``results.json``, ``report.md`` and ``forgetting.png``.
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +60,11 @@ ARMS = ("tf_finetune", "tf_grow_frozen", "tf_grow_slow", "tf_grow_separate", "tf
 SPARSE = "tf_sparse"
 PLOT = "forgetting.png"
 LORA_TARGETS = ["query", "key", "value", "proj", "fc1", "fc2"]
+FINETUNE = "tx_finetune"
+# The published goal: at equal loss on B, the TokenFormer arm that forgets least forgets at most
+# this share of what each Transformer baseline forgets, on GOAL_SEEDS seeds, at every target it reaches.
+GOAL = {"tx_lora": 0.5, FINETUNE: 0.3}
+GOAL_SEEDS = 3
 
 
 @dataclass
@@ -308,20 +319,39 @@ def forgetting_at_b(curve: list[dict[str, float]], target: float) -> float | Non
     return curve[-1]["a"] - start if curve[-1]["b"] <= target else None
 
 
+def mean_b(plan: dict[str, Any], by: dict[tuple, dict[str, Any]], arm: str, lr: float, index: int) -> float:
+    """B's loss at evaluation ``index`` of ``arm`` at ``lr``, mean over seeds."""
+    return statistics.fmean(by[(arm, lr, seed)]["curve"][index]["b"] for seed in plan["seeds"])
+
+
 def b_targets(plan: dict[str, Any], by: dict[tuple, dict[str, Any]]) -> list[float]:
-    """Levels of B's loss to compare the arms at: below where every arm starts, down to the
-    loss that every arm reaches at its best rate (mean over seeds)."""
-
-    def mean_b(arm: str, lr: float, index: int) -> float:
-        return statistics.fmean(by[(arm, lr, seed)]["curve"][index]["b"] for seed in plan["seeds"])
-
+    """Levels of B's loss to compare the arms at, from high to low: thirds of the way from below
+    where every arm starts down to the loss that every arm reaches at its best rate (mean over
+    seeds), and :func:`finetune_halfway`."""
     arms = run_arms(plan)
     rates = {arm: complete_rates(plan, by, arm) for arm in arms}
-    top = min(mean_b(arm, rates[arm][0], 0) for arm in arms if rates[arm])
-    bottom = max(min(mean_b(arm, lr, -1) for lr in rates[arm]) for arm in arms if rates[arm])
+    top = min(mean_b(plan, by, arm, rates[arm][0], 0) for arm in arms if rates[arm])
+    bottom = max(min(mean_b(plan, by, arm, lr, -1) for lr in rates[arm]) for arm in arms if rates[arm])
     if bottom >= top:  # some arm never gets below where another starts
-        return [bottom]
-    return [top - (top - bottom) * share for share in (1 / 3, 2 / 3, 1.0)]
+        targets = [bottom]
+    else:
+        targets = [top - (top - bottom) * share for share in (1 / 3, 2 / 3, 1.0)]
+    halfway = finetune_halfway(plan, by)
+    if halfway is not None and not any(math.isclose(halfway, target) for target in targets):
+        targets.append(halfway)
+    return sorted(targets, reverse=True)
+
+
+def finetune_halfway(plan: dict[str, Any], by: dict[tuple, dict[str, Any]]) -> float | None:
+    """B's loss half-way between where ``tx_finetune`` starts and where it ends at its rate with the
+    lowest final loss (means over seeds), None without a complete rate of it. The slowest arm sets
+    the lowest of the other targets; this one is set by the baseline, so the goal is also judged
+    where fine-tuning has learned B well."""
+    rates = complete_rates(plan, by, FINETUNE) if FINETUNE in run_arms(plan) else []
+    if not rates:
+        return None
+    lr = min(rates, key=lambda lr: mean_b(plan, by, FINETUNE, lr, -1))
+    return (mean_b(plan, by, FINETUNE, lr, 0) + mean_b(plan, by, FINETUNE, lr, -1)) / 2
 
 
 def complete_rates(plan: dict[str, Any], by: dict[tuple, dict[str, Any]], arm: str) -> list[float]:
@@ -331,6 +361,8 @@ def complete_rates(plan: dict[str, Any], by: dict[tuple, dict[str, Any]], arm: s
 
 
 def analyse(results: dict[str, Any]) -> dict[str, Any]:
+    """Forgetting at every B target (each arm at its best rate), the goal at each and over all, and
+    the final losses of every (arm, rate)."""
     plan = results["plan"]
     by = {(r["arm"], r["lr"], r["seed"]): r for r in results["runs"]}
     at_target = []
@@ -352,6 +384,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
             if entry is not None and frozen is not None and arm != "tf_grow_frozen":
                 entry["frozen_minus_this"] = runner.paired(frozen["per_seed"], entry["per_seed"])
         at_target.append({"b_target": target, "arms": arms})
+    goal = [goal_at(block) for block in at_target]
     final = {}
     for arm in run_arms(plan):
         for lr in plan["lr_grid"]:
@@ -366,23 +399,84 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
                 "b_after": statistics.fmean(r["curve"][-1]["b"] for r in seeds),
                 "trainable_parameters": seeds[0]["trainable_parameters"],
             }
-    return {"at_target": at_target, "final": final}
+    return {
+        "finetune_halfway": finetune_halfway(plan, by),
+        "goal": goal,
+        "goal_verdict": goal_verdict(goal, len(plan["seeds"])),
+        "at_target": at_target,
+        "final": final,
+    }
+
+
+def goal_at(block: dict[str, Any]) -> dict[str, Any]:
+    """The goal at one B target (a block of ``analyse``'s ``at_target``): the ``tf_*`` arm that
+    forgets least there against each baseline of ``GOAL`` (each arm at its own best rate)."""
+    reached = {arm: entry for arm, entry in block["arms"].items() if arm.startswith("tf_") and entry is not None}
+    best = min(reached, key=lambda arm: reached[arm]["mean"], default=None)
+    if best is None:
+        return {"b_target": block["b_target"], "best": None, "vs": {}}
+    vs = {}
+    for baseline, share in GOAL.items():
+        if baseline not in block["arms"]:
+            vs[baseline] = {"met": None, "why": "not run"}
+        elif block["arms"][baseline] is None:
+            vs[baseline] = {"met": None, "why": "does not reach the target on every seed"}
+        else:
+            vs[baseline] = against_baseline(reached[best]["per_seed"], block["arms"][baseline], share)
+    entry = {key: reached[best][key] for key in ("lr", "mean", "se", "per_seed")}
+    return {"b_target": block["b_target"], "best": {"arm": best, **entry}, "vs": vs}
+
+
+def against_baseline(forgetting: dict[Any, float], baseline: dict[str, Any], share: float) -> dict[str, Any]:
+    """Per seed, ``forgetting`` over the baseline's (an arm's entry at a target; mean and standard
+    error of the ratios) and the paired difference; ``met``: whether the ratios' mean is at most
+    ``share``, None where there is no ratio (``why`` says why)."""
+    out = {"lr": baseline["lr"], "mean": baseline["mean"], "se": baseline["se"], "share": share}
+    out["difference"] = runner.paired(forgetting, baseline["per_seed"])
+    seeds = sorted(set(forgetting) & set(baseline["per_seed"]))
+    flat = [seed for seed in seeds if baseline["per_seed"][seed] <= 0]
+    if flat:  # a ratio to a baseline that did not forget says nothing (or flips its sign)
+        return {
+            **out,
+            "met": None,
+            "why": f"its forgetting is not positive on seed{'s' * (len(flat) > 1)} {', '.join(map(str, flat))}",
+        }
+    ratios = {seed: forgetting[seed] / baseline["per_seed"][seed] for seed in seeds}
+    values = list(ratios.values())
+    ratio = {"mean": statistics.fmean(values), "se": runner.standard_error(values), "per_seed": ratios}
+    return {**out, "ratio": ratio, "met": ratio["mean"] <= share}
+
+
+def goal_verdict(goal: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
+    """The goal over every target the best TokenFormer arm reaches: ``met`` True, False (``missed``
+    lists where and by how much) or None (nothing missed, but ``open`` lists comparisons without a
+    ratio, or no TokenFormer arm reaches a target)."""
+    reached = [block for block in goal if block["best"] is not None]
+    missed, open_ = [], []
+    for block in reached:
+        for baseline, c in block["vs"].items():
+            if c["met"] is False:
+                missed.append({"b_target": block["b_target"], "baseline": baseline, "ratio": c["ratio"]["mean"]})
+            elif c["met"] is None:
+                open_.append({"b_target": block["b_target"], "baseline": baseline, "why": c["why"]})
+    met = False if missed else (None if open_ or not reached else True)
+    return {"met": met, "targets": len(reached), "seeds": seeds, "missed": missed, "open": open_}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Forgetting (the rise of A's validation loss) against B's validation loss along training,
     and B's loss against steps; mean over seeds, each arm at its rate that forgets least at the
-    last B target."""
+    lowest B target it reaches."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plan, analysis = results["plan"], results["analysis"]
-    last = analysis["at_target"][-1]["arms"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for arm in run_arms(plan):
-        lr = (last.get(arm) or {"lr": plan["lr_grid"][0]})["lr"]
+        reached = [block["arms"][arm] for block in analysis["at_target"] if block["arms"].get(arm)]
+        lr = reached[-1]["lr"] if reached else plan["lr_grid"][0]
         curves = [r["curve"] for r in results["runs"] if r["arm"] == arm and r["lr"] == lr]
         if not curves:
             continue
@@ -404,8 +498,100 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plus_minus(mean: float, se: float, spec: str = "+.4f") -> str:
+    """``mean ± se``; the mean alone where the standard error is NaN (one seed)."""
+    return format(mean, spec) + ("" if math.isnan(se) else f" ± {se:{spec.lstrip('+')}}")
+
+
+def target_name(target: float, analysis: dict[str, Any]) -> str:
+    halfway = analysis.get("finetune_halfway")
+    return f"{target:.4f}" + (" (half-way)" if halfway is not None and math.isclose(target, halfway) else "")
+
+
+def verdict_line(verdict: dict[str, Any], analysis: dict[str, Any]) -> str:
+    """The goal in one line: met at every target the best TokenFormer arm reaches, or where it is missed."""
+
+    def grouped(items: list[dict[str, Any]], label: Callable[[dict[str, Any]], tuple[str, str]]) -> str:
+        """``items`` (``missed`` or ``open``) as "against `baseline` (why) at B t1, t2", grouped by
+        baseline and why; ``label(item)`` gives the why and the target's text."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for item in items:
+            why, at = label(item)
+            groups.setdefault((item["baseline"], why), []).append(at)
+        return "; ".join(f"against `{base}` ({why}) at B {', '.join(at)}" for (base, why), at in groups.items())
+
+    missed = grouped(
+        verdict["missed"],
+        lambda i: (f"goal ≤ {GOAL[i['baseline']]:g}", f"{target_name(i['b_target'], analysis)}: {i['ratio']:.3f}"),
+    )
+    unsettled = grouped(verdict["open"], lambda i: (i["why"], target_name(i["b_target"], analysis)))
+    if verdict["met"]:
+        line = f"**Met** at every target the best TokenFormer arm reaches ({verdict['targets']} of them)."
+    elif verdict["met"] is False:
+        line = f"**Missed** {missed}." + (f" Not compared {unsettled}." if unsettled else "")
+    elif verdict["targets"]:
+        line = f"**Not decided**: met wherever compared, but not compared {unsettled}."
+    else:
+        line = "**Not decided**: no TokenFormer arm reaches a target."
+    if verdict["seeds"] < GOAL_SEEDS:
+        line += f" Seeds: {verdict['seeds']}; the goal asks for {GOAL_SEEDS}."
+    return line
+
+
+def goal_section(analysis: dict[str, Any]) -> list[str]:
+    shares = " and ".join(f"at most {share:g} of what `{baseline}` forgets" for baseline, share in GOAL.items())
+    lines = [
+        "## The goal",
+        "",
+        f"At equal loss on B, the best TokenFormer method forgets {shares}, on {GOAL_SEEDS} seeds, at every "
+        "target it reaches.",
+        "",
+        verdict_line(analysis["goal_verdict"], analysis),
+        "",
+        "At each B target (below), the `tf_*` arm that forgets least there against each baseline, every arm at the "
+        "rate of its grid that forgets least at that target: their forgetting (mean ± s.e. over seeds), the ratio "
+        "of the TokenFormer arm's forgetting to the baseline's per seed (mean ± s.e. over seeds), their difference "
+        "paired by seed (negative: the TokenFormer arm forgets less) and the goal there (met where the ratio's mean "
+        "is at most the goal's share). Where the baseline's forgetting is not positive on some seed a ratio means "
+        "nothing: only the difference is given. The target marked half-way is B's loss half-way between where "
+        "`tx_finetune` starts and where it ends at its rate with the lowest final loss; — : not reached on every "
+        "seed, or not run.",
+        "",
+    ]
+    rows = []
+    for block in analysis["goal"]:
+        target, best = target_name(block["b_target"], analysis), block["best"]
+        if best is None:
+            rows.append([target, "— (no TokenFormer arm)", "—", "—", "—", "—", "—", "—"])
+            continue
+        name = f"`{best['arm']}` (lr {best['lr']:g})"
+        for baseline, c in block["vs"].items():
+            if "difference" not in c:
+                rows.append([target, name, plus_minus(best["mean"], best["se"]), f"`{baseline}`", "—", "—", "—", "—"])
+                continue
+            diff = c["difference"]
+            share = GOAL[baseline]
+            rows.append(
+                [
+                    target,
+                    name,
+                    plus_minus(best["mean"], best["se"]),
+                    f"`{baseline}` (lr {c['lr']:g})",
+                    plus_minus(c["mean"], c["se"]),
+                    plus_minus(c["ratio"]["mean"], c["ratio"]["se"], ".3f") if "ratio" in c else f"— ({c['why']})",
+                    plus_minus(diff["mean"], diff["se"]),
+                    "—" if c["met"] is None else f"met (≤ {share:g})" if c["met"] else f"missed (> {share:g})",
+                ]
+            )
+    headers = ["B target", "best TokenFormer arm", "its forgetting", "baseline", "baseline's forgetting", "ratio"]
+    lines += [runner.markdown_table([*headers, "TokenFormer − baseline", "goal"], rows), ""]
+    return lines
+
+
 def report(results: dict[str, Any]) -> str:
     plan, analysis, m = results["plan"], results["analysis"], results["machine"]
+    if "goal" not in analysis:  # a results.json written before the goal was analysed
+        analysis = analyse(results)
     recipe = TrainConfig.from_dict(results["base_recipe"])
     lines = [
         "# Continual learning by growth, measured",
@@ -426,6 +612,7 @@ def report(results: dict[str, Any]) -> str:
         f"tokens per Pattention that B uses most and A least (usage over {plan.get('usage_batches', 8)} batches of "
         "each) trained, everything else frozen.",
         "",
+        *goal_section(analysis),
         "## Final losses (mean over the seeds run)",
         "",
     ]
@@ -452,23 +639,21 @@ def report(results: dict[str, Any]) -> str:
         "Forgetting, the rise of A's validation loss over its value before B, where B's loss first reaches the "
         "target (linear between evaluations); each arm at the rate of its grid that forgets least there (mean ± "
         "s.e. over seeds). Targets lie below where every arm starts, down to the loss every arm reaches at its "
-        "best rate. The last column is `tf_grow_frozen` minus that arm, paired by seed (negative: growth with "
-        "frozen old tokens forgets less). — : no rate of the arm reached the target on every seed.",
+        "best rate, and half-way for `tx_finetune` (see the goal). The last column is `tf_grow_frozen` minus that "
+        "arm, paired by seed (negative: growth with frozen old tokens forgets less). — : no rate of the arm "
+        "reached the target on every seed.",
         "",
     ]
     for block in analysis["at_target"]:
-        lines += [f"B target {block['b_target']:.4f}:", ""]
+        lines += [f"B target {target_name(block['b_target'], analysis)}:", ""]
         rows = []
         for arm, entry in block["arms"].items():
             if entry is None:
                 rows.append([f"`{arm}`", "—", "—", "—"])
                 continue
             diff = entry.get("frozen_minus_this")
-            diff_text = (
-                "—" if diff is None else f"{diff['mean']:+.4f}" + (f" ± {diff['se']:.4f}" if diff["n"] > 1 else "")
-            )
-            spread = "" if entry["se"] != entry["se"] else f" ± {entry['se']:.4f}"  # NaN with one seed
-            rows.append([f"`{arm}`", f"{entry['lr']:g}", f"{entry['mean']:+.4f}{spread}", diff_text])
+            diff_text = "—" if diff is None else plus_minus(diff["mean"], diff["se"])
+            rows.append([f"`{arm}`", f"{entry['lr']:g}", plus_minus(entry["mean"], entry["se"]), diff_text])
         lines += [runner.markdown_table(["arm", "lr", "forgetting at the target", "tf_grow_frozen − arm"], rows), ""]
     lines += [f"![A against B along training]({PLOT})", ""]
     return "\n".join(lines)
