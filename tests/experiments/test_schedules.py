@@ -107,9 +107,14 @@ def test_a_candidate_can_grow_toward_the_base_plans_best_shape(base, tmp_path):
     shaped_base = tmp_path / "shaped.yaml"
     shaped_base.write_text(yaml.safe_dump(data))
     plan = SchedulePlan.from_dict(
-        search(base, base_plan=str(shaped_base), candidates=[{"name": "wide", "rule": "equal:2", "shape": "shaped"}])
+        search(
+            base,
+            base_plan=str(shaped_base),
+            candidates=[{"name": "wide", "rule": "equal:2", "shape": "shaped", "lr_grid": [0.003]}],
+        )
     )
     wide = plan.candidate_plan(plan.candidates[0])
+    assert wide.lr_grid == [0.003]  # its own grid
     assert wide.train.model_overrides["d_model"] == 48 and wide.train.model_overrides["n_heads"] == 2
     assert [(s.qkv_tokens, s.ffn_tokens) for s in wide.stages] == [(6, 10), (22, 40)]
     plain = SchedulePlan.from_dict(search(base, candidates=[{"name": "wide", "rule": "equal:2", "shape": "shaped"}]))

@@ -68,6 +68,7 @@ class Candidate:
     start_layers: int | None = None
     depth_position: str = "top"
     shape: str = "final"
+    lr_grid: list[float] | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class Candidate:
             raise invalid(where, "depth_position", self.depth_position, ", ".join(POSITIONS))
         if self.shape not in SHAPES:
             raise invalid(where, "shape", self.shape, ", ".join(SHAPES))
+        if self.lr_grid is not None:
+            runner.check_lr_grid("lr_grid", self.lr_grid, where)
 
 
 @dataclass
@@ -100,7 +103,8 @@ class SchedulePlan:
             candidate is compared with.
         candidates: The schedules tried (:class:`Candidate` fields), names unique.
         seeds: Seeds every (candidate, rate) trains with.
-        lr_grid: Peak learning rates every candidate trains at.
+        lr_grid: Peak learning rates every candidate trains at (a candidate's own ``lr_grid``
+            replaces it).
         workers: Runs trained at a time, each in its own process.
     """
 
@@ -145,7 +149,7 @@ class SchedulePlan:
             schedule=candidate_schedule(candidate, base),
             arms=[ARM],
             seeds=list(self.seeds),
-            lr_grid=list(self.lr_grid),
+            lr_grid=list(candidate.lr_grid or self.lr_grid),
             ablation=False,
         )
         return ScalingPlan.from_dict(data)
@@ -361,6 +365,10 @@ def _pm(mean: float | None, se: float | None, spec: str = ".4f", sign: str = "")
     return f"{mean:{sign}{spec}}" + ("" if se is None else f" ± {se:{spec}}")
 
 
+def _total_steps(base: dict[str, Any]) -> int:
+    return ScalingPlan.from_dict(base).total_steps
+
+
 def _lr(entry: dict[str, Any]) -> str:
     return f"{entry['best_lr']:g}{'*' if entry['best_lr_at_edge'] else ''}"
 
@@ -385,12 +393,12 @@ def report(results: dict[str, Any]) -> str:
         f"{machine['precision']}, {machine['threads']} thread(s) per run, "
         f"{results['workers']} run(s) at a time.",
         "",
-        f"Base plan: `{plan['base_plan']}` (its data, recipe, {base['train'].get('max_steps') or ''} budget and final "
-        f"size); baselines: its runs in `{plan['baselines']}`, each arm at its best rate of the base plan's grid. "
-        f"Every candidate: the grown TokenFormer under its schedule, seeds {plan['seeds']}, rates {plan['lr_grid']} "
-        "(* best at an edge of the grid). A candidate's stages: its rule's shares of the budget; the first stage's "
-        "token counts are the final ones over `start_divisor`, each growth multiplies them by the same factor; the "
-        "depth grows linearly from `start_layers`.",
+        f"Base plan: `{plan['base_plan']}` (its data, recipe, budget of {_total_steps(base)} steps and final size); "
+        f"baselines: its runs in `{plan['baselines']}`, each arm at its best rate of the base plan's grid. Every "
+        f"candidate: the grown TokenFormer under its schedule, seeds {plan['seeds']}, rates {plan['lr_grid']} (or "
+        "the candidate's own; * best at an edge of the grid). A candidate's stages: its rule's shares of the budget; "
+        "the first stage's token counts are the final ones over `start_divisor`, each growth multiplies them by the "
+        "same factor; the depth grows linearly from `start_layers`.",
         "",
         "## Candidates",
         "",
