@@ -160,7 +160,11 @@ def test_a_candidate_deeper_than_the_final_model_or_a_missing_base_run_is_refuse
 
 
 def test_the_shipped_search_plans_are_valid():
-    for path in ("configs/experiments/schedules-cpu.yaml",):
+    for path in (
+        "configs/experiments/schedules-cpu.yaml",
+        "configs/experiments/schedules-cpu-final.yaml",
+        "configs/experiments/schedules-cpu-d128.yaml",
+    ):
         plan = load_schedule_plan(path)
         base = plan.base()
         for candidate in plan.candidates:
