@@ -365,6 +365,18 @@ def _pm(mean: float | None, se: float | None, spec: str = ".4f", sign: str = "")
     return f"{mean:{sign}{spec}}" + ("" if se is None else f" ± {se:{spec}}")
 
 
+def _reused_line(results: dict[str, Any]) -> list[str]:
+    reused = [
+        name
+        for name, entry in results["candidates"].items()
+        if entry["runs"] and all(r.get("reused_from") for r in entry["runs"])
+    ]
+    if not reused:
+        return []
+    names = ", ".join(f"`{n}`" for n in reused)
+    return [f"Runs of {names}: the base plan's own runs of the grown arm (the same stages), not trained again.", ""]
+
+
 def _total_steps(base: dict[str, Any]) -> int:
     return ScalingPlan.from_dict(base).total_steps
 
@@ -400,6 +412,7 @@ def report(results: dict[str, Any]) -> str:
         "the first stage's token counts are the final ones over `start_divisor`, each growth multiplies them by the "
         "same factor; the depth grows linearly from `start_layers`.",
         "",
+        *_reused_line(results),
         "## Candidates",
         "",
     ]
