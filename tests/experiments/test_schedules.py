@@ -174,7 +174,7 @@ def test_the_shipped_search_plans_are_valid():
             assert plan.candidate_plan(candidate, base).total_steps == base.total_steps
 
 
-@pytest.mark.parametrize("name", ["schedules_cpu", "schedules_cpu_final"])
+@pytest.mark.parametrize("name", ["schedules_cpu", "schedules_cpu_final", "schedules_cpu_d128"])
 def test_the_committed_reports_follow_from_their_stored_runs(name):
     # Every table of a committed report is recomputed from the runs stored beside it; only the
     # hand-written notes follow the generated part.
