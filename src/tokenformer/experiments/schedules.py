@@ -40,8 +40,8 @@ from ..schedule import growth_schedule, parse_rule
 from ..validation import dataclass_from_dict, invalid, is_int
 from . import runner
 from .scaling import ScalingPlan, load_plan
+from .scaling.report import _per_seed, _pm, best_runs, comparisons, standard_error
 from .scaling.report import analyse as analyse_plan
-from .scaling.report import best_runs, comparisons, standard_error
 from .scaling.run import run_job as run_scaling_job
 
 ARM = "tokenformer_grown"
@@ -359,12 +359,6 @@ def _size_text(stage: dict[str, Any]) -> str:
     return f"{stage['qkv_tokens']}/{stage['proj_tokens']}/{stage['ffn_tokens']} x {stage['n_layers']}L"
 
 
-def _pm(mean: float | None, se: float | None, spec: str = ".4f", sign: str = "") -> str:
-    if mean is None:
-        return "—"
-    return f"{mean:{sign}{spec}}" + ("" if se is None else f" ± {se:{spec}}")
-
-
 def _reused_line(results: dict[str, Any]) -> list[str]:
     reused = [
         name
@@ -423,7 +417,6 @@ def report(results: dict[str, Any]) -> str:
             rows.append([c["name"], c["rule"], "—", "—", "not finished", "—", "—", "—"])
             continue
         stages = ", ".join(f"{size} × {steps}" for steps, size in entry["stages"])
-        per_seed = " / ".join(f"{v:.4f}" for v in entry["final_val_loss"].values())
         rows.append(
             [
                 f"{c['name']}",
@@ -432,7 +425,7 @@ def report(results: dict[str, Any]) -> str:
                 stages,
                 _lr(entry),
                 _pm(entry["mean"], entry["se"]),
-                per_seed,
+                _per_seed(entry["final_val_loss"]),
                 f"{entry['flops']:.3e}",
                 _pm(entry["wall_time"]["mean"], entry["wall_time"]["se"], ".1f"),
             ]

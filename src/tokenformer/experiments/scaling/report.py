@@ -371,7 +371,9 @@ def plot_curves(results: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def _pm(mean: float, se: float, spec: str = ".4f", sign: str = "") -> str:
+def _pm(mean: float | None, se: float | None, spec: str = ".4f", sign: str = "") -> str:
+    if mean is None:
+        return "—"
     text = format(mean, sign + spec)
     return text if se is None else f"{text} ± {format(se, spec)}"
 
