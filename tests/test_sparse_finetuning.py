@@ -7,13 +7,17 @@ from tokenformer.growth import RowUpdateScale
 from tokenformer.pattention import normalise_scores
 from tokenformer.sparse_finetuning import (
     chosen_tokens,
+    freeze_all_but_memory_values,
     freeze_all_but_tokens,
     load_usage,
+    memory_tables,
     pattentions,
     save_usage,
+    slot_usage,
     token_scores,
     token_usage,
     trainable_rows,
+    trainable_slots,
 )
 
 
@@ -93,3 +97,57 @@ def test_usage_statistics_round_trip(tmp_path):
     save_usage(tmp_path / "usage.safetensors", new, old)
     loaded_new, loaded_old = load_usage(tmp_path / "usage.safetensors")
     assert all(torch.equal(loaded_new[k], new[k]) and torch.equal(loaded_old[k], old[k]) for k in new)
+
+
+MEMORY = dict(memory_layers=[1], memory_sub_keys=4, memory_top_k=3, memory_heads=2)
+
+
+def test_slot_usage_is_each_tables_share_of_the_selected_weights():
+    model = TokenformerLM(tiny_config(**MEMORY))
+    ((name, table),) = memory_tables(model)
+    data = batches(0, 97)
+    usage = slot_usage(model, data)[name]
+    assert usage.shape == (2 * 16,) and usage.dtype == torch.float64
+    assert usage.sum().item() == pytest.approx(1.0)
+    inputs = []
+    handle = table.register_forward_hook(lambda _m, args, _out: inputs.append(args[0].reshape(-1, 32)))
+    model.eval()
+    with torch.no_grad():
+        for ids in data:
+            model(ids)
+        handle.remove()
+        scores, slots = table.select(table.query(torch.cat(inputs)))
+        weights = normalise_scores(scores, table.norm, table.tau).abs().double()
+    expected = torch.zeros(32, dtype=torch.float64).index_add_(0, slots.flatten(), weights.flatten())
+    torch.testing.assert_close(usage, expected / expected.sum())
+    with pytest.raises(ValueError, match="slot usage needs a model with a sparse memory; this one has none"):
+        slot_usage(TokenformerLM(tiny_config()), batches(0, 97))
+
+
+def test_only_the_chosen_slots_values_move():
+    model = TokenformerLM(tiny_config(**MEMORY))
+    usage_old, usage_new = slot_usage(model, batches(0, 40)), slot_usage(model, batches(50, 97))
+    chosen = chosen_tokens(token_scores(usage_new, usage_old), 4)
+    freeze_all_but_memory_values(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 1
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    mask = RowUpdateScale(opt, trainable_slots(model, chosen))
+    for ids in batches(50, 97, 3):
+        model(ids[:, :-1], ids[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad()
+    mask.remove()
+    ((table_name, _),) = memory_tables(model)
+    rows = chosen[table_name]
+    for name, param in model.named_parameters():
+        if name != f"{table_name}.value_param_tokens":
+            assert torch.equal(param, before[name]), name
+            continue
+        frozen = torch.ones(param.shape[0], dtype=torch.bool)
+        frozen[rows] = False
+        assert torch.equal(param[frozen], before[name][frozen])
+        assert not torch.equal(param[rows], before[name][rows])
+    with pytest.raises(ValueError, match="no chosen slots for layers.1.memory.0"):
+        trainable_slots(model, {})

@@ -20,6 +20,13 @@ per-layer budget: shares are per layer, so a global ranking would favour the lay
 tokens); their key and value rows are the only weights that move (:func:`trainable_rows`, applied
 with :class:`~tokenformer.growth.RowUpdateScale`, which keeps the other rows bit for bit, AdamW's
 weight decay included).
+
+The same for the slots of a sparse memory (:class:`~tokenformer.sparse_pattention.SparsePattention`
+tables, the layer the paper's method was made for): a slot's usage is its share of the table's
+summed absolute normalised weights over every selection of every input row (a slot no row selects
+has usage 0), and the ``budget`` highest-scoring slots of each table train their value rows only
+(:func:`slot_usage`, :func:`trainable_slots`, :func:`freeze_all_but_memory_values`): the sub-keys,
+and with them which slots every input selects, stay as they were.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ from torch import nn
 
 from . import io
 from .growth import ScaledRows
-from .pattention import Pattention
+from .pattention import Pattention, normalise_scores
 from .pruning import forward_with_hooks, normalised_scores, select_tokens
+from .sparse_pattention import SparsePattention
 
 # Added to the old usage inside the logarithm, so that a token the old data never uses scores finitely.
 USAGE_EPS = 1e-8
@@ -72,6 +80,39 @@ def token_usage(
         return accumulate
 
     forward_with_hooks(model, [(layer, hook(name)) for name, layer in layers], batches, forward, "token_usage")
+    return {name: total / total.sum().clamp_min(torch.finfo(torch.float64).tiny) for name, total in sums.items()}
+
+
+def memory_tables(model: nn.Module) -> list[tuple[str, SparsePattention]]:
+    """``(module name, table)`` of every sparse-memory table of ``model`` (``layers.<i>.memory.<t>``)."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, SparsePattention)]
+
+
+@torch.no_grad()
+def slot_usage(
+    model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Usage of every slot (value row) of every sparse-memory table on ``batches``: its share of
+    the table's summed absolute normalised weights over all selections (float64 ``[heads *
+    sub_keys**2]``, summing to 1 per table; see the module docstring). Runs in eval mode, so a
+    batch-normalised query uses its running statistics. ``forward`` as in :func:`token_usage`."""
+    tables = memory_tables(model)
+    if not tables:
+        raise ValueError(
+            "slot usage needs a model with a sparse memory; this one has none; "
+            "allowed: a model with memory layers (a config with memory_layers, e.g. [1])"
+        )
+    sums = {name: torch.zeros(table.heads * table.num_tokens, dtype=torch.float64) for name, table in tables}
+
+    def hook(name: str):
+        def accumulate(table: SparsePattention, inputs: tuple, _output: Any) -> None:
+            scores, slots = table.select(table.query(inputs[0].reshape(-1, table.in_features)))
+            weights = normalise_scores(scores, table.norm, table.tau).abs()
+            sums[name].index_add_(0, slots.flatten().cpu(), weights.flatten().to(torch.float64).cpu())
+
+        return accumulate
+
+    forward_with_hooks(model, [(table, hook(name)) for name, table in tables], batches, forward, "slot_usage")
     return {name: total / total.sum().clamp_min(torch.finfo(torch.float64).tiny) for name, total in sums.items()}
 
 
@@ -115,6 +156,28 @@ def freeze_all_but_tokens(model: nn.Module) -> None:
     tokens = {id(p) for _, layer in pattentions(model) for p in (layer.key_param_tokens, layer.value_param_tokens)}
     for param in model.parameters():
         if id(param) not in tokens:
+            param.requires_grad_(False)
+
+
+def trainable_slots(model: nn.Module, chosen: dict[str, torch.Tensor]) -> list[ScaledRows]:
+    """Update scales for the value rows of every sparse-memory table: 1 for the ``chosen`` slots,
+    0 for the others (for :class:`~tokenformer.growth.RowUpdateScale`)."""
+    rows = []
+    for name, table in memory_tables(model):
+        if name not in chosen:
+            raise ValueError(f"no chosen slots for {name}; allowed: a selection of this model's memory tables")
+        scale = torch.zeros(table.value_param_tokens.shape[0], dtype=torch.float64)
+        scale[chosen[name]] = 1.0
+        rows.append(ScaledRows(f"{name}.value_param_tokens", table.value_param_tokens, 0, scale))
+    return rows
+
+
+def freeze_all_but_memory_values(model: nn.Module) -> None:
+    """Stop every parameter but the sparse-memory tables' value rows requiring gradients (before
+    the optimizer is built)."""
+    values = {id(table.value_param_tokens) for _, table in memory_tables(model)}
+    for param in model.parameters():
+        if id(param) not in values:
             param.requires_grad_(False)
 
 

@@ -90,19 +90,26 @@ def continual_inputs(tmp_path_factory, corpus_file, cache_dir):
     return folder / "base.yaml", second
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the [continual] extra (peft) is not installed")
-def test_continual_experiment_end_to_end(tmp_path, continual_inputs):
+def tiny_continual_plan(tmp_path, continual_inputs, **fields) -> continual.ContinualPlan:
+    """A continual plan of four steps on B at one rate over the module's base plan; ``fields`` change it."""
     base_plan, second = continual_inputs
-    plan = continual.ContinualPlan(
+    defaults = dict(
         out_dir=str(tmp_path / "continual"),
         base_plan=str(base_plan),
-        seeds=[1, 2],
+        seeds=[1],
         data=str(second),
         steps=4,
         lr_grid=[0.003],
+        usage_batches=2,
         eval_interval=2,
         eval_batches=2,
     )
+    return continual.ContinualPlan(**{**defaults, **fields})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the [continual] extra (peft) is not installed")
+def test_continual_experiment_end_to_end(tmp_path, continual_inputs):
+    plan = tiny_continual_plan(tmp_path, continual_inputs, seeds=[1, 2])
     results = continual.run_experiment(plan, "test")
     runs = {(r["arm"], r["seed"]): r for r in results["runs"]}
     for seed in (1, 2):
@@ -120,20 +127,7 @@ def test_continual_experiment_end_to_end(tmp_path, continual_inputs):
 
 
 def test_continual_experiment_runs_separate_growth_and_sparse_arms(tmp_path, continual_inputs):
-    base_plan, second = continual_inputs
-    plan = continual.ContinualPlan(
-        out_dir=str(tmp_path / "continual"),
-        base_plan=str(base_plan),
-        seeds=[1],
-        data=str(second),
-        steps=4,
-        lr_grid=[0.003],
-        arms=["tf_grow_separate", "tf_sparse"],
-        sparse_tokens=[2, 4],
-        usage_batches=2,
-        eval_interval=2,
-        eval_batches=2,
-    )
+    plan = tiny_continual_plan(tmp_path, continual_inputs, arms=["tf_grow_separate", "tf_sparse"], sparse_tokens=[2, 4])
     results = continual.run_experiment(plan, "test")
     runs = {r["arm"]: r for r in results["runs"]}
     assert set(runs) == {"tf_grow_separate", "tf_sparse_2", "tf_sparse_4"}
@@ -147,9 +141,34 @@ def test_continual_experiment_runs_separate_growth_and_sparse_arms(tmp_path, con
     assert "`tf_sparse_2`" in (tmp_path / "continual" / "report.md").read_text()
 
 
+def test_continual_experiment_runs_the_memory_arms_from_a_memory_base(tmp_path, continual_inputs):
+    plan = tiny_continual_plan(
+        tmp_path,
+        continual_inputs,
+        arms=["tf_finetune", "tf_memory_finetune", "tf_memory_sparse"],
+        memory={"memory_layers": [1], "memory_sub_keys": 4, "memory_top_k": 3},
+        memory_slots=[2],
+    )
+    results = continual.run_experiment(plan, "test")
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert set(runs) == {"tf_finetune", "tf_memory_finetune", "tf_memory_sparse_2"}
+    # The memory arms start from their own base model (trained on A), not the dense one.
+    memory_base = tmp_path / "continual" / "base-memory" / "seed-1"
+    assert (memory_base / "result.json").is_file()
+    assert runs["tf_memory_sparse_2"]["curve"][0] == pytest.approx(runs["tf_memory_finetune"]["curve"][0], abs=1e-6)
+    assert runs["tf_memory_finetune"]["curve"][0]["a"] != pytest.approx(runs["tf_finetune"]["curve"][0]["a"], abs=1e-6)
+    # Two value rows of d_model (32) in the one memory table.
+    assert runs["tf_memory_sparse_2"]["trainable_parameters"] == 2 * 32
+    assert '`{"memory_layers": [1]' in (tmp_path / "continual" / "report.md").read_text()
+
+
 def test_continual_plan_checks_the_sparse_budgets():
     with pytest.raises(ValueError, match=r"sparse_tokens=\[0\] is invalid; allowed: a non-empty list of positive"):
         continual.ContinualPlan(sparse_tokens=[0])
+    with pytest.raises(ValueError, match=r"memory_slots=\[\] is invalid; allowed: a non-empty list of positive"):
+        continual.ContinualPlan(memory_slots=[])
+    with pytest.raises(ValueError, match=r"memory=\{\} is invalid; allowed: model fields with a non-empty"):
+        continual.ContinualPlan(arms=["tf_memory_sparse"])
 
 
 def test_forgetting_is_read_where_b_first_reaches_the_target():

@@ -1,13 +1,13 @@
-"""Learning new data from a trained run: ``continual: finetune | grow | grow_separate | sparse``."""
+"""Learning new data from a trained run: ``continual: finetune | grow | grow_separate | sparse | sparse_memory``."""
 
 import pytest
 import torch
-from conftest import cli_flags, tiny_train_options
+from conftest import TINY_MODEL, cli_flags, tiny_train_options
 
 from tokenformer.cli import main
 from tokenformer.data import kjv_documents
 from tokenformer.pattention import Pattention
-from tokenformer.sparse_finetuning import USAGE_FILE, load_usage
+from tokenformer.sparse_finetuning import USAGE_FILE, load_usage, memory_tables
 from tokenformer.train import TrainConfig, Trainer, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,6 +85,51 @@ def test_sparse_trains_the_chosen_tokens_only_and_resumes_with_its_statistics(
     for name, param in model.named_parameters():
         if not name.endswith(("key_param_tokens", "value_param_tokens")):
             assert torch.equal(param, base[name]), name
+
+
+def test_sparse_memory_trains_the_chosen_slots_values_only(tmp_path, corpus_file, cache_dir, new_corpus):
+    memory = {**TINY_MODEL, "memory_layers": [1], "memory_sub_keys": 4, "memory_top_k": 3, "memory_heads": 2}
+    base_dir = tmp_path / "memory-base"
+    base = tiny_train_options(corpus_file, cache_dir, base_dir, model_overrides=memory, max_steps=2, eval_interval=2)
+    Trainer(TrainConfig(**base)).fit()
+    options = continual_options(
+        tmp_path,
+        cache_dir,
+        base_dir,
+        new_corpus,
+        model_overrides=memory,
+        continual="sparse_memory",
+        trainable_tokens=5,
+        reference_data=str(corpus_file),
+        usage_batches=2,
+        max_steps=2,
+    )
+    main(["train", *cli_flags(options)])
+    usage_new, usage_old = load_usage(tmp_path / "continual" / USAGE_FILE)
+    assert set(usage_new) == set(usage_old) == {"layers.1.memory.0"}
+    before = dict(load_checkpoint(base_dir / "checkpoints" / "step-00000002").model.named_parameters())
+    model = load_checkpoint(tmp_path / "continual" / "checkpoints" / "step-00000002").model
+    ((table, _),) = memory_tables(model)
+    for name, param in model.named_parameters():
+        if name == f"{table}.value_param_tokens":
+            assert 0 < (param != before[name]).any(dim=1).sum() <= 5
+        else:
+            assert torch.equal(param, before[name]), name
+
+
+def test_sparse_memory_needs_a_memory(tmp_path, corpus_file, cache_dir, base_run, new_corpus):
+    options = continual_options(
+        tmp_path,
+        cache_dir,
+        base_run,
+        new_corpus,
+        continual="sparse_memory",
+        trainable_tokens=2,
+        reference_data=str(corpus_file),
+        usage_batches=1,
+    )
+    with pytest.raises(ValueError, match="slot usage needs a model with a sparse memory"):
+        Trainer(TrainConfig(**options))
 
 
 def test_sparse_refuses_to_resume_without_its_statistics(tmp_path, corpus_file, cache_dir, base_run, new_corpus):

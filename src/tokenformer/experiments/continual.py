@@ -15,6 +15,11 @@ each of these ways (*arms*):
 - ``tf_sparse``: no growth; only the parameter tokens of each Pattention that B uses most and A
   least trained (``continual: sparse``), one run per budget of ``sparse_tokens`` (the arm
   ``tf_sparse_<N>`` trains ``N`` tokens per Pattention);
+- ``tf_memory_finetune``: a TokenFormer with a sparse memory (``memory``: the fields a second
+  base model adds to the TokenFormer's, trained on A with the same recipe), every parameter trained;
+- ``tf_memory_sparse``: that model, only the value rows of the memory slots that B uses most and A
+  least trained (``continual: sparse_memory``, sparse memory fine-tuning), one run per budget of
+  ``memory_slots`` (``tf_memory_sparse_<N>`` trains ``N`` slots per memory table);
 - ``tx_finetune``: the Transformer, every parameter trained;
 - ``tx_lora``: the Transformer frozen, with LoRA adapters (``peft``) on every projection whose
   rank gives as many trainable parameters as ``tf_grow_frozen``'s new tokens.
@@ -53,11 +58,26 @@ from ..train.lm import evaluate_windows
 from ..train.tasks import make_task
 from ..validation import dataclass_from_dict, invalid, is_int
 from . import runner
-from .pruning import base_runs, load_base
+from .pruning import base_runs, load_base, train_base
 from .pruning import load_plan as load_pruning_plan
 
-ARMS = ("tf_finetune", "tf_grow_frozen", "tf_grow_slow", "tf_grow_separate", "tf_sparse", "tx_finetune", "tx_lora")
+ARMS = (
+    "tf_finetune",
+    "tf_grow_frozen",
+    "tf_grow_slow",
+    "tf_grow_separate",
+    "tf_sparse",
+    "tf_memory_finetune",
+    "tf_memory_sparse",
+    "tx_finetune",
+    "tx_lora",
+)
 SPARSE = "tf_sparse"
+MEMORY_SPARSE = "tf_memory_sparse"
+# The arms that continue from the memory base model (plan.memory).
+MEMORY_ARMS = ("tf_memory_finetune", MEMORY_SPARSE)
+# The default arms: those that need no memory base.
+DENSE_ARMS = [arm for arm in ARMS if arm not in MEMORY_ARMS]
 PLOT = "forgetting.png"
 LORA_TARGETS = ["query", "key", "value", "proj", "fc1", "fc2"]
 FINETUNE = "tx_finetune"
@@ -82,7 +102,14 @@ class ContinualPlan:
         slow_scale: ``tf_grow_slow``'s learning rate of the old parameters, as a multiple.
         sparse_tokens: The budgets of ``tf_sparse``: parameter tokens trained per Pattention, one
             arm ``tf_sparse_<N>`` each.
-        usage_batches: Batches of A and of B over which ``tf_sparse`` measures token usage.
+        usage_batches: Batches of A and of B over which ``tf_sparse`` and ``tf_memory_sparse``
+            measure usage.
+        memory: Model fields the memory base model changes on the base plan's TokenFormer (e.g.
+            ``{memory_layers: [1], memory_sub_keys: 128, memory_top_k: 32}``), trained on A with
+            the base plan's recipe and seeds into ``out_dir/base-memory/seed-<s>``; needed by the
+            ``tf_memory_*`` arms.
+        memory_slots: The budgets of ``tf_memory_sparse``: slots trained per memory table, one arm
+            ``tf_memory_sparse_<N>`` each.
         lr_grid: Peak learning rates every arm trains at (warmup 10%, cosine to a tenth).
         arms: The arms run.
         eval_interval: Steps between evaluations of A and B.
@@ -100,8 +127,10 @@ class ContinualPlan:
     slow_scale: float = 0.1
     sparse_tokens: list[int] = field(default_factory=lambda: [16, 64])
     usage_batches: int = 8
+    memory: dict[str, Any] = field(default_factory=dict)
+    memory_slots: list[int] = field(default_factory=lambda: [256])
     lr_grid: list[float] = field(default_factory=lambda: [0.001, 0.002, 0.004])
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: list(DENSE_ARMS))
     eval_interval: int = 25
     eval_batches: int = 8
     workers: int = 1
@@ -117,6 +146,18 @@ class ContinualPlan:
             raise invalid("plan field", "sparse_tokens", self.sparse_tokens, "a non-empty list of positive integers")
         if not (is_int(self.usage_batches) and self.usage_batches >= 1):
             raise invalid("plan field", "usage_batches", self.usage_batches, "a positive integer")
+        if not self.memory_slots or not all(is_int(n) and n >= 1 for n in self.memory_slots):
+            raise invalid("plan field", "memory_slots", self.memory_slots, "a non-empty list of positive integers")
+        if not isinstance(self.memory, dict):
+            raise invalid("plan field", "memory", self.memory, "a mapping of model fields, e.g. {memory_layers: [1]}")
+        wants_memory = [arm for arm in self.arms if arm in MEMORY_ARMS]
+        if wants_memory and not self.memory.get("memory_layers"):
+            raise invalid(
+                "plan field",
+                "memory",
+                self.memory,
+                f"model fields with a non-empty memory_layers (the arms {', '.join(wants_memory)} need a memory)",
+            )
 
     def run_dir(self, arm: str, lr: float, seed: int) -> Path:
         return Path(self.out_dir) / "runs" / arm / runner.lr_name(lr) / f"seed-{seed}"
@@ -130,12 +171,31 @@ class ContinualPlan:
 
 
 def run_arms(plan: dict[str, Any]) -> list[str]:
-    """The arms of ``plan`` (a plan's ``to_dict``) as runs name them: ``tf_sparse`` once per budget."""
+    """The arms of ``plan`` (a plan's ``to_dict``) as runs name them: ``tf_sparse`` and
+    ``tf_memory_sparse`` once per budget."""
+    budgets = {SPARSE: plan["sparse_tokens"], MEMORY_SPARSE: plan.get("memory_slots", [])}
     return [
-        name
-        for arm in plan["arms"]
-        for name in ([f"{SPARSE}_{n}" for n in plan["sparse_tokens"]] if arm == SPARSE else [arm])
+        name for arm in plan["arms"] for name in ([f"{arm}_{n}" for n in budgets[arm]] if arm in budgets else [arm])
     ]
+
+
+def memory_base_configs(plan: ContinualPlan, base_plan: Any) -> dict[int, dict[str, Any]]:
+    """The training configs of the memory base models, by seed: the base plan's TokenFormer with
+    ``plan.memory``'s fields, into ``out_dir/base-memory/seed-<s>``."""
+    configs = {}
+    for seed in plan.seeds:
+        config = base_plan.base_config("tokenformer", seed).to_dict()
+        config["model_overrides"] = {**config["model_overrides"], **plan.memory}
+        config["out_dir"] = str(Path(plan.out_dir) / "base-memory" / f"seed-{seed}")
+        configs[seed] = TrainConfig.from_dict(config).to_dict()
+    return configs
+
+
+def base_model(arm: str) -> str:
+    """Which base model an arm (as runs name it) continues from: tokenformer, transformer or memory."""
+    if arm.startswith("tx"):
+        return "transformer"
+    return "memory" if arm.startswith(MEMORY_ARMS) else "tokenformer"
 
 
 def load_plan(path: str | Path, out_dir: str | None = None) -> ContinualPlan:
@@ -214,13 +274,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 options["old_lr_scale"] = plan.slow_scale if arm == "tf_grow_slow" else 0.0
             if arm == "tf_grow_separate":
                 options["continual"] = "grow_separate"
-            if arm.startswith(SPARSE):
-                options.update(
-                    continual="sparse",
-                    trainable_tokens=int(arm.removeprefix(f"{SPARSE}_")),
-                    reference_data=config_a.data,
-                    usage_batches=plan.usage_batches,
-                )
+            for prefix, mode in ((SPARSE, "sparse"), (MEMORY_SPARSE, "sparse_memory")):
+                if arm.startswith(prefix):
+                    options.update(
+                        continual=mode,
+                        trainable_tokens=int(arm.removeprefix(f"{prefix}_")),
+                        reference_data=config_a.data,
+                        usage_batches=plan.usage_batches,
+                    )
         config_b = TrainConfig.from_dict(options)
         tokenizer = Tokenizer.from_json(job["tokenizer"]) if model is not None else None
         task_b = make_task(config_b, tokenizer)[0] if model is not None else None
@@ -246,7 +307,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         if arm in ("tf_grow_frozen", "tf_grow_separate"):
             trainable = new_token_parameters(base_model.config, plan.growth)
-        if arm.startswith(SPARSE):  # the chosen rows of the key and value tokens
+        if arm.startswith((SPARSE, MEMORY_SPARSE)):  # the chosen key and value rows (of slots: values)
             trainable = sum(int(r.scale.count_nonzero()) * r.param.shape[1] for r in trainer.update_scale.rows)
         return {"arm": arm, "lr": lr, "seed": seed, "curve": curve, "trainable_parameters": trainable}
 
@@ -263,6 +324,14 @@ def run_experiment(plan: ContinualPlan, command: str = "", report_only: bool = F
     base_plan.seeds = list(plan.seeds)
     base_plan.workers = plan.workers
     base = base_runs(base_plan, workers=0 if report_only else plan.workers)
+    if any(arm in MEMORY_ARMS for arm in plan.arms):
+        configs = memory_base_configs(plan, base_plan)
+        todo = [c for c in configs.values() if runner.read_result(c["out_dir"]) is None]
+        if todo and report_only:
+            raise FileNotFoundError(f"memory base models not trained yet: {[c['out_dir'] for c in todo]}")
+        if todo:
+            runner.run_jobs(train_base, todo, plan.workers)
+        base.update({("memory", seed): runner.read_result(c["out_dir"]) for seed, c in configs.items()})
     from ..train import load_checkpoint, resolve_checkpoint
 
     tokenizers = {
@@ -276,7 +345,7 @@ def run_experiment(plan: ContinualPlan, command: str = "", report_only: bool = F
             "arm": arm,
             "lr": lr,
             "seed": seed,
-            "base": base[("transformer" if arm.startswith("tx") else "tokenformer", seed)],
+            "base": base[(base_model(arm), seed)],
             "tokenizer": tokenizers[seed],
             "tf_config": tf_config,
         }
@@ -588,6 +657,18 @@ def goal_section(analysis: dict[str, Any]) -> list[str]:
     return lines
 
 
+def memory_description(plan: dict[str, Any]) -> str:
+    """The report's sentence on the memory arms (empty without them)."""
+    if not any(arm in MEMORY_ARMS for arm in plan["arms"]):
+        return ""
+    return (
+        f" `tf_memory_*`: a second TokenFormer base with `{json.dumps(plan['memory'])}`, trained on A with the same "
+        "recipe and seeds; `tf_memory_finetune` trains every parameter, `tf_memory_sparse_<N>` only the value rows "
+        "of the N slots per memory table that B uses most and A least (sparse memory fine-tuning). Forgetting is "
+        "each arm's rise over its own base model's A loss."
+    )
+
+
 def report(results: dict[str, Any]) -> str:
     plan, analysis, m = results["plan"], results["analysis"], results["machine"]
     if "goal" not in analysis:  # a results.json written before the goal was analysed
@@ -610,7 +691,7 @@ def report(results: dict[str, Any]) -> str:
         f"`tf_grow_slow`: old parameters at {plan['slow_scale']:g} x the rate; `tf_grow_separate`: new tokens "
         "normalised apart from the old ones (random keys, zero values), old tokens frozen; `tf_sparse_<N>`: the N "
         f"tokens per Pattention that B uses most and A least (usage over {plan.get('usage_batches', 8)} batches of "
-        "each) trained, everything else frozen.",
+        "each) trained, everything else frozen." + memory_description(plan),
         "",
         *goal_section(analysis),
         "## Final losses (mean over the seeds run)",

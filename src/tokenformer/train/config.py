@@ -17,7 +17,7 @@ Strategy = Literal["single", "ddp", "fsdp"]
 TaskName = Literal["lm", "vision"]
 VisionDataset = Literal["fashion-mnist", "cifar10"]
 LoggerName = Literal["tensorboard", "wandb"]
-Continual = Literal["finetune", "grow", "grow_separate", "sparse"]
+Continual = Literal["finetune", "grow", "grow_separate", "sparse", "sparse_memory"]
 
 
 @dataclass
@@ -166,14 +166,19 @@ class TrainConfig:
             with everything old at ``old_lr_scale`` (default 0: frozen). ``sparse`` trains only
             the ``trainable_tokens`` parameter tokens of each Pattention that the new data uses
             most and ``reference_data`` (the old corpus) least, everything else frozen
-            (:mod:`tokenformer.sparse_finetuning`); the usage statistics are written to
-            ``out_dir/token_usage.safetensors`` and read back when the run resumes.
+            (:mod:`tokenformer.sparse_finetuning`); ``sparse_memory`` does the same with the slots
+            of a model's sparse memory (``memory_layers``): only the value rows of the
+            ``trainable_tokens`` slots of each memory table train (sparse memory fine-tuning).
+            The usage statistics are written to ``out_dir/token_usage.safetensors`` and read back
+            when the run resumes.
         trainable_tokens: With ``continual: sparse``: how many parameter tokens (key and value
-            rows) of each Pattention train.
-        reference_data: With ``continual: sparse``: the corpus the model learned before (as
-            ``data``), on which the usage of the old data is measured.
-        usage_batches: With ``continual: sparse``: batches of each corpus over which token usage
-            is measured (the first training batches of ``data`` and of ``reference_data``).
+            rows) of each Pattention train; with ``sparse_memory``: how many slots (value rows)
+            of each memory table.
+        reference_data: With ``continual: sparse`` or ``sparse_memory``: the corpus the model
+            learned before (as ``data``), on which the usage of the old data is measured.
+        usage_batches: With ``continual: sparse`` or ``sparse_memory``: batches of each corpus
+            over which usage is measured (the first training batches of ``data`` and of
+            ``reference_data``).
         eval_interval: Validate every this many steps (and at the end).
         eval_batches: Validation batches of batch_size windows, the same windows every time
             (language models; a classifier validates on all of its held-out images).
@@ -413,12 +418,12 @@ class TrainConfig:
             lambda v: self.grow_to is None or v in (None, "grow", "grow_separate"),
             "grow, grow_separate or null with grow_to (finetune and sparse do not grow the model)",
         )
-        sparse = self.continual == "sparse"
+        sparse = self.continual in ("sparse", "sparse_memory")
         _check(
             self,
             "trainable_tokens",
             lambda v: (v is None and not sparse) or (sparse and is_int(v) and v >= 1),
-            "a positive integer with continual: sparse, else null",
+            "a positive integer with continual: sparse or sparse_memory, else null",
         )
         _check(
             self,
@@ -427,7 +432,7 @@ class TrainConfig:
                 (v is None and not sparse)
                 or (sparse and bool(v) and (isinstance(v, str) or all(isinstance(s, str) for s in v)))
             ),
-            "a corpus name, path or glob (or a list) with continual: sparse, else null",
+            "a corpus name, path or glob (or a list) with continual: sparse or sparse_memory, else null",
         )
 
     @property

@@ -54,12 +54,15 @@ from ..schedule import GrowthStage, growth_generator, growth_schedule, growth_to
 from ..sparse_finetuning import (
     USAGE_FILE,
     chosen_tokens,
+    freeze_all_but_memory_values,
     freeze_all_but_tokens,
     load_usage,
     save_usage,
+    slot_usage,
     token_scores,
     token_usage,
     trainable_rows,
+    trainable_slots,
 )
 from ..sparse_pattention import QueryBatchNorm
 from .checkpoint import (
@@ -296,7 +299,8 @@ class Trainer:
         old_parameters = self._old_parameters(checkpoint, initial_growth)
         # continual: sparse: the usage statistics (new data, old data) its tokens are chosen by.
         self.token_usage: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
-        sparse_rows = self._sparse_rows(checkpoint, task) if config.continual == "sparse" else None
+        sparse = config.continual in ("sparse", "sparse_memory")
+        sparse_rows = self._sparse_rows(checkpoint, task) if sparse else None
         optimizer = make_optimizer(self.model, config)
         if checkpoint is not None and not checkpoint.sharded:
             optimizer.load_state_dict(checkpoint.optimizer_state)
@@ -448,11 +452,14 @@ class Trainer:
         return grown + whole
 
     def _sparse_rows(self, checkpoint: Checkpoint | None, task: Task) -> list[ScaledRows]:
-        """``continual: sparse``: the update scales that train each Pattention's chosen tokens only;
-        every other parameter stops requiring gradients (before the optimizer is built). A new run
-        measures token usage on ``data`` and ``reference_data`` (the first ``usage_batches``
-        training batches of each); a resumed one reads what its first session wrote."""
+        """``continual: sparse``: the update scales that train each Pattention's chosen tokens only
+        (``sparse_memory``: each memory table's chosen value rows); every other parameter stops
+        requiring gradients (before the optimizer is built). A new run measures usage on ``data``
+        and ``reference_data`` (the first ``usage_batches`` training batches of each); a resumed
+        one reads what its first session wrote."""
         config = self.config
+        memory = config.continual == "sparse_memory"
+        usage = slot_usage if memory else token_usage
         path = self.run_dir / USAGE_FILE
         if checkpoint is not None:
             if not path.is_file():
@@ -464,7 +471,7 @@ class Trainer:
         else:
             reference = make_task(replace(config, data=config.reference_data), self.tokenizer)[0]
             self.token_usage = tuple(
-                token_usage(
+                usage(
                     self.model,
                     (source.train_batch(step, 0, self.device) for step in range(config.usage_batches)),
                     source.loss,
@@ -472,6 +479,9 @@ class Trainer:
                 for source in (task, reference)
             )
         chosen = chosen_tokens(token_scores(*self.token_usage), config.trainable_tokens)
+        if memory:
+            freeze_all_but_memory_values(self.model)
+            return trainable_slots(self.model, chosen)
         freeze_all_but_tokens(self.model)
         return trainable_rows(self.model, chosen)
 
