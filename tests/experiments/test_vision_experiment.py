@@ -213,7 +213,8 @@ def test_a_tiny_experiment_chooses_rates_on_the_grid_and_a_rerun_skips_finished_
         best = max(grid, key=grid.get)
         main = stored(arm)
         assert main["lr"] == best and main["steps"] == vision.steps_for_epochs(0.004, 16)
-        assert f"| {arm} | " + " | ".join(f"{grid[lr]:.4f}" for lr in (1e-3, 3e-3)) + " |" in report
+        row = " | ".join(f"{grid[lr]:.4f}" for lr in (1e-3, 3e-3))
+        assert f"| {arm} | {row} | {best:g} * |" in report  # both rates are edges of a grid of two
         assert f"| {arm} | 0 | {main['parameters']:,} | {best:g} | {main['steps']} |" in report
         tested = json.loads((out / arm / "test_metrics.json").read_text())
         assert (tested["accuracy"], tested["count"]) == (main["test_accuracy"], 20)

@@ -355,6 +355,14 @@ def check(args: argparse.Namespace) -> None:
             TrainConfig.from_dict(options)
 
 
+def grid_best(grid: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Each arm's rate of the grid with the best validation accuracy."""
+    return {
+        arm: runner.best_lr({r["lr"]: {r["seed"]: r["val_accuracy"]} for r in records}, lower_is_better=False)
+        for arm, records in grid.items()
+    }
+
+
 def run(args: argparse.Namespace, command: str) -> str:
     """Run (or continue) the grid and the pairs that ``args`` ask for; write and return the report."""
     out = Path(args.out_dir)
@@ -396,10 +404,7 @@ def run(args: argparse.Namespace, command: str) -> str:
         ]
         for record in arms(grid_jobs):
             grid[record["arm"]].append(record)
-        for arm, records in grid.items():
-            best[arm] = runner.best_lr(
-                {r["lr"]: {r["seed"]: r["val_accuracy"]} for r in records}, lower_is_better=False
-            )
+        best = grid_best(grid)
     pair_jobs = []
     if "main" in args.pairs:
         pair_jobs += [
@@ -507,11 +512,21 @@ def render(
     if grid["tokenformer"]:
         lines += [f"## Learning-rate grid ({args.grid_epochs:g} epoch(s) per rate, validation accuracy)", ""]
         rates = [r["lr"] for r in grid["tokenformer"]]
+        best = grid_best(grid)
         lines += [
             runner.markdown_table(
-                ["arm", *(f"lr {lr:g}" for lr in rates)],
-                [[arm, *(f"{r['val_accuracy']:.4f}" for r in records)] for arm, records in grid.items()],
+                ["arm", *(f"lr {lr:g}" for lr in rates), "best lr"],
+                [
+                    [
+                        arm,
+                        *(f"{r['val_accuracy']:.4f}" for r in records),
+                        f"{best[arm]:g}" + (" *" if runner.at_edge(best[arm], rates) else ""),
+                    ]
+                    for arm, records in grid.items()
+                ],
             ),
+            "",
+            "Each arm trains the main pair at its best rate (* at an edge of the grid: not bracketed by it).",
             "",
         ]
         lines += [f"## Same epochs ({args.epochs:g}), each arm at its best grid rate", ""]
