@@ -52,7 +52,9 @@ def tiny_plan(corpus_file: Path, cache_dir: Path, out_dir: Path, train: dict | N
             eval_interval=2,
             log_interval=2,
             eval_batches=3,
-            ckpt_interval=4,
+            # Checkpoints at the stage ends only: the grown arms save there anyway, the others
+            # need none before their last step.
+            ckpt_interval=3 * STAGE_STEPS,
             keep_last=2,
             progress=False,
             **(train or {}),
@@ -311,12 +313,14 @@ def test_an_interrupted_plan_continues_to_the_same_results(finished, tmp_path, c
     plan, _, _ = finished
     stored = stored_runs(plan)
     arms = ["tokenformer_grown", "transformer_grown"]
-    interrupted = ScalingPlan.from_dict(tiny_plan(corpus_file, cache_dir, tmp_path / "plan", arms=arms, ablation=False))
+    # One seed: a run finished before the interruption, the interrupted one and two after it.
+    data = tiny_plan(corpus_file, cache_dir, tmp_path / "plan", arms=arms, seeds=SEEDS[:1], ablation=False)
+    interrupted = ScalingPlan.from_dict(data)
     original, calls = Trainer._train_step, [0]
 
     def dies_at_step_18(self):
-        # The second run (seed 1, tokenformer_grown, second lr) at step 6: after its first growth
-        # and before any checkpoint of the grown model, so the resume grows again.
+        # The second run (tokenformer_grown, second lr) at step 6: after its first growth and
+        # before any checkpoint of the grown model, so the resume grows again.
         calls[0] += 1
         if calls[0] == 18:
             raise KeyboardInterrupt
@@ -331,6 +335,7 @@ def test_an_interrupted_plan_continues_to_the_same_results(finished, tmp_path, c
     monkeypatch.setattr(Trainer, "_train_step", original)
     resumed = run_plan(interrupted)
     assert first.stat().st_mtime_ns == stamp  # the finished run was not trained again
+    assert len(resumed["runs"]) == len(arms) * len(plan.lr_grid)
     for again in resumed["runs"]:
         result = stored[again["arm"]][again["lr"]][again["seed"]]
         assert [(p["step"], p["flops"]) for p in again["curve"]] == [(p["step"], p["flops"]) for p in result["curve"]]
@@ -358,11 +363,13 @@ def test_worker_processes_train_the_same_runs(finished, tmp_path, corpus_file, c
     plan, _, _ = finished
     stored = stored_runs(plan)
     # A fresh cache: the tokenizer and token shards are built once, before the workers start.
+    # Two runs, one per worker: a grown arm and one from scratch.
     data = tiny_plan(
         corpus_file,
         tmp_path / "cache",
         tmp_path / "plan",
         arms=["tokenformer_grown", "transformer_scratch"],
+        seeds=SEEDS[:1],
         ablation=False,
     )
     data["lr_grid"] = plan.lr_grid[:1]
@@ -370,7 +377,7 @@ def test_worker_processes_train_the_same_runs(finished, tmp_path, corpus_file, c
     path.write_text(yaml.safe_dump(data))
     main(["scale", str(path), "--workers", "2"])
     parallel = json.loads((tmp_path / "plan" / "results.json").read_text())
-    assert parallel["workers"] == 2 and len(parallel["runs"]) == 4
+    assert parallel["workers"] == 2 and len(parallel["runs"]) == 2
     for run in parallel["runs"]:
         alone = stored[run["arm"]][run["lr"]][run["seed"]]
         assert [p["val_loss"] for p in run["curve"]] == pytest.approx([p["val_loss"] for p in alone["curve"]], abs=1e-6)
@@ -394,7 +401,11 @@ def test_a_ddp_plan_runs_under_torchrun_like_one_process(finished, tmp_path, cor
     plan, results, _ = finished
     stored = stored_runs(plan)
     arms = ["tokenformer_grown", "transformer_stacked"]
-    data = tiny_plan(corpus_file, cache_dir, tmp_path / "plan", train={"strategy": "ddp"}, arms=arms, seeds=[1])
+    # One rate, the one the single-process plan chose for the grown arm: the ablations compare too.
+    lr = results["analysis"]["arms"]["tokenformer_grown"]["best_lr"]
+    data = tiny_plan(
+        corpus_file, cache_dir, tmp_path / "plan", train={"strategy": "ddp"}, arms=arms, seeds=[1], lr_grid=[lr]
+    )
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(data))
     ddp_plan = load_plan(path)
@@ -402,24 +413,23 @@ def test_a_ddp_plan_runs_under_torchrun_like_one_process(finished, tmp_path, cor
     done = torchrun_scale(path)
     assert done.stdout.count("report:") == 1 and done.stdout.count("| tokenformer_grown |") == 1  # rank 0 speaks
     out = json.loads((tmp_path / "plan" / "results.json").read_text())
-    assert out["ranks"] == 2 and len(out["runs"]) == len(arms) * len(plan.lr_grid)
+    assert out["ranks"] == 2 and len(out["runs"]) == len(arms)
     for run in out["runs"]:
         alone = stored[run["arm"]][run["lr"]][run["seed"]]
         assert run["tokens"] == alone["tokens"] and run["flops"] == pytest.approx(alone["flops"])
         assert [p["val_loss"] for p in run["curve"]] == pytest.approx([p["val_loss"] for p in alone["curve"]], rel=1e-4)
     assert {(r["variant"], r["seed"]) for r in out["ablation"]} == {(name, 1) for name in scaling.ABLATIONS}
-    grown_lr = results["analysis"]["arms"]["tokenformer_grown"]["best_lr"]
-    if out["analysis"]["arms"]["tokenformer_grown"]["best_lr"] == grown_lr:
-        for run in out["ablation"]:
-            assert run["final_val_loss"] == pytest.approx(results_of(results, run["variant"], 1), rel=1e-4)
+    assert out["analysis"]["arms"]["tokenformer_grown"]["best_lr"] == lr
+    for run in out["ablation"]:
+        assert run["final_val_loss"] == pytest.approx(results_of(results, run["variant"], 1), rel=1e-4)
     # All ranks agree on what is finished: rank 0 decides. One result gone: that run alone resumes
-    # (from its final checkpoint), the others are skipped on both ranks.
-    lost = ddp_plan.run_dir("transformer_stacked", plan.lr_grid[1], 1) / runner.RESULT
-    kept = ddp_plan.run_dir("tokenformer_grown", plan.lr_grid[0], 1) / runner.RESULT
+    # (from its final checkpoint), the other is skipped on both ranks.
+    lost = ddp_plan.run_dir("transformer_stacked", lr, 1) / runner.RESULT
+    kept = ddp_plan.run_dir("tokenformer_grown", lr, 1) / runner.RESULT
     before, stamp = json.loads(lost.read_text()), kept.stat().st_mtime_ns
     lost.unlink()
     again = torchrun_scale(path)
-    assert "3 of 4 runs finished, 1 to go" in again.stdout
+    assert "1 of 2 runs finished, 1 to go" in again.stdout
     assert "4 of 4 runs finished, 0 to go" in again.stdout  # the ablation
     assert json.loads(lost.read_text())["curve"] == before["curve"]
     assert kept.stat().st_mtime_ns == stamp
