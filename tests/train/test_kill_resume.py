@@ -30,11 +30,10 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path, corpus_file, cache_dir):
-    steps = 30
-    options = tiny_train_options(
-        corpus_file, cache_dir, tmp_path / "killed", max_steps=steps, ckpt_interval=2, eval_interval=10
-    )
+def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(straight, tmp_path):
+    options, straight_losses = straight
+    options = {**options, "out_dir": str(tmp_path / "killed")}
+    steps = options["max_steps"]
     kill_at = random.randint(3, steps - 5)
     process = subprocess.Popen(
         [sys.executable, "-m", "tokenformer.cli", "train", *cli_flags(options)],
@@ -54,10 +53,9 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path, corpus_
         verify_checkpoint(checkpoint)  # never half-written, wherever the kill landed
 
     main(["train", *cli_flags({**options, "resume": "auto"})])
-    main(["train", *cli_flags({**options, "out_dir": str(tmp_path / "straight")})])
-    resumed, straight = train_losses(tmp_path / "killed"), train_losses(tmp_path / "straight")
-    assert sorted(resumed) == sorted(straight) == list(range(1, steps + 1))
-    worst = max(abs(resumed[s] - straight[s]) for s in straight)
+    resumed = train_losses(tmp_path / "killed")
+    assert sorted(resumed) == sorted(straight_losses) == list(range(1, steps + 1))
+    worst = max(abs(resumed[s] - straight_losses[s]) for s in straight_losses)
     assert worst <= 1e-6, f"killed at step {kill_at}: losses differ by up to {worst}"
 
 
