@@ -212,19 +212,18 @@ def test_a_vision_run_under_ddp_writes_the_test_metrics_of_one_process(tmp_path)
     assert (tmp_path / "ddp" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_file, cache_dir):
-    steps = 60
-    options = tiny_train_options(
-        corpus_file,
-        cache_dir,
-        tmp_path / "killed",
-        max_steps=steps,
-        ckpt_interval=5,
-        eval_interval=20,
-        strategy="ddp",
-        threads=1,
-        dist_timeout=30,
-    )
+def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(runs, tmp_path):
+    # The module's single-process run, under DDP with a checkpoint every 5 steps.
+    root, options = runs
+    steps = options["max_steps"]
+    options = {
+        **options,
+        "out_dir": str(tmp_path / "killed"),
+        "ckpt_interval": 5,
+        "strategy": "ddp",
+        "threads": 1,
+        "dist_timeout": 30,
+    }
     launcher = subprocess.Popen(
         torchrun_command(2, "-m", "tokenformer.cli", "train", *cli_flags(options)),
         env=env(),
@@ -251,8 +250,7 @@ def test_a_killed_rank_fails_the_job_fast_and_the_run_resumes(tmp_path, corpus_f
         verify_checkpoint(checkpoint)
 
     torchrun(2, {**options, "resume": "auto"})
-    main(["train", *cli_flags({**options, "strategy": "single", "out_dir": str(tmp_path / "straight")})])
-    assert_same_curve(losses(tmp_path / "killed"), losses(tmp_path / "straight"), range(1, steps + 1))
+    assert_same_curve(losses(tmp_path / "killed"), losses(root / "single"), range(1, steps + 1))
 
 
 def test_bad_distributed_options_are_refused_with_what_is_allowed(tmp_path, corpus_file, cache_dir, monkeypatch):
