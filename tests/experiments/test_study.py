@@ -41,7 +41,7 @@ def tiny_study(corpus_file, cache_dir, out_dir, **changes) -> dict:
             warmup_steps=1,
             eval_interval=2,
             eval_batches=2,
-            ckpt_interval=2,
+            ckpt_interval=4,
             device="cpu",
             threads=1,
         ),
