@@ -109,9 +109,13 @@ def tiny_continual_plan(tmp_path, continual_inputs, **fields) -> continual.Conti
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="the [continual] extra (peft) is not installed")
 def test_continual_experiment_end_to_end(tmp_path, continual_inputs):
-    plan = tiny_continual_plan(tmp_path, continual_inputs, seeds=[1, 2])
+    # The growth arms against both Transformer baselines (the separate-growth, sparse and memory
+    # arms run in the tests below).
+    arms = ["tf_finetune", "tf_grow_frozen", "tf_grow_slow", "tx_finetune", "tx_lora"]
+    plan = tiny_continual_plan(tmp_path, continual_inputs, seeds=[1, 2], arms=arms)
     results = continual.run_experiment(plan, "test")
     runs = {(r["arm"], r["seed"]): r for r in results["runs"]}
+    assert set(runs) == {(arm, seed) for arm in arms for seed in (1, 2)}
     for seed in (1, 2):
         # Growth keeps the function: before the first step the grown arms' losses are the base model's.
         start = runs[("tf_finetune", seed)]["curve"][0]
