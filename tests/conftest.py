@@ -1,4 +1,5 @@
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,24 @@ GPT_NEOX_TOKENIZER = SHARED_DATA / "gpt-neox-20b-tokenizer.json"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_fsync():
+    """In this process, ``os.fsync`` checks its file descriptor but does not wait for the disk.
+
+    fsync only matters when the machine itself goes down, which no test simulates: a killed
+    process loses nothing the kernel already holds, and the tests that kill processes kill
+    subprocesses, which fsync as usual. Every write still goes through the same calls in the
+    same order; a bad descriptor still raises.
+    """
+
+    def fsync(fd: int) -> None:
+        os.fstat(fd)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        yield
 
 
 def tiny_config(**overrides) -> TokenformerConfig:
