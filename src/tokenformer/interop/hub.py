@@ -22,6 +22,7 @@ than tokenformer's core dependencies.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,12 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 def code_files() -> list[Path]:
     """The class modules and every module they import relatively, recursively: the files
     transformers copies (it follows ``from .name import ...``, the only relative imports they use)."""
+    return list(_code_files())
+
+
+@functools.cache
+def _code_files() -> tuple[Path, ...]:
+    # Parsed once per process: every checkpoint of a language model writes these files.
     found: list[Path] = []
     pending = [PACKAGE / f"{name}.py" for name in CLASS_MODULES]
     while pending:
@@ -57,7 +64,7 @@ def code_files() -> list[Path]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 pending.append(PACKAGE / f"{node.module}.py")
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def write_code(directory: str | Path) -> None:
