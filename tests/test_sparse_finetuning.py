@@ -26,6 +26,20 @@ def batches(low, high, count=2):
     return [torch.randint(low, high, (2, 12)) for _ in range(count)]
 
 
+def train_masked(model, rows):
+    """Three AdamW steps (with weight decay) on new-corpus batches, each parameter's update scaled
+    per row by ``rows``; the parameters before them, by name."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    mask = RowUpdateScale(opt, rows)
+    for ids in batches(50, 97, 3):
+        model(ids[:, :-1], ids[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad()
+    mask.remove()
+    return before
+
+
 def test_usage_is_each_layers_share_of_the_mean_absolute_normalised_score():
     model = TokenformerLM(tiny_config())
     torch.manual_seed(1)
@@ -71,15 +85,7 @@ def test_only_the_chosen_rows_move_and_the_rest_stay_bit_for_bit():
     usage_old, usage_new = token_usage(model, batches(0, 40)), token_usage(model, batches(50, 97))
     chosen = chosen_tokens(token_scores(usage_new, usage_old), 3)
     freeze_all_but_tokens(model)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
-    mask = RowUpdateScale(opt, trainable_rows(model, chosen))
-    for ids in batches(50, 97, 3):
-        model(ids[:, :-1], ids[:, 1:])[1].backward()
-        opt.step()
-        opt.zero_grad()
-    mask.remove()
+    before = train_masked(model, trainable_rows(model, chosen))
     for name, param in model.named_parameters():
         if not name.endswith(("key_param_tokens", "value_param_tokens")):
             assert torch.equal(param, before[name]), name
@@ -129,16 +135,8 @@ def test_only_the_chosen_slots_values_move():
     usage_old, usage_new = slot_usage(model, batches(0, 40)), slot_usage(model, batches(50, 97))
     chosen = chosen_tokens(token_scores(usage_new, usage_old), 4)
     freeze_all_but_memory_values(model)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert len(trainable) == 1
-    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
-    mask = RowUpdateScale(opt, trainable_slots(model, chosen))
-    for ids in batches(50, 97, 3):
-        model(ids[:, :-1], ids[:, 1:])[1].backward()
-        opt.step()
-        opt.zero_grad()
-    mask.remove()
+    assert len([p for p in model.parameters() if p.requires_grad]) == 1
+    before = train_masked(model, trainable_slots(model, chosen))
     ((table_name, _),) = memory_tables(model)
     rows = chosen[table_name]
     for name, param in model.named_parameters():

@@ -42,7 +42,7 @@ from . import io
 from .growth import ScaledRows
 from .pattention import Pattention, normalise_scores
 from .pruning import forward_with_hooks, normalised_scores, select_tokens
-from .sparse_pattention import SparsePattention
+from .sparse_pattention import SparsePattention, memory_tables
 
 # Added to the old usage inside the logarithm, so that a token the old data never uses scores finitely.
 USAGE_EPS = 1e-8
@@ -80,12 +80,7 @@ def token_usage(
         return accumulate
 
     forward_with_hooks(model, [(layer, hook(name)) for name, layer in layers], batches, forward, "token_usage")
-    return {name: total / total.sum().clamp_min(torch.finfo(torch.float64).tiny) for name, total in sums.items()}
-
-
-def memory_tables(model: nn.Module) -> list[tuple[str, SparsePattention]]:
-    """``(module name, table)`` of every sparse-memory table of ``model`` (``layers.<i>.memory.<t>``)."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, SparsePattention)]
+    return _shares(sums)
 
 
 @torch.no_grad()
@@ -113,6 +108,11 @@ def slot_usage(
         return accumulate
 
     forward_with_hooks(model, [(table, hook(name)) for name, table in tables], batches, forward, "slot_usage")
+    return _shares(sums)
+
+
+def _shares(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's sums as shares of its total (a layer nothing reached stays all zero)."""
     return {name: total / total.sum().clamp_min(torch.finfo(torch.float64).tiny) for name, total in sums.items()}
 
 

@@ -249,6 +249,11 @@ class SparseMemory(nn.ModuleList):
         return out
 
 
+def memory_tables(model: nn.Module) -> list[tuple[str, SparsePattention]]:
+    """``(module name, table)`` of every sparse-memory table of ``model`` (``layers.<i>.memory.<t>``)."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, SparsePattention)]
+
+
 @torch.no_grad()
 def memory_usage(
     model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any] | None = None
@@ -269,7 +274,7 @@ def memory_usage(
     # A function-level import: pruning imports the model, which imports this module.
     from .pruning import forward_with_hooks
 
-    tables = [(name, module) for name, module in model.named_modules() if isinstance(module, SparsePattention)]
+    tables = memory_tables(model)
     if not tables:
         config = getattr(model, "config", None)
         given = f"memory_layers={config.memory_layers!r}" if hasattr(config, "memory_layers") else "no SparsePattention"

@@ -18,6 +18,8 @@ TaskName = Literal["lm", "vision"]
 VisionDataset = Literal["fashion-mnist", "cifar10"]
 LoggerName = Literal["tensorboard", "wandb"]
 Continual = Literal["finetune", "grow", "grow_separate", "sparse", "sparse_memory"]
+# The continual modes that train a few chosen rows (trainable_tokens, reference_data, usage_batches).
+SPARSE_CONTINUAL = ("sparse", "sparse_memory")
 
 
 @dataclass
@@ -418,7 +420,7 @@ class TrainConfig:
             lambda v: self.grow_to is None or v in (None, "grow", "grow_separate"),
             "grow, grow_separate or null with grow_to (finetune and sparse do not grow the model)",
         )
-        sparse = self.continual in ("sparse", "sparse_memory")
+        sparse = self.continual in SPARSE_CONTINUAL
         _check(
             self,
             "trainable_tokens",

@@ -82,7 +82,7 @@ from .checkpoint import (
     scan_checkpoints,
     set_aside_checkpoints,
 )
-from .config import TrainConfig
+from .config import SPARSE_CONTINUAL, TrainConfig
 from .interrupt import TrainingInterrupted, deferred_interrupt
 from .metrics import Logger, MetricsLogger, plot_loss_curve
 from .parallel import (
@@ -299,8 +299,7 @@ class Trainer:
         old_parameters = self._old_parameters(checkpoint, initial_growth)
         # continual: sparse: the usage statistics (new data, old data) its tokens are chosen by.
         self.token_usage: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
-        sparse = config.continual in ("sparse", "sparse_memory")
-        sparse_rows = self._sparse_rows(checkpoint, task) if sparse else None
+        sparse_rows = self._sparse_rows(checkpoint, task) if config.continual in SPARSE_CONTINUAL else None
         optimizer = make_optimizer(self.model, config)
         if checkpoint is not None and not checkpoint.sharded:
             optimizer.load_state_dict(checkpoint.optimizer_state)
