@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) fashion-mnist
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), each file's tests in one of them, so
+# that a module's shared fixtures are built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) fashion-mnist
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff is pinned in the `test` extra; a venv set up before that gets it here.
 lint: $(STAMP)

@@ -9,6 +9,12 @@ from tokenformer import TokenformerConfig
 
 torch.set_flush_denormal(True)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: each keeps to one intra-op thread, and so do the
+    # processes its tests start (torchrun ranks, command lines), unless a test asks for more.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 # Data shared by the project's checkouts, beside the repository: <parent>/shared/data.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT_NEOX_TOKENIZER = SHARED_DATA / "gpt-neox-20b-tokenizer.json"
