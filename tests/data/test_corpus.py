@@ -52,12 +52,12 @@ def test_hf_source_offline_says_what_failed(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     # Both libraries read these variables when first imported; an earlier test may have imported
     # them, so set what they read at call time too (else they try the network and time out).
-    for module, names in (
-        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
-        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-    ):
-        for name in names:
-            monkeypatch.setattr(importlib.import_module(module), name, True)
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="cannot load Hugging Face dataset 'no-such/dataset'.*network access"):
         load_documents("hf:no-such/dataset")
 
